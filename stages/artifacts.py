@@ -1,0 +1,95 @@
+"""Reading and writing stage outputs: atomically, and without pickle.
+
+Every output is written to a temporary sibling and moved into place with ``os.replace``,
+so a killed stage never leaves a partial file that looks complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from stages.errors import PipelineError
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success it replaces ``path``, else it vanishes.
+
+    Works for files and for directories (the caller creates what it needs at the yielded path).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    _remove(tmp)
+    try:
+        yield tmp
+        if path.is_dir() and not path.is_symlink():
+            # os.replace cannot overwrite a non-empty directory: move the old one aside first.
+            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+            os.replace(path, old)
+            os.replace(tmp, path)
+            _remove(old)
+        else:
+            os.replace(tmp, path)
+    finally:
+        _remove(tmp)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    with atomic_output(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def read_json(path: str | Path) -> Any:
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as err:
+        raise PipelineError(f"{path}: missing; run the stage that writes it (dvc repro)") from err
+    except json.JSONDecodeError as err:
+        raise PipelineError(f"{path}: not valid JSON (line {err.lineno}): {err.msg}") from err
+
+
+def write_csv(path: str | Path, rows: list[dict[str, Any]]) -> None:
+    """Write dict rows (all with the same keys) as CSV with a header line."""
+    with atomic_output(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else [])
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def save_arrays(path: str | Path, **arrays: np.ndarray) -> None:
+    """Save plain arrays as an ``.npz``; object arrays (they need pickle) are refused."""
+    for name, array in arrays.items():
+        if np.asarray(array).dtype == object:
+            raise TypeError(f"array '{name}' has dtype object, which would need pickle")
+    with atomic_output(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+
+
+def load_arrays(path: str | Path) -> dict[str, np.ndarray]:
+    """Load every array of an ``.npz`` written by ``save_arrays``; pickled content is refused."""
+    path = Path(path)
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            return {name: npz[name] for name in npz.files}
+    except FileNotFoundError as err:
+        raise PipelineError(f"{path}: missing; run the stage that writes it (dvc repro)") from err
+    except (ValueError, OSError) as err:
+        raise PipelineError(f"{path}: not a readable array file ({err})") from err

@@ -1,0 +1,184 @@
+"""The typed parameters of the pipeline: defaults in one place, read once from ``params.yaml``.
+
+Every key is validated at load time. An unknown key lists the valid ones, a bad value names
+the key and what it may be, and a YAML syntax error names the line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from stages.errors import PipelineError
+
+
+class ParamsError(PipelineError):
+    """``params.yaml`` is malformed, has an unknown key, or a value out of range."""
+
+
+def _bounded(default: Any, low: float | None = None, high: float | None = None, *,
+             low_open: bool = False, help: str = "") -> Any:
+    """A numeric field whose allowed range is checked when params are loaded."""
+    return field(default=default,
+                 metadata={"range": (low, high), "low_open": low_open, "help": help})
+
+
+def _choice(default: Any, choices: tuple[Any, ...], help: str = "") -> Any:
+    """A field whose value must be one of ``choices``."""
+    return field(default=default, metadata={"choices": choices, "help": help})
+
+
+@dataclass(frozen=True)
+class DataParams:
+    source: str = field(default="digits", metadata={
+        "help": "'digits' (built-in) or a path inside the repo to an image-folder root"})
+    val_size: float = _bounded(0.15, 0.0, 0.5, low_open=True,
+                               help="fraction of each class held out for validation")
+    test_size: float = _bounded(0.15, 0.0, 0.5, low_open=True,
+                                help="fraction of each class held out for testing")
+    max_per_class: int | None = _bounded(None, 3, None,
+                                         help="cap on images per class (null: no cap)")
+    short_side: int = _bounded(256, 32, 4096,
+                               help="larger images are downscaled to this shorter side")
+
+
+@dataclass(frozen=True)
+class BackboneParams:
+    name: str = "tf_efficientnet_lite0"
+    weights: str | None = field(default=None, metadata={
+        "help": "null for the model's own pretrained weights, or a path to a local file"})
+    batch_size: int = _bounded(64, 1, 4096)
+
+
+@dataclass(frozen=True)
+class HeadParams:
+    C: float = _bounded(1.0, 0.0, None, low_open=True,
+                        help="inverse regularisation strength of the logistic regression")
+    max_iter: int = _bounded(1000, 1, 1_000_000)
+    class_weight: str | None = _choice(None, (None, "balanced"))
+
+
+@dataclass(frozen=True)
+class FinetuneParams:
+    enabled: bool = False
+    strategy: str = _choice("last_k", ("head", "last_k", "full", "scratch"))
+    epochs: int = _bounded(3, 1, 10_000)
+    lr: float = _bounded(1e-3, 0.0, 10.0, low_open=True)
+
+
+@dataclass(frozen=True)
+class EvaluateParams:
+    split: str = _choice("test", ("test", "val"))
+
+
+@dataclass(frozen=True)
+class Params:
+    seed: int = _bounded(42, 0, 2**32 - 1)
+    data: DataParams = field(default_factory=DataParams)
+    backbone: BackboneParams = field(default_factory=BackboneParams)
+    head: HeadParams = field(default_factory=HeadParams)
+    finetune: FinetuneParams = field(default_factory=FinetuneParams)
+    evaluate: EvaluateParams = field(default_factory=EvaluateParams)
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and validate ``path``; missing keys take their defaults."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as err:
+        raise ParamsError(f"{path}: cannot read parameters file ({err.strerror})") from err
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark or err.context_mark
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ParamsError(f"{path}{where}: invalid YAML: {err.problem or err}") from err
+    except yaml.YAMLError as err:
+        raise ParamsError(f"{path}: invalid YAML: {err}") from err
+    return params_from_dict({} if raw is None else raw, source=str(path))
+
+
+def params_from_dict(raw: Any, source: str = "params") -> Params:
+    """Build a validated ``Params`` from a nested mapping as found in ``params.yaml``."""
+    return _build(Params, raw, prefix="", source=source)
+
+
+def _build(cls: type, raw: Any, prefix: str, source: str) -> Any:
+    where = prefix.rstrip(".") or "top level"
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{source}: '{where}' must be a mapping of keys to values, "
+                          f"got {type(raw).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    for key in raw:
+        if key not in fields:
+            valid = ", ".join(fields)
+            close = [name for name in fields if name.lower() == str(key).lower()]
+            close = close or difflib.get_close_matches(str(key), fields, n=1)
+            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
+            raise ParamsError(f"{source}: unknown key '{prefix}{key}'{hint}; "
+                              f"valid keys in {where}: {valid}")
+    values = {}
+    for name, f in fields.items():
+        if name not in raw:
+            continue
+        hint = hints[name]
+        key = f"{prefix}{name}"
+        if dataclasses.is_dataclass(hint):
+            values[name] = _build(hint, raw[name] or {}, prefix=f"{key}.", source=source)
+        else:
+            values[name] = _check_value(key, raw[name], hint, f.metadata, source)
+    return cls(**values)
+
+
+def _check_value(key: str, value: Any, hint: Any, meta: Any, source: str) -> Any:
+    is_union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+    allowed = typing.get_args(hint) if is_union else (hint,)
+    given, value = value, _coerce(key, value, allowed, source)
+    if "choices" in meta and value not in meta["choices"]:
+        choices = ", ".join("null" if c is None else str(c) for c in meta["choices"])
+        raise ParamsError(f"{source}: {key}={_show(given)} is not valid; choose one of: {choices}")
+    if "range" in meta and value is not None:
+        low, high = meta["range"]
+        too_low = low is not None and (value <= low if meta["low_open"] else value < low)
+        if too_low or (high is not None and value > high):
+            lo_br = "(" if meta["low_open"] else "["
+            lo = "-inf" if low is None else low
+            hi = "inf" if high is None else high
+            raise ParamsError(f"{source}: {key}={_show(given)} is out of range; "
+                              f"allowed: {lo_br}{lo}, {hi}]")
+    return value
+
+
+def _coerce(key: str, value: Any, allowed: tuple[Any, ...], source: str) -> Any:
+    if value is None and type(None) in allowed:
+        return None
+    for typ in allowed:
+        if typ is bool and isinstance(value, bool):
+            return value
+        if typ is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if typ is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if typ is str and isinstance(value, str):
+            return value
+        if typ is float and isinstance(value, str):
+            # PyYAML reads "1e-4" (no dot) as a string; `dvc exp run -S lr=1e-4` writes just that.
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    names = " or ".join("null" if t is type(None) else t.__name__ for t in allowed)
+    raise ParamsError(f"{source}: {key}={_show(value)} has the wrong type; expected {names}")
+
+
+def _show(value: Any) -> str:
+    return "null" if value is None else repr(value)

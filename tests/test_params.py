@@ -1,0 +1,81 @@
+from pathlib import Path
+
+import pytest
+
+from stages.params import Params, ParamsError, load_params, params_from_dict
+from tests.conftest import REPO_ROOT
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "params.yaml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_repository_params_file_loads_and_matches_defaults():
+    params = load_params(REPO_ROOT / "params.yaml")
+    assert params == Params()
+    assert params.data.source == "digits"
+    assert params.backbone.name == "tf_efficientnet_lite0"
+    assert params.finetune.enabled is False
+
+
+def test_missing_keys_take_defaults_and_given_keys_are_typed(tmp_path):
+    params = load_params(write(tmp_path, "seed: 7\nhead:\n  C: 2\n"))
+    assert params.seed == 7
+    assert params.head.C == 2.0 and isinstance(params.head.C, float)
+    assert params.head.max_iter == Params().head.max_iter
+
+
+def test_unknown_key_lists_valid_keys_and_suggests(tmp_path):
+    with pytest.raises(ParamsError) as err:
+        load_params(write(tmp_path, "head:\n  c: 0.1\n"))
+    message = str(err.value)
+    assert "unknown key 'head.c'" in message
+    assert "did you mean 'head.C'" in message
+    assert "C, max_iter, class_weight" in message
+
+
+def test_unknown_section_lists_top_level_keys():
+    with pytest.raises(ParamsError, match="unknown key 'backbon'.*valid keys in top level: seed, data"):
+        params_from_dict({"backbon": {"name": "x"}})
+
+
+@pytest.mark.parametrize(("raw", "expected"), [
+    ({"head": {"C": 0}}, r"head.C=0 is out of range; allowed: \(0.0, inf\]"),
+    ({"head": {"C": -1.5}}, r"head.C=-1.5 is out of range"),
+    ({"data": {"test_size": 0.9}}, r"data.test_size=0.9 is out of range; allowed: \(0.0, 0.5\]"),
+    ({"backbone": {"batch_size": 0}}, r"backbone.batch_size=0 is out of range; allowed: \[1, 4096\]"),
+    ({"finetune": {"strategy": "some"}}, r"finetune.strategy='some' is not valid; choose one of: "
+                                         r"head, last_k, full, scratch"),
+    ({"head": {"class_weight": "equal"}}, r"choose one of: null, balanced"),
+    ({"head": {"max_iter": 10.5}}, r"head.max_iter=10.5 has the wrong type; expected int"),
+    ({"finetune": {"enabled": "yes please"}}, r"finetune.enabled='yes please' has the wrong type"),
+    ({"seed": True}, r"seed=True has the wrong type"),
+    ({"head": [1, 2]}, r"'head' must be a mapping"),
+])
+def test_bad_values_name_the_key_and_what_is_allowed(raw, expected):
+    with pytest.raises(ParamsError, match=expected):
+        params_from_dict(raw)
+
+
+def test_yaml_syntax_error_names_the_line(tmp_path):
+    path = write(tmp_path, "seed: 1\nhead:\n  C: 1.0\n   max_iter: [3\n")
+    with pytest.raises(ParamsError, match=r"params.yaml line 4, column \d+: invalid YAML"):
+        load_params(path)
+
+
+def test_missing_file_is_named(tmp_path):
+    with pytest.raises(ParamsError, match="nowhere.yaml: cannot read"):
+        load_params(tmp_path / "nowhere.yaml")
+
+
+def test_exponent_without_dot_is_read_as_a_float():
+    # PyYAML reads 1e-4 as a string; `dvc exp run -S finetune.lr=1e-4` writes exactly that.
+    assert params_from_dict({"finetune": {"lr": "1e-4"}}).finetune.lr == pytest.approx(1e-4)
+    with pytest.raises(ParamsError, match="finetune.lr='fast' has the wrong type"):
+        params_from_dict({"finetune": {"lr": "fast"}})
+
+
+def test_empty_file_gives_defaults(tmp_path):
+    assert load_params(write(tmp_path, "")) == Params()
