@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -22,15 +28,65 @@ def write_image(path: Path, rgb: tuple[int, int, int], size: tuple[int, int] = (
     return path
 
 
-@pytest.fixture
-def image_folder(tmp_path: Path) -> Path:
-    """``<root>/<class>/*.png``: three colour classes with six images each."""
-    root = tmp_path / "images"
+def write_colour_folder(root: Path, per_class: int = 6) -> Path:
+    """``<root>/<class>/*.png``: three colour classes, easy for any ImageNet backbone."""
     colours = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 210)}
     for c, (name, rgb) in enumerate(colours.items()):
-        for i in range(6):
+        for i in range(per_class):
             write_image(root / name / f"{i}.png", rgb, seed=100 * c + i)
     return root
+
+
+@pytest.fixture
+def image_folder(tmp_path: Path) -> Path:
+    return write_colour_folder(tmp_path / "images")
+
+
+@contextlib.contextmanager
+def working_directory(path: Path) -> Iterator[Path]:
+    """Stages read and write paths relative to the project root, as under ``dvc repro``."""
+    previous = os.getcwd()
+    os.chdir(path)
+    try:
+        yield path
+    finally:
+        os.chdir(previous)
+
+
+def write_params(root: Path, params: dict) -> None:
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False), encoding="utf-8")
+
+
+def run_stage_cli(stage: str, cwd: Path) -> subprocess.CompletedProcess:
+    """Run ``python -m stages.<stage>`` in ``cwd`` as DVC would."""
+    return subprocess.run([sys.executable, "-m", f"stages.{stage}"], cwd=cwd,
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="session")
+def embedded_project(tmp_path_factory) -> Path:
+    """A project whose colour images went through ``prepare`` and ``extract`` (run once)."""
+    from stages import extract, prepare
+
+    root = tmp_path_factory.mktemp("project")
+    write_colour_folder(root / "data" / "raw" / "colours")
+    write_params(root, {"seed": 0, "data": {"source": "data/raw/colours", "short_side": 64},
+                        "backbone": {"batch_size": 8}})
+    with working_directory(root):
+        prepare.main()
+        extract.main()
+    return root
+
+
+@pytest.fixture
+def project(embedded_project: Path, tmp_path: Path) -> Iterator[Path]:
+    """A private copy of ``embedded_project``, entered as the working directory."""
+    import shutil
+
+    root = tmp_path / "project"
+    shutil.copytree(embedded_project, root)
+    with working_directory(root):
+        yield root
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,73 @@
+import numpy as np
+import pytest
+
+from stages.artifacts import (
+    atomic_output,
+    load_arrays,
+    read_json,
+    save_arrays,
+    write_csv,
+    write_json,
+)
+from stages.errors import PipelineError
+
+
+def test_failed_write_leaves_neither_file_nor_temporary(tmp_path):
+    target = tmp_path / "out.json"
+    with pytest.raises(RuntimeError), atomic_output(target) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("killed")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_failed_write_keeps_the_previous_version(tmp_path):
+    target = tmp_path / "out.json"
+    write_json(target, {"version": 1})
+    with pytest.raises(RuntimeError), atomic_output(target) as tmp:
+        tmp.write_text('{"version": ')
+        raise RuntimeError("killed")
+    assert read_json(target) == {"version": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["out.json"]
+
+
+def test_directory_output_replaces_an_existing_directory(tmp_path):
+    target = tmp_path / "store"
+    for version in (1, 2):
+        with atomic_output(target) as tmp:
+            tmp.mkdir()
+            (tmp / f"v{version}").write_text("x")
+    assert [p.name for p in target.iterdir()] == ["v2"]
+    assert [p.name for p in tmp_path.iterdir()] == ["store"]
+
+
+def test_arrays_round_trip_and_object_arrays_are_refused(tmp_path):
+    path = tmp_path / "a.npz"
+    save_arrays(path, x=np.arange(3.0), names=np.asarray(["é", "b"]))
+    loaded = load_arrays(path)
+    assert np.array_equal(loaded["x"], np.arange(3.0))
+    assert list(loaded["names"]) == ["é", "b"]
+    with pytest.raises(TypeError, match="dtype object"):
+        save_arrays(path, bad=np.asarray([{"a": 1}], dtype=object))
+
+
+def test_pickled_arrays_are_not_loaded(tmp_path):
+    path = tmp_path / "pickled.npz"
+    np.savez(path, bad=np.asarray([{"a": 1}], dtype=object))
+    with pytest.raises(PipelineError, match="not a readable array file"):
+        load_arrays(path)
+
+
+def test_missing_inputs_say_how_to_make_them(tmp_path):
+    with pytest.raises(PipelineError, match="missing; run the stage that writes it"):
+        read_json(tmp_path / "none.json")
+    with pytest.raises(PipelineError, match="missing; run the stage that writes it"):
+        load_arrays(tmp_path / "none.npz")
+    (tmp_path / "bad.json").write_text("{\n  oops")
+    with pytest.raises(PipelineError, match=r"bad.json: not valid JSON \(line 2\)"):
+        read_json(tmp_path / "bad.json")
+
+
+def test_csv_has_a_header_and_one_line_per_row(tmp_path):
+    path = tmp_path / "rows.csv"
+    write_csv(path, [{"actual": "a", "predicted": "b"}, {"actual": "b", "predicted": "b"}])
+    assert path.read_text().splitlines() == ["actual,predicted", "a,b", "b,b"]

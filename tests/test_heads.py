@@ -1,0 +1,49 @@
+import numpy as np
+import pytest
+from sklearn.datasets import make_classification
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+from stages.errors import PipelineError
+from stages.heads import LogisticHead
+
+
+@pytest.mark.parametrize("n_classes", [2, 4])
+def test_probabilities_match_scikit_learn_exactly(n_classes):
+    X, y = make_classification(n_samples=200, n_features=12, n_informative=6,
+                               n_classes=n_classes, random_state=0)
+    head = LogisticHead(C=0.5, max_iter=500, random_state=0).fit(X, y)
+    reference = make_pipeline(StandardScaler(), LogisticRegression(C=0.5, max_iter=500,
+                                                                   random_state=0)).fit(X, y)
+    np.testing.assert_allclose(head.predict_proba(X), reference.predict_proba(X), atol=1e-10)
+    assert np.array_equal(head.predict(X), reference.predict(X))
+    assert head.converged_
+
+
+def test_saved_head_loads_without_pickle_and_predicts_the_same(tmp_path):
+    X, y = make_classification(n_samples=150, n_features=8, n_informative=5, n_classes=3,
+                               random_state=1)
+    head = LogisticHead(class_weight="balanced").fit(X, y)
+    path = tmp_path / "head.npz"
+    head.save(path, ["cat", "dog", "émeu"])
+    with np.load(path, allow_pickle=False) as arrays:  # plain arrays only
+        assert set(arrays.files) == {"mean", "scale", "coef", "intercept", "classes",
+                                     "class_names"}
+    loaded, names = LogisticHead.load(path)
+    assert names == ["cat", "dog", "émeu"]
+    np.testing.assert_array_equal(loaded.predict_proba(X), head.predict_proba(X))
+
+
+def test_too_few_iterations_is_reported_not_hidden():
+    X, y = make_classification(n_samples=200, n_features=20, n_classes=3, n_informative=8,
+                               random_state=2)
+    head = LogisticHead(max_iter=1).fit(X, y)
+    assert head.converged_ is False
+
+
+def test_loading_something_else_names_the_file(tmp_path):
+    path = tmp_path / "other.npz"
+    np.savez(path, x=np.zeros(2))
+    with pytest.raises(PipelineError, match="other.npz: not a saved head"):
+        LogisticHead.load(path)

@@ -1,0 +1,78 @@
+"""End to end: the real ``dvc repro`` in a throw-away git repository, on a small digits subset."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import REPO_ROOT
+
+PROJECT_FILES = ["stages", "params.yaml", "dvc.yaml", ".dvc/config", ".dvc/.gitignore",
+                 ".dvcignore", ".gitignore", "data/raw/.gitkeep"]
+STAGES = ["prepare", "extract", "train_head", "finetune", "evaluate"]
+
+pytestmark = pytest.mark.slow
+
+
+def run(args: list[str], cwd: Path) -> str:
+    env = {**os.environ, "GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@example.com",
+           "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@example.com",
+           "DVC_NO_ANALYTICS": "1"}
+    result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, f"{' '.join(args)} failed:\n{output}"
+    return output
+
+
+def stages_run(output: str) -> list[str]:
+    return [stage for stage in STAGES if f"Running stage '{stage}'" in output]
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("repo")
+    for name in PROJECT_FILES:
+        source, target = REPO_ROOT / name, root / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if source.is_dir():
+            shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(source, target)
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["data"]["max_per_class"] = 4  # 40 digits: seconds, not minutes
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    run(["git", "init", "-q"], root)
+    run(["git", "add", "-A"], root)
+    run(["git", "commit", "-qm", "project"], root)
+    return root
+
+
+def test_repro_trains_and_evaluates_then_a_second_repro_runs_nothing(repo):
+    output = run(["dvc", "repro"], repo)
+    assert stages_run(output) == STAGES
+    metrics = json.loads((repo / "metrics" / "evaluate.json").read_text())
+    assert set(metrics) == {"head"}
+    assert metrics["head"]["n_images"] == 10  # one test digit per class
+    assert 0.0 <= metrics["head"]["accuracy"] <= 1.0
+    shown = run(["dvc", "metrics", "show"], repo)
+    assert "head.accuracy" in shown and "head.macro_f1" in shown
+
+    again = run(["dvc", "repro"], repo)
+    assert stages_run(again) == []
+    assert "Data and pipelines are up to date" in again
+
+
+def test_head_experiment_reruns_the_head_and_what_follows_never_extraction(repo):
+    run(["dvc", "repro"], repo)
+    run(["git", "add", "-A"], repo)
+    run(["git", "commit", "-qm", "baseline results"], repo)
+    output = run(["dvc", "exp", "run", "-S", "head.C=0.1"], repo)
+    assert stages_run(output) == ["train_head", "finetune", "evaluate"]
+    diff = run(["dvc", "params", "diff"], repo)
+    assert "head.C" in diff and "0.1" in diff

@@ -1,0 +1,50 @@
+import json
+
+from stages import prepare
+from stages.data import SPLITS, ImageStore
+from tests.conftest import run_stage_cli, write_colour_folder, write_params
+
+
+def test_prepare_writes_the_store_and_the_report(embedded_project):
+    report = json.loads((embedded_project / "reports" / "data.json").read_text())
+    assert report["classes"] == ["blue", "green", "red"]
+    assert report["skipped"] == [] and report["duplicates"] == []
+    for split in SPLITS:
+        store = ImageStore(embedded_project / "data" / "prepared", split)
+        assert len(store) == sum(report["counts"][split].values()) >= 3
+
+
+def test_digits_source_gives_all_1797_images(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write_params(tmp_path, {"data": {"source": "digits"}})
+    prepare.main()
+    report = json.loads((tmp_path / "reports" / "data.json").read_text())
+    totals = {split: sum(c.values()) for split, c in report["counts"].items()}
+    assert sum(totals.values()) == 1797
+    assert totals["test"] == totals["val"] == 269
+    assert report["small_images"]["count"] == 1797  # 8x8 pixels: reported, not hidden
+
+
+def test_bad_params_fail_with_one_line_and_no_output(tmp_path):
+    write_params(tmp_path, {"data": {"sorce": "digits"}})
+    result = run_stage_cli("prepare", tmp_path)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        "error: params.yaml: unknown key 'data.sorce' (did you mean 'data.source'?); "
+        "valid keys in data: source, val_size, test_size, max_per_class, short_side"]
+    assert not (tmp_path / "data").exists() and not (tmp_path / "reports").exists()
+
+
+def test_missing_source_and_tiny_class_are_named(tmp_path):
+    write_params(tmp_path, {"data": {"source": "data/raw/nothing"}})
+    result = run_stage_cli("prepare", tmp_path)
+    assert result.returncode == 1
+    assert "error: data.source: 'data/raw/nothing' is not a directory" in result.stderr
+    assert "Traceback" not in result.stderr
+
+    write_colour_folder(tmp_path / "data" / "raw" / "few", per_class=2)
+    write_params(tmp_path, {"data": {"source": "data/raw/few"}})
+    result = run_stage_cli("prepare", tmp_path)
+    assert result.returncode == 1
+    assert "error: class 'blue' has 2 usable image(s)" in result.stderr
+    assert not (tmp_path / "data" / "prepared").exists()
