@@ -82,6 +82,11 @@ class Backbone:
     def num_features(self) -> int:
         return int(self.model.num_features)
 
+    def to(self, device: torch.device) -> Backbone:
+        """Move to ``device`` in channels-last layout (about twice the CPU speed for convnets)."""
+        self.model.to(device, memory_format=torch.channels_last)
+        return self
+
     def embed(self, batch: torch.Tensor) -> torch.Tensor:
         """Pooled pre-logits features: what the original classifier layer sees."""
         return self.model.forward_head(self.model.forward_features(batch), pre_logits=True)
@@ -211,12 +216,13 @@ def extract_embeddings(backbone: Backbone, images: Sequence[np.ndarray], batch_s
         _PreprocessedImages(images, backbone.preprocessing.eval_transform()),
         batch_size=batch_size, shuffle=False, num_workers=num_workers,
         pin_memory=device.type == "cuda")
-    backbone.model.to(device).eval()
+    backbone.to(device)
     out = np.empty((len(images), backbone.num_features), dtype=np.float32)
     start = 0
     with torch.inference_mode():
         for batch in tqdm(loader, desc=desc, unit="batch", leave=False):
-            features = backbone.embed(batch.to(device, non_blocking=True))
+            batch = batch.to(device, non_blocking=True, memory_format=torch.channels_last)
+            features = backbone.embed(batch)
             out[start:start + len(features)] = features.float().cpu().numpy()
             start += len(features)
     return out
