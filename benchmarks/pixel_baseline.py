@@ -1,0 +1,44 @@
+"""The honest baseline: the same logistic-regression head on raw pixels instead of embeddings.
+
+Uses the prepared store's own train/test split and the head parameters of ``params.yaml``,
+and prints it next to the transfer result in ``metrics/evaluate.json``. Needs images of one
+size (the built-in digits are all 8x8).
+
+    python benchmarks/pixel_baseline.py
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from stages.artifacts import read_json
+from stages.data import ImageStore
+from stages.heads import LogisticHead
+from stages.metrics import classification_metrics
+from stages.params import load_params
+
+
+def pixels(store: ImageStore) -> np.ndarray:
+    shapes = {image.shape for image in store}
+    if len(shapes) != 1:
+        raise SystemExit(f"images have {len(shapes)} different sizes; this baseline needs one")
+    return np.stack([image.reshape(-1) for image in store]).astype(np.float64)
+
+
+def main() -> None:
+    params = load_params("params.yaml")
+    train, test = ImageStore("data/prepared", "train"), ImageStore("data/prepared", "test")
+    head = LogisticHead(C=params.head.C, max_iter=params.head.max_iter,
+                        class_weight=params.head.class_weight, random_state=params.seed)
+    head.fit(pixels(train), train.labels)
+    baseline = classification_metrics(test.labels, head.predict(pixels(test)), len(test.classes))
+    transfer = read_json("metrics/evaluate.json")["head"]
+    print(f"{'test split, ' + str(len(test)) + ' images':32s} accuracy  balanced  macro_f1")
+    for name, m in (("raw pixels + logistic regression", baseline),
+                    ("frozen backbone + logistic head", transfer)):
+        print(f"{name:32s} {m['accuracy']:.4f}    {m['balanced_accuracy']:.4f}    "
+              f"{m['macro_f1']:.4f}")
+
+
+if __name__ == "__main__":
+    main()
