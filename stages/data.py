@@ -26,7 +26,9 @@ from stages.errors import PipelineError
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
-BUILTIN_SOURCES = ("digits",)
+# Folder names that mark a root as already split, not as classes.
+TRAIN_FOLDERS = {"train", "training"}
+HELD_OUT_FOLDERS = {"val", "valid", "validation", "test", "testing"}
 # Transparent pixels are composited over this background so that RGBA, LA and P images with
 # transparency all turn into the same RGB image.
 BACKGROUND_RGB = (255, 255, 255)
@@ -57,9 +59,9 @@ class DecodedImages:
 
 def source_files(source: str, scratch: Path) -> list[LabelledFile]:
     """List the labelled files of ``data.source``; built-in sets are written to ``scratch``."""
-    if source == "digits":
-        write_digits_image_folder(scratch / "digits")
-        return scan_image_folder(scratch / "digits")
+    if source in BUILTIN_SOURCES:
+        BUILTIN_SOURCES[source](scratch / source)
+        return scan_image_folder(scratch / source)
     if source.startswith("torchvision:") or source.lower().endswith(".csv"):
         raise PipelineError(f"data.source: '{source}': CSV manifests and torchvision data sets "
                             "are not supported yet; use 'digits' or an image-folder root")
@@ -79,6 +81,10 @@ def write_digits_image_folder(root: Path) -> None:
         Image.fromarray(image, mode="L").save(class_dir / f"{index:04d}.png")
 
 
+# Data sets that ship inside a package: name -> function writing it as an image folder.
+BUILTIN_SOURCES = {"digits": write_digits_image_folder}
+
+
 def scan_image_folder(root: Path) -> list[LabelledFile]:
     """List ``<root>/<class>/**/<file>``; every file below a class folder belongs to that class."""
     if not root.is_dir():
@@ -86,9 +92,10 @@ def scan_image_folder(root: Path) -> list[LabelledFile]:
                             "root with one sub-folder per class, or 'digits'")
     class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     names = {p.name.lower() for p in class_dirs}
-    if "train" in names and names & {"val", "validation", "test"}:
-        raise PipelineError(f"data.source: '{root}' looks pre-split (train/, val/, test/); "
-                            "pre-split roots are not supported yet, use one folder per class")
+    if names & TRAIN_FOLDERS and names & HELD_OUT_FOLDERS:
+        raise PipelineError(f"data.source: '{root}' looks pre-split ({', '.join(sorted(names))}); "
+                            "pre-split roots are not supported yet: point data.source at one "
+                            "folder with a sub-folder per class")
     files = [
         LabelledFile(path, class_dir.name, path.relative_to(root).as_posix())
         for class_dir in class_dirs

@@ -7,7 +7,7 @@ import tempfile
 from pathlib import Path
 
 from stages.artifacts import write_json
-from stages.data import prepare_store, source_files
+from stages.data import BUILTIN_SOURCES, prepare_store, source_files
 from stages.errors import run_stage
 from stages.params import load_params
 
@@ -23,7 +23,7 @@ def main() -> None:
     params = load_params(PARAMS)
     data = params.data
     source = Path(data.source)
-    if data.source != "digits" and RAW_DIR.resolve() not in source.resolve().parents:
+    if data.source not in BUILTIN_SOURCES and RAW_DIR.resolve() not in source.resolve().parents:
         log.warning("data.source '%s' is outside %s/: DVC will not notice when it changes",
                     data.source, RAW_DIR)
     with tempfile.TemporaryDirectory(prefix="prepare-") as scratch:

@@ -54,9 +54,9 @@ def test_scan_errors_name_the_path(tmp_path):
     (tmp_path / "empty" / "cls").mkdir(parents=True)
     with pytest.raises(PipelineError, match="holds no files in class sub-folders"):
         scan_image_folder(tmp_path / "empty")
-    for split in ("train", "val"):
+    for split in ("training", "validation"):
         write_image(tmp_path / "presplit" / split / "a" / "0.png", (1, 2, 3))
-    with pytest.raises(PipelineError, match="looks pre-split"):
+    with pytest.raises(PipelineError, match=r"looks pre-split \(training, validation\)"):
         scan_image_folder(tmp_path / "presplit")
 
 
