@@ -1,8 +1,8 @@
-"""Images in: the built-in data set, image-folder sources, decoding, splitting, the prepared store.
+"""From listed files to the prepared store: decode once, check, de-duplicate, split, store.
 
-The prepared store is a directory of three files, whatever the number of images:
-``pixels.bin`` (every image's RGB uint8 pixels, concatenated, memory-mapped on read),
-``index.npz`` (offset, shape, label, split, id and content hash per image) and ``meta.json``.
+The store holds, per split, ``<split>.bin`` (every image's RGB uint8 pixels, concatenated,
+memory-mapped on read) and ``<split>.npz`` (offset, shape, label, id and content hash per
+image), plus ``meta.json`` (classes, counts, the training split's channel mean and std).
 """
 
 from __future__ import annotations
@@ -10,10 +10,12 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
-import zlib
-from collections import defaultdict
+import os
+from collections import Counter, defaultdict
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from itertools import repeat
 from pathlib import Path
 
 import numpy as np
@@ -22,94 +24,46 @@ from tqdm import tqdm
 
 from stages.artifacts import atomic_output, load_arrays, read_json, save_arrays, write_json
 from stages.errors import PipelineError
+from stages.sources import Listing, SourceImage
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
-# Folder names that mark a root as already split, not as classes.
-TRAIN_FOLDERS = {"train", "training"}
-HELD_OUT_FOLDERS = {"val", "valid", "validation", "test", "testing"}
+# Images whose shorter side is below this are reported: they will be upscaled a lot.
+SMALL_SIDE = 32
 # Transparent pixels are composited over this background so that RGBA, LA and P images with
 # transparency all turn into the same RGB image.
 BACKGROUND_RGB = (255, 255, 255)
+# Below this many files, starting worker processes costs more than it saves.
+PARALLEL_MIN_FILES = 64
 
 
 @dataclass(frozen=True)
-class LabelledFile:
-    """One image file of a source, with its class name and an id relative to the source root."""
+class DecodedFile:
+    """The outcome of decoding one file: pixels and hashes, or the reason it was skipped."""
 
-    path: Path
-    label: str
-    id: str
-
-
-@dataclass
-class DecodedImages:
-    """What decoding a source produced: pixels are already appended to the store's pixel file."""
-
-    classes: list[str]
-    ids: list[str] = field(default_factory=list)
-    labels: list[int] = field(default_factory=list)
-    shapes: list[tuple[int, int]] = field(default_factory=list)
-    offsets: list[int] = field(default_factory=list)
-    hashes: list[str] = field(default_factory=list)
-    skipped: list[dict[str, str]] = field(default_factory=list)
-    duplicates: list[dict[str, str]] = field(default_factory=list)
+    pixels: bytes | None = None
+    shape: tuple[int, int] = (0, 0)
+    original_size: tuple[int, int] = (0, 0)
+    pixel_sha256: str = ""
+    byte_sha256: str = ""
+    reason: str = ""
 
 
-def source_files(source: str, scratch: Path) -> list[LabelledFile]:
-    """List the labelled files of ``data.source``; built-in sets are written to ``scratch``."""
-    if source in BUILTIN_SOURCES:
-        BUILTIN_SOURCES[source](scratch / source)
-        return scan_image_folder(scratch / source)
-    if source.startswith("torchvision:") or source.lower().endswith(".csv"):
-        raise PipelineError(f"data.source: '{source}': CSV manifests and torchvision data sets "
-                            "are not supported yet; use 'digits' or an image-folder root")
-    return scan_image_folder(Path(source))
+@dataclass(frozen=True)
+class KeptImage:
+    """An image that made it into the store, before its split is known."""
+
+    source: SourceImage
+    label: int
+    offset: int
+    shape: tuple[int, int]
+    pixel_sha256: str
+    byte_sha256: str
 
 
-def write_digits_image_folder(root: Path) -> None:
-    """Write scikit-learn's digits as ``<root>/<digit>/<index>.png``: the form user images take."""
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    # Pixel values are 0..16 ink intensities; scale to 0..255 grey levels.
-    pixels = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)
-    for index, (image, target) in enumerate(zip(pixels, digits.target, strict=True)):
-        class_dir = root / str(digits.target_names[target])
-        class_dir.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(image, mode="L").save(class_dir / f"{index:04d}.png")
-
-
-# Data sets that ship inside a package: name -> function writing it as an image folder.
-BUILTIN_SOURCES = {"digits": write_digits_image_folder}
-
-
-def scan_image_folder(root: Path) -> list[LabelledFile]:
-    """List ``<root>/<class>/**/<file>``; every file below a class folder belongs to that class."""
-    if not root.is_dir():
-        raise PipelineError(f"data.source: '{root}' is not a directory; expected an image-folder "
-                            "root with one sub-folder per class, or 'digits'")
-    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    names = {p.name.lower() for p in class_dirs}
-    if names & TRAIN_FOLDERS and names & HELD_OUT_FOLDERS:
-        raise PipelineError(f"data.source: '{root}' looks pre-split ({', '.join(sorted(names))}); "
-                            "pre-split roots are not supported yet: point data.source at one "
-                            "folder with a sub-folder per class")
-    files = [
-        LabelledFile(path, class_dir.name, path.relative_to(root).as_posix())
-        for class_dir in class_dirs
-        for path in sorted(class_dir.rglob("*"))
-        if path.is_file() and not any(part.startswith(".") for part in path.relative_to(root).parts)
-    ]
-    if not files:
-        raise PipelineError(f"data.source: '{root}' holds no files in class sub-folders; "
-                            "expected <root>/<class>/<image files>")
-    return files
-
-
-def decode_image(data: bytes, short_side: int) -> np.ndarray:
-    """Decode image bytes to RGB uint8 (H, W, 3), EXIF orientation applied, at most ``short_side``.
+def decode_image(data: bytes) -> Image.Image:
+    """Decode image bytes to an RGB image with its EXIF orientation applied.
 
     Raises ``ValueError`` with a short reason when the bytes are not a readable image.
     """
@@ -120,14 +74,22 @@ def decode_image(data: bytes, short_side: int) -> np.ndarray:
             image.load()
             image = ImageOps.exif_transpose(image)
             rgb = _to_rgb(image)
-    except (UnidentifiedImageError, OSError, SyntaxError) as err:
-        raise ValueError(f"not a readable image ({err})") from err
-    width, height = rgb.size
-    if min(width, height) > short_side:
-        scale = short_side / min(width, height)
-        size = (max(1, round(width * scale)), max(1, round(height * scale)))
-        rgb = rgb.resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0)
-    return np.asarray(rgb, dtype=np.uint8)
+    except UnidentifiedImageError as err:
+        raise ValueError("not an image (content not recognised)") from err
+    except Image.DecompressionBombError as err:
+        raise ValueError(f"too many pixels to decode safely ({err})") from err
+    except (OSError, SyntaxError, ValueError) as err:
+        raise ValueError(f"truncated or corrupt image ({err})") from err
+    return rgb
+
+
+def shrink(image: Image.Image, short_side: int) -> Image.Image:
+    """Downscale so that the shorter side is ``short_side``; smaller images are left alone."""
+    if min(image.size) <= short_side:
+        return image
+    scale = short_side / min(image.size)
+    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+    return image.resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0)
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
@@ -146,112 +108,213 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def decode_files(files: Sequence[LabelledFile], pixels_path: Path,
-                 short_side: int) -> DecodedImages:
-    """Decode every file once, append its pixels to ``pixels_path``, and report what was skipped.
+def decode_file(path: Path, short_side: int) -> DecodedFile:
+    """Read and decode one file; never raises for bad content (worker-process entry point)."""
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        return DecodedFile(reason=f"cannot read ({err.strerror})")
+    byte_sha = hashlib.sha256(data).hexdigest()
+    try:
+        rgb = decode_image(data)
+    except ValueError as err:
+        return DecodedFile(byte_sha256=byte_sha, reason=str(err))
+    # Identity is the decoded full-size pixels, so a PNG and a BMP of one picture match.
+    pixel_sha = hashlib.sha256(f"{rgb.width}x{rgb.height}:".encode() + rgb.tobytes()).hexdigest()
+    array = np.asarray(shrink(rgb, short_side), dtype=np.uint8)
+    return DecodedFile(pixels=array.tobytes(), shape=array.shape[:2], original_size=rgb.size,
+                       pixel_sha256=pixel_sha, byte_sha256=byte_sha)
 
-    Files with the same bytes are kept once (reported as duplicates); the same bytes under two
-    different labels are a conflict and are excluded altogether.
+
+def decode_all(paths: Sequence[Path], short_side: int,
+               workers: int | None = None) -> Iterator[DecodedFile]:
+    """Decode ``paths`` in order, on every core, with a progress bar."""
+    workers = workers or len(os.sched_getaffinity(0))
+    progress = {"desc": "decode", "unit": "img", "total": len(paths), "leave": False}
+    if workers <= 1 or len(paths) < PARALLEL_MIN_FILES:
+        yield from tqdm(map(decode_file, paths, repeat(short_side)), **progress)
+        return
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        chunksize = max(1, min(32, len(paths) // (workers * 8)))
+        yield from tqdm(pool.map(decode_file, paths, repeat(short_side), chunksize=chunksize),
+                        **progress)
+
+
+def split_fraction(seed: int, purpose: str, pixel_sha256: str) -> float:
+    """A number in [0, 1) fixed by the seed and the image content alone."""
+    digest = hashlib.sha256(f"{seed}:{purpose}:{pixel_sha256}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2.0**64
+
+
+def assign_split(fraction: float, given: str | None, given_splits: set[str],
+                 val_size: float, test_size: float) -> str:
+    """The split of one image: its given one, else decided by where ``fraction`` falls.
+
+    The first ``test_size`` of [0, 1) is test, the next ``val_size`` is val, the rest train. An
+    image given as train is carved into val or test only when the source gives no such split.
+    Adding images never changes an existing image's split.
     """
-    classes = sorted({f.label for f in files})
+    natural = "test" if fraction < test_size else "val" if fraction < test_size + val_size \
+        else "train"
+    if given is None:
+        return natural
+    if given == "train" and natural not in given_splits:
+        return natural
+    return given
+
+
+def prepare_store(listing: Listing, out_dir: Path, *, source: str, short_side: int,
+                  val_size: float, test_size: float, seed: int, min_per_class: int,
+                  max_per_class: int | None, workers: int | None = None) -> dict:
+    """Decode, check, de-duplicate and split ``listing`` into the store at ``out_dir``.
+
+    Returns the data report. Fails, leaving no store, when a class ends up with fewer than
+    ``min_per_class`` images or a split ends up empty.
+    """
+    # Of several copies of one picture the first is kept: a given train copy before val or
+    # test ones (so the training data stays whole), then by id.
+    priority = {"train": 0, None: 1, "val": 2, "test": 3}
+    images = sorted(listing.images, key=lambda image: (priority[image.split], image.id))
+    classes = sorted({image.label for image in images})
     class_index = {name: i for i, name in enumerate(classes)}
-    hashed: dict[str, list[LabelledFile]] = defaultdict(list)
-    contents: list[tuple[LabelledFile, str]] = []
-    for item in files:
-        digest = hashlib.sha256(item.path.read_bytes()).hexdigest()
-        hashed[digest].append(item)
-        contents.append((item, digest))
-    result = DecodedImages(classes=classes)
-    offset = 0
-    with open(pixels_path, "wb") as out:
-        for item, digest in tqdm(contents, desc="decode", unit="img", leave=False):
-            same = hashed[digest]
-            if len({other.label for other in same}) > 1:
-                labels = ", ".join(sorted({other.label for other in same}))
-                result.skipped.append({"path": item.id,
-                                       "reason": f"same image under several labels: {labels}"})
-                continue
-            if same[0] is not item:
-                result.duplicates.append({"path": item.id, "duplicate_of": same[0].id})
-                continue
-            try:
-                array = decode_image(item.path.read_bytes(), short_side)
-            except ValueError as err:
-                result.skipped.append({"path": item.id, "reason": str(err)})
-                continue
-            out.write(array.tobytes())
-            result.ids.append(item.id)
-            result.labels.append(class_index[item.label])
-            result.shapes.append(array.shape[:2])
-            result.offsets.append(offset)
-            result.hashes.append(digest)
-            offset += array.nbytes
-    return result
-
-
-def assign_splits(labels: Sequence[int], hashes: Sequence[str], classes: Sequence[str],
-                  val_size: float, test_size: float, seed: int,
-                  max_per_class: int | None = None) -> np.ndarray:
-    """Split each class by itself: deterministic from ``seed`` and the images' content.
-
-    Returns one split name per image ('' for images left out by ``max_per_class``). Every class
-    gets at least one validation and one test image, so each class needs three images or more.
-    """
-    labels = np.asarray(labels)
-    splits = np.full(len(labels), "", dtype="<U5")
-    for class_id, name in enumerate(classes):
-        members = np.flatnonzero(labels == class_id)
-        if len(members) < 3:
-            raise PipelineError(f"class '{name}' has {len(members)} usable image(s); each class "
-                                "needs at least 3 (one each for train, val and test)")
-        # Order by content hash, then shuffle: the split never depends on file names or order.
-        members = members[np.argsort([hashes[i] for i in members], kind="stable")]
-        rng = np.random.default_rng([seed, zlib.crc32(name.encode("utf-8"))])
-        members = rng.permutation(members)
-        if max_per_class is not None:
-            members = members[:max_per_class]
-        n = len(members)
-        n_test = min(max(1, round(n * test_size)), n - 2)
-        n_val = min(max(1, round(n * val_size)), n - n_test - 1)
-        splits[members[:n_test]] = "test"
-        splits[members[n_test:n_test + n_val]] = "val"
-        splits[members[n_test + n_val:]] = "train"
-    return splits
-
-
-def prepare_store(files: Sequence[LabelledFile], out_dir: Path, *, source: str, short_side: int,
-                  val_size: float, test_size: float, seed: int,
-                  max_per_class: int | None) -> dict:
-    """Decode, split and write the prepared store to ``out_dir``; return the data report."""
+    skipped = list(listing.skipped)
+    duplicates: list[dict[str, str]] = []
+    small: list[str] = []
+    kept: dict[str, KeptImage] = {}
+    labels_of: dict[str, set[str]] = defaultdict(set)
+    members: dict[str, list[str]] = defaultdict(list)
     with atomic_output(out_dir) as tmp:
         tmp.mkdir()
-        decoded = decode_files(files, tmp / "pixels.bin", short_side)
-        if not decoded.ids:
-            raise PipelineError(f"data.source: '{source}' holds no readable images")
-        splits = assign_splits(decoded.labels, decoded.hashes, decoded.classes, val_size,
-                               test_size, seed, max_per_class)
-        save_arrays(tmp / "index.npz",
-                    offsets=np.asarray(decoded.offsets, dtype=np.int64),
-                    shapes=np.asarray(decoded.shapes, dtype=np.int32).reshape(-1, 2),
-                    labels=np.asarray(decoded.labels, dtype=np.int64),
-                    splits=splits,
-                    ids=np.asarray(decoded.ids, dtype=str),
-                    sha256=np.asarray(decoded.hashes, dtype=str))
-        counts = {
-            split: {name: int(np.sum((splits == split) & (np.asarray(decoded.labels) == i)))
-                    for i, name in enumerate(decoded.classes)}
-            for split in SPLITS
-        }
-        small = [i for i, (h, w) in zip(decoded.ids, decoded.shapes, strict=True)
-                 if min(h, w) < 32]
-        meta = {"source": source, "classes": decoded.classes, "short_side": short_side,
-                "counts": {split: sum(c.values()) for split, c in counts.items()},
-                "pixel_format": "RGB uint8, row-major (H, W, 3), images concatenated"}
-        write_json(tmp / "meta.json", meta)
-    return {"source": source, "classes": decoded.classes, "counts": counts,
-            "left_out_by_max_per_class": int(np.sum(splits == "")),
-            "small_images": {"min_side_below": 32, "count": len(small), "examples": small[:10]},
-            "skipped": decoded.skipped, "duplicates": decoded.duplicates}
+        staging = tmp / "staging.bin"
+        offset = 0
+        with open(staging, "wb") as out:
+            for image, decoded in zip(images, decode_all([i.path for i in images], short_side,
+                                                         workers), strict=True):
+                if decoded.pixels is None:
+                    skipped.append({"path": image.id, "reason": decoded.reason})
+                    continue
+                sha = decoded.pixel_sha256
+                labels_of[sha].add(image.label)
+                members[sha].append(image.id)
+                if sha in kept:
+                    first = kept[sha]
+                    same = "bytes" if first.byte_sha256 == decoded.byte_sha256 else "pixels"
+                    duplicates.append({"path": image.id, "duplicate_of": first.source.id,
+                                       "same": same})
+                    continue
+                if min(decoded.original_size) < SMALL_SIDE:
+                    small.append(image.id)
+                out.write(decoded.pixels)
+                kept[sha] = KeptImage(image, class_index[image.label], offset, decoded.shape,
+                                      sha, decoded.byte_sha256)
+                offset += len(decoded.pixels)
+        conflicts = [{"paths": members[sha], "labels": sorted(labels)}
+                     for sha, labels in labels_of.items() if len(labels) > 1]
+        conflicting = {path for conflict in conflicts for path in conflict["paths"]}
+        duplicates = [d for d in duplicates if d["path"] not in conflicting]
+        usable = [k for k in kept.values() if k.source.id not in conflicting]
+        _check_class_sizes(usable, classes, min_per_class)
+        chosen, left_out = _cap_per_class(usable, max_per_class, seed)
+        given_splits = {k.source.split for k in usable if k.source.split is not None}
+        by_split: dict[str, list[KeptImage]] = {split: [] for split in SPLITS}
+        for k in chosen:
+            fraction = split_fraction(seed, "split", k.pixel_sha256)
+            split = assign_split(fraction, k.source.split, given_splits, val_size, test_size)
+            by_split[split].append(k)
+        for split, members_of_split in by_split.items():
+            if not members_of_split:
+                raise PipelineError(f"split '{split}' ends up empty ({len(chosen)} usable images, "
+                                    f"data.val_size={val_size}, data.test_size={test_size}); "
+                                    "add images or give that split a larger share")
+        mean, std = _write_splits(staging, tmp, by_split)
+        staging.unlink()
+        counts = {split: {name: sum(1 for k in by_split[split] if k.label == i)
+                          for i, name in enumerate(classes)} for split in SPLITS}
+        totals = {split: len(by_split[split]) for split in SPLITS}
+        write_json(tmp / "meta.json", {
+            "source": source, "classes": classes, "short_side": short_side, "counts": totals,
+            "train_mean": mean, "train_std": std,
+            "pixel_format": "RGB uint8, row-major (H, W, 3), images concatenated per split"})
+    return {
+        "source": source,
+        "classes": classes,
+        "totals": totals,
+        "counts": counts,
+        "missing_from_split": {split: [name for name, n in per_class.items() if n == 0]
+                               for split, per_class in counts.items()
+                               if any(n == 0 for n in per_class.values())},
+        "train_mean": mean,
+        "train_std": std,
+        "left_out_by_max_per_class": left_out,
+        "small_images": {"min_side_below": SMALL_SIDE, "count": len(small),
+                         "paths": small[:100]},
+        "skipped": skipped,
+        "duplicates": duplicates,
+        "conflicts": conflicts,
+    }
+
+
+def _check_class_sizes(usable: Sequence[KeptImage], classes: Sequence[str],
+                       min_per_class: int) -> None:
+    counts = Counter(k.label for k in usable)
+    short = [f"'{name}' ({counts.get(i, 0)})" for i, name in enumerate(classes)
+             if counts.get(i, 0) < min_per_class]
+    if short:
+        subject = f"class {short[0]} has" if len(short) == 1 else \
+            f"classes {', '.join(short)} have"
+        raise PipelineError(f"{subject} fewer usable images than "
+                            f"data.min_per_class={min_per_class}; add images, remove the "
+                            "class folder, or lower data.min_per_class")
+
+
+def _cap_per_class(usable: Sequence[KeptImage], max_per_class: int | None,
+                   seed: int) -> tuple[list[KeptImage], int]:
+    if max_per_class is None:
+        return sorted(usable, key=lambda k: k.source.id), 0
+    per_class: dict[int, list[KeptImage]] = defaultdict(list)
+    for k in usable:
+        per_class[k.label].append(k)
+    chosen = []
+    for members_of_class in per_class.values():
+        members_of_class.sort(key=lambda k: split_fraction(seed, "cap", k.pixel_sha256))
+        chosen.extend(members_of_class[:max_per_class])
+    chosen.sort(key=lambda k: k.source.id)
+    return chosen, len(usable) - len(chosen)
+
+
+def _write_splits(staging: Path, out: Path,
+                  by_split: dict[str, list[KeptImage]]) -> tuple[list[float], list[float]]:
+    """Copy each split's pixels out of the staging file; return the train channel mean/std."""
+    pixels = np.memmap(staging, dtype=np.uint8, mode="r")
+    total = np.zeros(3)
+    squares = np.zeros(3)
+    count = 0
+    for split, kept in by_split.items():
+        offsets, shapes = [], []
+        position = 0
+        with open(out / f"{split}.bin", "wb") as f:
+            for k in kept:
+                h, w = k.shape
+                block = pixels[k.offset:k.offset + h * w * 3]
+                f.write(block.tobytes())
+                offsets.append(position)
+                shapes.append((h, w))
+                position += block.size
+                if split == "train":
+                    values = block.reshape(-1, 3).astype(np.float64) / 255.0
+                    total += values.sum(axis=0)
+                    squares += np.square(values).sum(axis=0)
+                    count += len(values)
+        save_arrays(out / f"{split}.npz",
+                    offsets=np.asarray(offsets, dtype=np.int64),
+                    shapes=np.asarray(shapes, dtype=np.int32).reshape(-1, 2),
+                    labels=np.asarray([k.label for k in kept], dtype=np.int64),
+                    ids=np.asarray([k.source.id for k in kept], dtype=str),
+                    sha256=np.asarray([k.pixel_sha256 for k in kept], dtype="S64"))
+    del pixels
+    mean = total / count
+    std = np.sqrt(np.maximum(squares / count - np.square(mean), 0.0))
+    return [round(float(v), 6) for v in mean], [round(float(v), 6) for v in std]
 
 
 class ImageStore:
@@ -262,17 +325,15 @@ class ImageStore:
         if split not in SPLITS:
             raise ValueError(f"unknown split '{split}'; valid: {', '.join(SPLITS)}")
         self.meta = read_json(directory / "meta.json")
-        index = load_arrays(directory / "index.npz")
-        keep = index["splits"] == split
+        index = load_arrays(directory / f"{split}.npz")
         self.classes: list[str] = list(self.meta["classes"])
-        self.labels: np.ndarray = index["labels"][keep]
-        self.ids: np.ndarray = index["ids"][keep]
-        self._offsets = index["offsets"][keep]
-        self._shapes = index["shapes"][keep]
-        pixels_path = directory / "pixels.bin"
-        size = pixels_path.stat().st_size
-        self._pixels = (np.memmap(pixels_path, dtype=np.uint8, mode="r") if size
-                        else np.zeros(0, dtype=np.uint8))
+        self.labels: np.ndarray = index["labels"]
+        self.ids: np.ndarray = index["ids"]
+        self._offsets = index["offsets"]
+        self._shapes = index["shapes"]
+        pixels_path = directory / f"{split}.bin"
+        self._pixels = (np.memmap(pixels_path, dtype=np.uint8, mode="r")
+                        if pixels_path.stat().st_size else np.zeros(0, dtype=np.uint8))
 
     def __len__(self) -> int:
         return len(self.labels)

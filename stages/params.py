@@ -38,12 +38,15 @@ def _choice(default: Any, choices: tuple[Any, ...], help: str = "") -> Any:
 @dataclass(frozen=True)
 class DataParams:
     source: str = field(default="digits", metadata={
-        "help": "'digits' (built-in) or a path inside the repo to an image-folder root"})
+        "help": "'digits', 'torchvision:<Name>', or a path under data/raw/ to an image-folder "
+                "root, a pre-split root or a .csv manifest"})
     val_size: float = _bounded(0.15, 0.0, 0.5, low_open=True,
                                help="fraction of each class held out for validation")
     test_size: float = _bounded(0.15, 0.0, 0.5, low_open=True,
                                 help="fraction of each class held out for testing")
-    max_per_class: int | None = _bounded(None, 3, None,
+    min_per_class: int = _bounded(5, 1, None,
+                                  help="a class with fewer usable images fails the stage")
+    max_per_class: int | None = _bounded(None, 1, None,
                                          help="cap on images per class (null: no cap)")
     short_side: int = _bounded(256, 32, 4096,
                                help="larger images are downscaled to this shorter side")

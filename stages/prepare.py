@@ -7,9 +7,10 @@ import tempfile
 from pathlib import Path
 
 from stages.artifacts import write_json
-from stages.data import BUILTIN_SOURCES, prepare_store, source_files
+from stages.data import prepare_store
 from stages.errors import run_stage
 from stages.params import load_params
+from stages.sources import BUILTIN_SOURCES, TORCHVISION_PREFIX, list_source
 
 log = logging.getLogger(__name__)
 
@@ -22,20 +23,47 @@ REPORT = Path("reports/data.json")
 def main() -> None:
     params = load_params(PARAMS)
     data = params.data
-    source = Path(data.source)
-    if data.source not in BUILTIN_SOURCES and RAW_DIR.resolve() not in source.resolve().parents:
+    generated = data.source in BUILTIN_SOURCES or data.source.startswith(TORCHVISION_PREFIX)
+    if not generated and RAW_DIR.resolve() not in Path(data.source).resolve().parents:
         log.warning("data.source '%s' is outside %s/: DVC will not notice when it changes",
                     data.source, RAW_DIR)
     with tempfile.TemporaryDirectory(prefix="prepare-") as scratch:
-        files = source_files(data.source, Path(scratch))
-        report = prepare_store(files, PREPARED_DIR, source=data.source,
+        listing = list_source(data.source, Path(scratch))
+        report = prepare_store(listing, PREPARED_DIR, source=data.source,
                                short_side=data.short_side, val_size=data.val_size,
                                test_size=data.test_size, seed=params.seed,
+                               min_per_class=data.min_per_class,
                                max_per_class=data.max_per_class)
     write_json(REPORT, report)
-    totals = {split: sum(per_class.values()) for split, per_class in report["counts"].items()}
-    log.info("prepared %d classes: %s; skipped %d, duplicates %d",
-             len(report["classes"]), totals, len(report["skipped"]), len(report["duplicates"]))
+    for line in summarize(report):
+        log.info("%s", line)
+
+
+def summarize(report: dict) -> list[str]:
+    """A few lines a person reads at the end of the stage; the details are in the report."""
+    totals = ", ".join(f"{split} {n}" for split, n in report["totals"].items())
+    lines = [f"{len(report['classes'])} classes, {sum(report['totals'].values())} images: "
+             f"{totals}"]
+    reasons: dict[str, int] = {}
+    for item in report["skipped"]:
+        reason = item["reason"].split(" (")[0]
+        reasons[reason] = reasons.get(reason, 0) + 1
+    if reasons:
+        lines.append("skipped " + ", ".join(f"{n} {r}" for r, n in sorted(reasons.items())))
+    if report["duplicates"]:
+        lines.append(f"{len(report['duplicates'])} exact duplicates kept once")
+    if report["conflicts"]:
+        lines.append(f"{len(report['conflicts'])} images under several labels excluded")
+    for split, names in report["missing_from_split"].items():
+        lines.append(f"no {split} image for class {', '.join(names)}")
+    if report["small_images"]["count"]:
+        lines.append(f"{report['small_images']['count']} images smaller than "
+                     f"{report['small_images']['min_side_below']} px on a side")
+    if report["left_out_by_max_per_class"]:
+        lines.append(f"{report['left_out_by_max_per_class']} images left out by "
+                     "data.max_per_class")
+    lines.append(f"details: {REPORT}")
+    return lines
 
 
 if __name__ == "__main__":

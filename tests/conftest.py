@@ -17,12 +17,14 @@ from PIL import Image
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-def write_image(path: Path, rgb: tuple[int, int, int], size: tuple[int, int] = (40, 30),
+def write_image(path: Path, rgb: tuple[int, int, int], size: tuple[int, int] = (48, 36),
                 fmt: str = "PNG", seed: int = 0) -> Path:
-    """A small image of mostly one colour plus seeded noise, so every file has unique bytes."""
+    """A small image of one colour with a faint seeded speckle, so every file is unique."""
     rng = np.random.default_rng(seed)
-    base = np.array(rgb, dtype=np.int16)
-    pixels = np.clip(base + rng.integers(-20, 21, size=(size[1], size[0], 3)), 0, 255)
+    pixels = np.empty((size[1], size[0], 3), dtype=np.int16)
+    pixels[:] = rgb
+    pixels += rng.integers(-3, 4, size=pixels.shape, dtype=np.int16)
+    pixels = np.clip(pixels, 0, 255)
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(pixels.astype(np.uint8)).save(path, format=fmt)
     return path
@@ -69,7 +71,7 @@ def embedded_project(tmp_path_factory) -> Path:
     from stages import extract, prepare
 
     root = tmp_path_factory.mktemp("project")
-    write_colour_folder(root / "data" / "raw" / "colours")
+    write_colour_folder(root / "data" / "raw" / "colours", per_class=10)
     write_params(root, {"seed": 0, "data": {"source": "data/raw/colours", "short_side": 64},
                         "backbone": {"batch_size": 8}})
     with working_directory(root):

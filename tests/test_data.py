@@ -1,208 +1,231 @@
-from pathlib import Path
+import io
+import shutil
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from stages.artifacts import load_arrays
 from stages.data import (
     SPLITS,
     ImageStore,
-    assign_splits,
+    assign_split,
+    decode_file,
     decode_image,
     prepare_store,
-    scan_image_folder,
-    source_files,
-    write_digits_image_folder,
+    shrink,
+    split_fraction,
 )
 from stages.errors import PipelineError
-from tests.conftest import write_image
+from stages.sources import list_image_folder
+from tests.conftest import write_colour_folder, write_image
 
 
 def encode(image: Image.Image, fmt: str = "PNG", **kwargs) -> bytes:
-    import io
-
     buffer = io.BytesIO()
     image.save(buffer, format=fmt, **kwargs)
     return buffer.getvalue()
 
 
-def test_digits_are_written_as_an_image_folder(tmp_path):
-    write_digits_image_folder(tmp_path)
-    classes = sorted(p.name for p in tmp_path.iterdir())
-    assert classes == [str(d) for d in range(10)]
-    files = list(tmp_path.rglob("*.png"))
-    assert len(files) == 1797
-    with Image.open(files[0]) as image:
-        assert image.size == (8, 8)
-        assert image.mode == "L"
-        assert np.asarray(image).max() > 200  # ink scaled from 0..16 to 0..255
+def prepare(listing, out, **overrides):
+    options = {"source": "test", "short_side": 64, "val_size": 0.2, "test_size": 0.2,
+               "seed": 0, "min_per_class": 1, "max_per_class": None, "workers": 1}
+    return prepare_store(listing, out, **{**options, **overrides})
 
 
-def test_scan_labels_every_file_below_a_class_folder(image_folder):
-    (image_folder / "red" / "nested").mkdir()
-    write_image(image_folder / "red" / "nested" / "deep.png", (200, 0, 0), seed=99)
-    (image_folder / "blue" / ".DS_Store").write_bytes(b"junk")
-    files = scan_image_folder(image_folder)
-    assert [f.label for f in files].count("red") == 7
-    assert "red/nested/deep.png" in {f.id for f in files}
-    assert not any(".DS_Store" in f.id for f in files)
-
-
-def test_scan_errors_name_the_path(tmp_path):
-    with pytest.raises(PipelineError, match=r"'.*missing' is not a directory"):
-        scan_image_folder(tmp_path / "missing")
-    (tmp_path / "empty" / "cls").mkdir(parents=True)
-    with pytest.raises(PipelineError, match="holds no files in class sub-folders"):
-        scan_image_folder(tmp_path / "empty")
-    for split in ("training", "validation"):
-        write_image(tmp_path / "presplit" / split / "a" / "0.png", (1, 2, 3))
-    with pytest.raises(PipelineError, match=r"looks pre-split \(training, validation\)"):
-        scan_image_folder(tmp_path / "presplit")
-
-
-def test_unsupported_sources_say_what_works(tmp_path):
-    with pytest.raises(PipelineError, match="not supported yet; use 'digits' or an image-folder"):
-        source_files("torchvision:CIFAR10", tmp_path)
-    with pytest.raises(PipelineError, match="not supported yet"):
-        source_files("data/raw/list.csv", tmp_path)
-
-
-@pytest.mark.parametrize("mode", ["L", "LA", "P", "RGBA", "CMYK", "I;16", "1", "RGB"])
-def test_every_mode_decodes_to_rgb_uint8(mode):
+@pytest.mark.parametrize("mode", ["L", "LA", "P", "PA", "RGBA", "CMYK", "I;16", "1", "RGB"])
+def test_every_mode_decodes_to_rgb(mode):
     image = Image.new("RGB", (20, 10), (120, 60, 30)).convert(mode)
-    array = decode_image(encode(image, "TIFF" if mode == "CMYK" else "PNG"), short_side=256)
-    assert array.shape == (10, 20, 3)
-    assert array.dtype == np.uint8
+    decoded = decode_image(encode(image, "TIFF" if mode in ("CMYK", "PA") else "PNG"))
+    assert decoded.mode == "RGB" and decoded.size == (20, 10)
 
 
 def test_transparent_pixels_become_the_fixed_background():
-    image = Image.new("RGBA", (4, 4), (10, 20, 30, 0))
-    assert (decode_image(encode(image), 256) == 255).all()
-    opaque = Image.new("RGBA", (4, 4), (10, 20, 30, 255))
-    assert (decode_image(encode(opaque), 256) == [10, 20, 30]).all()
+    clear = decode_image(encode(Image.new("RGBA", (4, 4), (10, 20, 30, 0))))
+    assert (np.asarray(clear) == 255).all()
+    opaque = decode_image(encode(Image.new("RGBA", (4, 4), (10, 20, 30, 255))))
+    assert (np.asarray(opaque) == [10, 20, 30]).all()
 
 
 def test_sixteen_bit_grey_is_scaled_not_clipped():
     image = Image.fromarray(np.full((4, 4), 32768, dtype=np.uint16))
     assert image.mode.startswith("I;16")
-    value = decode_image(encode(image), 256)[0, 0, 0]
-    assert 126 <= value <= 129
+    assert 126 <= np.asarray(decode_image(encode(image)))[0, 0, 0] <= 129
 
 
 def test_exif_orientation_is_applied():
-    image = Image.new("RGB", (30, 10), (0, 0, 0))
     exif = Image.Exif()
     exif[0x0112] = 6  # rotate 90 degrees clockwise to display
-    array = decode_image(encode(image, "JPEG", exif=exif), 256)
-    assert array.shape[:2] == (30, 10)
+    image = decode_image(encode(Image.new("RGB", (30, 10)), "JPEG", exif=exif))
+    assert image.size == (10, 30)
 
 
-def test_large_images_are_downscaled_to_the_short_side_and_small_ones_kept():
-    large = decode_image(encode(Image.new("RGB", (1000, 500))), short_side=100)
-    assert large.shape[:2] == (100, 200)
-    small = decode_image(encode(Image.new("RGB", (50, 40))), short_side=100)
-    assert small.shape[:2] == (40, 50)
+def test_large_images_shrink_to_the_short_side_and_small_ones_stay():
+    assert shrink(Image.new("RGB", (1000, 500)), 100).size == (200, 100)
+    assert shrink(Image.new("RGB", (50, 40)), 100).size == (50, 40)
 
 
 @pytest.mark.parametrize(("data", "reason"), [
     (b"", "empty file"),
-    (b"hello, I am a text file", "not a readable image"),
+    (b"hello, I am a text file", "not an image"),
 ])
 def test_unreadable_bytes_raise_with_a_reason(data, reason):
     with pytest.raises(ValueError, match=reason):
-        decode_image(data, 256)
+        decode_image(data)
 
 
-def test_truncated_image_is_not_readable():
+def test_truncated_image_is_reported_as_such():
     data = encode(Image.new("RGB", (64, 64), (1, 2, 3)), "JPEG")
-    with pytest.raises(ValueError, match="not a readable image"):
-        decode_image(data[: len(data) // 2], 256)
+    with pytest.raises(ValueError, match="truncated or corrupt image"):
+        decode_image(data[: len(data) // 2])
 
 
-def make_hashes(n: int) -> list[str]:
-    return [f"{i:064x}" for i in range(n)]
+def test_identity_is_the_pixels_not_the_bytes(tmp_path):
+    image = Image.new("RGB", (300, 200), (5, 6, 7))
+    png, bmp = tmp_path / "a.png", tmp_path / "a.bmp"
+    image.save(png)
+    image.save(bmp)
+    a, b = decode_file(png, 100), decode_file(bmp, 100)
+    assert a.pixel_sha256 == b.pixel_sha256 and a.byte_sha256 != b.byte_sha256
+    assert a.shape == (100, 150) and a.original_size == (300, 200)
 
 
-def test_splits_are_stratified_deterministic_and_seeded():
-    labels = np.repeat([0, 1, 2], [40, 20, 10])
-    hashes = make_hashes(len(labels))
-    splits = assign_splits(labels, hashes, ["a", "b", "c"], 0.15, 0.2, seed=1)
-    assert np.array_equal(splits, assign_splits(labels, hashes, ["a", "b", "c"], 0.15, 0.2, 1))
-    for cls, n in enumerate([40, 20, 10]):
-        members = splits[labels == cls]
-        assert (members == "test").sum() == round(n * 0.2)
-        assert (members == "val").sum() == max(1, round(n * 0.15))
-        assert (members == "train").sum() == n - round(n * 0.2) - max(1, round(n * 0.15))
-    other = assign_splits(labels, hashes, ["a", "b", "c"], 0.15, 0.2, seed=2)
-    assert not np.array_equal(splits, other)
+def test_split_is_a_pure_function_of_seed_and_content():
+    assert split_fraction(1, "split", "abc") == split_fraction(1, "split", "abc")
+    assert split_fraction(1, "split", "abc") != split_fraction(2, "split", "abc")
+    fractions = [split_fraction(0, "split", str(i)) for i in range(4000)]
+    assert 0.18 < np.mean(np.asarray(fractions) < 0.2) < 0.22  # uniform enough
 
 
-def test_splits_do_not_depend_on_file_order():
-    labels = np.repeat([0, 1], 30)
-    hashes = make_hashes(60)
-    splits = assign_splits(labels, hashes, ["a", "b"], 0.2, 0.2, seed=3)
-    order = np.random.default_rng(0).permutation(60)
-    shuffled = assign_splits(labels[order], [hashes[i] for i in order], ["a", "b"], 0.2, 0.2, 3)
-    assert np.array_equal(splits[order], shuffled)
+def test_given_splits_are_kept_and_missing_ones_carved_from_train():
+    assert assign_split(0.05, None, set(), 0.2, 0.1) == "test"
+    assert assign_split(0.25, None, set(), 0.2, 0.1) == "val"
+    assert assign_split(0.95, None, set(), 0.2, 0.1) == "train"
+    # A source with train and val only: test is carved from train, val is left as given.
+    assert assign_split(0.05, "train", {"train", "val"}, 0.2, 0.1) == "test"
+    assert assign_split(0.25, "train", {"train", "val"}, 0.2, 0.1) == "train"
+    assert assign_split(0.05, "val", {"train", "val"}, 0.2, 0.1) == "val"
 
 
-def test_every_class_reaches_every_split_and_cap_applies():
-    labels = np.repeat([0, 1], [3, 50])
-    splits = assign_splits(labels, make_hashes(53), ["few", "many"], 0.1, 0.1, 0, max_per_class=5)
-    assert sorted(splits[labels == 0]) == ["test", "train", "val"]
-    assert (splits[labels == 1] != "").sum() == 5
-    assert (splits[labels == 1] == "").sum() == 45
+def test_every_bad_kind_is_skipped_or_reported(tmp_path):
+    root = write_colour_folder(tmp_path / "raw", per_class=8)
+    red = root / "red"
+    (red / "empty.png").write_bytes(b"")
+    (red / "notes.txt").write_text("not an image")
+    jpeg = encode(Image.new("RGB", (48, 36), (230, 10, 10)), "JPEG")
+    (red / "truncated.jpg").write_bytes(jpeg[: len(jpeg) // 2])
+    (red / "jpeg-named.png").write_bytes(jpeg)                    # recognised by content
+    (red / "no-extension").write_bytes(encode(Image.new("RGB", (49, 36), (220, 0, 0)), "JPEG"))
+    Image.new("CMYK", (48, 36), (0, 255, 255, 0)).save(red / "cmyk.tif")
+    Image.fromarray(np.full((36, 48), 40000, dtype=np.uint16)).save(root / "green" / "deep.png")
+    Image.new("RGBA", (48, 36), (20, 40, 220, 128)).save(root / "blue" / "alpha.png")
+    Image.new("RGB", (8, 6), (30, 40, 210)).save(root / "blue" / "tiny.png")
+    shutil.copy(root / "blue" / "0.png", root / "blue" / "copy-of-0.png")           # bytes
+    Image.open(root / "blue" / "1.png").save(root / "blue" / "zz-1.bmp")             # pixels
+    shutil.copy(root / "green" / "2.png", root / "red" / "green-or-red.png")         # conflict
 
-
-def test_class_too_small_for_three_splits_is_named():
-    with pytest.raises(PipelineError, match="class 'tiny' has 2 usable image"):
-        assign_splits([0, 0, 0, 1, 1], make_hashes(5), ["big", "tiny"], 0.2, 0.2, 0)
-
-
-def test_prepare_store_round_trip_and_report(image_folder, tmp_path):
-    (image_folder / "red" / "notes.txt").write_text("not an image")
-    (image_folder / "green" / "empty.png").write_bytes(b"")
-    # Same bytes twice in one class: a duplicate; same bytes in two classes: a conflict.
-    (image_folder / "blue" / "copy.png").write_bytes((image_folder / "blue" / "0.png").read_bytes())
-    shared = (image_folder / "red" / "5.png").read_bytes()
-    (image_folder / "green" / "red-looking.png").write_bytes(shared)
-    files = scan_image_folder(image_folder)
-    out = tmp_path / "prepared"
-    report = prepare_store(files, out, source="images", short_side=16, val_size=0.2,
-                           test_size=0.2, seed=0, max_per_class=None)
-    assert sorted(p.name for p in out.iterdir()) == ["index.npz", "meta.json", "pixels.bin"]
+    report = prepare(list_image_folder(root), tmp_path / "prepared")
     reasons = {item["path"]: item["reason"] for item in report["skipped"]}
-    assert "not a readable image" in reasons["red/notes.txt"]
-    assert reasons["green/empty.png"] == "empty file"
-    assert "several labels: green, red" in reasons["red/5.png"]
-    assert "several labels" in reasons["green/red-looking.png"]
-    assert report["duplicates"] == [{"path": "blue/copy.png", "duplicate_of": "blue/0.png"}]
-    assert report["classes"] == ["blue", "green", "red"]
-    total = sum(sum(per_class.values()) for per_class in report["counts"].values())
-    assert total == 6 + 6 + 5  # blue, green, red minus the conflicting image
-    seen = set()
+    assert reasons["red/empty.png"] == "empty file"
+    assert reasons["red/notes.txt"].startswith("not an image")
+    assert reasons["red/truncated.jpg"].startswith("truncated or corrupt image")
+    assert len(reasons) == 3
+    assert sorted((d["path"], d["duplicate_of"], d["same"]) for d in report["duplicates"]) == [
+        ("blue/copy-of-0.png", "blue/0.png", "bytes"), ("blue/zz-1.bmp", "blue/1.png", "pixels")]
+    assert report["conflicts"] == [{"paths": ["green/2.png", "red/green-or-red.png"],
+                                    "labels": ["green", "red"]}]
+    assert report["small_images"]["paths"] == ["blue/tiny.png"]
+    stored = {split: ImageStore(tmp_path / "prepared", split) for split in SPLITS}
+    ids = {str(i): split for split, store in stored.items() for i in store.ids}
+    for kept in ("red/jpeg-named.png", "red/no-extension", "red/cmyk.tif", "green/deep.png",
+                 "blue/alpha.png", "blue/tiny.png", "blue/0.png", "blue/1.png"):
+        assert kept in ids, kept
+    for gone in ("blue/copy-of-0.png", "blue/zz-1.bmp", "green/2.png", "red/green-or-red.png"):
+        assert gone not in ids
+    # blue 8 + alpha + tiny; green 8 + deep - the conflict; red 8 + three odd files
+    assert sum(report["totals"].values()) == len(ids) == 10 + 8 + 11
+
+
+def test_old_images_keep_their_split_when_ten_percent_are_added(tmp_path):
+    root = write_colour_folder(tmp_path / "raw", per_class=40)
+    before = prepare(list_image_folder(root), tmp_path / "v1")
+    old = {str(i): s for s in SPLITS for i in ImageStore(tmp_path / "v1", s).ids}
+    for c, name in enumerate(("red", "green", "blue")):
+        for i in range(4):
+            write_image(root / name / f"new-{i}.png", (90, 90, 90), seed=5000 + 10 * c + i)
+    prepare(list_image_folder(root), tmp_path / "v2")
+    new = {str(i): s for s in SPLITS for i in ImageStore(tmp_path / "v2", s).ids}
+    assert len(new) == len(old) + 12
+    assert all(new[i] == s for i, s in old.items())
+    assert before["totals"]["test"] > 0 and before["totals"]["val"] > 0
+
+
+def test_the_same_picture_in_two_given_splits_is_kept_once(tmp_path):
+    root = tmp_path / "raw"
+    for split in ("train", "val", "test"):
+        write_colour_folder(root / split, per_class=4)  # identical images in every split
+    report = prepare(list_image_folder(root), tmp_path / "prepared")
+    assert sum(report["totals"].values()) == 12
+    hashes = [h for s in SPLITS for h in load_arrays(tmp_path / "prepared" / f"{s}.npz")["sha256"]]
+    assert len(set(hashes)) == len(hashes) == 12
+    assert len(report["duplicates"]) == 24
+
+
+def test_store_round_trip_and_train_statistics(tmp_path):
+    root = write_colour_folder(tmp_path / "raw", per_class=10)
+    report = prepare(list_image_folder(root), tmp_path / "prepared", short_side=16)
+    assert sorted(p.name for p in (tmp_path / "prepared").iterdir()) == [
+        "meta.json", "test.bin", "test.npz", "train.bin", "train.npz", "val.bin", "val.npz"]
+    train = ImageStore(tmp_path / "prepared", "train")
+    pixels = np.concatenate([image.reshape(-1, 3) for image in train]) / 255.0
+    np.testing.assert_allclose(report["train_mean"], pixels.mean(axis=0), atol=1e-5)
+    np.testing.assert_allclose(report["train_std"], pixels.std(axis=0), atol=1e-5)
     for split in SPLITS:
-        store = ImageStore(out, split)
-        assert len(store) == sum(report["counts"][split].values())
-        for image, label, image_id in zip(store, store.labels, store.ids, strict=True):
-            assert image.dtype == np.uint8 and image.shape == (16, 21, 3)  # 30x40 -> short side 16
-            channel = {"blue": 2, "green": 1, "red": 0}[store.classes[label]]
-            assert image.mean(axis=(0, 1)).argmax() == channel
-            seen.add(str(image_id))
-    assert len(seen) == total
+        store = ImageStore(tmp_path / "prepared", split)
+        assert len(store) == report["totals"][split] > 0
+        for image, label in zip(store, store.labels, strict=True):
+            assert image.dtype == np.uint8 and image.shape == (16, 21, 3)  # 48x36 -> 21x16
+            assert image.mean(axis=(0, 1)).argmax() == {"blue": 2, "green": 1, "red": 0}[
+                store.classes[label]]
 
 
-def test_prepare_store_with_no_readable_image_fails_and_leaves_nothing(tmp_path):
-    root = tmp_path / "junk"
-    for name in ("a", "b"):
-        (root / name).mkdir(parents=True)
-        (root / name / "x.txt").write_text(name)
-    with pytest.raises(PipelineError, match="holds no readable images"):
-        prepare_store(scan_image_folder(root), tmp_path / "out", source="junk", short_side=64,
-                      val_size=0.2, test_size=0.2, seed=0, max_per_class=None)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["junk"]
+def test_parallel_decoding_writes_the_same_store(tmp_path):
+    root = write_colour_folder(tmp_path / "raw", per_class=30)  # 90 files: above the pool cut-off
+    prepare(list_image_folder(root), tmp_path / "serial", workers=1)
+    prepare(list_image_folder(root), tmp_path / "parallel", workers=2)
+    for name in ("train.bin", "val.bin", "test.bin", "train.npz"):
+        serial, parallel = tmp_path / "serial" / name, tmp_path / "parallel" / name
+        assert serial.read_bytes() == parallel.read_bytes()
 
 
-def test_image_store_rejects_unknown_split(tmp_path: Path):
+def test_max_per_class_caps_each_class(tmp_path):
+    root = write_colour_folder(tmp_path / "raw", per_class=20)
+    report = prepare(list_image_folder(root), tmp_path / "prepared", max_per_class=12)
+    per_class = {name: sum(report["counts"][s][name] for s in SPLITS)
+                 for name in report["classes"]}
+    assert per_class == {"blue": 12, "green": 12, "red": 12}
+    assert report["left_out_by_max_per_class"] == 24
+
+
+def test_small_classes_fail_naming_them_and_leave_no_store(tmp_path):
+    root = write_colour_folder(tmp_path / "raw", per_class=6)
+    for path in list((root / "red").iterdir())[:4]:
+        path.write_bytes(b"broken")
+    (root / "empty-class").mkdir()
+    (root / "empty-class" / "readme.txt").write_text("no images here")
+    with pytest.raises(PipelineError, match=r"classes 'empty-class' \(0\), 'red' \(2\) have fewer "
+                                            r"usable images than data.min_per_class=5"):
+        prepare(list_image_folder(root), tmp_path / "prepared", min_per_class=5)
+    assert not (tmp_path / "prepared").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["raw"]
+
+
+def test_an_empty_split_fails_with_what_to_change(tmp_path):
+    root = write_colour_folder(tmp_path / "raw", per_class=2)
+    with pytest.raises(PipelineError, match="split '.*' ends up empty .*data.val_size=0.01"):
+        prepare(list_image_folder(root), tmp_path / "prepared", val_size=0.01, test_size=0.01)
+
+
+def test_image_store_rejects_unknown_split(tmp_path):
     with pytest.raises(ValueError, match="unknown split 'dev'"):
         ImageStore(tmp_path, "dev")

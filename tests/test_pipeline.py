@@ -45,7 +45,7 @@ def repo(tmp_path_factory) -> Path:
         else:
             shutil.copy2(source, target)
     params = yaml.safe_load((root / "params.yaml").read_text())
-    params["data"]["max_per_class"] = 4  # 40 digits: seconds, not minutes
+    params["data"]["max_per_class"] = 8  # 80 digits: seconds, not minutes
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     run(["git", "init", "-q"], root)
     run(["git", "add", "-A"], root)
@@ -58,7 +58,9 @@ def test_repro_trains_and_evaluates_then_a_second_repro_runs_nothing(repo):
     assert stages_run(output) == STAGES
     metrics = json.loads((repo / "metrics" / "evaluate.json").read_text())
     assert set(metrics) == {"head"}
-    assert metrics["head"]["n_images"] == 10  # one test digit per class
+    report = json.loads((repo / "reports" / "data.json").read_text())
+    assert sum(report["totals"].values()) == 80
+    assert metrics["head"]["n_images"] == report["totals"]["test"] > 0
     assert 0.0 <= metrics["head"]["accuracy"] <= 1.0
     shown = run(["dvc", "metrics", "show"], repo)
     assert "head.accuracy" in shown and "head.macro_f1" in shown

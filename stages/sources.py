@@ -1,0 +1,246 @@
+"""Where images come from: ``data.source`` turned into a list of labelled files.
+
+Every kind of source ends up as files on disk with a class name and, where the source says
+so, a given split: an image-folder root, a pre-split root, a CSV manifest, a torchvision
+data set (written out as PNG files) or the built-in digits (likewise).
+"""
+
+from __future__ import annotations
+
+import csv
+import inspect
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from stages.errors import PipelineError
+
+log = logging.getLogger(__name__)
+
+# Folder and manifest names for each split; a pre-split root holds some of these folders.
+SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val",
+                 "validation": "val", "test": "test", "testing": "test"}
+TORCHVISION_PREFIX = "torchvision:"
+TORCHVISION_ROOT = Path("data/raw/torchvision")
+
+
+@dataclass(frozen=True)
+class SourceImage:
+    """One file of a source: its id (path relative to the source root), class and given split."""
+
+    id: str
+    path: Path
+    label: str
+    split: str | None = None
+
+
+@dataclass
+class Listing:
+    """What a source holds, and the entries that could not even be listed (with reasons)."""
+
+    images: list[SourceImage]
+    skipped: list[dict[str, str]] = field(default_factory=list)
+
+
+def list_source(source: str, scratch: Path) -> Listing:
+    """List the labelled files of ``data.source``; generated sets are written below ``scratch``."""
+    if source in BUILTIN_SOURCES:
+        BUILTIN_SOURCES[source](scratch / source)
+        return list_image_folder(scratch / source)
+    if source.startswith(TORCHVISION_PREFIX):
+        name = source[len(TORCHVISION_PREFIX):]
+        write_torchvision_dataset(name, TORCHVISION_ROOT / name, scratch / name)
+        return list_image_folder(scratch / name)
+    path = Path(source)
+    if path.suffix.lower() == ".csv":
+        return list_manifest(path)
+    return list_image_folder(path)
+
+
+def write_digits_image_folder(root: Path) -> None:
+    """Write scikit-learn's digits as ``<root>/<digit>/<index>.png``: the form user images take."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    # Pixel values are 0..16 ink intensities; scale to 0..255 grey levels.
+    pixels = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)
+    for index, (image, target) in enumerate(zip(pixels, digits.target, strict=True)):
+        class_dir = root / str(digits.target_names[target])
+        class_dir.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image, mode="L").save(class_dir / f"{index:04d}.png")
+
+
+# Data sets that ship inside a package: name -> function writing it as an image folder.
+BUILTIN_SOURCES: dict[str, Callable[[Path], None]] = {"digits": write_digits_image_folder}
+
+
+def list_image_folder(root: Path) -> Listing:
+    """List ``<root>/<class>/**``, or ``<root>/<split>/<class>/**`` when folders name splits."""
+    folders = _subfolders(root)
+    split_folders = {p.name: SPLIT_ALIASES[p.name.lower()] for p in folders
+                     if p.name.lower() in SPLIT_ALIASES}
+    if split_folders and (len(split_folders) >= 2 or "train" in split_folders.values()):
+        if "train" not in split_folders.values():
+            raise PipelineError(f"data.source: '{root}' looks pre-split "
+                                f"({', '.join(sorted(split_folders))}) but has no train/ folder")
+        others = [p.name for p in folders if p.name not in split_folders]
+        if others:
+            raise PipelineError(f"data.source: '{root}' mixes split folders "
+                                f"({', '.join(sorted(split_folders))}) with other folders "
+                                f"({', '.join(sorted(others))}); move or remove those")
+        if len(set(split_folders.values())) < len(split_folders):
+            raise PipelineError(f"data.source: '{root}' has two folders for one split: "
+                                f"{', '.join(sorted(split_folders))}")
+        listing = Listing(images=[])
+        for folder in folders:
+            _list_class_folders(root, folder, split_folders[folder.name], listing)
+    else:
+        listing = Listing(images=[])
+        _list_class_folders(root, root, None, listing)
+    if not listing.images and not listing.skipped:
+        raise PipelineError(f"data.source: '{root}' holds no files in class sub-folders; "
+                            "expected <root>/<class>/<images> or <root>/<split>/<class>/<images>")
+    return listing
+
+
+def _subfolders(root: Path) -> list[Path]:
+    if not root.is_dir():
+        raise PipelineError(f"data.source: '{root}' is not a directory; expected 'digits', "
+                            "'torchvision:<Name>', a .csv manifest or an image-folder root")
+    try:
+        return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    except OSError as err:
+        raise PipelineError(f"data.source: cannot read '{root}' ({err.strerror})") from err
+
+
+def _list_class_folders(root: Path, parent: Path, split: str | None, listing: Listing) -> None:
+    resolved_root = root.resolve()
+    for class_dir in _subfolders(parent):
+        for path in sorted(class_dir.rglob("*")):
+            relative = path.relative_to(root)
+            if any(part.startswith(".") for part in relative.parts) or not path.is_file():
+                continue
+            if not _is_inside(path, resolved_root):
+                listing.skipped.append({"path": relative.as_posix(),
+                                        "reason": "links outside the data root"})
+                continue
+            listing.images.append(SourceImage(relative.as_posix(), path, class_dir.name, split))
+
+
+def _is_inside(path: Path, resolved_root: Path) -> bool:
+    return path.resolve().is_relative_to(resolved_root)
+
+
+def list_manifest(manifest: Path) -> Listing:
+    """List a CSV manifest with columns ``path,label[,split]``, paths relative to the manifest."""
+    if not manifest.is_file():
+        raise PipelineError(f"data.source: manifest '{manifest}' does not exist")
+    root = manifest.parent.resolve()
+    listing = Listing(images=[])
+    with open(manifest, newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        columns = [c.strip() for c in reader.fieldnames or []]
+        if "path" not in columns or "label" not in columns:
+            raise PipelineError(f"{manifest}: header must name the columns path,label[,split]; "
+                                f"found: {','.join(columns) or 'nothing'}")
+        reader.fieldnames = columns
+        for line, row in enumerate(reader, start=2):
+            written, label = (row.get("path") or "").strip(), (row.get("label") or "").strip()
+            split = _manifest_split(manifest, line, (row.get("split") or "").strip())
+            if not written or not label:
+                raise PipelineError(f"{manifest} line {line}: every row needs a path and a label")
+            path = root / written
+            if Path(written).is_absolute() or not _is_inside(path, root):
+                listing.skipped.append({"path": written,
+                                        "reason": "escapes the data root (the manifest's folder)"})
+            elif not path.is_file():
+                listing.skipped.append({"path": written, "reason": "does not exist"})
+            else:
+                listing.images.append(SourceImage(written, path, label, split))
+    if not listing.images and not listing.skipped:
+        raise PipelineError(f"{manifest}: the manifest lists no images")
+    return listing
+
+
+def _manifest_split(manifest: Path, line: int, value: str) -> str | None:
+    if not value:
+        return None
+    if value.lower() not in SPLIT_ALIASES:
+        raise PipelineError(f"{manifest} line {line}: split '{value}' is not one of "
+                            f"{', '.join(SPLIT_ALIASES)} (or empty)")
+    return SPLIT_ALIASES[value.lower()]
+
+
+def write_torchvision_dataset(name: str, root: Path, out: Path) -> None:
+    """Write torchvision data set ``name``, read from ``root``, as ``out/<split>/<class>/*.png``."""
+    import torchvision.datasets
+
+    cls = getattr(torchvision.datasets, name, None)
+    if not (inspect.isclass(cls) and issubclass(cls, torchvision.datasets.VisionDataset)):
+        import difflib
+
+        known = [n for n in torchvision.datasets.__all__ if n[0].isupper()]
+        close = difflib.get_close_matches(name, known, n=3)
+        hint = f"did you mean {', '.join(close)}?" if close else f"known: {', '.join(known)}"
+        raise PipelineError(f"data.source: torchvision has no data set '{name}'; {hint}")
+    for split, dataset in _torchvision_splits(cls, name, root):
+        classes = getattr(dataset, "classes", None)
+        for index in tqdm(range(len(dataset)), desc=f"{name} {split}", unit="img", leave=False):
+            image, target = dataset[index]
+            label = str(classes[target]) if classes is not None else str(target)
+            class_dir = out / split / label.replace("/", "_")
+            class_dir.mkdir(parents=True, exist_ok=True)
+            image.save(class_dir / f"{index:06d}.png")
+
+
+def _torchvision_splits(cls: type, name: str, root: Path) -> list[tuple[str, object]]:
+    """Instantiate every split the data set offers, without downloading anything."""
+    parameters = inspect.signature(cls.__init__).parameters
+    if "split" in parameters:
+        attempts = [("train", {"split": "train"}), ("train", {"split": "trainval"}),
+                    ("val", {"split": "val"}), ("test", {"split": "test"})]
+    elif "train" in parameters:
+        attempts = [("train", {"train": True}), ("test", {"train": False})]
+    else:
+        attempts = [("train", {})]
+    kwargs = {"root": str(root)} if "root" in parameters else {}
+    if "download" in parameters:
+        kwargs["download"] = False
+    splits: dict[str, object] = {}
+    for split, extra in attempts:
+        if split in splits:
+            continue
+        try:
+            splits[split] = cls(**kwargs, **extra)
+        except ValueError:  # this data set has no such split
+            continue
+        except RuntimeError as err:  # torchvision's "Dataset not found or corrupted"
+            raise PipelineError(f"data.source: torchvision:{name} is not on disk and cannot be "
+                                f"downloaded here. {_placement_hint(cls, name, root)}") from err
+    if "train" not in splits:
+        raise PipelineError(f"data.source: torchvision:{name} offers no training split")
+    return sorted(splits.items(), key=lambda item: ["train", "val", "test"].index(item[0]))
+
+
+def _placement_hint(cls: type, name: str, root: Path) -> str:
+    files: list[str] = []
+    if hasattr(cls, "url") and hasattr(cls, "filename"):
+        files.append(f"{cls.filename} (from {cls.url})")
+    for resource in getattr(cls, "resources", []) or []:
+        files.append(str(resource[0]).rsplit("/", 1)[-1])
+    for url, _md5 in getattr(cls, "_RESOURCES", []) or []:
+        files.append(f"{url.rsplit('/', 1)[-1]} (from {url})")
+    for filename, _md5 in (getattr(cls, "_file_dict", {}) or {}).values():
+        prefix = getattr(cls, "_download_url_prefix", "")
+        files.append(f"{filename} (from {prefix}{filename})")
+    if hasattr(cls, "_URL"):
+        files.append(f"{cls._URL.rsplit('/', 1)[-1]} (from {cls._URL})")
+    wanted = f"its files ({'; '.join(files)})" if files else "its files"
+    return (f"On a machine with network, run torchvision.datasets.{name}(root='{root}', "
+            f"download=True) and copy {wanted} with the folder layout it creates into "
+            f"'{root}/', then `dvc add {root}`")

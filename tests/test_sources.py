@@ -1,0 +1,165 @@
+import os
+
+import numpy as np
+import pytest
+import torchvision.datasets
+from PIL import Image
+
+from stages.errors import PipelineError
+from stages.sources import (
+    list_image_folder,
+    list_manifest,
+    list_source,
+    write_digits_image_folder,
+    write_torchvision_dataset,
+)
+from tests.conftest import write_image
+
+
+def test_digits_are_written_as_an_image_folder(tmp_path):
+    write_digits_image_folder(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [str(d) for d in range(10)]
+    files = list(tmp_path.rglob("*.png"))
+    assert len(files) == 1797
+    with Image.open(files[0]) as image:
+        assert image.size == (8, 8) and image.mode == "L"
+        assert np.asarray(image).max() > 200  # ink scaled from 0..16 to 0..255
+
+
+def test_every_file_below_a_class_folder_is_that_class(image_folder):
+    write_image(image_folder / "red" / "nested" / "deep" / "x.png", (200, 0, 0), seed=99)
+    (image_folder / "blue" / ".DS_Store").write_bytes(b"junk")
+    (image_folder / ".hidden-class").mkdir()
+    listing = list_image_folder(image_folder)
+    labels = [image.label for image in listing.images]
+    assert sorted(set(labels)) == ["blue", "green", "red"]
+    assert labels.count("red") == 7
+    assert "red/nested/deep/x.png" in {image.id for image in listing.images}
+    assert all(image.split is None for image in listing.images)
+    assert not any(".DS_Store" in image.id for image in listing.images)
+
+
+def test_unicode_class_names_are_kept_as_written(tmp_path):
+    for name in ("café", "日本", "Zebra"):
+        write_image(tmp_path / name / "a.png", (1, 2, 3), seed=len(name))
+    labels = {image.label for image in list_image_folder(tmp_path).images}
+    assert sorted(labels) == ["Zebra", "café", "日本"]
+
+
+def test_a_link_out_of_the_root_is_reported(image_folder, tmp_path):
+    outside = write_image(tmp_path / "secret.png", (0, 0, 0))
+    os.symlink(outside, image_folder / "red" / "link.png")
+    listing = list_image_folder(image_folder)
+    assert {"path": "red/link.png", "reason": "links outside the data root"} in listing.skipped
+    assert "red/link.png" not in {image.id for image in listing.images}
+
+
+def test_pre_split_root_keeps_its_splits(tmp_path):
+    for split in ("training", "validation", "test"):
+        for cls in ("a", "b"):
+            write_image(tmp_path / split / cls / "0.png", (1, 2, 3), seed=hash((split, cls)) % 999)
+    listing = list_image_folder(tmp_path)
+    splits = {image.id: image.split for image in listing.images}
+    assert splits["training/a/0.png"] == "train"
+    assert splits["validation/b/0.png"] == "val"
+    assert splits["test/a/0.png"] == "test"
+    assert {image.label for image in listing.images} == {"a", "b"}
+
+
+@pytest.mark.parametrize(("folders", "message"), [
+    (["train", "val", "extra"], "mixes split folders .* with other folders \\(extra\\)"),
+    (["train", "val", "validation"], "has two folders for one split"),
+    (["val", "test"], "looks pre-split \\(test, val\\) but has no train/ folder"),
+])
+def test_ambiguous_pre_split_roots_are_refused(tmp_path, folders, message):
+    for folder in folders:
+        write_image(tmp_path / folder / "cls" / "0.png", (1, 2, 3))
+    with pytest.raises(PipelineError, match=message):
+        list_image_folder(tmp_path)
+
+
+def test_missing_and_empty_roots_are_named(tmp_path):
+    with pytest.raises(PipelineError, match=r"'.*nowhere' is not a directory"):
+        list_source(str(tmp_path / "nowhere"), tmp_path)
+    (tmp_path / "empty" / "cls").mkdir(parents=True)
+    with pytest.raises(PipelineError, match=r"'.*empty' holds no files in class sub-folders"):
+        list_source(str(tmp_path / "empty"), tmp_path)
+
+
+def write_manifest(root, text):
+    path = root / "labels.csv"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_manifest_rows_are_resolved_against_its_folder(tmp_path):
+    root = tmp_path / "set"
+    write_image(root / "img" / "1.png", (1, 2, 3))
+    write_image(root / "img" / "2.png", (3, 2, 1), seed=2)
+    write_image(tmp_path / "outside.png", (9, 9, 9))
+    manifest = write_manifest(root, "path,label,split\nimg/1.png,cat,train\n"
+                                    "img/2.png,dog,validation\nimg/3.png,dog,\n"
+                                    "../outside.png,cat,\n/etc/passwd,cat,\n")
+    listing = list_manifest(manifest)
+    assert [(i.id, i.label, i.split) for i in listing.images] == [
+        ("img/1.png", "cat", "train"), ("img/2.png", "dog", "val")]
+    assert listing.skipped == [
+        {"path": "img/3.png", "reason": "does not exist"},
+        {"path": "../outside.png", "reason": "escapes the data root (the manifest's folder)"},
+        {"path": "/etc/passwd", "reason": "escapes the data root (the manifest's folder)"},
+    ]
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("file,class\na.png,x\n", "must name the columns path,label\\[,split\\]; found: file,class"),
+    ("path,label,split\na.png,x,holdout\n", "line 2: split 'holdout' is not one of train"),
+    ("path,label\na.png,x\nb.png,\n", "line 3: every row needs a path and a label"),
+    ("path,label\n", "the manifest lists no images"),
+])
+def test_bad_manifests_name_the_line_or_the_columns(tmp_path, text, message):
+    write_image(tmp_path / "a.png", (1, 2, 3))
+    with pytest.raises(PipelineError, match=message):
+        list_manifest(write_manifest(tmp_path, text))
+
+
+def test_unknown_torchvision_data_set_suggests_names(tmp_path):
+    with pytest.raises(PipelineError, match="no data set 'CIFAR11'; did you mean CIFAR10"):
+        write_torchvision_dataset("CIFAR11", tmp_path / "in", tmp_path / "out")
+
+
+def test_torchvision_offline_says_which_files_to_place_where(tmp_path):
+    with pytest.raises(PipelineError) as err:
+        write_torchvision_dataset("CIFAR10", tmp_path / "CIFAR10", tmp_path / "out")
+    message = str(err.value)
+    assert "torchvision:CIFAR10 is not on disk" in message
+    assert "cifar-10-python.tar.gz (from https://" in message
+    assert f"into '{tmp_path / 'CIFAR10'}/'" in message
+
+
+class TinySplitDataset(torchvision.datasets.VisionDataset):
+    """Stands in for a torchvision data set with a ``split`` argument, like Flowers102."""
+
+    classes = ["ant", "bee"]
+
+    def __init__(self, root, split="train", download=False):
+        super().__init__(root)
+        if split not in ("train", "test"):
+            raise ValueError(f"unknown split {split}")
+        self.offset = 0 if split == "train" else 100
+
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, index):
+        return Image.new("RGB", (6, 5), (index + self.offset, 0, 0)), index % 2
+
+
+def test_torchvision_splits_are_written_as_a_pre_split_folder(tmp_path, monkeypatch):
+    monkeypatch.setattr(torchvision.datasets, "TinySplitDataset", TinySplitDataset,
+                        raising=False)
+    listing = list_source("torchvision:TinySplitDataset", tmp_path)
+    by_split = {}
+    for image in listing.images:
+        by_split.setdefault(image.split, set()).add(image.label)
+    assert by_split == {"train": {"ant", "bee"}, "test": {"ant", "bee"}}
+    assert len(listing.images) == 8
