@@ -1,0 +1,112 @@
+"""Decoding speed and memory of ``prepare``, as ratios measured in one run.
+
+1. Images per second of ``prepare_store`` (read, decode, hash, shrink, store, on every core)
+   against a plain single-process PIL loop over the same files (open, convert to RGB, resize),
+   on ``../shared/data/monkeys10`` when present, else on generated photos-like JPEGs.
+2. Peak memory (max RSS) of ``prepare_store`` on 1,000 against 10,000 generated images: the
+   pixels stream to disk, so memory should barely grow.
+
+    python benchmarks/decode_speed.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from stages.data import prepare_store
+from stages.sources import list_image_folder
+
+MONKEYS = Path(__file__).resolve().parents[2] / "shared" / "data" / "monkeys10" / "training"
+
+
+def plain_pil_loop(paths: list[Path], short_side: int) -> None:
+    for path in paths:
+        with Image.open(path) as image:
+            rgb = image.convert("RGB")
+            if min(rgb.size) > short_side:
+                scale = short_side / min(rgb.size)
+                rgb = rgb.resize((round(rgb.width * scale), round(rgb.height * scale)),
+                                 Image.Resampling.BICUBIC)
+            np.asarray(rgb)
+
+
+def generate(root: Path, count: int, size: tuple[int, int] = (320, 240)) -> None:
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 256, size=(size[1] // 8, size[0] // 8, 3), dtype=np.uint8)
+    smooth = np.asarray(Image.fromarray(base).resize(size, Image.Resampling.BILINEAR))
+    for i in range(count):
+        folder = root / f"class{i % 10}"
+        folder.mkdir(parents=True, exist_ok=True)
+        image = smooth.copy()
+        image[i % size[1], :, :] = i % 256  # a unique line per image: no two files alike
+        image[:, (i // size[1]) % size[0], 0] = (i * 7) % 256
+        Image.fromarray(image).save(folder / f"{i:05d}.jpg", quality=90)
+
+
+def run_prepare(root: Path, out: Path) -> float:
+    listing = list_image_folder(root)
+    started = time.perf_counter()
+    prepare_store(listing, out, source=str(root), short_side=256, val_size=0.15,
+                  test_size=0.15, seed=0, min_per_class=1, max_per_class=None)
+    return time.perf_counter() - started
+
+
+def peak_memory_mib(root: Path, out: Path) -> tuple[float, float]:
+    """Max RSS of a fresh process running prepare on ``root``, and of its largest worker."""
+    code = ("import resource, sys; from pathlib import Path; "
+            "from benchmarks.decode_speed import run_prepare; "
+            "run_prepare(Path(sys.argv[1]), Path(sys.argv[2])); "
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "
+            "resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
+    result = subprocess.run([sys.executable, "-c", code, str(root), str(out)], check=True,
+                            capture_output=True, text=True,
+                            cwd=Path(__file__).resolve().parents[1])
+    main_kib, worker_kib = result.stdout.strip().splitlines()[-1].split()
+    return int(main_kib) / 1024, int(worker_kib) / 1024
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=Path, default=MONKEYS,
+                        help="an image-folder root to time (default: monkeys10/training)")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as scratch:
+        scratch = Path(scratch)
+        root = args.images
+        if not root.is_dir():
+            root = scratch / "generated"
+            generate(root, 1000)
+        paths = [image.path for image in list_image_folder(root).images]
+        plain_pil_loop(paths[:20], 256)  # warm the file cache for both
+        started = time.perf_counter()
+        plain_pil_loop(paths, 256)
+        plain = time.perf_counter() - started
+        ours = run_prepare(root, scratch / "store")
+        print(f"{len(paths)} files from {root}")
+        print(f"plain PIL loop, 1 process : {len(paths) / plain:7.1f} images/s")
+        print(f"prepare_store, all cores  : {len(paths) / ours:7.1f} images/s")
+        print(f"prepare_store / plain loop = {plain / ours:.2f}")
+
+        memory = {}
+        for count in (1000, 10000):
+            generate(scratch / f"gen{count}", count, size=(160, 120))
+            memory[count] = peak_memory_mib(scratch / f"gen{count}", scratch / f"out{count}")
+        for count, (main_mib, worker_mib) in memory.items():
+            print(f"peak memory, {count:6,d} images: main process {main_mib:6.1f} MiB, "
+                  f"largest decode worker {worker_mib:6.1f} MiB")
+        ratio = memory[10000][0] / memory[1000][0]
+        print(f"main process, 10,000 / 1,000 images = {ratio:.2f}")
+        print(json.dumps({"speed_ratio": round(plain / ours, 2), "memory_ratio": round(ratio, 2)}))
+
+
+if __name__ == "__main__":
+    main()
