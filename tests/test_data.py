@@ -85,7 +85,7 @@ def test_identity_is_the_pixels_not_the_bytes(tmp_path):
     png, bmp = tmp_path / "a.png", tmp_path / "a.bmp"
     image.save(png)
     image.save(bmp)
-    a, b = decode_file(png, 100), decode_file(bmp, 100)
+    a, b = decode_file(png, 100, tmp_path), decode_file(bmp, 100, tmp_path)
     assert a.pixel_sha256 == b.pixel_sha256 and a.byte_sha256 != b.byte_sha256
     assert a.shape == (100, 150) and a.original_size == (300, 200)
 
