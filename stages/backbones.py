@@ -1,16 +1,20 @@
 """Pretrained backbones: loading them with their weights, their own preprocessing, embeddings.
 
-The preprocessing always comes from the weights' pretrained config (timm's
-``resolve_data_config``), never from constants typed here, and is recorded next to the
+Two families: timm models (``backbone.name`` is a timm name) and torchvision models
+(``torchvision:<name>``, weights chosen by enum name). The preprocessing always comes from
+the weights' own metadata (timm's ``resolve_data_config``, torchvision's
+``weights.transforms()``), never from constants typed here, and is recorded next to the
 embeddings so that every later stage feeds the network exactly what it was trained on.
 """
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import hashlib
 import logging
-from collections.abc import Sequence
+import math
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -19,7 +23,7 @@ import numpy as np
 import timm
 import torch
 from PIL import Image
-from timm.data import create_transform, resolve_data_config
+from torchvision.transforms import v2
 from tqdm import tqdm
 
 from stages.errors import PipelineError
@@ -27,6 +31,8 @@ from stages.errors import PipelineError
 log = logging.getLogger(__name__)
 
 DEFAULT_BACKBONE = "tf_efficientnet_lite0"
+TORCHVISION_PREFIX = "torchvision:"
+CPU_BATCH_SIZE = 64
 
 
 def _efficientnet_lite0_package_file() -> Path:
@@ -41,109 +47,248 @@ PACKAGED_WEIGHTS = {DEFAULT_BACKBONE: _efficientnet_lite0_package_file}
 
 @dataclass(frozen=True)
 class Preprocessing:
-    """The eval-time input pipeline the pretrained weights expect (timm's data config)."""
+    """The eval-time input pipeline the pretrained weights expect.
+
+    Resize the shorter side to ``resize_size`` with ``interpolation``, centre-crop to
+    ``input_size``, scale to [0, 1], normalize with ``mean`` and ``std``: what both timm's
+    eval transform and torchvision's ``ImageClassification`` preset do.
+    """
 
     input_size: tuple[int, int, int]
+    resize_size: int
     interpolation: str
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
-    crop_pct: float
-    crop_mode: str
+    source: str
 
     @classmethod
-    def from_dict(cls, config: dict[str, Any]) -> Preprocessing:
-        return cls(input_size=tuple(config["input_size"]),
-                   interpolation=str(config["interpolation"]),
-                   mean=tuple(float(v) for v in config["mean"]),
-                   std=tuple(float(v) for v in config["std"]),
-                   crop_pct=float(config["crop_pct"]),
-                   crop_mode=str(config.get("crop_mode", "center")))
+    def from_timm(cls, config: dict[str, Any]) -> Preprocessing:
+        if config.get("crop_mode", "center") != "center":
+            raise PipelineError(f"timm crop_mode '{config['crop_mode']}' is not supported; "
+                                "only 'center' crops are")
+        size = config["input_size"]
+        # timm's own rule (transforms_factory): scale the crop up by 1 / crop_pct.
+        resize = math.floor(min(size[1:]) / config["crop_pct"])
+        return cls(tuple(size), resize, str(config["interpolation"]),
+                   tuple(float(v) for v in config["mean"]),
+                   tuple(float(v) for v in config["std"]), "timm pretrained config")
+
+    @classmethod
+    def from_torchvision(cls, weights: Any) -> Preprocessing:
+        preset = weights.transforms()
+        crop = preset.crop_size[0]
+        return cls((3, crop, crop), preset.resize_size[0], preset.interpolation.value,
+                   tuple(float(v) for v in preset.mean), tuple(float(v) for v in preset.std),
+                   f"torchvision {type(weights).__name__}.{weights.name}.transforms()")
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> Preprocessing:
+        return cls(tuple(raw["input_size"]), int(raw["resize_size"]), str(raw["interpolation"]),
+                   tuple(raw["mean"]), tuple(raw["std"]), str(raw["source"]))
 
     def to_dict(self) -> dict[str, Any]:
         return {key: list(value) if isinstance(value, tuple) else value
                 for key, value in asdict(self).items()}
 
-    def eval_transform(self) -> Any:
-        """timm's own eval transform for these settings: PIL image in, normalized tensor out."""
-        return create_transform(**asdict(self), is_training=False)
+    def with_normalization(self, mean: Sequence[float] | None, std: Sequence[float] | None,
+                           allow_override: bool) -> Preprocessing:
+        """Apply a user mean/std; one that disagrees with the weights is refused unless allowed."""
+        wanted_mean = tuple(mean) if mean is not None else self.mean
+        wanted_std = tuple(std) if std is not None else self.std
+        if np.allclose(wanted_mean, self.mean) and np.allclose(wanted_std, self.std):
+            return self
+        if not allow_override:
+            raise PipelineError(
+                f"backbone.mean/std {list(wanted_mean)}/{list(wanted_std)} disagree with the "
+                f"weights' own {list(self.mean)}/{list(self.std)} ({self.source}): the "
+                "network only works on inputs normalized as in its training, and a mismatch "
+                "typically costs 10-20 accuracy points. Remove backbone.mean/std, or set "
+                "backbone.allow_normalization_override: true if this is deliberate")
+        log.warning("normalization overridden: mean %s std %s instead of the weights' %s %s",
+                    wanted_mean, wanted_std, self.mean, self.std)
+        return Preprocessing(self.input_size, self.resize_size, self.interpolation,
+                             wanted_mean, wanted_std, f"{self.source}, normalization overridden")
+
+    def eval_transform(self) -> v2.Compose:
+        """PIL image in, normalized float tensor out."""
+        return v2.Compose([
+            v2.Resize(self.resize_size, interpolation=v2.InterpolationMode(self.interpolation),
+                      antialias=True),
+            v2.CenterCrop(self.input_size[1:]),
+            v2.PILToTensor(),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(mean=list(self.mean), std=list(self.std)),
+        ])
+
+
+class _TimmPreLogits(torch.nn.Module):
+    """A timm model cut before its classifier: pooled features, what the classifier sees."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: torch.Tensor) -> torch.Tensor:
+        return self.model.forward_head(self.model.forward_features(batch), pre_logits=True)
 
 
 @dataclass
 class Backbone:
-    """A pretrained network in eval mode, with where its weights came from and its input config."""
+    """A pretrained network split into encoder (to pre-logits) and its original classifier."""
 
     name: str
-    model: torch.nn.Module
+    encoder: torch.nn.Module
+    classifier: torch.nn.Module
+    num_features: int
     weights_id: str
     weights_sha256: str | None
     preprocessing: Preprocessing
 
-    @property
-    def num_features(self) -> int:
-        return int(self.model.num_features)
-
     def to(self, device: torch.device) -> Backbone:
         """Move to ``device`` in channels-last layout (about twice the CPU speed for convnets)."""
-        self.model.to(device, memory_format=torch.channels_last)
+        self.encoder.to(device, memory_format=torch.channels_last)
+        self.classifier.to(device)
         return self
 
     def embed(self, batch: torch.Tensor) -> torch.Tensor:
         """Pooled pre-logits features: what the original classifier layer sees."""
-        return self.model.forward_head(self.model.forward_features(batch), pre_logits=True)
+        return self.encoder(batch)
+
+    def logits(self, batch: torch.Tensor) -> torch.Tensor:
+        """The original source-task (e.g. ImageNet) logits."""
+        return self.classifier(self.encoder(batch))
 
 
 def load_backbone(name: str, weights: str | None = None) -> Backbone:
-    """Build timm model ``name`` with pretrained weights, frozen and in eval mode.
+    """Build backbone ``name`` with pretrained weights, frozen and in eval mode.
 
-    ``weights`` is a path to a local state dict; ``None`` takes the weights packaged with this
-    project for the default backbone, or timm's pretrained weights (a download) for others.
+    ``weights``: ``None`` for the model's own pretrained weights (packaged with this project
+    for the default backbone, else from timm's or torchvision's hub), a torchvision weights
+    enum name, or a path to a local state-dict file.
     """
-    _check_model_name(name)
+    if name.startswith(TORCHVISION_PREFIX):
+        backbone = _load_torchvision(name[len(TORCHVISION_PREFIX):], weights)
+    else:
+        backbone = _load_timm(name, weights)
+    for module in (backbone.encoder, backbone.classifier):
+        module.eval().requires_grad_(False)
+    return backbone
+
+
+def _load_timm(name: str, weights: str | None) -> Backbone:
+    _check_name(name, timm.list_models(), "timm model", "timm.list_models()")
     if weights is not None:
         path = Path(weights)
         model = timm.create_model(name, pretrained=False)
         _load_state_dict_file(model, path, name)
-        weights_id, sha = f"file:{path.as_posix()}", _sha256(path)
+        weights_id, sha = f"file:{path.as_posix()}", sha256_file(path)
     elif name in PACKAGED_WEIGHTS:
         path = PACKAGED_WEIGHTS[name]()
         model = timm.create_model(name, pretrained=False)
         _load_in_order(model, torch.load(path, map_location="cpu", weights_only=True))
-        weights_id, sha = f"package:{path.name}", _sha256(path)
+        weights_id, sha = f"package:{path.name}", sha256_file(path)
     else:
-        model = _create_pretrained_from_hub(name)
+        model = _create_timm_pretrained(name)
         weights_id, sha = f"timm:{model.pretrained_cfg.get('hf_hub_id') or name}", None
-    model.eval().requires_grad_(False)
-    preprocessing = Preprocessing.from_dict(resolve_data_config({}, model=model))
-    return Backbone(name, model, weights_id, sha, preprocessing)
+    from timm.data import resolve_data_config
+
+    preprocessing = Preprocessing.from_timm(resolve_data_config({}, model=model))
+    features = int(getattr(model, "head_hidden_size", None) or model.num_features)
+    return Backbone(name, _TimmPreLogits(model), model.get_classifier(), features, weights_id,
+                    sha, preprocessing)
 
 
-def _check_model_name(name: str) -> None:
-    known = timm.list_models()
+def _load_torchvision(arch: str, weights: str | None) -> Backbone:
+    import torchvision.models
+
+    _check_name(arch, torchvision.models.list_models(module=torchvision.models),
+                "torchvision classification model", "torchvision.models.list_models()")
+    model = torchvision.models.get_model(arch, weights=None)
+    enum = torchvision.models.get_model_weights(arch)
+    names = list(enum.__members__)
+    if weights is None or weights in names:
+        chosen = enum[weights or "DEFAULT"]
+        state, path = _torchvision_state_dict(chosen)
+        model.load_state_dict(state)
+        weights_id, sha = f"torchvision:{enum.__name__}.{chosen.name}", sha256_file(path)
+    elif Path(weights).suffix or "/" in weights:
+        path = Path(weights)
+        _load_state_dict_file(model, path, f"torchvision:{arch}")
+        chosen = enum["DEFAULT"]  # the architecture's reference preprocessing
+        weights_id, sha = f"file:{path.as_posix()}", sha256_file(path)
+    else:
+        raise PipelineError(f"backbone.weights: '{weights}' is neither a weights name of "
+                            f"{arch} ({', '.join(names)}) nor a path to a file")
+    classifier_name, classifier = _last_linear(model)
+    _replace_module(model, classifier_name, torch.nn.Identity())
+    return Backbone(f"{TORCHVISION_PREFIX}{arch}", model, classifier, classifier.in_features,
+                    weights_id, sha, Preprocessing.from_torchvision(chosen))
+
+
+def _torchvision_state_dict(weights: Any) -> tuple[dict[str, torch.Tensor], Path]:
+    """The state dict of a torchvision weights enum, from the torch hub cache or a download."""
+    hub_file = Path(torch.hub.get_dir()) / "checkpoints" / weights.url.rsplit("/", 1)[-1]
+    if not hub_file.is_file():
+        try:
+            torch.hub.load_state_dict_from_url(weights.url, progress=False, check_hash=True,
+                                               weights_only=True)
+        except Exception as err:  # offline: URLError, socket errors, HTTP errors
+            raise PipelineError(
+                f"backbone: torchvision weights {type(weights).__name__}.{weights.name} are not "
+                f"cached and could not be downloaded ({type(err).__name__}). Download "
+                f"{weights.url} elsewhere and place it at {hub_file} (the torch hub cache; "
+                "TORCH_HOME moves it), or set backbone.weights to a local copy") from err
+    return torch.load(hub_file, map_location="cpu", weights_only=True), hub_file
+
+
+def _last_linear(model: torch.nn.Module) -> tuple[str, torch.nn.Linear]:
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    if not linears:
+        raise PipelineError("backbone: this torchvision model has no linear classifier to cut")
+    return linears[-1]
+
+
+def _replace_module(model: torch.nn.Module, dotted: str, replacement: torch.nn.Module) -> None:
+    parent_name, _, child = dotted.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, replacement)
+
+
+def _check_name(name: str, known: Sequence[str], what: str, where: str) -> None:
     if name not in known:
         close = difflib.get_close_matches(name, known, n=3)
-        hint = f"; did you mean {', '.join(close)}?" if close else "; see timm.list_models()"
-        raise PipelineError(f"backbone.name: unknown timm model '{name}'{hint}")
+        hint = f"; did you mean {', '.join(close)}?" if close else f"; see {where}"
+        raise PipelineError(f"backbone.name: unknown {what} '{name}'{hint}")
 
 
-def _create_pretrained_from_hub(name: str) -> torch.nn.Module:
+def _create_timm_pretrained(name: str) -> torch.nn.Module:
     try:
         return timm.create_model(name, pretrained=True)
     except Exception as err:  # the hub raises many types when offline; all mean the same here
+        from huggingface_hub.constants import HF_HUB_CACHE
+
         cfg = timm.create_model(name, pretrained=False).pretrained_cfg
-        hub = cfg.get("hf_hub_id") or cfg.get("url") or "its pretrained source"
-        raise PipelineError(
-            f"backbone '{name}': could not fetch its pretrained weights from {hub} "
-            f"({type(err).__name__}). Offline, download the weights elsewhere and either set "
-            "backbone.weights to the local file or copy the Hugging Face cache into HF_HOME"
-        ) from err
+        hub_id = cfg.get("hf_hub_id")
+        where = (f"the Hugging Face cache {HF_HUB_CACHE}/models--{hub_id.replace('/', '--')} "
+                 f"(copy it from a machine where timm.create_model('{name}', pretrained=True) "
+                 f"ran), or download https://huggingface.co/{hub_id}/resolve/main/"
+                 "model.safetensors and set backbone.weights to it") if hub_id else \
+            f"a local file named in backbone.weights (from {cfg.get('url') or 'its source'})"
+        raise PipelineError(f"backbone '{name}': could not fetch its pretrained weights "
+                            f"({type(err).__name__}). Offline, place them in {where}") from err
 
 
 def _load_state_dict_file(model: torch.nn.Module, path: Path, name: str) -> None:
     if not path.is_file():
         raise PipelineError(f"backbone.weights: '{path}' does not exist; give a state-dict file "
-                            "(.pth/.pt/.bin) saved from a model of the same architecture")
+                            "(.pth/.pt/.bin/.safetensors) saved from the same architecture")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(path)
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises pickle, zip and runtime errors for bad files
         raise PipelineError(f"backbone.weights: '{path}' is not a loadable state dict "
                             f"({type(err).__name__}: {err})") from err
@@ -178,7 +323,7 @@ def _load_in_order(model: torch.nn.Module, source: dict[str, torch.Tensor]) -> N
     model.load_state_dict(target, strict=True)
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -204,10 +349,40 @@ def pick_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def extract_embeddings(backbone: Backbone, images: Sequence[np.ndarray], batch_size: int,
-                       device: torch.device | None = None, num_workers: int | None = None,
-                       desc: str = "extract") -> np.ndarray:
-    """Embed every image with the frozen backbone; returns float32 (N, num_features)."""
+def resolve_batch_size(backbone: Backbone, batch_size: int | str, device: torch.device) -> int:
+    """``auto``: a fixed size on CPU (larger batches do not help there), on a GPU the largest
+    power of two up to 1024 whose forward pass fits in memory."""
+    if batch_size != "auto":
+        return int(batch_size)
+    if device.type != "cuda":
+        return CPU_BATCH_SIZE
+    size = 1024
+    while size > 1:
+        try:
+            probe = torch.zeros((size, *backbone.preprocessing.input_size), device=device)
+            with torch.inference_mode(), _autocast(device, "float32"):
+                backbone.embed(probe.contiguous(memory_format=torch.channels_last))
+            return size
+        except torch.cuda.OutOfMemoryError:
+            size //= 2
+        finally:
+            torch.cuda.empty_cache()
+    return 1
+
+
+def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.float16)
+    if precision == "bfloat16":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def embed_batches(backbone: Backbone, images: Sequence[np.ndarray], batch_size: int,
+                  device: torch.device | None = None, *, precision: str = "float32",
+                  flip_average: bool = False, num_workers: int | None = None,
+                  desc: str = "extract") -> Iterator[np.ndarray]:
+    """Embed ``images`` with the frozen backbone, yielding float32 arrays batch by batch."""
     device = device or pick_device()
     if num_workers is None:
         # On CPU the forward pass already uses every core; extra processes only compete with it.
@@ -217,12 +392,20 @@ def extract_embeddings(backbone: Backbone, images: Sequence[np.ndarray], batch_s
         batch_size=batch_size, shuffle=False, num_workers=num_workers,
         pin_memory=device.type == "cuda")
     backbone.to(device)
-    out = np.empty((len(images), backbone.num_features), dtype=np.float32)
-    start = 0
-    with torch.inference_mode():
-        for batch in tqdm(loader, desc=desc, unit="batch", leave=False):
+    with tqdm(total=len(images), desc=desc, unit="img", leave=False) as progress, \
+            torch.inference_mode(), _autocast(device, precision):
+        for batch in loader:
             batch = batch.to(device, non_blocking=True, memory_format=torch.channels_last)
             features = backbone.embed(batch)
-            out[start:start + len(features)] = features.float().cpu().numpy()
-            start += len(features)
-    return out
+            if flip_average:
+                features = (features + backbone.embed(batch.flip(-1))) / 2
+            yield features.float().cpu().numpy()
+            progress.update(len(batch))
+
+
+def extract_embeddings(backbone: Backbone, images: Sequence[np.ndarray], batch_size: int,
+                       device: torch.device | None = None, **options: Any) -> np.ndarray:
+    """All embeddings at once, float32 (N, num_features): for small sets, tests, benchmarks."""
+    batches = list(embed_batches(backbone, images, batch_size, device, **options))
+    return np.concatenate(batches) if batches else np.zeros((0, backbone.num_features),
+                                                            np.float32)

@@ -1,7 +1,7 @@
 """From listed files to the prepared store: decode once, check, de-duplicate, split, store.
 
 The store holds, per split, ``<split>.bin`` (every image's RGB uint8 pixels, concatenated,
-memory-mapped on read) and ``<split>.npz`` (offset, shape, label, id and content hash per
+read image by image) and ``<split>.npz`` (offset, shape, label, id and content hash per
 image), plus ``meta.json`` (classes, counts, the training split's channel mean and std).
 """
 
@@ -364,17 +364,22 @@ class ImageStore:
         self.ids: np.ndarray = index["ids"]
         self._offsets = index["offsets"]
         self._shapes = index["shapes"]
-        pixels_path = directory / f"{split}.bin"
-        self._pixels = (np.memmap(pixels_path, dtype=np.uint8, mode="r")
-                        if pixels_path.stat().st_size else np.zeros(0, dtype=np.uint8))
+        # Positional reads, not a memory map: reading every image once must not leave the
+        # whole store counted in this process's memory.
+        self._fd = os.open(directory / f"{split}.bin", os.O_RDONLY)
+
+    def __del__(self) -> None:
+        if getattr(self, "_fd", None) is not None:
+            os.close(self._fd)
+            self._fd = None
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def __getitem__(self, i: int) -> np.ndarray:
         h, w = (int(v) for v in self._shapes[i])
-        start = int(self._offsets[i])
-        return np.asarray(self._pixels[start:start + h * w * 3]).reshape(h, w, 3)
+        data = os.pread(self._fd, h * w * 3, int(self._offsets[i]))
+        return np.frombuffer(data, dtype=np.uint8).reshape(h, w, 3)
 
     def __iter__(self) -> Iterator[np.ndarray]:
         return (self[i] for i in range(len(self)))

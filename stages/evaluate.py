@@ -5,7 +5,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from stages.artifacts import load_arrays, read_json, write_csv, write_json
+from stages.artifacts import read_json, write_csv, write_json
+from stages.embeddings import load_split
 from stages.errors import run_stage
 from stages.heads import LogisticHead
 from stages.metrics import classification_metrics, per_class_metrics, prediction_rows
@@ -26,15 +27,15 @@ def main() -> None:
     params = load_params(PARAMS)
     split = params.evaluate.split
     head, classes = LogisticHead.load(HEAD_PATH)
-    embeddings = load_arrays(EMBEDDINGS_DIR / f"{split}.npz")
-    y_true, y_pred = embeddings["labels"], head.predict(embeddings["features"])
+    features, y_true, ids = load_split(EMBEDDINGS_DIR, split)
+    y_pred = head.predict(features)
     metrics = {"head": {"split": split, **classification_metrics(y_true, y_pred, len(classes))}}
     # Fine-tuning is recorded as skipped until it is built; then its model is scored here too.
     finetune = read_json(FINETUNE_STATUS)
     write_json(METRICS, metrics)
     write_json(REPORT, {"head": {"per_class": per_class_metrics(y_true, y_pred, classes)},
                         "finetune": finetune})
-    write_csv(HEAD_PREDICTIONS, prediction_rows(embeddings["ids"], y_true, y_pred, classes))
+    write_csv(HEAD_PREDICTIONS, prediction_rows(ids, y_true, y_pred, classes))
     log.info("head on %s: accuracy %.4f, balanced accuracy %.4f, macro F1 %.4f", split,
              metrics["head"]["accuracy"], metrics["head"]["balanced_accuracy"],
              metrics["head"]["macro_f1"])

@@ -6,12 +6,15 @@ import logging
 import time
 from pathlib import Path
 
+import numpy as np
 import timm
 import torch
+import torchvision
 
 from stages.artifacts import atomic_output, save_arrays, write_json
-from stages.backbones import extract_embeddings, load_backbone, pick_device
+from stages.backbones import embed_batches, load_backbone, pick_device, resolve_batch_size
 from stages.data import SPLITS, ImageStore
+from stages.embeddings import EmbeddingMeta, write_split
 from stages.errors import run_stage
 from stages.params import load_params
 
@@ -24,40 +27,48 @@ METRICS = Path("metrics/extract.json")
 
 
 def main() -> None:
-    params = load_params(PARAMS)
-    backbone = load_backbone(params.backbone.name, params.backbone.weights)
+    params = load_params(PARAMS).backbone
+    backbone = load_backbone(params.name, params.weights)
+    backbone.preprocessing = backbone.preprocessing.with_normalization(
+        params.mean, params.std, params.allow_normalization_override)
     device = pick_device()
+    batch_size = resolve_batch_size(backbone, params.batch_size, device)
     stores = {split: ImageStore(PREPARED_DIR, split) for split in SPLITS}
     short_side = stores["train"].meta["short_side"]
-    needed = min(backbone.preprocessing.input_size[1:])
-    if short_side < needed:
-        log.warning("data.short_side=%d is below the backbone's input size %d: images are "
-                    "upscaled before embedding", short_side, needed)
+    if short_side < backbone.preprocessing.resize_size:
+        log.warning("data.short_side=%d is below the %d pixels this backbone resizes to: "
+                    "larger images were stored smaller than it could use", short_side,
+                    backbone.preprocessing.resize_size)
     started = time.perf_counter()
     with atomic_output(EMBEDDINGS_DIR) as tmp:
         tmp.mkdir()
+        index = {}
         for split, store in stores.items():
-            features = extract_embeddings(backbone, store, params.backbone.batch_size, device,
-                                          desc=f"extract {split}")
-            save_arrays(tmp / f"{split}.npz", features=features, labels=store.labels,
-                        ids=store.ids)
-        write_json(tmp / "meta.json", {
-            "backbone": backbone.name,
-            "weights": backbone.weights_id,
-            "weights_sha256": backbone.weights_sha256,
-            "preprocessing": backbone.preprocessing.to_dict(),
-            "dim": backbone.num_features,
-            "classes": stores["train"].classes,
-            "count": {split: len(store) for split, store in stores.items()},
-            "timm_version": timm.__version__,
-            "torch_version": torch.__version__,
-        })
+            batches = embed_batches(backbone, store, batch_size, device,
+                                    precision=params.precision,
+                                    flip_average=params.flip_average, desc=f"extract {split}")
+            write_split(tmp / f"{split}.npy", batches, len(store), backbone.num_features,
+                        params.embedding_dtype)
+            index[f"{split}_labels"] = store.labels
+            index[f"{split}_ids"] = store.ids
+        save_arrays(tmp / "index.npz", **index)
+        meta = EmbeddingMeta(
+            backbone=backbone.name, weights=backbone.weights_id,
+            weights_sha256=backbone.weights_sha256,
+            preprocessing=backbone.preprocessing.to_dict(), dim=backbone.num_features,
+            dtype=str(np.dtype(params.embedding_dtype)), classes=stores["train"].classes,
+            count={split: len(store) for split, store in stores.items()},
+            flip_average=params.flip_average, precision=params.precision,
+            versions={"timm": timm.__version__, "torch": torch.__version__,
+                      "torchvision": torchvision.__version__})
+        write_json(tmp / "meta.json", meta.to_dict())
     seconds = time.perf_counter() - started
-    total = sum(len(store) for store in stores.values())
+    total = sum(meta.count.values())
     write_json(METRICS, {"images": total, "seconds": round(seconds, 2),
-                         "images_per_second": round(total / seconds, 1), "device": device.type})
-    log.info("embedded %d images with %s (%d-d) in %.1fs on %s",
-             total, backbone.name, backbone.num_features, seconds, device.type)
+                         "images_per_second": round(total / seconds, 1), "device": device.type,
+                         "batch_size": batch_size})
+    log.info("embedded %d images with %s (%d-d) in %.1fs on %s (batch %d)", total,
+             backbone.name, backbone.num_features, seconds, device.type, batch_size)
 
 
 if __name__ == "__main__":

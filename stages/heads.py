@@ -33,6 +33,7 @@ class LogisticHead:
         self.random_state = random_state
 
     def fit(self, X: np.ndarray, y: np.ndarray) -> LogisticHead:
+        X = np.asarray(X, dtype=np.float64)  # also reads memory-mapped float16 caches
         scaler = StandardScaler().fit(X)
         model = LogisticRegression(C=self.C, max_iter=self.max_iter,
                                    class_weight=self.class_weight,

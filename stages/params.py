@@ -54,10 +54,22 @@ class DataParams:
 
 @dataclass(frozen=True)
 class BackboneParams:
-    name: str = "tf_efficientnet_lite0"
+    name: str = field(default="tf_efficientnet_lite0", metadata={
+        "help": "a timm model name, or torchvision:<model name>"})
     weights: str | None = field(default=None, metadata={
-        "help": "null for the model's own pretrained weights, or a path to a local file"})
-    batch_size: int = _bounded(64, 1, 4096)
+        "help": "null: the model's own pretrained weights; a torchvision weights enum name "
+                "(IMAGENET1K_V2, DEFAULT); or a path to a local state-dict file"})
+    batch_size: int | str = field(default="auto", metadata={
+        "range": (1, 65536), "low_open": False, "choices": ("auto",),
+        "help": "images per forward pass, or auto (64 on CPU, the largest that fits on a GPU)"})
+    precision: str = _choice("float32", ("float32", "bfloat16"),
+                             help="bfloat16 runs the CPU forward pass in bfloat16 autocast")
+    flip_average: bool = False
+    embedding_dtype: str = _choice("float32", ("float32", "float16"))
+    mean: tuple[float, float, float] | None = field(default=None, metadata={
+        "help": "override of the weights' normalization mean; refused unless allowed"})
+    std: tuple[float, float, float] | None = None
+    allow_normalization_override: bool = False
 
 
 @dataclass(frozen=True)
@@ -146,10 +158,11 @@ def _check_value(key: str, value: Any, hint: Any, meta: Any, source: str) -> Any
     is_union = typing.get_origin(hint) in (typing.Union, types.UnionType)
     allowed = typing.get_args(hint) if is_union else (hint,)
     given, value = value, _coerce(key, value, allowed, source)
-    if "choices" in meta and value not in meta["choices"]:
+    numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if "choices" in meta and not numeric and value not in meta["choices"]:
         choices = ", ".join("null" if c is None else str(c) for c in meta["choices"])
         raise ParamsError(f"{source}: {key}={_show(given)} is not valid; choose one of: {choices}")
-    if "range" in meta and value is not None:
+    if "range" in meta and numeric:
         low, high = meta["range"]
         too_low = low is not None and (value <= low if meta["low_open"] else value < low)
         if too_low or (high is not None and value > high):
@@ -173,14 +186,27 @@ def _coerce(key: str, value: Any, allowed: tuple[Any, ...], source: str) -> Any:
             return float(value)
         if typ is str and isinstance(value, str):
             return value
+        if typing.get_origin(typ) is tuple and isinstance(value, list):
+            size = len(typing.get_args(typ))
+            if len(value) == size and all(isinstance(v, (int, float))
+                                          and not isinstance(v, bool) for v in value):
+                return tuple(float(v) for v in value)
         if typ is float and isinstance(value, str):
             # PyYAML reads "1e-4" (no dot) as a string; `dvc exp run -S lr=1e-4` writes just that.
             try:
                 return float(value)
             except ValueError:
                 pass
-    names = " or ".join("null" if t is type(None) else t.__name__ for t in allowed)
+    names = " or ".join(_type_name(t) for t in allowed)
     raise ParamsError(f"{source}: {key}={_show(value)} has the wrong type; expected {names}")
+
+
+def _type_name(typ: Any) -> str:
+    if typ is type(None):
+        return "null"
+    if typing.get_origin(typ) is tuple:
+        return f"a list of {len(typing.get_args(typ))} numbers"
+    return typ.__name__
 
 
 def _show(value: Any) -> str:

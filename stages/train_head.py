@@ -6,7 +6,8 @@ import logging
 import time
 from pathlib import Path
 
-from stages.artifacts import load_arrays, read_json, write_json
+from stages.artifacts import write_json
+from stages.embeddings import EmbeddingMeta, load_split
 from stages.errors import run_stage
 from stages.heads import LogisticHead
 from stages.metrics import classification_metrics
@@ -22,18 +23,17 @@ METRICS = Path("metrics/train_head.json")
 
 def main() -> None:
     params = load_params(PARAMS)
-    classes = read_json(EMBEDDINGS_DIR / "meta.json")["classes"]
-    train = load_arrays(EMBEDDINGS_DIR / "train.npz")
-    val = load_arrays(EMBEDDINGS_DIR / "val.npz")
+    classes = EmbeddingMeta.read(EMBEDDINGS_DIR).classes
+    train_x, train_y, _ = load_split(EMBEDDINGS_DIR, "train")
+    val_x, val_y, _ = load_split(EMBEDDINGS_DIR, "val")
     started = time.perf_counter()
     head = LogisticHead(C=params.head.C, max_iter=params.head.max_iter,
                         class_weight=params.head.class_weight, random_state=params.seed)
-    head.fit(train["features"], train["labels"])
+    head.fit(train_x, train_y)
     seconds = time.perf_counter() - started
     head.save(HEAD_PATH, classes)
-    val_metrics = classification_metrics(val["labels"], head.predict(val["features"]),
-                                         len(classes))
-    train_accuracy = float((head.predict(train["features"]) == train["labels"]).mean())
+    val_metrics = classification_metrics(val_y, head.predict(val_x), len(classes))
+    train_accuracy = float((head.predict(train_x) == train_y).mean())
     write_json(METRICS, {"train_accuracy": train_accuracy,
                          "val": val_metrics,
                          "converged": head.converged_,

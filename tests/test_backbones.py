@@ -1,41 +1,71 @@
+import urllib.error
+
 import numpy as np
 import pytest
 import timm
 import torch
+import torchvision
 from PIL import Image
 from sklearn.datasets import load_sample_image
+from timm.data import create_transform, resolve_data_config
 
 from stages.backbones import Preprocessing, extract_embeddings, load_backbone
+from stages.data import ImageStore
 from stages.errors import PipelineError
 
 IMAGENET_DAISY = 985
 
 
-def test_packaged_imagenet_weights_really_loaded(backbone):
+@pytest.fixture(scope="module")
+def flower() -> Image.Image:
+    return Image.fromarray(load_sample_image("flower.jpg"))
+
+
+@pytest.fixture(scope="module")
+def resnet18_file(tmp_path_factory):
+    """A torchvision resnet18 state dict (random weights: only shapes and plumbing matter)."""
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18()
+    path = tmp_path_factory.mktemp("weights") / "resnet18.pth"
+    torch.save(model.state_dict(), path)
+    return path, model.eval()
+
+
+def test_packaged_imagenet_weights_really_loaded(backbone, flower):
     """The full ImageNet classifier, fed through the weights' own preprocessing, sees a daisy."""
-    flower = Image.fromarray(load_sample_image("flower.jpg"))
     batch = backbone.preprocessing.eval_transform()(flower).unsqueeze(0)
     with torch.inference_mode():
-        logits = backbone.model(batch)
-    assert int(logits.argmax()) == IMAGENET_DAISY
+        assert int(backbone.logits(batch).argmax()) == IMAGENET_DAISY
 
 
-def test_backbone_is_frozen_and_records_its_weights(backbone):
-    assert not backbone.model.training
-    assert not any(p.requires_grad for p in backbone.model.parameters())
+def test_backbone_records_its_weights(backbone):
     assert backbone.weights_id.startswith("package:efficientnet-lite0")
     assert len(backbone.weights_sha256) == 64
     assert backbone.num_features == 1280
 
 
-def test_preprocessing_is_the_pretrained_config_not_typed_by_hand(backbone):
-    pretrained = timm.create_model("tf_efficientnet_lite0", pretrained=False).pretrained_cfg
+def test_preprocessing_is_exactly_timms_own(backbone, flower):
+    model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+    config = resolve_data_config({}, model=model)
     prep = backbone.preprocessing
-    assert prep.input_size == tuple(pretrained["input_size"])
-    assert prep.mean == tuple(pretrained["mean"]) and prep.std == tuple(pretrained["std"])
-    assert prep.interpolation == pretrained["interpolation"]
-    assert prep.crop_pct == pretrained["crop_pct"]
+    assert prep.input_size == tuple(config["input_size"]) == (3, 224, 224)
+    assert prep.mean == tuple(config["mean"]) and prep.std == tuple(config["std"])
+    assert prep.resize_size == 256 and prep.interpolation == "bicubic"
+    torch.testing.assert_close(prep.eval_transform()(flower),
+                               create_transform(**config)(flower), atol=1e-6, rtol=0)
     assert Preprocessing.from_dict(prep.to_dict()) == prep
+
+
+def test_extraction_leaves_every_weight_and_buffer_unchanged(backbone):
+    before = {k: v.clone() for k, v in backbone.encoder.state_dict().items()}
+    rng = np.random.default_rng(1)
+    extract_embeddings(backbone, [rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)] * 3, 2)
+    assert not backbone.encoder.training
+    assert not any(p.requires_grad for p in backbone.encoder.parameters())
+    after = backbone.encoder.state_dict()
+    assert before.keys() == after.keys()
+    for key, value in before.items():
+        assert torch.equal(value, after[key]), key  # BatchNorm running statistics included
 
 
 def test_embeddings_are_deterministic_and_independent_of_batch_size(backbone):
@@ -49,27 +79,102 @@ def test_embeddings_are_deterministic_and_independent_of_batch_size(backbone):
     assert not np.allclose(whole[0], whole[1])
 
 
+def test_flip_averaging_makes_mirror_images_equal(backbone, flower):
+    image = np.asarray(flower.resize((300, 300)))
+    mirrored = np.ascontiguousarray(image[:, ::-1])
+    plain = extract_embeddings(backbone, [image, mirrored], 2)
+    assert not np.allclose(plain[0], plain[1], atol=1e-3)
+    averaged = extract_embeddings(backbone, [image, mirrored], 2, flip_average=True)
+    np.testing.assert_allclose(averaged[0], averaged[1], rtol=1e-4, atol=1e-4)
+
+
+def test_bfloat16_embeddings_stay_close_to_float32(backbone, flower):
+    image = np.asarray(flower)
+    full = extract_embeddings(backbone, [image], 1)[0]
+    half = extract_embeddings(backbone, [image], 1, precision="bfloat16")[0]
+    cosine = full @ half / np.linalg.norm(full) / np.linalg.norm(half)
+    assert cosine > 0.99
+
+
+def test_normalization_override_is_refused_unless_allowed(backbone):
+    prep = backbone.preprocessing
+    assert prep.with_normalization(None, None, False) is prep
+    assert prep.with_normalization([0.5] * 3, [0.5] * 3, False) is prep  # agrees: fine
+    imagenet = ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+    with pytest.raises(PipelineError, match=r"disagree with the weights' own \[0.5, 0.5, 0.5\]"
+                                            r".*backbone.allow_normalization_override: true"):
+        prep.with_normalization(*imagenet, allow_override=False)
+    overridden = prep.with_normalization(*imagenet, allow_override=True)
+    assert overridden.mean == tuple(imagenet[0]) and "overridden" in overridden.source
+
+
 def test_unknown_backbone_suggests_close_names():
     with pytest.raises(PipelineError, match="unknown timm model 'tf_efficientnet_lite9'; "
                                            "did you mean tf_efficientnet_lite"):
         load_backbone("tf_efficientnet_lite9")
+    with pytest.raises(PipelineError, match="unknown torchvision classification model "
+                                           "'resnet51'; did you mean resnet50"):
+        load_backbone("torchvision:resnet51")
 
 
-def test_offline_download_failure_says_what_to_do(monkeypatch):
+def test_timm_offline_download_failure_names_the_cache(monkeypatch):
     # The hub reads HF_HUB_OFFLINE at import time; set its constant so no network is tried.
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
-    expected = "could not fetch its pretrained weights.*set backbone.weights to the local file"
-    with pytest.raises(PipelineError, match=expected):
+    with pytest.raises(PipelineError, match=r"could not fetch its pretrained weights.*"
+                                            r"models--timm--resnet18.a1_in1k.*backbone.weights"):
         load_backbone("resnet18")
 
 
-def test_local_weights_file_loads_safely_and_bad_files_are_named(tmp_path):
+def test_torchvision_offline_download_failure_names_file_and_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    with pytest.raises(PipelineError) as err:
+        load_backbone("torchvision:resnet50", "IMAGENET1K_V2")
+    message = str(err.value)
+    assert "ResNet50_Weights.IMAGENET1K_V2 are not cached" in message
+    assert "https://download.pytorch.org/models/resnet50-11ad3fa6.pth" in message
+    assert str(tmp_path / "hub" / "checkpoints" / "resnet50-11ad3fa6.pth") in message
+    with pytest.raises(PipelineError, match="'IMAGENET9K' is neither a weights name of resnet50 "
+                                           r"\(IMAGENET1K_V1, IMAGENET1K_V2, DEFAULT\)"):
+        load_backbone("torchvision:resnet50", "IMAGENET9K")
+
+
+def test_torchvision_weights_from_the_hub_cache(tmp_path, monkeypatch, resnet18_file):
+    path, model = resnet18_file
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    cached = tmp_path / "hub" / "checkpoints" / "resnet18-f37072fd.pth"
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(path.read_bytes())
+    backbone = load_backbone("torchvision:resnet18", "IMAGENET1K_V1")
+    assert backbone.weights_id == "torchvision:ResNet18_Weights.IMAGENET1K_V1"
+    assert backbone.preprocessing.source == ("torchvision ResNet18_Weights.IMAGENET1K_V1"
+                                             ".transforms()")
+
+
+def test_torchvision_backbone_from_a_local_file(resnet18_file, flower):
+    path, model = resnet18_file
+    backbone = load_backbone("torchvision:resnet18", str(path))
+    assert backbone.name == "torchvision:resnet18" and backbone.num_features == 512
+    assert backbone.weights_id == f"file:{path.as_posix()}"
+    preset = torchvision.models.ResNet18_Weights.DEFAULT.transforms()
+    batch = backbone.preprocessing.eval_transform()(flower).unsqueeze(0)
+    torch.testing.assert_close(batch[0], preset(flower), atol=1e-6, rtol=0)
+    with torch.inference_mode():
+        assert backbone.embed(batch).shape == (1, 512)
+        torch.testing.assert_close(backbone.logits(batch), model(batch))
+
+
+def test_timm_weights_file_loads_safely_and_bad_files_are_named(tmp_path):
     model = timm.create_model("resnet18", pretrained=False)
     good = tmp_path / "resnet18.pth"
     torch.save({"state_dict": model.state_dict()}, good)
     loaded = load_backbone("resnet18", str(good))
     assert loaded.weights_id == f"file:{good.as_posix()}"
-    torch.testing.assert_close(loaded.model.fc.weight, model.fc.weight)
+    torch.testing.assert_close(loaded.classifier.weight, model.fc.weight)
 
     with pytest.raises(PipelineError, match="backbone.weights: '.*missing.pth' does not exist"):
         load_backbone("resnet18", str(tmp_path / "missing.pth"))
@@ -79,3 +184,9 @@ def test_local_weights_file_loads_safely_and_bad_files_are_named(tmp_path):
         load_backbone("resnet18", str(garbage))
     with pytest.raises(PipelineError, match="resnet18.pth' does not fit 'resnet34'"):
         load_backbone("resnet34", str(good))
+
+
+def test_images_are_read_without_mapping_the_whole_store(embedded_project):
+    store = ImageStore(embedded_project / "data" / "prepared", "train")
+    first = store[0]
+    assert first.dtype == np.uint8 and first.ndim == 3 and not first.flags.writeable

@@ -46,7 +46,10 @@ def test_unknown_section_lists_top_level_keys():
     ({"head": {"C": 0}}, r"head.C=0 is out of range; allowed: \(0.0, inf\]"),
     ({"head": {"C": -1.5}}, r"head.C=-1.5 is out of range"),
     ({"data": {"test_size": 0.9}}, r"data.test_size=0.9 is out of range; allowed: \(0.0, 0.5\]"),
-    ({"backbone": {"batch_size": 0}}, r"batch_size=0 is out of range; allowed: \[1, 4096\]"),
+    ({"backbone": {"batch_size": 0}}, r"batch_size=0 is out of range; allowed: \[1, 65536\]"),
+    ({"backbone": {"batch_size": "max"}}, r"batch_size='max' is not valid; choose one of: auto"),
+    ({"backbone": {"mean": [0.5, 0.5]}}, r"backbone.mean=\[0.5, 0.5\] has the wrong type; "
+                                         r"expected a list of 3 numbers or null"),
     ({"finetune": {"strategy": "some"}}, r"finetune.strategy='some' is not valid; choose one of: "
                                          r"head, last_k, full, scratch"),
     ({"head": {"class_weight": "equal"}}, r"choose one of: null, balanced"),
@@ -76,6 +79,13 @@ def test_exponent_without_dot_is_read_as_a_float():
     assert params_from_dict({"finetune": {"lr": "1e-4"}}).finetune.lr == pytest.approx(1e-4)
     with pytest.raises(ParamsError, match="finetune.lr='fast' has the wrong type"):
         params_from_dict({"finetune": {"lr": "fast"}})
+
+
+def test_lists_and_auto_values_are_typed():
+    params = params_from_dict({"backbone": {"mean": [0, 0.5, 1], "batch_size": 16}})
+    assert params.backbone.mean == (0.0, 0.5, 1.0)
+    assert params.backbone.batch_size == 16
+    assert Params().backbone.batch_size == "auto"
 
 
 def test_empty_file_gives_defaults(tmp_path):

@@ -1,0 +1,75 @@
+"""The embedding cache: one array file per split, streamed to disk, with its index and meta.
+
+``data/embeddings/`` holds ``<split>.npy`` (one row per image, float32 or float16),
+``index.npz`` (labels and ids of every split, in row order) and ``meta.json``
+(``EmbeddingMeta``: backbone, weights, preprocessing, dimension, counts).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from stages.artifacts import load_arrays, read_json
+from stages.errors import PipelineError
+
+
+@dataclass(frozen=True)
+class EmbeddingMeta:
+    """What produced the embeddings: enough to reproduce them and to feed new images alike."""
+
+    backbone: str
+    weights: str
+    weights_sha256: str | None
+    preprocessing: dict[str, Any]
+    dim: int
+    dtype: str
+    classes: list[str]
+    count: dict[str, int]
+    flip_average: bool
+    precision: str
+    versions: dict[str, str]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def read(cls, directory: str | Path) -> EmbeddingMeta:
+        raw = read_json(Path(directory) / "meta.json")
+        try:
+            return cls(**raw)
+        except TypeError as err:
+            raise PipelineError(f"{directory}/meta.json: not an embedding meta file ({err}); "
+                                "re-run the extract stage") from err
+
+
+def write_split(path: Path, batches: Iterable[np.ndarray], rows: int, dim: int,
+                dtype: str) -> None:
+    """Stream ``batches`` into the ``.npy`` file at ``path``; only one batch is in memory."""
+    dtype = np.dtype(dtype)
+    written = 0
+    with open(path, "wb") as f:
+        np.lib.format.write_array_header_1_0(
+            f, {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False,
+                "shape": (rows, dim)})
+        for batch in batches:
+            f.write(np.ascontiguousarray(batch, dtype=dtype).tobytes())
+            written += len(batch)
+    if written != rows:
+        raise RuntimeError(f"{path}: wrote {written} rows, expected {rows}")
+
+
+def load_split(directory: str | Path, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Features (memory-mapped, as float32 on use), labels and ids of one split."""
+    directory = Path(directory)
+    path = directory / f"{split}.npy"
+    try:
+        features = np.load(path, mmap_mode="r", allow_pickle=False)
+    except FileNotFoundError as err:
+        raise PipelineError(f"{path}: missing; run the stage that writes it (dvc repro)") from err
+    index = load_arrays(directory / "index.npz")
+    return features, index[f"{split}_labels"], index[f"{split}_ids"]
