@@ -32,7 +32,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_BACKBONE = "tf_efficientnet_lite0"
 TORCHVISION_PREFIX = "torchvision:"
-CPU_BATCH_SIZE = 64
+# On CPU small batches stay in cache: on 2 cores lite0 ran 2x faster at 4-8 than at 64.
+CPU_BATCH_SIZE = 8
 
 
 def _efficientnet_lite0_package_file() -> Path:
@@ -350,7 +351,7 @@ def pick_device() -> torch.device:
 
 
 def resolve_batch_size(backbone: Backbone, batch_size: int | str, device: torch.device) -> int:
-    """``auto``: a fixed size on CPU (larger batches do not help there), on a GPU the largest
+    """``auto``: a fixed small size on CPU (faster there than large ones), on a GPU the largest
     power of two up to 1024 whose forward pass fits in memory."""
     if batch_size != "auto":
         return int(batch_size)

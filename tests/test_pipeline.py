@@ -70,6 +70,33 @@ def test_repro_trains_and_evaluates_then_a_second_repro_runs_nothing(repo):
     assert "Data and pipelines are up to date" in again
 
 
+def set_params(repo: Path, **sections: dict) -> None:
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    for section, values in sections.items():
+        params[section].update(values)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def test_switching_backbone_and_back_restores_embeddings_from_the_run_cache(repo):
+    import timm
+    import torch
+
+    run(["dvc", "repro"], repo)
+    before = (repo / "data" / "embeddings" / "train.npy").read_bytes()
+    weights = repo / "data" / "raw" / "test_resnet.pth"  # data/raw is a dependency already
+    torch.save(timm.create_model("test_resnet").state_dict(), weights)
+    set_params(repo, backbone={"name": "test_resnet", "weights": "data/raw/test_resnet.pth"})
+    other = run(["dvc", "repro"], repo)
+    assert "Running stage 'extract'" in other
+    set_params(repo, backbone={"name": "tf_efficientnet_lite0", "weights": None})
+    back = run(["dvc", "repro"], repo)
+    assert "Running stage 'extract'" not in back
+    assert "Stage 'extract' is cached - skipping run, checking out outputs" in back
+    assert (repo / "data" / "embeddings" / "train.npy").read_bytes() == before
+    weights.unlink()
+    run(["dvc", "repro"], repo)
+
+
 def test_head_experiment_reruns_the_head_and_what_follows_never_extraction(repo):
     run(["dvc", "repro"], repo)
     run(["git", "add", "-A"], repo)
