@@ -61,7 +61,7 @@ class BackboneParams:
                 "(IMAGENET1K_V2, DEFAULT); or a path to a local state-dict file"})
     batch_size: int | str = field(default="auto", metadata={
         "range": (1, 65536), "low_open": False, "choices": ("auto",),
-        "help": "images per forward pass, or auto (64 on CPU, the largest that fits on a GPU)"})
+        "help": "images per forward pass, or auto (8 on CPU, the largest that fits on a GPU)"})
     precision: str = _choice("float32", ("float32", "bfloat16"),
                              help="bfloat16 runs the CPU forward pass in bfloat16 autocast")
     flip_average: bool = False
