@@ -7,7 +7,7 @@
 2. Peak memory (max RSS) of ``prepare_store`` on 1,000 against 10,000 generated images: the
    pixels stream to disk, so memory should barely grow.
 
-    python benchmarks/decode_speed.py
+    python -m benchmarks.decode_speed
 """
 
 from __future__ import annotations
@@ -40,7 +40,9 @@ def plain_pil_loop(paths: list[Path], short_side: int) -> None:
             np.asarray(rgb)
 
 
-def generate(root: Path, count: int, size: tuple[int, int] = (320, 240)) -> None:
+def generate(root: Path, count: int, size: tuple[int, int] = (320, 240),
+             fmt: str = "jpg") -> None:
+    """``count`` photo-like images in 10 class folders, no two alike even after decoding."""
     rng = np.random.default_rng(0)
     base = rng.integers(0, 256, size=(size[1] // 8, size[0] // 8, 3), dtype=np.uint8)
     smooth = np.asarray(Image.fromarray(base).resize(size, Image.Resampling.BILINEAR))
@@ -48,17 +50,22 @@ def generate(root: Path, count: int, size: tuple[int, int] = (320, 240)) -> None
         folder = root / f"class{i % 10}"
         folder.mkdir(parents=True, exist_ok=True)
         image = smooth.copy()
-        image[i % size[1], :, :] = i % 256  # a unique line per image: no two files alike
-        image[:, (i // size[1]) % size[0], 0] = (i * 7) % 256
-        Image.fromarray(image).save(folder / f"{i:05d}.jpg", quality=90)
+        # A 16x16 stamp per image with the image number in its colour: survives JPEG too.
+        image[:16, :16] = ((i * 37) % 256, (i // 256 * 53) % 256, (i // 65536 * 97) % 256)
+        image[16:32, :16] = (i % 7 * 36, i % 11 * 23, i % 13 * 19)
+        Image.fromarray(image).save(folder / f"{i:05d}.{fmt}", quality=90)
 
 
 def run_prepare(root: Path, out: Path) -> float:
     listing = list_image_folder(root)
     started = time.perf_counter()
-    prepare_store(listing, out, source=str(root), short_side=256, val_size=0.15,
-                  test_size=0.15, seed=0, min_per_class=1, max_per_class=None)
-    return time.perf_counter() - started
+    report = prepare_store(listing, out, source=str(root), short_side=256, val_size=0.15,
+                           test_size=0.15, seed=0, min_per_class=1, max_per_class=None)
+    seconds = time.perf_counter() - started
+    stored = sum(report["totals"].values())
+    if stored != len(listing.images):
+        raise SystemExit(f"only {stored} of {len(listing.images)} generated images were kept")
+    return seconds
 
 
 def peak_memory_mib(root: Path, out: Path) -> tuple[float, float]:
@@ -104,7 +111,7 @@ def main() -> None:
 
         memory = {}
         for count in (1000, 10000):
-            generate(scratch / f"gen{count}", count, size=(160, 120))
+            generate(scratch / f"gen{count}", count, size=(160, 120), fmt="png")
             memory[count] = peak_memory_mib(scratch / f"gen{count}", scratch / f"out{count}")
         for count, (main_mib, worker_mib) in memory.items():
             print(f"peak memory, {count:6,d} images: main process {main_mib:6.1f} MiB, "

@@ -5,7 +5,7 @@ batch, so memory should not grow with the number of images. Each size runs
 ``python -m stages.extract`` in a fresh process on a generated store; its max RSS is read
 with ``getrusage``.
 
-    python benchmarks/extraction_memory.py [--sizes 1000 10000]
+    python -m benchmarks.extraction_memory [--sizes 1000 10000]
 """
 
 from __future__ import annotations
@@ -28,10 +28,13 @@ RUN_EXTRACT = ("import resource, runpy; "
 
 def measure(count: int, scratch: Path) -> tuple[float, float]:
     project = scratch / f"project{count}"
-    generate(project / "images", count, size=(96, 72))
-    prepare_store(list_image_folder(project / "images"), project / "data" / "prepared",
-                  source="generated", short_side=256, val_size=0.1, test_size=0.1, seed=0,
-                  min_per_class=1, max_per_class=None)
+    generate(project / "images", count, size=(96, 72), fmt="png")
+    report = prepare_store(list_image_folder(project / "images"),
+                           project / "data" / "prepared", source="generated", short_side=256,
+                           val_size=0.1, test_size=0.1, seed=0, min_per_class=1,
+                           max_per_class=None)
+    if sum(report["totals"].values()) != count:
+        raise SystemExit(f"only {sum(report['totals'].values())} of {count} images were kept")
     (project / "params.yaml").write_text("seed: 0\n")
     started = time.perf_counter()
     result = subprocess.run([sys.executable, "-c", RUN_EXTRACT], cwd=project, check=True,

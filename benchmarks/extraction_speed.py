@@ -6,7 +6,7 @@
 2. ``embed_batches`` against a naive loop as tutorials write it: open each file with PIL,
    transform it, one image per forward call.
 
-    python benchmarks/extraction_speed.py [--images DIR] [--count 256] [--batch-size 64]
+    python -m benchmarks.extraction_speed [--images DIR] [--count 256] [--batch-size 8]
 
 Images: an image-folder root (default ``../shared/data/monkeys10/training`` when present,
 else the built-in digits), prepared into a temporary store first (not timed).

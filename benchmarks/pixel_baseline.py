@@ -4,7 +4,7 @@ Uses the prepared store's own train/test split and the head parameters of ``para
 and prints it next to the transfer result in ``metrics/evaluate.json``. Needs images of one
 size (the built-in digits are all 8x8).
 
-    python benchmarks/pixel_baseline.py
+    python -m benchmarks.pixel_baseline
 """
 
 from __future__ import annotations
