@@ -32,6 +32,7 @@ class EmbeddingMeta:
     count: dict[str, int]
     flip_average: bool
     precision: str
+    short_side: int
     versions: dict[str, str]
 
     def to_dict(self) -> dict[str, Any]:

@@ -23,7 +23,6 @@ log = logging.getLogger(__name__)
 PARAMS = Path("params.yaml")
 PREPARED_DIR = Path("data/prepared")
 EMBEDDINGS_DIR = Path("data/embeddings")
-METRICS = Path("metrics/extract.json")
 
 
 def main() -> None:
@@ -59,16 +58,17 @@ def main() -> None:
             dtype=str(np.dtype(params.embedding_dtype)), classes=stores["train"].classes,
             count={split: len(store) for split, store in stores.items()},
             flip_average=params.flip_average, precision=params.precision,
-            versions={"timm": timm.__version__, "torch": torch.__version__,
+            short_side=short_side, versions={"timm": timm.__version__, "torch": torch.__version__,
                       "torchvision": torchvision.__version__})
         write_json(tmp / "meta.json", meta.to_dict())
+    # Timings are logged, not written: every output of this stage is deterministic and
+    # DVC-cached, so a teammate's pushed run cache can restore it (DVC cannot restore runs
+    # with uncached outputs from a remote).
     seconds = time.perf_counter() - started
     total = sum(meta.count.values())
-    write_json(METRICS, {"images": total, "seconds": round(seconds, 2),
-                         "images_per_second": round(total / seconds, 1), "device": device.type,
-                         "batch_size": batch_size})
-    log.info("embedded %d images with %s (%d-d) in %.1fs on %s (batch %d)", total,
-             backbone.name, backbone.num_features, seconds, device.type, batch_size)
+    log.info("embedded %d images with %s (%d-d) in %.1fs, %.1f images/s on %s (batch %d)",
+             total, backbone.name, backbone.num_features, seconds, total / seconds,
+             device.type, batch_size)
 
 
 if __name__ == "__main__":

@@ -81,6 +81,21 @@ def embedded_project(tmp_path_factory) -> Path:
 
 
 @pytest.fixture
+def trained(project: Path) -> Path:
+    """``project`` with its head trained, and new images to classify under ``inputs/``."""
+    from stages import finetune, train_head
+
+    train_head.main()
+    finetune.main()
+    inputs = project / "inputs"
+    write_image(inputs / "a-red.png", (225, 25, 25), seed=901)
+    write_image(inputs / "more" / "b-green.jpg", (25, 205, 35), fmt="JPEG", seed=902)
+    write_image(inputs / "more" / "c-blue", (25, 35, 215), seed=903)  # no extension
+    (inputs / "notes.txt").write_text("not an image")
+    return project
+
+
+@pytest.fixture
 def project(embedded_project: Path, tmp_path: Path) -> Iterator[Path]:
     """A private copy of ``embedded_project``, entered as the working directory."""
     import shutil

@@ -1,4 +1,3 @@
-import json
 
 import numpy as np
 
@@ -25,6 +24,4 @@ def test_embeddings_per_split_with_meta(embedded_project):
         assert meta.count[split] == len(store)
         assert np.array_equal(labels, store.labels) and np.array_equal(ids, store.ids)
         assert np.isfinite(features).all()
-    speed = json.loads((embedded_project / "metrics" / "extract.json").read_text())
-    assert speed["images"] == sum(meta.count.values()) and speed["images_per_second"] > 0
-    assert speed["batch_size"] == 8
+    assert not (embedded_project / "metrics" / "extract.json").exists()  # timings only logged

@@ -34,9 +34,8 @@ def stages_run(output: str) -> list[str]:
     return [stage for stage in STAGES if f"Running stage '{stage}'" in output]
 
 
-@pytest.fixture(scope="module")
-def repo(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("repo")
+def make_repo(root: Path) -> Path:
+    """Copy the project into ``root`` as a fresh git repo, set to 80 digits."""
     for name in PROJECT_FILES:
         source, target = REPO_ROOT / name, root / name
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -51,6 +50,11 @@ def repo(tmp_path_factory) -> Path:
     run(["git", "add", "-A"], root)
     run(["git", "commit", "-qm", "project"], root)
     return root
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory) -> Path:
+    return make_repo(tmp_path_factory.mktemp("repo"))
 
 
 def test_repro_trains_and_evaluates_then_a_second_repro_runs_nothing(repo):

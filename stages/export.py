@@ -1,0 +1,109 @@
+"""Export the trained classifier to one file: ``python -m stages.export --format torchscript|onnx``.
+
+The file holds the frozen backbone, the head (standardization, linear layer, softmax) and, as
+metadata, the preprocessing and class names a server needs. Its input is a batch of images
+already resized, cropped and normalized as the metadata says; its output, class
+probabilities in the metadata's class order.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from stages.artifacts import atomic_output
+from stages.errors import PipelineError, run_stage
+from stages.heads import LogisticHead
+from stages.inference import Classifier, load_classifier
+
+log = logging.getLogger(__name__)
+
+EMBEDDINGS_DIR = Path("data/embeddings")
+HEAD_PATH = Path("models/head.npz")
+OUTPUTS = {"torchscript": Path("models/export/classifier.pt"),
+           "onnx": Path("models/export/classifier.onnx")}
+METADATA_FILE = "metadata.json"
+
+
+class ExportedClassifier(torch.nn.Module):
+    """Backbone encoder and the logistic head as torch operations, softmax at the end."""
+
+    def __init__(self, encoder: torch.nn.Module, head: LogisticHead) -> None:
+        super().__init__()
+        self.encoder = encoder
+        as_tensor = lambda a: torch.as_tensor(np.asarray(a), dtype=torch.float32)  # noqa: E731
+        self.register_buffer("mean", as_tensor(head.mean_))
+        self.register_buffer("scale", as_tensor(head.scale_))
+        self.register_buffer("coef", as_tensor(head.coef_))
+        self.register_buffer("intercept", as_tensor(head.intercept_))
+        self.binary = head.coef_.shape[0] == 1
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        features = (self.encoder(images) - self.mean) / self.scale
+        scores = features @ self.coef.T + self.intercept
+        if self.binary:  # scikit-learn keeps one score row, for the second class
+            scores = torch.cat([torch.zeros_like(scores), scores], dim=1)
+        return torch.softmax(scores, dim=1)
+
+
+def export_metadata(classifier: Classifier) -> dict[str, Any]:
+    meta = classifier.meta
+    return {"classes": [classifier.classes[int(i)] for i in classifier.head.classes_],
+            "preprocessing": meta.preprocessing, "short_side": meta.short_side,
+            "backbone": meta.backbone, "weights": meta.weights,
+            "weights_sha256": meta.weights_sha256, "input": "float32 (N, 3, H, W), "
+            "RGB resized, centre-cropped and normalized per 'preprocessing'",
+            "output": "class probabilities (N, len(classes))"}
+
+
+def export(classifier: Classifier, fmt: str, path: Path) -> dict[str, Any]:
+    """Write ``classifier`` as TorchScript or ONNX to ``path``; returns the embedded metadata."""
+    module = ExportedClassifier(classifier.backbone.encoder, classifier.head).eval()
+    example = torch.zeros((2, *classifier.backbone.preprocessing.input_size))
+    metadata = export_metadata(classifier)
+    with atomic_output(path) as tmp, torch.inference_mode(False), torch.no_grad():
+        if fmt == "torchscript":
+            traced = torch.jit.trace(module, example)
+            torch.jit.save(traced, str(tmp), _extra_files={METADATA_FILE: json.dumps(metadata)})
+        else:
+            _export_onnx(module, example, tmp, metadata)
+    return metadata
+
+
+def _export_onnx(module: torch.nn.Module, example: torch.Tensor, path: Path,
+                 metadata: dict[str, Any]) -> None:
+    try:
+        import onnx
+    except ImportError as err:
+        raise PipelineError("ONNX export needs the onnx packages: "
+                            "python -m pip install -e '.[export]'") from err
+    torch.onnx.export(module, (example,), str(path), input_names=["images"],
+                      output_names=["probabilities"], verbose=False, dynamo=True,
+                      dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
+    model = onnx.load(str(path))
+    entry = model.metadata_props.add()
+    entry.key, entry.value = METADATA_FILE, json.dumps(metadata)
+    onnx.save(model, str(path))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m stages.export",
+                                     description=__doc__.splitlines()[0])
+    parser.add_argument("--format", choices=sorted(OUTPUTS), default="torchscript")
+    parser.add_argument("--output", type=Path, help="file to write (default: models/export/)")
+    args = parser.parse_args(argv)
+    path = args.output or OUTPUTS[args.format]
+    classifier = load_classifier(EMBEDDINGS_DIR, HEAD_PATH)
+    metadata = export(classifier, args.format, path)
+    log.info("wrote %s (%s, %d classes, input %s)", path, args.format,
+             len(metadata["classes"]), metadata["preprocessing"]["input_size"])
+
+
+if __name__ == "__main__":
+    run_stage(main)

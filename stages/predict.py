@@ -1,0 +1,136 @@
+"""Classify image files with the trained model: ``python -m stages.predict PATH... [options]``.
+
+Paths may be files or folders (searched recursively). Prints the top-k classes with their
+probabilities as a table, CSV or JSON. A file that cannot be read gets an error row and the
+others still run; the exit status is non-zero only when nothing could be predicted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import sys
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from stages.data import decode_image, shrink
+from stages.errors import PipelineError, run_stage
+from stages.inference import Classifier, load_classifier
+
+log = logging.getLogger(__name__)
+
+EMBEDDINGS_DIR = Path("data/embeddings")
+HEAD_PATH = Path("models/head.npz")
+CHUNK = 256  # files decoded and held in memory at a time
+
+
+@dataclass
+class Prediction:
+    """One input file: its top classes with probabilities, or why it could not be classified."""
+
+    path: str
+    top: list[tuple[str, float]] = field(default_factory=list)
+    error: str = ""
+
+
+def list_inputs(paths: Iterable[str]) -> list[Path]:
+    """Files as given, and every non-hidden file below the given folders, in sorted order."""
+    found: list[Path] = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            found.extend(sorted(p for p in path.rglob("*") if p.is_file() and not any(
+                part.startswith(".") for part in p.relative_to(path).parts)))
+        else:
+            found.append(path)
+    return found
+
+
+def predict_files(classifier: Classifier, files: list[Path], top_k: int,
+                  batch_size: int) -> Iterator[Prediction]:
+    """Decode and classify ``files`` chunk by chunk, in input order."""
+    short_side = classifier.meta.short_side
+    k = min(top_k, len(classifier.classes))
+    with tqdm(total=len(files), desc="predict", unit="img", leave=False) as progress:
+        for start in range(0, len(files), CHUNK):
+            chunk = files[start:start + CHUNK]
+            results = [Prediction(str(path)) for path in chunk]
+            images, readable = [], []
+            for result, path in zip(results, chunk, strict=True):
+                try:
+                    images.append(np.asarray(shrink(decode_image(path.read_bytes()),
+                                                    short_side)))
+                    readable.append(result)
+                except (OSError, ValueError) as err:
+                    result.error = getattr(err, "strerror", None) or str(err)
+            rows = (row for batch in classifier.predict_proba(images, batch_size)
+                    for row in batch)
+            for result, probabilities in zip(readable, rows, strict=True):
+                order = np.argsort(-probabilities, kind="stable")[:k]
+                result.top = [(classifier.classes[i], float(probabilities[i])) for i in order]
+            progress.update(len(chunk))
+            yield from results
+
+
+def write_table(predictions: list[Prediction], out) -> None:
+    width = max((len(p.path) for p in predictions), default=4)
+    for p in predictions:
+        cells = p.error and f"error: {p.error}" or "  ".join(
+            f"{name} {probability:.3f}" for name, probability in p.top)
+        out.write(f"{p.path:<{width}}  {cells}\n")
+
+
+def write_csv(predictions: list[Prediction], out, top_k: int) -> None:
+    writer = csv.writer(out)
+    writer.writerow(["path", *[f"{kind}_{i}" for i in range(1, top_k + 1)
+                               for kind in ("class", "probability")], "error"])
+    for p in predictions:
+        cells = [value for name, probability in p.top for value in (name, f"{probability:.6f}")]
+        writer.writerow([p.path, *cells, *[""] * (2 * top_k - len(cells)), p.error])
+
+
+def write_json(predictions: list[Prediction], out) -> None:
+    json.dump([{"path": p.path,
+                "predictions": [{"class": name, "probability": probability}
+                                for name, probability in p.top],
+                "error": p.error or None} for p in predictions], out, indent=2,
+              ensure_ascii=False)
+    out.write("\n")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m stages.predict",
+                                     description=__doc__.splitlines()[0])
+    parser.add_argument("paths", nargs="+", help="image files or folders")
+    parser.add_argument("--top-k", type=int, default=3, help="classes to show (default 3)")
+    parser.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    parser.add_argument("--batch-size", type=int, default=8)
+    args = parser.parse_args(argv)
+    if args.top_k < 1:
+        parser.error("--top-k must be 1 or more")
+    files = list_inputs(args.paths)
+    if not files:
+        raise PipelineError(f"no files found in {', '.join(args.paths)}")
+    classifier = load_classifier(EMBEDDINGS_DIR, HEAD_PATH)
+    predictions = list(predict_files(classifier, files, args.top_k, args.batch_size))
+    if args.format == "csv":
+        write_csv(predictions, sys.stdout, min(args.top_k, len(classifier.classes)))
+    elif args.format == "json":
+        write_json(predictions, sys.stdout)
+    else:
+        write_table(predictions, sys.stdout)
+    failed = sum(1 for p in predictions if p.error)
+    if failed:
+        log.warning("%d of %d files could not be classified", failed, len(predictions))
+    if failed == len(predictions):
+        raise PipelineError(f"none of the {len(predictions)} files could be classified")
+
+
+if __name__ == "__main__":
+    run_stage(main)

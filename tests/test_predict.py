@@ -1,0 +1,57 @@
+import csv
+import io
+import json
+
+import pytest
+
+from stages import predict
+from stages.errors import PipelineError
+
+
+def test_table_lists_top_classes_and_error_rows(trained, capsys):
+    predict.main(["inputs", "missing.png", "--top-k", "2"])
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 5
+    rows = {line.split()[0]: line for line in lines}
+    assert rows["inputs/a-red.png"].split()[1] == "red"
+    assert rows["inputs/more/b-green.jpg"].split()[1] == "green"
+    assert rows["inputs/more/c-blue"].split()[1] == "blue"
+    assert "error: not an image" in rows["inputs/notes.txt"]
+    assert "error: No such file or directory" in rows["missing.png"]
+    top_probability = float(rows["inputs/a-red.png"].split()[2])
+    assert 0.5 < top_probability <= 1.0
+
+
+def test_csv_and_json_carry_the_same_predictions(trained, capsys):
+    predict.main(["inputs/a-red.png", "inputs/notes.txt", "--format", "csv", "--top-k", "3"])
+    rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert [r["path"] for r in rows] == ["inputs/a-red.png", "inputs/notes.txt"]
+    assert rows[0]["class_1"] == "red" and rows[0]["error"] == ""
+    probabilities = [float(rows[0][f"probability_{i}"]) for i in (1, 2, 3)]
+    assert probabilities == sorted(probabilities, reverse=True)
+    assert sum(probabilities) == pytest.approx(1.0, abs=1e-5)
+    assert rows[1]["class_1"] == "" and rows[1]["error"].startswith("not an image")
+
+    predict.main(["inputs/a-red.png", "--format", "json", "--top-k", "1"])
+    [entry] = json.loads(capsys.readouterr().out)
+    assert entry["predictions"][0]["class"] == "red" and entry["error"] is None
+    assert entry["predictions"][0]["probability"] == pytest.approx(probabilities[0], abs=1e-6)
+
+
+def test_nothing_predictable_is_a_failure(trained):
+    with pytest.raises(PipelineError, match="none of the 1 files could be classified"):
+        predict.main(["inputs/notes.txt"])
+    with pytest.raises(PipelineError, match="no files found in empty-dir"):
+        (trained / "empty-dir").mkdir()
+        predict.main(["empty-dir"])
+
+
+def test_changed_weights_are_detected(trained):
+    import json as json_module
+
+    meta_path = trained / "data" / "embeddings" / "meta.json"
+    meta = json_module.loads(meta_path.read_text())
+    meta["weights_sha256"] = "0" * 64
+    meta_path.write_text(json_module.dumps(meta))
+    with pytest.raises(PipelineError, match="changed since the embeddings were extracted"):
+        predict.main(["inputs/a-red.png"])
