@@ -37,11 +37,9 @@ class ExportedClassifier(torch.nn.Module):
     def __init__(self, encoder: torch.nn.Module, head: LogisticHead) -> None:
         super().__init__()
         self.encoder = encoder
-        as_tensor = lambda a: torch.as_tensor(np.asarray(a), dtype=torch.float32)  # noqa: E731
-        self.register_buffer("mean", as_tensor(head.mean_))
-        self.register_buffer("scale", as_tensor(head.scale_))
-        self.register_buffer("coef", as_tensor(head.coef_))
-        self.register_buffer("intercept", as_tensor(head.intercept_))
+        for name in ("mean", "scale", "coef", "intercept"):
+            array = np.asarray(getattr(head, f"{name}_"))
+            self.register_buffer(name, torch.as_tensor(array, dtype=torch.float32))
         self.binary = head.coef_.shape[0] == 1
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:

@@ -81,8 +81,10 @@ def predict_files(classifier: Classifier, files: list[Path], top_k: int,
 def write_table(predictions: list[Prediction], out) -> None:
     width = max((len(p.path) for p in predictions), default=4)
     for p in predictions:
-        cells = p.error and f"error: {p.error}" or "  ".join(
-            f"{name} {probability:.3f}" for name, probability in p.top)
+        if p.error:
+            cells = f"error: {p.error}"
+        else:
+            cells = "  ".join(f"{name} {probability:.3f}" for name, probability in p.top)
         out.write(f"{p.path:<{width}}  {cells}\n")
 
 
