@@ -28,6 +28,7 @@ def atomic_output(path: str | Path) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_siblings(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     _remove(tmp)
     try:
@@ -42,6 +43,24 @@ def atomic_output(path: str | Path) -> Iterator[Path]:
             os.replace(tmp, path)
     finally:
         _remove(tmp)
+
+
+def _remove_stale_siblings(path: Path) -> None:
+    """Remove temporaries of ``path`` left by a process that was killed (kill -9, power loss)."""
+    for sibling in path.parent.glob(f".{path.name}.*-*"):
+        kind, _, pid = sibling.name[len(path.name) + 2:].partition("-")
+        if kind in ("tmp", "old") and pid.isdigit() and not _alive(int(pid)):
+            _remove(sibling)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
 
 
 def _remove(path: Path) -> None:

@@ -65,12 +65,23 @@ def write_split(path: Path, batches: Iterable[np.ndarray], rows: int, dim: int,
 
 
 def load_split(directory: str | Path, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Features (memory-mapped, as float32 on use), labels and ids of one split."""
+    """Features (memory-mapped), labels and ids of one split, checked against the meta."""
     directory = Path(directory)
     path = directory / f"{split}.npy"
+    meta = EmbeddingMeta.read(directory)
+    rerun = "re-run the extract stage: dvc repro --force extract"
     try:
         features = np.load(path, mmap_mode="r", allow_pickle=False)
     except FileNotFoundError as err:
         raise PipelineError(f"{path}: missing; run the stage that writes it (dvc repro)") from err
+    except ValueError as err:  # a truncated file cannot be mapped, a damaged header not read
+        raise PipelineError(f"{path}: truncated or damaged ({err}); {rerun}") from err
+    expected = (meta.count.get(split), meta.dim)
+    if features.shape != expected or features.dtype != np.dtype(meta.dtype):
+        raise PipelineError(f"{path}: holds {features.shape} {features.dtype}, the meta says "
+                            f"{expected} {meta.dtype}; {rerun}")
     index = load_arrays(directory / "index.npz")
-    return features, index[f"{split}_labels"], index[f"{split}_ids"]
+    labels, ids = index[f"{split}_labels"], index[f"{split}_ids"]
+    if len(labels) != len(features) or len(ids) != len(features):
+        raise PipelineError(f"{directory}/index.npz does not match {path}; {rerun}")
+    return features, labels, ids

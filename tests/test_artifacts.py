@@ -1,3 +1,6 @@
+import os
+import subprocess
+
 import numpy as np
 import pytest
 
@@ -71,3 +74,24 @@ def test_csv_has_a_header_and_one_line_per_row(tmp_path):
     path = tmp_path / "rows.csv"
     write_csv(path, [{"actual": "a", "predicted": "b"}, {"actual": "b", "predicted": "b"}])
     assert path.read_text().splitlines() == ["actual,predicted", "a,b", "b,b"]
+
+
+def test_temporaries_of_killed_processes_are_cleaned_up(tmp_path):
+    dead = _finished_pid()
+    stale_file = tmp_path / f".out.json.tmp-{dead}"
+    stale_dir = tmp_path / f".store.tmp-{dead}"
+    stale_file.write_text("half")
+    stale_dir.mkdir()
+    live = tmp_path / f".out.json.tmp-{os.getppid()}"  # a running process: left alone
+    live.write_text("in progress")
+    write_json(tmp_path / "out.json", {"ok": True})
+    with atomic_output(tmp_path / "store") as tmp:
+        tmp.mkdir()
+    assert not stale_file.exists() and not stale_dir.exists()
+    assert live.exists()
+
+
+def _finished_pid() -> int:
+    process = subprocess.Popen(["true"])
+    process.wait()
+    return process.pid

@@ -1,20 +1,28 @@
 import numpy as np
 import pytest
 
-from stages.artifacts import save_arrays
-from stages.embeddings import load_split, write_split
+from stages.artifacts import save_arrays, write_json
+from stages.embeddings import EmbeddingMeta, load_split, write_split
 from stages.errors import PipelineError
 
 
+def write_cache(directory, rows=6, dim=3, dtype="float16"):
+    batches = [np.full((2, dim), i, dtype=np.float32) for i in range(rows // 2)]
+    write_split(directory / "train.npy", iter(batches), rows=rows, dim=dim, dtype=dtype)
+    save_arrays(directory / "index.npz", train_labels=np.arange(rows),
+                train_ids=np.asarray([f"img{i}" for i in range(rows)]))
+    meta = EmbeddingMeta(backbone="b", weights="w", weights_sha256=None, preprocessing={},
+                         dim=dim, dtype=dtype, classes=["a"], count={"train": rows},
+                         flip_average=False, precision="float32", short_side=256, versions={})
+    write_json(directory / "meta.json", meta.to_dict())
+
+
 def test_batches_stream_into_one_array_file(tmp_path):
-    batches = [np.full((2, 3), i, dtype=np.float32) for i in range(3)]
-    write_split(tmp_path / "train.npy", iter(batches), rows=6, dim=3, dtype="float16")
-    save_arrays(tmp_path / "index.npz", train_labels=np.arange(6),
-                train_ids=np.asarray(list("abcdef")))
+    write_cache(tmp_path)
     features, labels, ids = load_split(tmp_path, "train")
     assert features.dtype == np.float16 and features.shape == (6, 3)
     assert np.array_equal(features[:, 0], [0, 0, 1, 1, 2, 2])
-    assert list(ids) == list("abcdef") and list(labels) == list(range(6))
+    assert list(ids) == [f"img{i}" for i in range(6)] and list(labels) == list(range(6))
 
 
 def test_a_short_stream_is_an_error(tmp_path):
@@ -23,5 +31,23 @@ def test_a_short_stream_is_an_error(tmp_path):
 
 
 def test_missing_split_says_how_to_make_it(tmp_path):
+    write_cache(tmp_path)
     with pytest.raises(PipelineError, match="val.npy: missing; run the stage"):
         load_split(tmp_path, "val")
+
+
+def test_a_truncated_cache_file_is_detected(tmp_path):
+    write_cache(tmp_path)
+    path = tmp_path / "train.npy"
+    path.write_bytes(path.read_bytes()[:-10])
+    with pytest.raises(PipelineError, match="train.npy: truncated or damaged .*dvc repro --force "
+                                            "extract"):
+        load_split(tmp_path, "train")
+
+
+def test_a_cache_file_that_disagrees_with_its_meta_is_detected(tmp_path):
+    write_cache(tmp_path)
+    np.save(tmp_path / "train.npy", np.zeros((5, 3), dtype=np.float16))  # one row short
+    with pytest.raises(PipelineError, match=r"holds \(5, 3\) float16, the meta says \(6, 3\) "
+                                            r"float16; re-run the extract stage"):
+        load_split(tmp_path, "train")

@@ -1,6 +1,15 @@
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
+import pytest
 
+from stages import extract
 from stages.data import SPLITS, ImageStore
 from stages.embeddings import EmbeddingMeta, load_split
 
@@ -25,3 +34,32 @@ def test_embeddings_per_split_with_meta(embedded_project):
         assert np.array_equal(labels, store.labels) and np.array_equal(ids, store.ids)
         assert np.isfinite(features).all()
     assert not (embedded_project / "metrics" / "extract.json").exists()  # timings only logged
+
+
+def cache_files(root: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted((root / "data" / "embeddings").iterdir())}
+
+
+def test_two_extractions_give_identical_files(project):
+    before = cache_files(project)
+    extract.main()
+    assert cache_files(project) == before
+
+
+@pytest.mark.slow
+def test_a_killed_extraction_leaves_no_partial_output_and_reruns_identically(project):
+    reference = cache_files(project)
+    shutil.rmtree(project / "data" / "embeddings")
+    process = subprocess.Popen([sys.executable, "-m", "stages.extract"], cwd=project,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not list((project / "data").glob(".embeddings.tmp-*/train.npy")):
+        assert process.poll() is None, "extract finished before it could be interrupted"
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not (project / "data" / "embeddings").exists()  # nothing that looks complete
+    extract.main()  # what `dvc repro` runs next
+    assert not list((project / "data").glob(".embeddings.*"))  # the killed run's temp is gone
+    assert cache_files(project) == reference

@@ -90,3 +90,40 @@ def test_lists_and_auto_values_are_typed():
 
 def test_empty_file_gives_defaults(tmp_path):
     assert load_params(write(tmp_path, "")) == Params()
+
+
+def every_key():
+    """(section, field) for every parameter, section None for top-level keys."""
+    import dataclasses
+
+    for f in dataclasses.fields(Params):
+        value = getattr(Params(), f.name)
+        if dataclasses.is_dataclass(value):
+            for sub in dataclasses.fields(value):
+                yield f.name, sub.name
+        else:
+            yield None, f.name
+
+
+@pytest.mark.parametrize(("section", "key"), list(every_key()))
+def test_every_key_with_a_wrong_type_is_named(section, key):
+    wrong = {"nested": "mapping"}  # no parameter accepts a mapping
+    raw = {section: {key: wrong}} if section else {key: wrong}
+    name = f"{section}.{key}" if section else key
+    with pytest.raises(ParamsError) as err:
+        params_from_dict(raw)
+    message = str(err.value)
+    assert f"{name}={{'nested': 'mapping'}} has the wrong type; expected" in message
+    assert "\n" not in message
+
+
+def test_a_wrong_value_fails_the_stage_with_one_line_and_no_output(tmp_path):
+    from tests.conftest import run_stage_cli
+
+    (tmp_path / "params.yaml").write_text("backbone:\n  precision: float8\n")
+    result = run_stage_cli("extract", tmp_path)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        "error: params.yaml: backbone.precision='float8' is not valid; choose one of: "
+        "float32, bfloat16"]
+    assert list(tmp_path.iterdir()) == [tmp_path / "params.yaml"]
