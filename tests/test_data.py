@@ -229,3 +229,30 @@ def test_an_empty_split_fails_with_what_to_change(tmp_path):
 def test_image_store_rejects_unknown_split(tmp_path):
     with pytest.raises(ValueError, match="unknown split 'dev'"):
         ImageStore(tmp_path, "dev")
+
+
+def test_odd_paths_and_a_read_only_folder_are_fine(tmp_path):
+    root = tmp_path / "my photos ✓"
+    for c, name in enumerate(("chat noir", "猫", "dog's")):
+        for i in range(4):
+            colour = (40 * c, 90, 200 - 40 * c)
+            write_image(root / name / f"photo {i} é.png", colour, seed=c * 9 + i)
+    for path in sorted(root.rglob("*"), reverse=True):
+        path.chmod(0o555 if path.is_dir() else 0o444)
+    root.chmod(0o555)
+    try:
+        report = prepare(list_image_folder(root), tmp_path / "prepared")
+    finally:
+        for path in [root, *root.rglob("*")]:
+            path.chmod(0o755)
+    assert report["classes"] == ["chat noir", "dog's", "猫"]
+    assert sum(report["totals"].values()) == 12 and report["skipped"] == []
+
+
+def test_a_decompression_bomb_is_skipped_without_decoding_it(tmp_path):
+    root = write_colour_folder(tmp_path / "raw", per_class=4)
+    Image.new("1", (20_000, 20_000)).save(root / "red" / "bomb.png")  # 400 megapixels
+    report = prepare(list_image_folder(root), tmp_path / "prepared")
+    [item] = report["skipped"]
+    assert item["path"] == "red/bomb.png"
+    assert item["reason"].startswith("too many pixels to decode safely")

@@ -109,3 +109,35 @@ def test_head_experiment_reruns_the_head_and_what_follows_never_extraction(repo)
     assert stages_run(output) == ["train_head", "finetune", "evaluate"]
     diff = run(["dvc", "params", "diff"], repo)
     assert "head.C" in diff and "0.1" in diff
+
+
+def test_queued_experiments_run_two_at_a_time_each_with_its_own_results(repo):
+    import csv
+    import io
+    import time
+
+    run(["dvc", "repro"], repo)
+    run(["git", "add", "-A"], repo)
+    run(["git", "commit", "-qm", "baseline before the queue", "--allow-empty"], repo)
+    values = ["0.01", "0.1", "10"]
+    for value in values:
+        run(["dvc", "exp", "run", "--queue", "-S", f"head.C={value}"], repo)
+    run(["dvc", "queue", "start", "-j", "2"], repo)
+    deadline = time.monotonic() + 600
+    while True:
+        status = run(["dvc", "queue", "status"], repo)
+        if not any(state in status for state in ("Queued", "Running")):
+            break
+        assert time.monotonic() < deadline, status
+        time.sleep(2)
+    assert status.count("Success") == 3, status
+    table = run(["dvc", "exp", "show", "--csv", "--no-pager"], repo)
+    rows = [r for r in csv.DictReader(io.StringIO(table)) if r["head.C"] in values
+            and r["Experiment"]]
+    queued = {r["head.C"]: float(r["head.accuracy"]) for r in rows}
+    assert sorted(queued) == sorted(values)
+    # Each queued result equals the same experiment run directly in the workspace.
+    for value in ("0.01", "10"):
+        run(["dvc", "exp", "run", "-S", f"head.C={value}"], repo)
+        direct = json.loads((repo / "metrics" / "evaluate.json").read_text())
+        assert direct["head"]["accuracy"] == pytest.approx(queued[value], abs=1e-5)
