@@ -1,4 +1,7 @@
 import json
+import shutil
+
+import pytest
 
 from stages import prepare
 from stages.data import SPLITS, ImageStore
@@ -49,3 +52,36 @@ def test_missing_source_and_tiny_class_are_named(tmp_path):
     assert ("error: classes 'blue' (2), 'green' (2), 'red' (2) have fewer usable images than "
             "data.min_per_class=5" in result.stderr)
     assert not (tmp_path / "data" / "prepared").exists()
+
+
+@pytest.mark.slow
+def test_a_killed_prepare_leaves_no_partial_store_and_reruns_identically(tmp_path, monkeypatch):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from benchmarks.decode_speed import generate
+
+    generate(tmp_path / "data" / "raw" / "photos", 120, size=(1600, 1200))
+    write_params(tmp_path, {"data": {"source": "data/raw/photos", "min_per_class": 1}})
+    monkeypatch.chdir(tmp_path)
+    prepare.main()
+    store = tmp_path / "data" / "prepared"
+    reference = {p.name: p.read_bytes() for p in store.iterdir()}
+    shutil.rmtree(store)
+    process = subprocess.Popen([sys.executable, "-m", "stages.prepare"], cwd=tmp_path,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)  # its decode workers die with it
+    deadline = time.monotonic() + 120
+    while not any(p.stat().st_size for p in (tmp_path / "data").glob(".prepared.tmp-*/staging/*")):
+        assert process.poll() is None, "prepare finished before it could be interrupted"
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not store.exists()
+    prepare.main()  # what `dvc repro` runs next
+    assert not list((tmp_path / "data").glob(".prepared.*"))
+    assert {p.name: p.read_bytes() for p in store.iterdir()} == reference
