@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -63,6 +65,20 @@ def run_stage_cli(stage: str, cwd: Path) -> subprocess.CompletedProcess:
     """Run ``python -m stages.<stage>`` in ``cwd`` as DVC would."""
     return subprocess.run([sys.executable, "-m", f"stages.{stage}"], cwd=cwd,
                           capture_output=True, text=True, timeout=600)
+
+
+def kill_stage_midway(stage: str, cwd: Path, started: Callable[[], bool]) -> None:
+    """Run ``python -m stages.<stage>`` and SIGKILL it, with its workers, once ``started()``."""
+    process = subprocess.Popen([sys.executable, "-m", f"stages.{stage}"], cwd=cwd,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)
+    deadline = time.monotonic() + 120
+    while not started():
+        assert process.poll() is None, f"{stage} finished before it could be interrupted"
+        assert time.monotonic() < deadline, f"{stage} never reached the point to interrupt"
+        time.sleep(0.005)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
 
 
 @pytest.fixture(scope="session")

@@ -1,9 +1,4 @@
-import os
 import shutil
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +7,7 @@ import pytest
 from stages import extract
 from stages.data import SPLITS, ImageStore
 from stages.embeddings import EmbeddingMeta, load_split
+from tests.conftest import kill_stage_midway
 
 
 def test_embeddings_per_split_with_meta(embedded_project):
@@ -50,15 +46,8 @@ def test_two_extractions_give_identical_files(project):
 def test_a_killed_extraction_leaves_no_partial_output_and_reruns_identically(project):
     reference = cache_files(project)
     shutil.rmtree(project / "data" / "embeddings")
-    process = subprocess.Popen([sys.executable, "-m", "stages.extract"], cwd=project,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while not list((project / "data").glob(".embeddings.tmp-*/train.npy")):
-        assert process.poll() is None, "extract finished before it could be interrupted"
-        assert time.monotonic() < deadline
-        time.sleep(0.005)
-    os.kill(process.pid, signal.SIGKILL)
-    process.wait()
+    kill_stage_midway("extract", project, lambda: any(
+        (project / "data").glob(".embeddings.tmp-*/train.npy")))
     assert not (project / "data" / "embeddings").exists()  # nothing that looks complete
     extract.main()  # what `dvc repro` runs next
     assert not list((project / "data").glob(".embeddings.*"))  # the killed run's temp is gone

@@ -5,7 +5,7 @@ import pytest
 
 from stages import prepare
 from stages.data import SPLITS, ImageStore
-from tests.conftest import run_stage_cli, write_colour_folder, write_params
+from tests.conftest import kill_stage_midway, run_stage_cli, write_colour_folder, write_params
 
 
 def test_prepare_writes_the_store_and_the_report(embedded_project):
@@ -56,12 +56,6 @@ def test_missing_source_and_tiny_class_are_named(tmp_path):
 
 @pytest.mark.slow
 def test_a_killed_prepare_leaves_no_partial_store_and_reruns_identically(tmp_path, monkeypatch):
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-
     from benchmarks.decode_speed import generate
 
     generate(tmp_path / "data" / "raw" / "photos", 120, size=(1600, 1200))
@@ -71,16 +65,9 @@ def test_a_killed_prepare_leaves_no_partial_store_and_reruns_identically(tmp_pat
     store = tmp_path / "data" / "prepared"
     reference = {p.name: p.read_bytes() for p in store.iterdir()}
     shutil.rmtree(store)
-    process = subprocess.Popen([sys.executable, "-m", "stages.prepare"], cwd=tmp_path,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               start_new_session=True)  # its decode workers die with it
-    deadline = time.monotonic() + 120
-    while not any(p.stat().st_size for p in (tmp_path / "data").glob(".prepared.tmp-*/staging/*")):
-        assert process.poll() is None, "prepare finished before it could be interrupted"
-        assert time.monotonic() < deadline
-        time.sleep(0.005)
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
+    staging = (tmp_path / "data").glob
+    kill_stage_midway("prepare", tmp_path, lambda: any(
+        p.stat().st_size for p in staging(".prepared.tmp-*/staging/*")))
     assert not store.exists()
     prepare.main()  # what `dvc repro` runs next
     assert not list((tmp_path / "data").glob(".prepared.*"))
