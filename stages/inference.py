@@ -7,7 +7,6 @@ head's plain arrays. Used by ``predict`` and ``export``.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,8 +18,6 @@ from stages.backbones import Backbone, Preprocessing, embed_batches, load_backbo
 from stages.embeddings import EmbeddingMeta
 from stages.errors import PipelineError
 from stages.heads import LogisticHead
-
-log = logging.getLogger(__name__)
 
 
 @dataclass

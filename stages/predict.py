@@ -22,6 +22,7 @@ from tqdm import tqdm
 from stages.data import decode_image, shrink
 from stages.errors import PipelineError, run_stage
 from stages.inference import Classifier, load_classifier
+from stages.sources import visible_files
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +46,7 @@ def list_inputs(paths: Iterable[str]) -> list[Path]:
     for raw in paths:
         path = Path(raw)
         if path.is_dir():
-            found.extend(sorted(p for p in path.rglob("*") if p.is_file() and not any(
-                part.startswith(".") for part in p.relative_to(path).parts)))
+            found.extend(visible_files(path))
         else:
             found.append(path)
     return found

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import csv
 import inspect
-import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,8 +18,6 @@ from PIL import Image
 from tqdm import tqdm
 
 from stages.errors import PipelineError
-
-log = logging.getLogger(__name__)
 
 # Folder and manifest names for each split; a pre-split root holds some of these folders.
 SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val",
@@ -118,13 +115,17 @@ def _subfolders(root: Path) -> list[Path]:
         raise PipelineError(f"data.source: cannot read '{root}' ({err.strerror})") from err
 
 
+def visible_files(folder: Path) -> list[Path]:
+    """Every file below ``folder``, in sorted order, skipping hidden files and folders."""
+    return sorted(path for path in folder.rglob("*") if path.is_file() and not any(
+        part.startswith(".") for part in path.relative_to(folder).parts))
+
+
 def _list_class_folders(root: Path, parent: Path, split: str | None, listing: Listing) -> None:
     resolved_root = root.resolve()
     for class_dir in _subfolders(parent):
-        for path in sorted(class_dir.rglob("*")):
+        for path in visible_files(class_dir):
             relative = path.relative_to(root)
-            if any(part.startswith(".") for part in relative.parts) or not path.is_file():
-                continue
             if not _is_inside(path, resolved_root):
                 listing.skipped.append({"path": relative.as_posix(),
                                         "reason": "links outside the data root"})
