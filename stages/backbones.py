@@ -34,6 +34,7 @@ DEFAULT_BACKBONE = "tf_efficientnet_lite0"
 TORCHVISION_PREFIX = "torchvision:"
 # On CPU small batches stay in cache: on 2 cores lite0 ran 2x faster at 4-8 than at 64.
 CPU_BATCH_SIZE = 8
+RANDOM_INIT = "random-init"
 
 
 def _efficientnet_lite0_package_file() -> Path:
@@ -160,25 +161,40 @@ class Backbone:
         return self.classifier(self.encoder(batch))
 
 
-def load_backbone(name: str, weights: str | None = None) -> Backbone:
+def load_backbone(name: str, weights: str | None = None, pretrained: bool = True) -> Backbone:
     """Build backbone ``name`` with pretrained weights, frozen and in eval mode.
 
     ``weights``: ``None`` for the model's own pretrained weights (packaged with this project
     for the default backbone, else from timm's or torchvision's hub), a torchvision weights
-    enum name, or a path to a local state-dict file.
+    enum name, or a path to a local state-dict file. ``pretrained=False`` gives the same
+    architecture randomly initialised (training from scratch, or a state dict to load next);
+    its preprocessing is still the pretrained one.
     """
     if name.startswith(TORCHVISION_PREFIX):
-        backbone = _load_torchvision(name[len(TORCHVISION_PREFIX):], weights)
+        backbone = _load_torchvision(name[len(TORCHVISION_PREFIX):], weights, pretrained)
     else:
-        backbone = _load_timm(name, weights)
+        backbone = _load_timm(name, weights, pretrained)
     for module in (backbone.encoder, backbone.classifier):
         module.eval().requires_grad_(False)
     return backbone
 
 
-def _load_timm(name: str, weights: str | None) -> Backbone:
+def weights_argument(weights_id: str) -> str | None:
+    """Turn a recorded ``Backbone.weights_id`` back into ``load_backbone``'s argument."""
+    kind, _, value = weights_id.partition(":")
+    if kind == "file":
+        return value
+    if kind == "torchvision":
+        return value.rpartition(".")[2]  # "ResNet50_Weights.IMAGENET1K_V2" -> the enum name
+    return None  # packaged or hub weights: the model's own
+
+
+def _load_timm(name: str, weights: str | None, pretrained: bool = True) -> Backbone:
     _check_name(name, timm.list_models(), "timm model", "timm.list_models()")
-    if weights is not None:
+    if not pretrained:
+        model = timm.create_model(name, pretrained=False)
+        weights_id, sha = RANDOM_INIT, None
+    elif weights is not None:
         path = Path(weights)
         model = timm.create_model(name, pretrained=False)
         _load_state_dict_file(model, path, name)
@@ -199,7 +215,7 @@ def _load_timm(name: str, weights: str | None) -> Backbone:
                     sha, preprocessing)
 
 
-def _load_torchvision(arch: str, weights: str | None) -> Backbone:
+def _load_torchvision(arch: str, weights: str | None, pretrained: bool = True) -> Backbone:
     import torchvision.models
 
     _check_name(arch, torchvision.models.list_models(module=torchvision.models),
@@ -207,7 +223,10 @@ def _load_torchvision(arch: str, weights: str | None) -> Backbone:
     model = torchvision.models.get_model(arch, weights=None)
     enum = torchvision.models.get_model_weights(arch)
     names = list(enum.__members__)
-    if weights is None or weights in names:
+    if not pretrained:
+        chosen = enum["DEFAULT"]  # the architecture's reference preprocessing
+        weights_id, sha = RANDOM_INIT, None
+    elif weights is None or weights in names:
         chosen = enum[weights or "DEFAULT"]
         state, path = _torchvision_state_dict(chosen)
         model.load_state_dict(state)

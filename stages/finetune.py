@@ -1,6 +1,10 @@
-"""DVC stage ``finetune``: optional fine-tuning of the backbone; when disabled it only says so.
+"""DVC stage ``finetune``: fine-tune the backbone with a new head; when disabled, only say so.
 
-It imports nothing heavy at the top, so the disabled stage costs a fraction of a second.
+``models/finetune/`` holds ``model.safetensors`` (the best epoch by validation accuracy),
+``model.json`` (how to rebuild and feed it), ``status.json`` and ``curves/`` (per-epoch
+loss, accuracy and learning rate, written by dvclive). Runs on several GPUs or hosts
+under ``torchrun --nproc_per_node=N -m stages.finetune``. The disabled stage imports
+nothing heavy and costs a fraction of a second.
 """
 
 from __future__ import annotations
@@ -9,25 +13,34 @@ import logging
 from pathlib import Path
 
 from stages.artifacts import atomic_output, write_json
-from stages.errors import PipelineError, run_stage
+from stages.errors import run_stage
 from stages.params import load_params
 
 log = logging.getLogger(__name__)
 
 PARAMS = Path("params.yaml")
+PREPARED_DIR = Path("data/prepared")
+EMBEDDINGS_DIR = Path("data/embeddings")
+HEAD_PATH = Path("models/head.npz")
 FINETUNE_DIR = Path("models/finetune")
+# Outside every DVC output: `dvc repro` removes a stage's outputs before running it.
+CHECKPOINT = Path("checkpoints/finetune.pt")
 
 
 def main() -> None:
     params = load_params(PARAMS)
-    if params.finetune.enabled:
-        raise PipelineError("finetune.enabled: true, but fine-tuning is not built yet "
-                            "(see the README, 'Not built yet'); set finetune.enabled: false")
-    with atomic_output(FINETUNE_DIR) as tmp:
-        tmp.mkdir()
-        write_json(tmp / "status.json", {"enabled": False, "status": "skipped",
-                                         "reason": "finetune.enabled is false"})
-    log.info("fine-tuning skipped (finetune.enabled is false)")
+    if not params.finetune.enabled:
+        with atomic_output(FINETUNE_DIR) as tmp:
+            tmp.mkdir()
+            write_json(tmp / "status.json", {"enabled": False, "status": "skipped",
+                                             "reason": "finetune.enabled is false"})
+        CHECKPOINT.unlink(missing_ok=True)
+        log.info("fine-tuning skipped (finetune.enabled is false)")
+        return
+    from stages.finetuning import run_finetune
+
+    run_finetune(params, prepared_dir=PREPARED_DIR, embeddings_dir=EMBEDDINGS_DIR,
+                 head_path=HEAD_PATH, out_dir=FINETUNE_DIR, checkpoint=CHECKPOINT)
 
 
 if __name__ == "__main__":

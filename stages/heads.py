@@ -73,6 +73,20 @@ class LogisticHead:
     def predict(self, X: np.ndarray) -> np.ndarray:
         return self.classes_[np.argmax(self.predict_proba(X), axis=1)]
 
+    def as_linear(self, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
+        """Weight (n_classes, dim) and bias of one linear layer on raw embeddings whose
+        logits give the same probabilities; classes the head never saw get no chance."""
+        coef = self.coef_ / self.scale_
+        intercept = self.intercept_ - coef @ self.mean_
+        if coef.shape[0] == 1:  # binary: the one score row belongs to the second class
+            coef = np.vstack([np.zeros_like(coef), coef])
+            intercept = np.concatenate([[0.0], intercept])
+        weight = np.zeros((n_classes, coef.shape[1]))
+        bias = np.full(n_classes, -30.0)  # probability ~1e-13
+        rows = self.classes_.astype(int)
+        weight[rows], bias[rows] = coef, intercept
+        return weight, bias
+
     def save(self, path: str | Path, class_names: Sequence[str]) -> None:
         """Write the fitted arrays and the class names (indexed by label) to ``path``."""
         save_arrays(path, mean=self.mean_, scale=self.scale_, coef=self.coef_,

@@ -14,7 +14,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from stages.backbones import Backbone, Preprocessing, embed_batches, load_backbone
+from stages.backbones import (
+    Backbone,
+    Preprocessing,
+    embed_batches,
+    load_backbone,
+    weights_argument,
+)
 from stages.embeddings import EmbeddingMeta
 from stages.errors import PipelineError
 from stages.heads import LogisticHead
@@ -47,19 +53,15 @@ class Classifier:
 def load_classifier(embeddings_dir: Path, head_path: Path) -> Classifier:
     meta = EmbeddingMeta.read(embeddings_dir)
     head, classes = LogisticHead.load(head_path)
-    backbone = load_backbone(meta.backbone, _weights_argument(meta.weights))
+    return Classifier(backbone_of(meta), head, classes, meta)
+
+
+def backbone_of(meta: EmbeddingMeta) -> Backbone:
+    """The backbone that made the embeddings, with their preprocessing; refused if its
+    weights changed since."""
+    backbone = load_backbone(meta.backbone, weights_argument(meta.weights))
     if meta.weights_sha256 and backbone.weights_sha256 != meta.weights_sha256:
         raise PipelineError(f"the weights of {meta.backbone} ({meta.weights}) changed since the "
                             "embeddings were extracted; run `dvc repro` first")
     backbone.preprocessing = Preprocessing.from_dict(meta.preprocessing)
-    return Classifier(backbone, head, classes, meta)
-
-
-def _weights_argument(weights_id: str) -> str | None:
-    """Turn the weights id recorded at extraction back into ``load_backbone``'s argument."""
-    kind, _, value = weights_id.partition(":")
-    if kind == "file":
-        return value
-    if kind == "torchvision":
-        return value.rpartition(".")[2]  # "ResNet50_Weights.IMAGENET1K_V2" -> the enum name
-    return None  # packaged or hub weights: the model's own
+    return backbone

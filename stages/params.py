@@ -83,9 +83,36 @@ class HeadParams:
 @dataclass(frozen=True)
 class FinetuneParams:
     enabled: bool = False
-    strategy: str = _choice("last_k", ("head", "last_k", "full", "scratch"))
-    epochs: int = _bounded(3, 1, 10_000)
-    lr: float = _bounded(1e-3, 0.0, 10.0, low_open=True)
+    strategy: str = _choice("last_k", ("head", "last_k", "full", "scratch"), help=(
+        "head: backbone frozen, head trained with augmentation; last_k: the top unfreeze_k "
+        "blocks and the head; full: every layer; scratch: same architecture, random "
+        "initialisation (the baseline that shows what pretraining is worth)"))
+    unfreeze_k: int = _bounded(2, 1, 10_000, help="blocks trained from the top under last_k")
+    init_from_head: bool = field(default=True, metadata={
+        "help": "start the new head from the trained linear probe (models/head.npz)"})
+    epochs: int = _bounded(5, 1, 10_000)
+    batch_size: int = _bounded(32, 1, 65536, help="images per step (per process under torchrun)")
+    lr: float = _bounded(1e-3, 0.0, 10.0, low_open=True,
+                         help="peak learning rate of the head (AdamW)")
+    lr_decay: float = _bounded(0.5, 0.0, 1.0, low_open=True,
+                               help="each block down from the head trains at this factor "
+                                    "times the learning rate of the block above it")
+    weight_decay: float = _bounded(0.01, 0.0, 10.0)
+    warmup_epochs: float = _bounded(1.0, 0.0, 10_000.0,
+                                    help="linear warm-up before the cosine decay")
+    grad_clip: float | None = _bounded(1.0, 0.0, None, low_open=True,
+                                       help="maximum gradient norm (null: no clipping)")
+    label_smoothing: float = _bounded(0.1, 0.0, 0.99)
+    patience: int | None = _bounded(3, 1, 10_000, help=(
+        "stop after this many epochs without a better validation accuracy (null: never)"))
+    bn: str = _choice("frozen", ("frozen", "train"), help=(
+        "frozen: batch-norm running statistics kept as pretrained; train: updated in "
+        "trainable blocks"))
+    augment: str = _choice("light", ("none", "light", "strong"), help=(
+        "light: random resized crop and flip; strong: adds TrivialAugment"))
+    device: str = _choice("auto", ("auto", "cpu", "cuda"))
+    precision: str = _choice("auto", ("auto", "32", "bf16", "16"), help=(
+        "auto: bfloat16 (else float16) mixed precision on a GPU, float32 on CPU"))
 
 
 @dataclass(frozen=True)
@@ -157,6 +184,8 @@ def _build(cls: type, raw: Any, prefix: str, source: str) -> Any:
 def _check_value(key: str, value: Any, hint: Any, meta: Any, source: str) -> Any:
     is_union = typing.get_origin(hint) in (typing.Union, types.UnionType)
     allowed = typing.get_args(hint) if is_union else (hint,)
+    if type(value) is int and str in allowed and int not in allowed and "choices" in meta:
+        value = str(value)  # `precision: 32` in YAML means the choice "32"
     given, value = value, _coerce(key, value, allowed, source)
     numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
     if "choices" in meta and not numeric and value not in meta["choices"]:

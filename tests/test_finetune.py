@@ -1,7 +1,21 @@
 import json
+import os
+import shutil
+import subprocess
+import sys
 import time
+from pathlib import Path
 
-from tests.conftest import run_stage_cli, write_params
+import numpy as np
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from stages import finetune, train_head
+from stages.data import ImageStore
+from stages.finetuning import load_finetuned
+from tests.conftest import kill_stage_midway, run_stage_cli, write_params
 
 
 def test_disabled_finetune_is_recorded_as_skipped_in_well_under_a_second(tmp_path):
@@ -15,9 +29,96 @@ def test_disabled_finetune_is_recorded_as_skipped_in_well_under_a_second(tmp_pat
     assert elapsed < 1.0, f"disabled finetune took {elapsed:.2f}s (interpreter start included)"
 
 
-def test_enabled_finetune_says_it_is_not_built_yet(tmp_path):
-    write_params(tmp_path, {"finetune": {"enabled": True}})
-    result = run_stage_cli("finetune", tmp_path)
+def _enable(project: Path, **finetune) -> None:
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["finetune"] = {"enabled": True, "strategy": "last_k", "unfreeze_k": 1, "epochs": 2,
+                          "batch_size": 8, **finetune}
+    write_params(project, params)
+
+
+def _tensors(directory: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(directory / "models" / "finetune" / "model.safetensors"))
+
+
+@pytest.mark.slow
+def test_finetune_writes_the_best_model_its_curves_and_a_loadable_classifier(project):
+    train_head.main()
+    _enable(project, epochs=1)
+    finetune.main()
+    out = project / "models" / "finetune"
+    status = json.loads((out / "status.json").read_text())
+    assert status["status"] == "trained" and status["epochs_run"] == 1
+    assert status["trainable_parameters"] < status["total_parameters"]
+    assert (out / "curves" / "plots" / "metrics" / "val" / "accuracy.tsv").is_file()
+    steps = (out / "curves" / "plots" / "metrics" / "train" / "loss.tsv").read_text().split()
+    assert steps[:2] == ["step", "loss"] and steps[2] == "1"  # epoch 1; epoch 0 has no training
+    assert not (project / "checkpoints" / "finetune.pt").exists()  # removed once finished
+    model = load_finetuned(out)
+    assert model.classes == ["blue", "green", "red"]
+    store = ImageStore(project / "data" / "prepared", "val")
+    probabilities = np.concatenate(list(model.predict_proba(list(store), batch_size=4)))
+    assert probabilities.shape == (len(store), 3)
+    accuracy = float((probabilities.argmax(1) == store.labels).mean())
+    # The saved model is the best epoch by validation accuracy, the start (the probe) included.
+    assert accuracy == pytest.approx(model.info["val_accuracy"])
+    assert accuracy >= json.loads((project / "metrics" / "train_head.json").read_text())[
+        "val"]["accuracy"]
+
+
+@pytest.mark.slow
+def test_a_killed_finetune_resumes_and_ends_with_the_uninterrupted_model(project, tmp_path):
+    train_head.main()
+    _enable(project)
+    twin = tmp_path / "twin"
+    shutil.copytree(project, twin)
+    checkpoint = project / "checkpoints" / "finetune.pt"
+    kill_stage_midway("finetune", project, started=checkpoint.exists)
+    assert not (project / "models" / "finetune").exists()
+    resumed = run_stage_cli("finetune", project)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming fine-tuning after epoch 1 of 2" in resumed.stderr
+    assert not checkpoint.exists()
+    uninterrupted = run_stage_cli("finetune", twin)
+    assert uninterrupted.returncode == 0, uninterrupted.stderr
+    expected, got = _tensors(twin), _tensors(project)
+    assert expected.keys() == got.keys()
+    assert all(torch.equal(expected[name], got[name]) for name in expected)
+    curves = Path("models/finetune/curves/plots/metrics/val/accuracy.tsv")
+    assert (project / curves).read_text() == (twin / curves).read_text()
+
+
+def test_a_checkpoint_of_other_parameters_is_not_resumed(project):
+    train_head.main()
+    _enable(project, strategy="head", epochs=1, augment="none")
+    checkpoint = project / "checkpoints" / "finetune.pt"
+    checkpoint.parent.mkdir()
+    torch.save({"key": "other parameters"}, checkpoint)
+    result = run_stage_cli("finetune", project)
+    assert result.returncode == 0, result.stderr
+    assert "belongs to other parameters or data; starting from the beginning" in result.stderr
+
+
+def test_cuda_without_a_gpu_fails_with_one_line_and_no_output(project):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    _enable(project, device="cuda")
+    result = run_stage_cli("finetune", project)
     assert result.returncode == 1
-    assert result.stderr.startswith("error: finetune.enabled: true, but fine-tuning is not built")
-    assert not (tmp_path / "models").exists()
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: finetune.device: cuda, but PyTorch sees no CUDA device "
+        "(torch.cuda.is_available() is False); use auto or cpu")
+    assert not (project / "models" / "finetune").exists()
+
+
+@pytest.mark.slow
+def test_torchrun_trains_with_two_cpu_processes_over_gloo(project):
+    train_head.main()
+    _enable(project, strategy="head", epochs=1, batch_size=4)
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         "-m", "stages.finetune"], cwd=project, capture_output=True, text=True, timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    status = json.loads((project / "models" / "finetune" / "status.json").read_text())
+    assert status["processes"] == 2 and status["status"] == "trained"
+    assert load_finetuned(project / "models" / "finetune").classes == ["blue", "green", "red"]
