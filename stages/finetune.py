@@ -25,6 +25,8 @@ HEAD_PATH = Path("models/head.npz")
 FINETUNE_DIR = Path("models/finetune")
 # Outside every DVC output: `dvc repro` removes a stage's outputs before running it.
 CHECKPOINT = Path("checkpoints/finetune.pt")
+# The curve files dvclive writes (dvc.yaml plots them); empty when nothing was trained.
+CURVES = ("train/loss", "train/accuracy", "val/loss", "val/accuracy", "lr")
 
 
 def main() -> None:
@@ -34,6 +36,10 @@ def main() -> None:
             tmp.mkdir()
             write_json(tmp / "status.json", {"enabled": False, "status": "skipped",
                                              "reason": "finetune.enabled is false"})
+            for curve in CURVES:  # a header and no epochs: the plots show nothing, no error
+                path = tmp / "curves" / "plots" / "metrics" / f"{curve}.tsv"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(f"step\t{curve.rpartition('/')[2]}\n", encoding="utf-8")
         CHECKPOINT.unlink(missing_ok=True)
         log.info("fine-tuning skipped (finetune.enabled is false)")
         return

@@ -506,6 +506,12 @@ class FinetunedModel:
     preprocessing: Preprocessing
     classes: list[str]
     info: dict[str, Any]
+    name = "finetune"
+
+    @property
+    def short_side(self) -> int:
+        """New images are first downscaled like the training images were."""
+        return int(self.info["short_side"])
 
     def predict_proba(self, images: Sequence[np.ndarray], batch_size: int = 32,
                       runtime: Runtime | None = None) -> Iterator[np.ndarray]:
@@ -612,6 +618,7 @@ def run_finetune(params: Params, *, prepared_dir: Path, embeddings_dir: Path, he
             save_finetuned(tmp, result.state.best_state, {
                 "backbone": meta.backbone, "weights": meta.weights if pretrained else "random-init",
                 "pretrained": pretrained, "preprocessing": meta.preprocessing,
+                "short_side": meta.short_side,
                 "classes": classes, "strategy": ft.strategy,
                 "unfreeze_k": ft.unfreeze_k if ft.strategy == "last_k" else None,
                 "best_epoch": result.state.best_epoch,

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -26,6 +27,19 @@ from stages.errors import PipelineError
 from stages.heads import LogisticHead
 
 
+class Predictor(Protocol):
+    """What predict and evaluate need of a model: class probabilities for RGB images."""
+
+    name: str
+    classes: list[str]
+
+    @property
+    def short_side(self) -> int: ...
+
+    def predict_proba(self, images: Sequence[np.ndarray],
+                      batch_size: int = 8) -> Iterator[np.ndarray]: ...
+
+
 @dataclass
 class Classifier:
     """Frozen backbone, then the head: RGB uint8 images in, class probabilities out."""
@@ -34,6 +48,13 @@ class Classifier:
     head: LogisticHead
     classes: list[str]
     meta: EmbeddingMeta
+
+    name = "head"
+
+    @property
+    def short_side(self) -> int:
+        """New images are first downscaled like the training images were."""
+        return self.meta.short_side
 
     def predict_proba(self, images: Sequence[np.ndarray], batch_size: int = 8,
                       device: torch.device | None = None) -> Iterator[np.ndarray]:
@@ -48,6 +69,25 @@ class Classifier:
         full = np.zeros((len(probabilities), len(self.classes)))
         full[:, self.head.classes_.astype(int)] = probabilities
         return full
+
+
+MODEL_CHOICES = ("auto", "head", "finetune")
+
+
+def load_predictor(model: str, embeddings_dir: Path, head_path: Path,
+                   finetune_dir: Path) -> Predictor:
+    """The model to classify with: ``head`` (frozen backbone + probe), ``finetune`` (the
+    fine-tuned network), or ``auto``: the fine-tuned one when the pipeline trained one."""
+    trained = (finetune_dir / "model.json").is_file()
+    if model == "finetune" and not trained:
+        raise PipelineError(f"{finetune_dir}: no fine-tuned model (finetune.enabled is false "
+                            "or the stage has not run); use --model head, or run "
+                            "`dvc exp run -S finetune.enabled=true`")
+    if model == "finetune" or (model == "auto" and trained):
+        from stages.finetuning import load_finetuned
+
+        return load_finetuned(finetune_dir)
+    return load_classifier(embeddings_dir, head_path)
 
 
 def load_classifier(embeddings_dir: Path, head_path: Path) -> Classifier:

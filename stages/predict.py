@@ -21,13 +21,14 @@ from tqdm import tqdm
 
 from stages.data import decode_image, shrink
 from stages.errors import PipelineError, run_stage
-from stages.inference import Classifier, load_classifier
+from stages.inference import MODEL_CHOICES, Predictor, load_predictor
 from stages.sources import visible_files
 
 log = logging.getLogger(__name__)
 
 EMBEDDINGS_DIR = Path("data/embeddings")
 HEAD_PATH = Path("models/head.npz")
+FINETUNE_DIR = Path("models/finetune")
 CHUNK = 256  # files decoded and held in memory at a time
 
 
@@ -52,10 +53,10 @@ def list_inputs(paths: Iterable[str]) -> list[Path]:
     return found
 
 
-def predict_files(classifier: Classifier, files: list[Path], top_k: int,
+def predict_files(classifier: Predictor, files: list[Path], top_k: int,
                   batch_size: int) -> Iterator[Prediction]:
     """Decode and classify ``files`` chunk by chunk, in input order."""
-    short_side = classifier.meta.short_side
+    short_side = classifier.short_side
     k = min(top_k, len(classifier.classes))
     with tqdm(total=len(files), desc="predict", unit="img", leave=False) as progress:
         for start in range(0, len(files), CHUNK):
@@ -113,13 +114,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--top-k", type=int, default=3, help="classes to show (default 3)")
     parser.add_argument("--format", choices=("table", "csv", "json"), default="table")
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--model", choices=MODEL_CHOICES, default="auto",
+                        help="auto (default): the fine-tuned model when there is one, else "
+                             "the head on the frozen backbone")
     args = parser.parse_args(argv)
     if args.top_k < 1:
         parser.error("--top-k must be 1 or more")
     files = list_inputs(args.paths)
     if not files:
         raise PipelineError(f"no files found in {', '.join(args.paths)}")
-    classifier = load_classifier(EMBEDDINGS_DIR, HEAD_PATH)
+    classifier = load_predictor(args.model, EMBEDDINGS_DIR, HEAD_PATH, FINETUNE_DIR)
+    log.info("classifying %d files with the %s model", len(files), classifier.name)
     predictions = list(predict_files(classifier, files, args.top_k, args.batch_size))
     if args.format == "csv":
         write_csv(predictions, sys.stdout, min(args.top_k, len(classifier.classes)))

@@ -27,6 +27,9 @@ def test_disabled_finetune_is_recorded_as_skipped_in_well_under_a_second(tmp_pat
     status = json.loads((tmp_path / "models" / "finetune" / "status.json").read_text())
     assert status == {"enabled": False, "status": "skipped", "reason": "finetune.enabled is false"}
     assert elapsed < 1.0, f"disabled finetune took {elapsed:.2f}s (interpreter start included)"
+    curves = sorted((tmp_path / "models" / "finetune" / "curves").rglob("*.tsv"))
+    assert len(curves) == len(finetune.CURVES)
+    assert all(len(path.read_text().splitlines()) == 1 for path in curves)  # no epochs
 
 
 def _enable(project: Path, **finetune) -> None:
@@ -53,6 +56,11 @@ def test_finetune_writes_the_best_model_its_curves_and_a_loadable_classifier(pro
     steps = (out / "curves" / "plots" / "metrics" / "train" / "loss.tsv").read_text().split()
     assert steps[:2] == ["step", "loss"] and steps[2] == "1"  # epoch 1; epoch 0 has no training
     assert not (project / "checkpoints" / "finetune.pt").exists()  # removed once finished
+    # The disabled stage writes the same curve files, with headers only (dvc.yaml plots them).
+    curves = out / "curves" / "plots" / "metrics"
+    written = {p.relative_to(curves).with_suffix("").as_posix(): p.read_text().splitlines()[0]
+               for p in curves.rglob("*.tsv")}
+    assert written == {c: f"step\t{c.rpartition('/')[2]}" for c in finetune.CURVES}
     model = load_finetuned(out)
     assert model.classes == ["blue", "green", "red"]
     store = ImageStore(project / "data" / "prepared", "val")
