@@ -626,6 +626,8 @@ def run_finetune(params: Params, *, prepared_dir: Path, embeddings_dir: Path, he
             (tmp / "status.json").write_text(json.dumps({
                 "enabled": True, "status": "trained", "strategy": ft.strategy,
                 "epochs_run": result.state.epoch, "best_epoch": result.state.best_epoch,
+                "val_accuracy": best.val_accuracy,
+                "start_val_accuracy": result.state.history[0].val_accuracy,
                 "stopped_early": result.stopped_early,
                 "resumed_from_epoch": result.resumed_from_epoch,
                 "trainable_parameters": trainable, "total_parameters": total,

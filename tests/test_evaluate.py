@@ -15,7 +15,7 @@ def test_metrics_report_and_confusion_rows(project):
     assert head["accuracy"] == head["balanced_accuracy"] == head["macro_f1"] == 1.0
     report = json.loads((project / "reports" / "evaluate.json").read_text())
     assert set(report["head"]["per_class"]) == {"blue", "green", "red"}
-    assert report["finetune"]["status"] == "skipped"
+    assert report["finetune_status"]["status"] == "skipped"
     with open(project / "plots" / "head_predictions.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == head["n_images"]

@@ -12,7 +12,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from stages import finetune, train_head
+from stages import evaluate, finetune, train_head
 from stages.data import ImageStore
 from stages.finetuning import load_finetuned
 from tests.conftest import kill_stage_midway, run_stage_cli, write_params
@@ -71,6 +71,11 @@ def test_finetune_writes_the_best_model_its_curves_and_a_loadable_classifier(pro
     assert accuracy == pytest.approx(model.info["val_accuracy"])
     assert accuracy >= json.loads((project / "metrics" / "train_head.json").read_text())[
         "val"]["accuracy"]
+    evaluate.main()  # scores the fine-tuned model beside the head, on the test images
+    metrics = json.loads((project / "metrics" / "evaluate.json").read_text())
+    assert set(metrics) == {"head", "finetune"}
+    assert metrics["finetune"]["n_images"] == metrics["head"]["n_images"]
+    assert 0.0 <= metrics["finetune"]["accuracy"] <= 1.0
 
 
 @pytest.mark.slow

@@ -1,0 +1,168 @@
+"""The transfer study: how much of the network to fine-tune, measured on your data set.
+
+``python -m stages.transfer_study`` queues one DVC experiment per row (``scratch``, ``head``,
+``last_k`` for each ``--k``, ``full``) on top of the current workspace, runs the queue, and
+writes a Markdown table of the results next to the linear probe of the baseline.
+Every row stays an ordinary experiment: ``dvc exp show``, ``dvc exp apply`` and
+``dvc exp push`` work on it afterwards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from stages.artifacts import atomic_output
+from stages.errors import PipelineError, run_stage
+
+log = logging.getLogger(__name__)
+
+OUTPUT = Path("reports/transfer_study.md")
+EVALUATE_METRICS = "metrics/evaluate.json"
+FINETUNE_STATUS = "models/finetune/status.json"
+TRAIN_HEAD_METRICS = "metrics/train_head.json"
+
+
+@dataclass(frozen=True)
+class StudyRow:
+    """One experiment of the study: a fine-tuning strategy and what it trains."""
+
+    strategy: str
+    unfreeze_k: int | None = None
+
+    @property
+    def label(self) -> str:
+        return f"last_k (k={self.unfreeze_k})" if self.strategy == "last_k" else self.strategy
+
+    @property
+    def slug(self) -> str:
+        return f"last-{self.unfreeze_k}" if self.strategy == "last_k" else self.strategy
+
+    def set_params(self, epochs: int) -> list[str]:
+        """The ``-S key=value`` overrides of ``dvc exp run`` for this row."""
+        values = {"finetune.enabled": "true", "finetune.strategy": self.strategy,
+                  "finetune.epochs": str(epochs)}
+        if self.unfreeze_k is not None:
+            values["finetune.unfreeze_k"] = str(self.unfreeze_k)
+        return [arg for key, value in values.items() for arg in ("-S", f"{key}={value}")]
+
+
+WHAT_TRAINS = {"scratch": "every layer, random initialisation",
+               "head": "new head only (backbone frozen), with augmentation",
+               "last_k": "new head + top {k} block(s), lower ones slower",
+               "full": "every layer, lower ones slower"}
+
+
+def study_rows(ks: list[int]) -> list[StudyRow]:
+    return [StudyRow("scratch"), StudyRow("head"),
+            *(StudyRow("last_k", k) for k in ks), StudyRow("full")]
+
+
+def dvc(*args: str) -> str:
+    """Run a DVC command; its failure stops the study with DVC's own last line."""
+    result = subprocess.run(["dvc", *args], capture_output=True, text=True)
+    if result.returncode != 0:
+        lines = (result.stderr or result.stdout).strip().splitlines() or ["(no output)"]
+        raise PipelineError(f"`dvc {' '.join(args)}` failed: {lines[-1]}")
+    return result.stdout
+
+
+def queue_and_run(rows: list[StudyRow], epochs: int, jobs: int, prefix: str) -> list[str]:
+    """Queue one experiment per row and run the queue; returns the experiment names."""
+    names = []
+    for row in rows:
+        name = f"{prefix}-{row.slug}"
+        dvc("exp", "run", "--queue", "--name", name, *row.set_params(epochs))
+        names.append(name)
+        log.info("queued %s", name)
+    log.info("running %d experiments, %d at a time (this is the long part)", len(rows), jobs)
+    started = time.perf_counter()
+    dvc("exp", "run", "--run-all", "--jobs", str(jobs))
+    log.info("all experiments finished in %.1f minutes", (time.perf_counter() - started) / 60)
+    return names
+
+
+def collect(exp_show: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """The baseline's metrics, and each named experiment's, from ``dvc exp show --json``."""
+    baseline = exp_show[0] if exp_show else {}
+    experiments: dict[str, dict[str, Any]] = {}
+    for entry in baseline.get("experiments") or []:
+        for rev in entry.get("revs") or []:
+            if rev.get("name"):
+                experiments[rev["name"]] = _metrics_of(rev)
+    return _metrics_of(baseline), experiments
+
+
+def _metrics_of(rev: dict[str, Any]) -> dict[str, Any]:
+    data = rev.get("data") or {}
+    return {path: (content or {}).get("data", {})
+            for path, content in (data.get("metrics") or {}).items()}
+
+
+def markdown_table(rows: list[StudyRow], names: list[str], baseline: dict[str, Any],
+                   experiments: dict[str, dict[str, Any]], split: str) -> str:
+    """The study as Markdown: the linear probe first, then one line per experiment."""
+    header = ("| Row | What trains | Trainable parameters | Epochs run (best) | Val accuracy | "
+              f"{split.capitalize()} accuracy | Training images/s | Experiment |\n"
+              "|---|---|---:|---:|---:|---:|---:|---|\n")
+    probe = baseline.get(EVALUATE_METRICS, {}).get("head", {})
+    probe_val = baseline.get(TRAIN_HEAD_METRICS, {}).get("val", {}).get("accuracy")
+    lines = [f"| linear probe | logistic regression on frozen embeddings | - | - | "
+             f"{_fmt(probe_val)} | {_fmt(probe.get('accuracy'))} | - | baseline |"]
+    for row, name in zip(rows, names, strict=True):
+        metrics = experiments.get(name)
+        what = WHAT_TRAINS[row.strategy].format(k=row.unfreeze_k)
+        if metrics is None:
+            lines.append(f"| {row.label} | {what} | failed or missing | | | | | {name} |")
+            continue
+        status = metrics.get(FINETUNE_STATUS, {})
+        scored = metrics.get(EVALUATE_METRICS, {}).get("finetune", {})
+        epochs = f"{status.get('epochs_run', '-')} ({status.get('best_epoch', '-')})"
+        lines.append(
+            f"| {row.label} | {what} | {status.get('trainable_parameters', '-'):,} | {epochs} | "
+            f"{_fmt(status.get('val_accuracy'))} | {_fmt(scored.get('accuracy'))} | "
+            f"{status.get('train_images_per_second', '-')} | {name} |")
+    return header + "\n".join(lines) + "\n"
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else "-"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m stages.transfer_study",
+                                     description=__doc__.splitlines()[0])
+    parser.add_argument("--epochs", type=int, default=3, help="epochs per row (default 3)")
+    parser.add_argument("--k", type=int, nargs="+", default=[1, 3],
+                        help="last_k rows: blocks unfrozen from the top (default 1 3)")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="experiments run at once (default 1; each uses every core)")
+    parser.add_argument("--output", type=Path, default=OUTPUT)
+    args = parser.parse_args(argv)
+    if args.epochs < 1 or args.jobs < 1 or any(k < 1 for k in args.k):
+        parser.error("--epochs, --jobs and every --k must be 1 or more")
+    if not Path("dvc.yaml").is_file():
+        raise PipelineError("run the transfer study from the project root (no dvc.yaml here)")
+    rows = study_rows(args.k)
+    prefix = f"study-{time.strftime('%m%d-%H%M%S')}"
+    names = queue_and_run(rows, args.epochs, args.jobs, prefix)
+    baseline, experiments = collect(json.loads(dvc("exp", "show", "--json")))
+    evaluated_split = (baseline.get(EVALUATE_METRICS, {}).get("head", {}).get("split")
+                       or "test")
+    table = markdown_table(rows, names, baseline, experiments, evaluated_split)
+    with atomic_output(args.output) as tmp:
+        tmp.write_text(f"# Transfer study ({args.epochs} epochs per row)\n\n{table}",
+                       encoding="utf-8")
+    sys.stdout.write(table)
+    log.info("wrote %s; compare the rows with `dvc exp show --only-changed`", args.output)
+
+
+if __name__ == "__main__":
+    run_stage(main)
