@@ -275,8 +275,9 @@ class TrainingState:
         return self.history[self.best_epoch]
 
     def improved_by(self, record: EpochRecord) -> bool:
-        best = self.best
-        return (record.val_accuracy, -record.val_loss) > (best.val_accuracy, -best.val_loss)
+        # Accuracy only, strictly (as Keras' save_best_only): losses under label smoothing
+        # are not comparable with the sharper starting probe's.
+        return record.val_accuracy > self.best.val_accuracy
 
 
 @dataclass

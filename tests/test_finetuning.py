@@ -205,8 +205,8 @@ def test_early_stopping_after_patience_epochs_keeps_the_best_start(tmp_path, mon
     net = _flat_net()
     start = {n: t.clone() for n, t in net.state_dict().items()}
     data = LabelledImages(_pixels(6), np.arange(6) % 3, _tensor_transform)
-    # (loss, accuracy): equal accuracy counts as better only with a lower loss
-    scores = iter([(0.5, 0.8), (0.6, 0.7), (0.55, 0.8), (0.3, 0.9)])
+    # (loss, accuracy): an equal accuracy is no improvement, even with a lower loss
+    scores = iter([(0.5, 0.8), (0.6, 0.7), (0.3, 0.8), (0.3, 0.9)])
     monkeypatch.setattr(finetuning, "evaluate_loss_accuracy", lambda *a: next(scores))
     params = FinetuneParams(enabled=True, strategy="head", epochs=6, batch_size=2, patience=2)
     result = train(net, data, data, params, 0, CPU, tmp_path / "ckpt.pt", "key")
