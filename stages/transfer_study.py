@@ -90,14 +90,16 @@ def queue_and_run(rows: list[StudyRow], epochs: int, jobs: int, prefix: str) -> 
 
 
 def collect(exp_show: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
-    """The baseline's metrics, and each named experiment's, from ``dvc exp show --json``."""
-    baseline = exp_show[0] if exp_show else {}
+    """The baseline commit's metrics, and each named experiment's, from ``dvc exp show --json``
+    (a list: the workspace, then the baseline commit with its experiments)."""
+    commits = [entry for entry in exp_show if entry.get("rev") != "workspace"]
     experiments: dict[str, dict[str, Any]] = {}
-    for entry in baseline.get("experiments") or []:
-        for rev in entry.get("revs") or []:
-            if rev.get("name"):
-                experiments[rev["name"]] = _metrics_of(rev)
-    return _metrics_of(baseline), experiments
+    for commit in commits:
+        for entry in commit.get("experiments") or []:
+            for rev in entry.get("revs") or []:
+                if rev.get("name"):
+                    experiments[rev["name"]] = _metrics_of(rev)
+    return (_metrics_of(commits[0]) if commits else {}), experiments
 
 
 def _metrics_of(rev: dict[str, Any]) -> dict[str, Any]:
