@@ -145,6 +145,8 @@ class Backbone:
     weights_id: str
     weights_sha256: str | None
     preprocessing: Preprocessing
+    # The source task's class names, one per classifier row (ImageNet: "tench, Tinca tinca").
+    source_labels: list[str] | None = None
 
     def to(self, device: torch.device) -> Backbone:
         """Move to ``device`` in channels-last layout (about twice the CPU speed for convnets)."""
@@ -212,7 +214,19 @@ def _load_timm(name: str, weights: str | None, pretrained: bool = True) -> Backb
     preprocessing = Preprocessing.from_timm(resolve_data_config({}, model=model))
     features = int(getattr(model, "head_hidden_size", None) or model.num_features)
     return Backbone(name, _TimmPreLogits(model), model.get_classifier(), features, weights_id,
-                    sha, preprocessing)
+                    sha, preprocessing, _timm_source_labels(model))
+
+
+def _timm_source_labels(model: torch.nn.Module) -> list[str] | None:
+    from timm.data import ImageNetInfo, infer_imagenet_subset
+
+    subset = infer_imagenet_subset(model)
+    if not subset:
+        return None
+    info = ImageNetInfo(subset)
+    # "tench, Tinca tinca" plus its WordNet id, so folders named n01440764 match too.
+    return [f"{description}, {wnid}" for description, wnid
+            in zip(info.label_descriptions(), info.label_names(), strict=True)]
 
 
 def _load_torchvision(arch: str, weights: str | None, pretrained: bool = True) -> Backbone:
@@ -242,7 +256,8 @@ def _load_torchvision(arch: str, weights: str | None, pretrained: bool = True) -
     classifier_name, classifier = _last_linear(model)
     _replace_module(model, classifier_name, torch.nn.Identity())
     return Backbone(f"{TORCHVISION_PREFIX}{arch}", model, classifier, classifier.in_features,
-                    weights_id, sha, Preprocessing.from_torchvision(chosen))
+                    weights_id, sha, Preprocessing.from_torchvision(chosen),
+                    list(chosen.meta.get("categories") or []) or None)
 
 
 def _torchvision_state_dict(weights: Any) -> tuple[dict[str, torch.Tensor], Path]:

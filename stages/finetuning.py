@@ -148,6 +148,35 @@ def init_head_from_probe(net: FinetuneNet, head: LogisticHead) -> None:
         net.head.bias.copy_(torch.as_tensor(bias, dtype=torch.float32))
 
 
+def match_source_classes(classes: Sequence[str],
+                         source_labels: Sequence[str]) -> dict[int, int]:
+    """Target class index -> source classifier row, where the class name equals one of the
+    comma-separated names of exactly one source label (case, '_' and '-' ignored)."""
+    rows_by_name: dict[str, set[int]] = {}
+    for row, label in enumerate(source_labels):
+        for name in label.split(","):
+            rows_by_name.setdefault(_normalise(name), set()).add(row)
+    matches = {}
+    for index, name in enumerate(classes):
+        rows = rows_by_name.get(_normalise(name), set())
+        if len(rows) == 1:  # "crane" is a bird and a machine: ambiguous names start nowhere
+            matches[index] = next(iter(rows))
+    return matches
+
+
+def _normalise(name: str) -> str:
+    return " ".join(name.replace("_", " ").replace("-", " ").lower().split())
+
+
+def init_head_from_source(net: FinetuneNet, classifier: torch.nn.Linear,
+                          matches: dict[int, int]) -> None:
+    """Copy the source classifier's rows into the head rows of the matching classes."""
+    with torch.no_grad():
+        for index, row in matches.items():
+            net.head.weight[index].copy_(classifier.weight[row])
+            net.head.bias[index].copy_(classifier.bias[row])
+
+
 def optimizer_groups(blocks: Sequence[Sequence[torch.nn.Parameter]], lr: float,
                      lr_decay: float, weight_decay: float) -> list[dict[str, Any]]:
     """AdamW parameter groups: block ``d`` below the head at ``lr * lr_decay**d``; no weight
@@ -580,6 +609,16 @@ def run_finetune(params: Params, *, prepared_dir: Path, embeddings_dir: Path, he
     if pretrained and ft.init_from_head:
         head, _ = LogisticHead.load(head_path)
         init_head_from_probe(net, head)
+        if params.head.init_from_source:
+            log.info("head.init_from_source unused: the head starts from the trained probe "
+                     "(finetune.init_from_head: true)")
+    elif pretrained and params.head.init_from_source:
+        matches = match_source_classes(classes, backbone.source_labels or [])
+        init_head_from_source(net, backbone.classifier, matches)
+        log.info("head.init_from_source: %d of %d classes start from source classifier rows%s",
+                 len(matches), len(classes), (": " + ", ".join(
+                     f"{classes[i]} <- {backbone.source_labels[r].split(',')[0]}"
+                     for i, r in matches.items())) if matches else "")
     mark_trainable(net, ft.strategy, ft.unfreeze_k)
     bn = ft.bn
     if ft.strategy == "scratch" and bn == "frozen":
@@ -600,6 +639,7 @@ def run_finetune(params: Params, *, prepared_dir: Path, embeddings_dir: Path, he
     key = checkpoint_key(train_params, params.seed, {
         "backbone": meta.backbone, "weights_sha256": meta.weights_sha256,
         "preprocessing": meta.preprocessing, "world_size": runtime.world_size,
+        "init_from_source": params.head.init_from_source,
         "head": _sha256(head_path) if pretrained and ft.init_from_head else None,
         "data": [_sha256(prepared_dir / f"{split}.npz") for split in ("train", "val")]})
     writing = atomic_output(out_dir) if runtime.is_main else contextlib.nullcontext(None)

@@ -78,6 +78,10 @@ class HeadParams:
                         help="inverse regularisation strength of the logistic regression")
     max_iter: int = _bounded(1000, 1, 1_000_000)
     class_weight: str | None = _choice(None, (None, "balanced"))
+    init_from_source: bool = field(default=False, metadata={
+        "help": "fine-tuning without the probe (finetune.init_from_head: false): start the "
+                "rows of classes named like a source (ImageNet) class from the backbone's "
+                "own classifier rows"})
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,9 @@ from stages.finetuning import (
     build_network,
     encoder_blocks,
     init_head_from_probe,
+    init_head_from_source,
     mark_trainable,
+    match_source_classes,
     optimizer_groups,
     resolve_runtime,
     set_train_mode,
@@ -224,3 +226,17 @@ def test_cuda_asked_for_without_a_gpu_and_float16_on_cpu_are_refused(monkeypatch
         resolve_runtime("auto", "16")
     runtime = resolve_runtime("auto", "auto")
     assert (runtime.device.type, runtime.precision, runtime.world_size) == ("cpu", "32", 1)
+
+
+def test_classes_named_like_source_classes_start_from_their_classifier_rows():
+    backbone = load_backbone("tf_efficientnet_lite0")
+    classes = ["Daisy", "capuchin", "Cebus_capucinus", "crane", "n01440764", "my own class"]
+    matches = match_source_classes(classes, backbone.source_labels)
+    # crane is both a bird and a machine in ImageNet: ambiguous, so it starts nowhere
+    assert matches == {0: 985, 1: 378, 2: 378, 4: 0}
+    net = build_network(backbone, len(classes))
+    untouched = net.head.weight[3].clone()
+    init_head_from_source(net, backbone.classifier, matches)
+    assert torch.equal(net.head.weight[0], backbone.classifier.weight[985])
+    assert torch.equal(net.head.bias[4], backbone.classifier.bias[0])
+    assert torch.equal(net.head.weight[3], untouched)
