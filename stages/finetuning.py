@@ -373,7 +373,7 @@ def _loader(dataset: torch.utils.data.Dataset, batch_size: int, runtime: Runtime
         # only compete with them.
         num_workers=min(8, os.cpu_count() or 1) if cuda else 0,
         generator=generator, pin_memory=cuda,
-        drop_last=train and len(dataset) > batch_size)
+        drop_last=train and len(dataset) // runtime.world_size > batch_size)
 
 
 def _to_device(images: torch.Tensor, labels: torch.Tensor,
@@ -409,10 +409,12 @@ def train(net: FinetuneNet, train_set: LabelledImages, val_set: LabelledImages,
     Resumes from ``checkpoint`` when its ``key`` matches, writes it after every epoch.
     """
     batch_size = params.batch_size
-    if batch_size > len(train_set):
-        log.warning("finetune.batch_size=%d is larger than the %d training images; using %d",
-                    batch_size, len(train_set), len(train_set))
-        batch_size = len(train_set)
+    share = len(train_set) // runtime.world_size  # each process's part of the training set
+    if batch_size > share:
+        log.warning("finetune.batch_size=%d is larger than the %d training images%s; using %d",
+                    batch_size, share, " of each process" if runtime.world_size > 1 else "",
+                    share)
+        batch_size = share
     trainable = [p for p in net.parameters() if p.requires_grad]
     model: torch.nn.Module = net
     if runtime.world_size > 1:
