@@ -14,7 +14,7 @@ import yaml
 from tests.conftest import REPO_ROOT
 
 PROJECT_FILES = ["stages", "params.yaml", "dvc.yaml", ".dvc/config", ".dvc/.gitignore",
-                 ".dvcignore", ".gitignore", "data/raw/.gitkeep"]
+                 ".dvc/plots", ".dvcignore", ".gitignore", "data/raw/.gitkeep"]
 STAGES = ["prepare", "extract", "train_head", "finetune", "evaluate"]
 
 pytestmark = pytest.mark.slow
