@@ -15,7 +15,7 @@ from stages.evaluation import Mistake
 
 TILE = 120          # each image is fitted into a TILE x TILE square
 COLUMNS = 6
-CAPTION_LINES = 2
+CAPTION_LINES = 3
 LINE_HEIGHT = 16
 MARGIN = 10
 BACKGROUND = (255, 255, 255)
@@ -54,8 +54,9 @@ def draw_gallery(sections: Sequence[tuple[str, Sequence[Mistake]]],
             draw.text((x, y + TILE + 2), _clip(f"true: {mistake.actual}", draw, font),
                       fill=TEXT, font=font)
             draw.text((x, y + TILE + 2 + LINE_HEIGHT),
-                      _clip(f"pred: {mistake.predicted} {mistake.confidence:.2f}", draw, font),
-                      fill=WRONG, font=font)
+                      _clip(f"pred: {mistake.predicted}", draw, font), fill=WRONG, font=font)
+            draw.text((x, y + TILE + 2 + 2 * LINE_HEIGHT),
+                      f"confidence {mistake.confidence:.2f}", fill=WRONG, font=font)
         top += height
     return sheet
 
