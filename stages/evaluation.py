@@ -38,6 +38,12 @@ PLOT_FILES = {
 }
 GALLERY_FILE = "mistakes.png"
 
+# The columns of the summary table, in order, with their headings.
+SUMMARY_COLUMNS = {"accuracy": "accuracy", "balanced_accuracy": "balanced accuracy",
+                   "macro_f1": "macro F1", "weighted_f1": "weighted F1",
+                   "top5_accuracy": "top-5 accuracy", "log_loss": "log loss",
+                   "ece": "calibration error (ECE)", "roc_auc_macro": "ROC AUC (macro)"}
+
 
 @dataclass(frozen=True)
 class Mistake:
@@ -123,12 +129,6 @@ def evaluation_report(evaluations: Sequence[ModelEvaluation], finetune_status: d
     } for e in evaluations}
     report["finetune"] = finetune_status
     return report
-
-
-SUMMARY_COLUMNS = {"accuracy": "accuracy", "balanced_accuracy": "balanced accuracy",
-                   "macro_f1": "macro F1", "weighted_f1": "weighted F1",
-                   "top5_accuracy": "top-5 accuracy", "log_loss": "log loss",
-                   "ece": "calibration error (ECE)", "roc_auc_macro": "ROC AUC (macro)"}
 
 
 def summary_markdown(evaluations: Sequence[ModelEvaluation], finetune_status: Mapping,
