@@ -87,6 +87,15 @@ class LogisticHead:
         weight[rows], bias[rows] = coef, intercept
         return weight, bias
 
+    def predict_proba_all(self, X: np.ndarray, n_classes: int) -> np.ndarray:
+        """Probabilities with a column for each of ``n_classes`` labels, in label order.
+
+        The head knows only the classes it saw in training; the others get probability 0.
+        """
+        full = np.zeros((len(X), n_classes))
+        full[:, self.classes_.astype(int)] = self.predict_proba(X)
+        return full
+
     def save(self, path: str | Path, class_names: Sequence[str]) -> None:
         """Write the fitted arrays and the class names (indexed by label) to ``path``."""
         save_arrays(path, mean=self.mean_, scale=self.scale_, coef=self.coef_,

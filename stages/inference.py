@@ -62,13 +62,7 @@ class Classifier:
         for features in embed_batches(self.backbone, images, batch_size, device,
                                       precision=self.meta.precision,
                                       flip_average=self.meta.flip_average, desc="predict"):
-            yield self._columns(self.head.predict_proba(features))
-
-    def _columns(self, probabilities: np.ndarray) -> np.ndarray:
-        # The head knows only the classes it saw in training; give every class a column.
-        full = np.zeros((len(probabilities), len(self.classes)))
-        full[:, self.head.classes_.astype(int)] = probabilities
-        return full
+            yield self.head.predict_proba_all(features, len(self.classes))
 
 
 MODEL_CHOICES = ("auto", "head", "finetune")

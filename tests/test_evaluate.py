@@ -1,10 +1,16 @@
 import csv
 import json
 
+import numpy as np
+import pytest
+from PIL import Image
+
 from stages import evaluate, finetune, train_head
+from stages.errors import PipelineError
+from stages.evaluation import GALLERY_FILE, PLOT_FILES
 
 
-def test_metrics_report_and_confusion_rows(project):
+def test_metrics_report_plots_gallery_and_summary(project):
     train_head.main()
     finetune.main()
     evaluate.main()
@@ -13,19 +19,63 @@ def test_metrics_report_and_confusion_rows(project):
     head = metrics["head"]
     assert head["split"] == "test"
     assert head["accuracy"] == head["balanced_accuracy"] == head["macro_f1"] == 1.0
+    assert head["ece"] < 0.5 and head["log_loss"] > 0
+    assert "top5_accuracy" not in head  # three classes
+    assert set(head["per_class"]) == {"blue", "green", "red"}
     report = json.loads((project / "reports" / "evaluate.json").read_text())
-    assert set(report["head"]["per_class"]) == {"blue", "green", "red"}
-    assert report["finetune_status"]["status"] == "skipped"
-    with open(project / "plots" / "head_predictions.csv", newline="") as f:
-        rows = list(csv.DictReader(f))
-    assert len(rows) == head["n_images"]
-    assert all(row["actual"] == row["predicted"] for row in rows)
+    assert report["finetune"]["status"] == "skipped"
+    assert report["head"]["n_mistakes"] == 0 and report["head"]["most_confused"] == []
+    plots = project / "plots" / "evaluate"
+    for name in PLOT_FILES:
+        with open(plots / name, newline="") as f:
+            rows = list(csv.DictReader(f))
+        assert rows and {row["model"] for row in rows} == {"head"}, name
+    with open(plots / "confusion.csv", newline="") as f:
+        confusion = list(csv.DictReader(f))
+    # Aggregated: one row per cell; all right, so one diagonal cell per class in the split.
+    assert all(r["actual"] == r["predicted"] and r["rate"] == "1.0" for r in confusion)
+    assert len(confusion) == head["n_classes_present"]
+    assert sum(int(r["count"]) for r in confusion) == head["n_images"]
+    with Image.open(plots / GALLERY_FILE) as gallery:
+        assert gallery.format == "PNG" and gallery.height < 100  # "no mistakes" only
+    summary = (project / "reports" / "summary.md").read_text()
+    assert "| head | 1.0000 |" in summary and "Fine-tuning: skipped" in summary
 
 
-def test_missing_head_says_to_run_the_pipeline(project, capsys):
-    import pytest
+def test_the_gallery_shows_the_evaluation_images(project, monkeypatch):
+    """A head that gets everything wrong puts the split's own pixels in the gallery."""
+    from stages.data import ImageStore
+    from stages.heads import LogisticHead
 
-    from stages.errors import PipelineError
+    train_head.main()
+    finetune.main()
 
+    def always_wrong(self, X, n_classes):
+        return np.roll(np.eye(n_classes)[np.zeros(len(X), dtype=int)], 1, axis=1)
+
+    monkeypatch.setattr(LogisticHead, "predict_proba_all", always_wrong)
+    evaluate.main()
+    report = json.loads((project / "reports" / "evaluate.json").read_text())
+    store = ImageStore(project / "data" / "prepared", "test")
+    assert report["head"]["n_mistakes"] == int(np.sum(store.labels != 1))
+    with Image.open(project / "plots" / "evaluate" / GALLERY_FILE) as gallery:
+        pixels = np.asarray(gallery.convert("RGB")).reshape(-1, 3)
+    first = report["head"]["most_confident_mistakes"][0]
+    image = store[list(store.ids).index(first["id"])]
+    colour = np.median(image.reshape(-1, 3), axis=0)
+    assert (np.abs(pixels.astype(int) - colour).max(axis=1) <= 4).sum() > 1000
+
+
+def test_missing_head_says_to_run_the_pipeline(project):
     with pytest.raises(PipelineError, match="head.npz: missing; run the stage that writes it"):
+        evaluate.main()
+
+
+def test_missing_prepared_store_is_named(project):
+    import shutil
+
+    train_head.main()
+    finetune.main()
+    shutil.rmtree(project / "data" / "prepared")
+    with pytest.raises(PipelineError, match="data/prepared/meta.json: missing"):
         evaluate.main()

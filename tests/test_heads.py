@@ -47,3 +47,13 @@ def test_loading_something_else_names_the_file(tmp_path):
     np.savez(path, x=np.zeros(2))
     with pytest.raises(PipelineError, match="other.npz: not a saved head"):
         LogisticHead.load(path)
+
+
+def test_predict_proba_all_gives_unseen_classes_a_zero_column():
+    X = np.array([[0.0, 1.0], [1.0, 0.0], [0.1, 0.9], [0.9, 0.2]])
+    y = np.array([0, 2, 0, 2])  # class 1 never seen in training
+    head = LogisticHead().fit(X, y)
+    full = head.predict_proba_all(X, n_classes=3)
+    assert full.shape == (4, 3)
+    assert np.all(full[:, 1] == 0)
+    np.testing.assert_allclose(full[:, [0, 2]], head.predict_proba(X))

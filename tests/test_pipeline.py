@@ -14,8 +14,10 @@ import yaml
 from tests.conftest import REPO_ROOT
 
 PROJECT_FILES = ["stages", "params.yaml", "dvc.yaml", ".dvc/config", ".dvc/.gitignore",
-                 ".dvcignore", ".gitignore", "data/raw/.gitkeep"]
+                 ".dvc/plots", ".dvcignore", ".gitignore", "data/raw/.gitkeep"]
 STAGES = ["prepare", "extract", "train_head", "finetune", "evaluate"]
+EVALUATE_PLOTS = ["confusion.csv", "per_class_f1.csv", "calibration.csv", "roc.csv",
+                  "precision_recall.csv", "mistakes.png"]
 
 pytestmark = pytest.mark.slow
 
@@ -111,6 +113,36 @@ def test_head_experiment_reruns_the_head_and_what_follows_never_extraction(repo)
     assert "head.C" in diff and "0.1" in diff
 
 
+def commit_with_head_c(repo: Path, value: float) -> None:
+    set_params(repo, head={"C": value})
+    run(["dvc", "repro"], repo)
+    run(["git", "add", "-A"], repo)
+    run(["git", "commit", "-qm", f"head.C={value}", "--allow-empty"], repo)
+
+
+def test_two_commits_differ_in_params_metrics_and_plots_diff(repo):
+    commit_with_head_c(repo, 1.0)
+    commit_with_head_c(repo, 0.05)
+    params = json.loads(run(["dvc", "params", "diff", "HEAD~1", "--json"], repo))
+    assert list(params["params.yaml"]) == ["head.C"]
+    assert params["params.yaml"]["head.C"]["old"] == 1.0
+    assert params["params.yaml"]["head.C"]["new"] == 0.05
+    metrics = json.loads(run(["dvc", "metrics", "diff", "HEAD~1", "--json"], repo))
+    changed = metrics["metrics/evaluate.json"]
+    assert changed["head.log_loss"]["new"] != changed["head.log_loss"]["old"]
+    assert changed["head.log_loss"]["diff"] == pytest.approx(
+        changed["head.log_loss"]["new"] - changed["head.log_loss"]["old"])
+    plots = json.loads(run(["dvc", "plots", "diff", "HEAD~1", "--json"], repo))["data"]
+    assert set(plots) == {f"plots/evaluate/{name}" for name in EVALUATE_PLOTS}
+    calibration = plots["plots/evaluate/calibration.csv"][0]
+    assert sorted(calibration["revisions"]) == ["HEAD~1", "workspace"]
+    rows = calibration["content"]["data"]["values"]
+    by_rev = {rev: [r["confidence"] for r in rows if r["rev"] == rev]
+              for rev in ("HEAD~1", "workspace")}
+    assert by_rev["HEAD~1"] and by_rev["workspace"] and by_rev["HEAD~1"] != by_rev["workspace"]
+    assert len(plots["plots/evaluate/mistakes.png"]) == 2  # one gallery per revision
+
+
 def test_queued_experiments_run_two_at_a_time_each_with_its_own_results(repo):
     import csv
     import io
@@ -141,3 +173,25 @@ def test_queued_experiments_run_two_at_a_time_each_with_its_own_results(repo):
         run(["dvc", "exp", "run", "-S", f"head.C={value}"], repo)
         direct = json.loads((repo / "metrics" / "evaluate.json").read_text())
         assert direct["head"]["accuracy"] == pytest.approx(queued[value], abs=1e-5)
+
+
+def test_experiments_are_compared_in_exp_show_and_plots_diff(repo):
+    """Runs after the queue test above and compares the experiments it ran."""
+    import csv
+    import io
+
+    table = run(["dvc", "exp", "show", "--only-changed", "--csv", "--no-pager"], repo)
+    rows = [r for r in csv.DictReader(io.StringIO(table)) if r["Experiment"]]
+    columns = set(rows[0])
+    assert "head.C" in columns and "head.log_loss" in columns
+    assert "data.source" not in columns and "head.n_classes" not in columns  # unchanged
+    # The three queued values of head.C (two of them also run again directly): three results.
+    log_loss = {r["head.C"]: r["head.log_loss"] for r in rows}
+    assert sorted(log_loss) == ["0.01", "0.1", "10"]
+    assert len(set(log_loss.values())) == len(log_loss)
+    name = {r["head.C"]: r["Experiment"] for r in rows}
+    first, second = name["0.01"], name["10"]
+    plots = json.loads(run(["dvc", "plots", "diff", first, second, "--json"], repo))["data"]
+    roc = plots["plots/evaluate/roc.csv"][0]
+    assert sorted(roc["revisions"]) == sorted([first, second])
+    assert {r["rev"] for r in roc["content"]["data"]["values"]} == {first, second}

@@ -1,0 +1,99 @@
+"""A contact sheet of a model's most confident mistakes, drawn with PIL alone."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from stages.artifacts import atomic_output
+from stages.data import ImageStore
+from stages.errors import PipelineError
+from stages.evaluation import Mistake
+
+TILE = 120          # each image is fitted into a TILE x TILE square
+COLUMNS = 6
+CAPTION_LINES = 3
+LINE_HEIGHT = 16
+MARGIN = 10
+BACKGROUND = (255, 255, 255)
+TEXT = (20, 20, 20)
+WRONG = (190, 30, 30)
+
+
+def draw_gallery(sections: Sequence[tuple[str, Sequence[Mistake]]],
+                 image_of: Callable[[str], np.ndarray]) -> Image.Image:
+    """One block per model: a title, then its mistakes with true and predicted class.
+
+    ``image_of`` returns the RGB uint8 pixels of an image id. A model without mistakes gets a
+    line saying so.
+    """
+    font = _font(13)
+    title_font = _font(16)
+    cell_h = TILE + CAPTION_LINES * LINE_HEIGHT + MARGIN
+    width = MARGIN + COLUMNS * (TILE + MARGIN)
+    heights = [2 * LINE_HEIGHT + (-(-len(m) // COLUMNS) * cell_h if m else 2 * LINE_HEIGHT)
+               for _, m in sections]
+    sheet = Image.new("RGB", (width, MARGIN + sum(heights)), BACKGROUND)
+    draw = ImageDraw.Draw(sheet)
+    top = MARGIN
+    for (title, mistakes), height in zip(sections, heights, strict=True):
+        draw.text((MARGIN, top), title, fill=TEXT, font=title_font)
+        y0 = top + 2 * LINE_HEIGHT
+        if not mistakes:
+            draw.text((MARGIN, y0), "no mistakes: every image was classified correctly",
+                      fill=TEXT, font=font)
+        for k, mistake in enumerate(mistakes):
+            x = MARGIN + (k % COLUMNS) * (TILE + MARGIN)
+            y = y0 + (k // COLUMNS) * cell_h
+            tile = _fit(Image.fromarray(image_of(mistake.id)))
+            sheet.paste(tile, (x + (TILE - tile.width) // 2, y + (TILE - tile.height) // 2))
+            draw.rectangle((x - 1, y - 1, x + TILE, y + TILE), outline=(200, 200, 200))
+            draw.text((x, y + TILE + 2), _clip(f"true: {mistake.actual}", draw, font),
+                      fill=TEXT, font=font)
+            draw.text((x, y + TILE + 2 + LINE_HEIGHT),
+                      _clip(f"pred: {mistake.predicted}", draw, font), fill=WRONG, font=font)
+            draw.text((x, y + TILE + 2 + 2 * LINE_HEIGHT),
+                      f"confidence {mistake.confidence:.2f}", fill=WRONG, font=font)
+        top += height
+    return sheet
+
+
+def images_by_id(store: ImageStore, ids: Sequence[str],
+                 where: str) -> Callable[[str], np.ndarray]:
+    """Look images of ``store`` up by id; every id in ``ids`` must be there."""
+    position = {str(image_id): i for i, image_id in enumerate(store.ids)}
+    missing = [str(i) for i in ids if str(i) not in position]
+    if missing:
+        raise PipelineError(f"{where}: image '{missing[0]}' of the embeddings is not in the "
+                            f"prepared store ({len(missing)} missing); run dvc repro")
+    return lambda image_id: store[position[image_id]]
+
+
+def save_png(image: Image.Image, path: str | Path) -> None:
+    with atomic_output(path) as tmp:
+        image.save(tmp, format="PNG", optimize=True)
+
+
+def _fit(image: Image.Image) -> Image.Image:
+    """Scale to fit the tile; tiny images (8x8 digits) are enlarged with crisp pixels."""
+    scale = TILE / max(image.size)
+    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+    method = Image.Resampling.NEAREST if scale >= 4 else Image.Resampling.BICUBIC
+    return image.resize(size, method)
+
+
+def _clip(text: str, draw: ImageDraw.ImageDraw, font: ImageFont.ImageFont) -> str:
+    """Shorten ``text`` with an ellipsis until it fits under its tile."""
+    if draw.textlength(text, font=font) <= TILE:
+        return text
+    while text and draw.textlength(text + "…", font=font) > TILE:
+        text = text[:-1]
+    return text + "…"
+
+
+def _font(size: int) -> ImageFont.ImageFont:
+    # Pillow's built-in font: the same on every machine, no font files needed.
+    return ImageFont.load_default(size=size)

@@ -1,0 +1,42 @@
+import numpy as np
+import pytest
+
+from stages.errors import PipelineError
+from stages.evaluation import Mistake
+from stages.gallery import COLUMNS, TILE, draw_gallery, images_by_id
+
+RED = (220, 30, 30)
+
+
+def red_square(image_id: str) -> np.ndarray:
+    return np.full((8, 8, 3), RED, dtype=np.uint8)
+
+
+def test_each_mistake_gets_a_tile_with_its_image():
+    mistakes = [Mistake(f"{i}.png", "cat", "dog", 0.9) for i in range(COLUMNS + 1)]
+    sheet = np.asarray(draw_gallery([("head", mistakes)], red_square))
+    red = np.all(sheet == RED, axis=2)
+    # Two rows of tiles; each 8x8 image is enlarged to a TILE x TILE square with crisp pixels.
+    assert red.sum() == (COLUMNS + 1) * TILE * TILE
+    rows_with_red = np.flatnonzero(red.any(axis=1))
+    assert rows_with_red[-1] - rows_with_red[0] > TILE
+
+
+def test_a_model_without_mistakes_gets_a_short_block_saying_so():
+    sheet = draw_gallery([("head", [])], red_square)
+    pixels = np.asarray(sheet)
+    assert sheet.height < TILE and not np.all(pixels == RED, axis=2).any()
+    assert (pixels < 128).any()  # some text was written
+
+
+def test_images_are_looked_up_by_id_and_a_missing_one_is_named():
+    class Store:
+        ids = np.array(["a.png", "b.png"])
+
+        def __getitem__(self, i):
+            return np.full((2, 2, 3), i, dtype=np.uint8)
+
+    image_of = images_by_id(Store(), ["b.png"], "data/prepared/test")
+    assert image_of("b.png")[0, 0, 0] == 1
+    with pytest.raises(PipelineError, match="data/prepared/test: image 'c.png'"):
+        images_by_id(Store(), ["a.png", "c.png"], "data/prepared/test")
