@@ -139,6 +139,9 @@ def summary_markdown(evaluations: Sequence[ModelEvaluation], finetune_status: Ma
     finetune = finetune_status.get("status", "unknown")
     if "reason" in finetune_status:
         finetune += f" ({finetune_status['reason']})"
+    if finetune == "trained":
+        finetune += (f" ({finetune_status['strategy']}, best epoch "
+                     f"{finetune_status['best_epoch']} of {finetune_status['epochs_run']})")
     lines = [
         "# Evaluation summary",
         "",
@@ -176,6 +179,9 @@ def summary_markdown(evaluations: Sequence[ModelEvaluation], finetune_status: Ma
         *(f"- `{plots_dir}/{name}`: {what}." for name, what in PLOT_FILES.items()),
         f"- `{plots_dir}/{GALLERY_FILE}`: the most confident mistakes, with true and "
         "predicted class.",
+        *(["- `models/finetune/curves/`: fine-tuning loss, accuracy and learning rate per "
+           "epoch (the `finetune_*` plots)."] if finetune_status.get("status") == "trained"
+          else []),
         "",
         "Draw the plots with `dvc plots show` (then open `dvc_plots/index.html`); compare with "
         "another commit or experiment with `dvc plots diff <rev>` and `dvc metrics diff <rev>`.",

@@ -527,7 +527,7 @@ def predict_proba(net: FinetuneNet, images: Sequence[np.ndarray], preprocessing:
             batch = batch.to(runtime.device, memory_format=torch.channels_last)
             with runtime.autocast():
                 logits = net(batch)
-            yield torch.softmax(logits.float(), dim=1).cpu().numpy()
+            yield torch.softmax(logits.double(), dim=1).cpu().numpy()  # sums to 1 in float64
 
 
 @dataclass

@@ -76,6 +76,8 @@ def test_finetune_writes_the_best_model_its_curves_and_a_loadable_classifier(pro
     assert set(metrics) == {"head", "finetune"}
     assert metrics["finetune"]["n_images"] == metrics["head"]["n_images"]
     assert 0.0 <= metrics["finetune"]["accuracy"] <= 1.0
+    summary = (project / "reports" / "summary.md").read_text()
+    assert "Fine-tuning: trained (last_k, best epoch" in summary and "| finetune |" in summary
 
 
 @pytest.mark.slow
