@@ -57,9 +57,12 @@ def main() -> None:
         template = Path(scratch) / "template.html"
         template.write_text(html_template(args.node_modules.resolve()), encoding="utf-8")
         out = Path(scratch) / "page"
-        command = ["dvc", "plots", "diff", *args.diff] if args.diff is not None \
-            else ["dvc", "plots", "show"]
-        subprocess.run([*command, *args.targets, "--html-template", str(template),
+        if args.diff is not None:  # revisions are positional there, plots go after --targets
+            command = ["dvc", "plots", "diff", *args.diff,
+                       *(["--targets", *args.targets] if args.targets else [])]
+        else:
+            command = ["dvc", "plots", "show", *args.targets]
+        subprocess.run([*command, "--html-template", str(template),
                         "-o", str(out)], check=True)
         args.png.parent.mkdir(parents=True, exist_ok=True)
         subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu",
