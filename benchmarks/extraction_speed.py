@@ -22,11 +22,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from benchmarks import MONKEYS, training_store
 from stages.backbones import embed_batches, load_backbone, pick_device
-from stages.data import ImageStore, prepare_store
-from stages.sources import list_image_folder, write_digits_image_folder
-
-MONKEYS = Path(__file__).resolve().parents[2] / "shared" / "data" / "monkeys10" / "training"
 
 
 def timed(fn) -> float:
@@ -44,15 +41,7 @@ def main() -> None:
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as scratch:
-        root = args.images
-        if not root.is_dir():
-            root = Path(scratch) / "digits"
-            write_digits_image_folder(root)
-        listing = list_image_folder(root)
-        prepare_store(listing, Path(scratch) / "store", source=str(root), short_side=256,
-                      val_size=0.1, test_size=0.1, seed=0, min_per_class=1,
-                      max_per_class=None)
-        store = ImageStore(Path(scratch) / "store", "train")
+        store, listing, root = training_store(args.images, Path(scratch))
         images = [store[i] for i in range(min(args.count, len(store)))]
         paths = {image.id: image.path for image in listing.images}
         files = [paths[str(i)] for i in store.ids[:len(images)]]

@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from benchmarks import MONKEYS, training_store
 from stages.backbones import load_backbone
-from stages.data import ImageStore, prepare_store
 from stages.finetuning import (
     LabelledImages,
     build_network,
@@ -31,9 +31,6 @@ from stages.finetuning import (
     train_transform,
 )
 from stages.params import FinetuneParams
-from stages.sources import list_image_folder, write_digits_image_folder
-
-MONKEYS = Path(__file__).resolve().parents[2] / "shared" / "data" / "monkeys10" / "training"
 
 
 def main() -> None:
@@ -51,14 +48,7 @@ def main() -> None:
                             patience=None)
 
     with tempfile.TemporaryDirectory() as scratch:
-        root = args.images
-        if not root.is_dir():
-            root = Path(scratch) / "digits"
-            write_digits_image_folder(root)
-        prepare_store(list_image_folder(root), Path(scratch) / "store", source=str(root),
-                      short_side=256, val_size=0.1, test_size=0.1, seed=0, min_per_class=1,
-                      max_per_class=None)
-        store = ImageStore(Path(scratch) / "store", "train")
+        store, _, root = training_store(args.images, Path(scratch))
         count = min(args.count, len(store)) // args.batch_size * args.batch_size
         images = [store[i] for i in range(count)]
         labels = store.labels[:count]
