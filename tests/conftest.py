@@ -122,6 +122,16 @@ def project(embedded_project: Path, tmp_path: Path) -> Iterator[Path]:
         yield root
 
 
+@pytest.fixture
+def determinism_restored(monkeypatch) -> Iterator[None]:
+    """PyTorch's default (non-deterministic) settings and environment again after the test."""
+    from stages.backbones import set_determinism
+
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    yield
+    set_determinism(False)
+
+
 @pytest.fixture(scope="session")
 def backbone():
     from stages.backbones import load_backbone
