@@ -14,6 +14,7 @@ import difflib
 import hashlib
 import logging
 import math
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -378,6 +379,29 @@ class _PreprocessedImages(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> torch.Tensor:
         return self.transform(Image.fromarray(self.images[i]))
+
+
+# cuBLAS needs a fixed workspace to give the same result on every run (CUDA >= 10.2); it reads
+# this variable when CUDA starts in the process.
+CUBLAS_WORKSPACE_CONFIG = ":4096:8"
+
+
+def set_determinism(enabled: bool) -> None:
+    """Trade GPU speed for bit-identical results; call it before anything touches CUDA.
+
+    ``True``: only deterministic algorithms (an op without one raises), cuDNN without
+    autotuning and with deterministic convolutions, a fixed cuBLAS workspace. ``False``:
+    PyTorch's defaults. CPU results are the same run to run either way.
+    """
+    if enabled:
+        if torch.cuda.is_initialized() and \
+                os.environ.get("CUBLAS_WORKSPACE_CONFIG") != CUBLAS_WORKSPACE_CONFIG:
+            log.warning("CUDA was started before set_determinism(True): cuBLAS may still be "
+                        "non-deterministic")
+        os.environ["CUBLAS_WORKSPACE_CONFIG"] = CUBLAS_WORKSPACE_CONFIG
+    torch.use_deterministic_algorithms(enabled)
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = enabled
 
 
 def pick_device() -> torch.device:

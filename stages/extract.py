@@ -12,7 +12,13 @@ import torch
 import torchvision
 
 from stages.artifacts import atomic_output, save_arrays, write_json
-from stages.backbones import embed_batches, load_backbone, pick_device, resolve_batch_size
+from stages.backbones import (
+    embed_batches,
+    load_backbone,
+    pick_device,
+    resolve_batch_size,
+    set_determinism,
+)
 from stages.data import SPLITS, ImageStore
 from stages.embeddings import EmbeddingMeta, write_split
 from stages.errors import run_stage
@@ -27,6 +33,7 @@ EMBEDDINGS_DIR = Path("data/embeddings")
 
 def main() -> None:
     params = load_params(PARAMS).backbone
+    set_determinism(params.deterministic)
     backbone = load_backbone(params.name, params.weights)
     backbone.preprocessing = backbone.preprocessing.with_normalization(
         params.mean, params.std, params.allow_normalization_override)

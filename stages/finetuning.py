@@ -590,12 +590,13 @@ def _sha256(path: Path) -> str | None:
 def run_finetune(params: Params, *, prepared_dir: Path, embeddings_dir: Path, head_path: Path,
                  out_dir: Path, checkpoint: Path) -> FinetuneResult:
     """The whole stage: build the network, train it (resuming), write ``out_dir``."""
-    from stages.backbones import load_backbone, weights_argument
+    from stages.backbones import load_backbone, set_determinism, weights_argument
     from stages.data import ImageStore
     from stages.embeddings import EmbeddingMeta
     from stages.inference import backbone_of
 
     ft = params.finetune
+    set_determinism(params.backbone.deterministic)  # before CUDA starts
     runtime = resolve_runtime(ft.device, ft.precision)
     meta = EmbeddingMeta.read(embeddings_dir)
     pretrained = ft.strategy != "scratch"
@@ -642,6 +643,7 @@ def run_finetune(params: Params, *, prepared_dir: Path, embeddings_dir: Path, he
         "backbone": meta.backbone, "weights_sha256": meta.weights_sha256,
         "preprocessing": meta.preprocessing, "world_size": runtime.world_size,
         "init_from_source": params.head.init_from_source,
+        "deterministic": params.backbone.deterministic,
         "head": _sha256(head_path) if pretrained and ft.init_from_head else None,
         "data": [_sha256(prepared_dir / f"{split}.npz") for split in ("train", "val")]})
     writing = atomic_output(out_dir) if runtime.is_main else contextlib.nullcontext(None)

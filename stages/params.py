@@ -70,6 +70,9 @@ class BackboneParams:
         "help": "override of the weights' normalization mean; refused unless allowed"})
     std: tuple[float, float, float] | None = None
     allow_normalization_override: bool = False
+    deterministic: bool = field(default=False, metadata={
+        "help": "true: deterministic GPU kernels only (bit-identical reruns on one GPU, slower); "
+                "CPU runs are bit-identical either way"})
 
 
 @dataclass(frozen=True)

@@ -61,17 +61,24 @@ def write_params(root: Path, params: dict) -> None:
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False), encoding="utf-8")
 
 
+def stage_environment() -> dict[str, str]:
+    """The environment with this checkout's ``stages`` first on the path: outside the checkout,
+    ``python -m stages.<stage>`` would otherwise import wherever the editable install points."""
+    path = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "PYTHONPATH": path}
+
+
 def run_stage_cli(stage: str, cwd: Path) -> subprocess.CompletedProcess:
     """Run ``python -m stages.<stage>`` in ``cwd`` as DVC would."""
     return subprocess.run([sys.executable, "-m", f"stages.{stage}"], cwd=cwd,
-                          capture_output=True, text=True, timeout=600)
+                          env=stage_environment(), capture_output=True, text=True, timeout=600)
 
 
 def kill_stage_midway(stage: str, cwd: Path, started: Callable[[], bool]) -> None:
     """Run ``python -m stages.<stage>`` and SIGKILL it, with its workers, once ``started()``."""
     process = subprocess.Popen([sys.executable, "-m", f"stages.{stage}"], cwd=cwd,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               start_new_session=True)
+                               env=stage_environment(), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + 120
     while not started():
         assert process.poll() is None, f"{stage} finished before it could be interrupted"
@@ -120,6 +127,16 @@ def project(embedded_project: Path, tmp_path: Path) -> Iterator[Path]:
     shutil.copytree(embedded_project, root)
     with working_directory(root):
         yield root
+
+
+@pytest.fixture
+def determinism_restored(monkeypatch) -> Iterator[None]:
+    """PyTorch's default (non-deterministic) settings and environment again after the test."""
+    from stages.backbones import set_determinism
+
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    yield
+    set_determinism(False)
 
 
 @pytest.fixture(scope="session")

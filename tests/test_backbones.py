@@ -1,3 +1,4 @@
+import os
 import urllib.error
 
 import numpy as np
@@ -9,7 +10,12 @@ from PIL import Image
 from sklearn.datasets import load_sample_image
 from timm.data import create_transform, resolve_data_config
 
-from stages.backbones import Preprocessing, extract_embeddings, load_backbone
+from stages.backbones import (
+    Preprocessing,
+    extract_embeddings,
+    load_backbone,
+    set_determinism,
+)
 from stages.data import ImageStore
 from stages.errors import PipelineError
 
@@ -77,6 +83,17 @@ def test_embeddings_are_deterministic_and_independent_of_batch_size(backbone):
     np.testing.assert_allclose(extract_embeddings(backbone, images, batch_size=2), whole,
                                rtol=1e-4, atol=1e-5)
     assert not np.allclose(whole[0], whole[1])
+
+
+def test_set_determinism_switches_torch_and_cudnn_both_ways(determinism_restored):
+    assert not torch.are_deterministic_algorithms_enabled()
+    set_determinism(True)
+    assert torch.are_deterministic_algorithms_enabled()
+    assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    set_determinism(False)
+    assert not torch.are_deterministic_algorithms_enabled()
+    assert not torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
 
 
 def test_flip_averaging_makes_mirror_images_equal(backbone, flower):

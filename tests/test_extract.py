@@ -3,11 +3,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+import yaml
 
 from stages import extract
 from stages.data import SPLITS, ImageStore
 from stages.embeddings import EmbeddingMeta, load_split
-from tests.conftest import kill_stage_midway
+from tests.conftest import kill_stage_midway, write_params
 
 
 def test_embeddings_per_split_with_meta(embedded_project):
@@ -40,6 +42,18 @@ def test_two_extractions_give_identical_files(project):
     before = cache_files(project)
     extract.main()
     assert cache_files(project) == before
+
+
+def test_deterministic_extraction_applies_the_setting_and_gives_the_same_files(
+        project, determinism_restored):
+    before = cache_files(project)
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["backbone"]["deterministic"] = True
+    write_params(project, params)
+    extract.main()
+    assert torch.are_deterministic_algorithms_enabled()
+    assert torch.backends.cudnn.deterministic
+    assert cache_files(project) == before  # on CPU the default is bit-identical already
 
 
 @pytest.mark.slow

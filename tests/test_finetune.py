@@ -1,5 +1,4 @@
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -15,7 +14,7 @@ from safetensors.torch import load_file
 from stages import evaluate, finetune, train_head
 from stages.data import ImageStore
 from stages.finetuning import load_finetuned
-from tests.conftest import kill_stage_midway, run_stage_cli, write_params
+from tests.conftest import kill_stage_midway, run_stage_cli, stage_environment, write_params
 
 
 def test_disabled_finetune_is_recorded_as_skipped_in_well_under_a_second(tmp_path):
@@ -132,7 +131,7 @@ def test_torchrun_trains_with_two_cpu_processes_over_gloo(project):
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
          "-m", "stages.finetune"], cwd=project, capture_output=True, text=True, timeout=600,
-        env={**os.environ, "OMP_NUM_THREADS": "1"})
+        env={**stage_environment(), "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     status = json.loads((project / "models" / "finetune" / "status.json").read_text())
     assert status["processes"] == 2 and status["status"] == "trained"

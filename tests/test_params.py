@@ -88,6 +88,13 @@ def test_lists_and_auto_values_are_typed():
     assert Params().backbone.batch_size == "auto"
 
 
+def test_determinism_is_off_by_default_and_read_as_a_bool():
+    assert Params().backbone.deterministic is False
+    assert params_from_dict({"backbone": {"deterministic": True}}).backbone.deterministic is True
+    with pytest.raises(ParamsError, match="backbone.deterministic='yes' has the wrong type"):
+        params_from_dict({"backbone": {"deterministic": "yes"}})
+
+
 def test_empty_file_gives_defaults(tmp_path):
     assert load_params(write(tmp_path, "")) == Params()
 

@@ -22,11 +22,13 @@ EVALUATE_PLOTS = ["confusion.csv", "per_class_f1.csv", "calibration.csv", "roc.c
 pytestmark = pytest.mark.slow
 
 
+ENV = {**os.environ, "GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@example.com",
+       "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@example.com",
+       "DVC_NO_ANALYTICS": "1"}
+
+
 def run(args: list[str], cwd: Path) -> str:
-    env = {**os.environ, "GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@example.com",
-           "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@example.com",
-           "DVC_NO_ANALYTICS": "1"}
-    result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    result = subprocess.run(args, cwd=cwd, env=ENV, capture_output=True, text=True, timeout=900)
     output = result.stdout + result.stderr
     assert result.returncode == 0, f"{' '.join(args)} failed:\n{output}"
     return output
@@ -157,7 +159,11 @@ def test_queued_experiments_run_two_at_a_time_each_with_its_own_results(repo):
     values = ["0.01", "0.1", "10"]
     for value in values:
         run(["dvc", "exp", "run", "--queue", "-S", f"head.C={value}"], repo)
-    run(["dvc", "queue", "start", "-j", "2"], repo)
+    # The queue's workers outlive `dvc queue start`: give them a file, not this test's pipes,
+    # or reading the command's output waits for the workers to exit.
+    with open(repo.parent / "queue-start.log", "w") as log_file:
+        subprocess.run(["dvc", "queue", "start", "-j", "2"], cwd=repo, env=ENV, check=True,
+                       stdout=log_file, stderr=subprocess.STDOUT, timeout=120)
     deadline = time.monotonic() + 600
     while True:
         status = run(["dvc", "queue", "status"], repo)
