@@ -22,13 +22,16 @@ EVALUATE_PLOTS = ["confusion.csv", "per_class_f1.csv", "calibration.csv", "roc.c
 pytestmark = pytest.mark.slow
 
 
-ENV = {**os.environ, "GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@example.com",
-       "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@example.com",
-       "DVC_NO_ANALYTICS": "1"}
+def command_environment() -> dict[str, str]:
+    """The current environment (tests may set credentials in it) with a git identity."""
+    return {**os.environ, "GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@example.com",
+            "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@example.com",
+            "DVC_NO_ANALYTICS": "1"}
 
 
 def run(args: list[str], cwd: Path) -> str:
-    result = subprocess.run(args, cwd=cwd, env=ENV, capture_output=True, text=True, timeout=900)
+    result = subprocess.run(args, cwd=cwd, env=command_environment(), capture_output=True,
+                            text=True, timeout=900)
     output = result.stdout + result.stderr
     assert result.returncode == 0, f"{' '.join(args)} failed:\n{output}"
     return output
@@ -162,8 +165,8 @@ def test_queued_experiments_run_two_at_a_time_each_with_its_own_results(repo):
     # The queue's workers outlive `dvc queue start`: give them a file, not this test's pipes,
     # or reading the command's output waits for the workers to exit.
     with open(repo.parent / "queue-start.log", "w") as log_file:
-        subprocess.run(["dvc", "queue", "start", "-j", "2"], cwd=repo, env=ENV, check=True,
-                       stdout=log_file, stderr=subprocess.STDOUT, timeout=120)
+        subprocess.run(["dvc", "queue", "start", "-j", "2"], cwd=repo, env=command_environment(),
+                       check=True, stdout=log_file, stderr=subprocess.STDOUT, timeout=120)
     deadline = time.monotonic() + 600
     while True:
         status = run(["dvc", "queue", "status"], repo)
