@@ -1,7 +1,8 @@
 """Export the trained classifier to one file: ``python -m stages.export --format torchscript|onnx``.
 
-The file holds the frozen backbone, the head (standardization, linear layer, softmax) and, as
-metadata, the preprocessing and class names a server needs. Its input is a batch of images
+The file holds the fine-tuned network when fine-tuning ran (``--model auto``, the default),
+else the frozen backbone and the head (standardization, linear layer); a softmax at the end;
+and, as metadata, the preprocessing and class names a server needs. Its input is a batch of images
 already resized, cropped and normalized as the metadata says; its output, class
 probabilities in the metadata's class order.
 """
@@ -20,12 +21,13 @@ import torch
 from stages.artifacts import atomic_output
 from stages.errors import PipelineError, run_stage
 from stages.heads import LogisticHead
-from stages.inference import Classifier, load_classifier
+from stages.inference import MODEL_CHOICES, Classifier, Predictor, load_predictor
 
 log = logging.getLogger(__name__)
 
 EMBEDDINGS_DIR = Path("data/embeddings")
 HEAD_PATH = Path("models/head.npz")
+FINETUNE_DIR = Path("models/finetune")
 OUTPUTS = {"torchscript": Path("models/export/classifier.pt"),
            "onnx": Path("models/export/classifier.onnx")}
 METADATA_FILE = "metadata.json"
@@ -50,21 +52,47 @@ class ExportedClassifier(torch.nn.Module):
         return torch.softmax(scores, dim=1)
 
 
+class ExportedFinetuned(torch.nn.Module):
+    """The fine-tuned network with a softmax at the end."""
+
+    def __init__(self, net: torch.nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self.net(images), dim=1)
+
+
+IO_NOTE = {"input": "float32 (N, 3, H, W), RGB resized, centre-cropped and normalized per "
+                    "'preprocessing'",
+           "output": "class probabilities (N, len(classes))"}
+
+
 def export_metadata(classifier: Classifier) -> dict[str, Any]:
     meta = classifier.meta
-    return {"classes": [classifier.classes[int(i)] for i in classifier.head.classes_],
+    classes = [classifier.classes[int(i)] for i in classifier.head.classes_]
+    return {"model": "head", "classes": classes,
             "preprocessing": meta.preprocessing, "short_side": meta.short_side,
             "backbone": meta.backbone, "weights": meta.weights,
-            "weights_sha256": meta.weights_sha256, "input": "float32 (N, 3, H, W), "
-            "RGB resized, centre-cropped and normalized per 'preprocessing'",
-            "output": "class probabilities (N, len(classes))"}
+            "weights_sha256": meta.weights_sha256, **IO_NOTE}
 
 
-def export(classifier: Classifier, fmt: str, path: Path) -> dict[str, Any]:
-    """Write ``classifier`` as TorchScript or ONNX to ``path``; returns the embedded metadata."""
-    module = ExportedClassifier(classifier.backbone.encoder, classifier.head).eval()
-    example = torch.zeros((2, *classifier.backbone.preprocessing.input_size))
-    metadata = export_metadata(classifier)
+def exportable(model: Predictor) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The module to trace and the metadata to embed, for the head or the fine-tuned model."""
+    if isinstance(model, Classifier):
+        return ExportedClassifier(model.backbone.encoder, model.head), export_metadata(model)
+    info = model.info
+    return ExportedFinetuned(model.net), {
+        "model": "finetune", "classes": model.classes, "preprocessing": info["preprocessing"],
+        "short_side": info["short_side"], "backbone": info["backbone"],
+        "weights": f"fine-tuned from {info['weights']} ({info['strategy']})", **IO_NOTE}
+
+
+def export(model: Predictor, fmt: str, path: Path) -> dict[str, Any]:
+    """Write ``model`` as TorchScript or ONNX to ``path``; returns the embedded metadata."""
+    module, metadata = exportable(model)
+    module = module.eval().to("cpu", memory_format=torch.contiguous_format)
+    example = torch.zeros((2, *metadata["preprocessing"]["input_size"]))
     with atomic_output(path) as tmp, torch.inference_mode(False), torch.no_grad():
         if fmt == "torchscript":
             traced = torch.jit.trace(module, example)
@@ -95,12 +123,15 @@ def main(argv: list[str] | None = None) -> None:
                                      description=__doc__.splitlines()[0])
     parser.add_argument("--format", choices=sorted(OUTPUTS), default="torchscript")
     parser.add_argument("--output", type=Path, help="file to write (default: models/export/)")
+    parser.add_argument("--model", choices=MODEL_CHOICES, default="auto",
+                        help="auto (default): the fine-tuned model when there is one, else "
+                             "the head on the frozen backbone")
     args = parser.parse_args(argv)
     path = args.output or OUTPUTS[args.format]
-    classifier = load_classifier(EMBEDDINGS_DIR, HEAD_PATH)
-    metadata = export(classifier, args.format, path)
-    log.info("wrote %s (%s, %d classes, input %s)", path, args.format,
-             len(metadata["classes"]), metadata["preprocessing"]["input_size"])
+    model = load_predictor(args.model, EMBEDDINGS_DIR, HEAD_PATH, FINETUNE_DIR)
+    metadata = export(model, args.format, path)
+    log.info("wrote %s (%s model, %s, %d classes, input %s)", path, metadata["model"],
+             args.format, len(metadata["classes"]), metadata["preprocessing"]["input_size"])
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ import json
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 from stages import export
@@ -47,3 +48,35 @@ def test_onnx_file_matches_the_pytorch_model(trained, images_and_reference):
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     [probabilities] = session.run(None, {"images": batch.numpy()})
     assert np.abs(probabilities - reference).max() < 1e-4
+
+
+@pytest.mark.slow
+def test_the_fine_tuned_model_is_exported_by_default_once_it_exists(trained):
+    from stages import finetune
+    from stages.finetuning import load_finetuned
+    from tests.conftest import write_params
+
+    params = yaml.safe_load((trained / "params.yaml").read_text())
+    params["finetune"] = {"enabled": True, "strategy": "head", "epochs": 1, "batch_size": 8,
+                          "augment": "none"}
+    write_params(trained, params)
+    finetune.main()
+    model = load_finetuned(trained / "models" / "finetune")
+    files = [p for p in list_inputs(["inputs"]) if p.suffix != ".txt"]
+    images = [np.asarray(Image.open(p).convert("RGB")) for p in files]
+    reference = np.concatenate(list(model.predict_proba(images)))
+    transform = model.preprocessing.eval_transform()
+    batch = torch.stack([transform(Image.fromarray(image)) for image in images])
+    export.main(["--format", "torchscript"])
+    extra = {"metadata.json": ""}
+    exported = torch.jit.load(str(trained / "models" / "export" / "classifier.pt"),
+                              _extra_files=extra)
+    metadata = json.loads(extra["metadata.json"])
+    assert metadata["model"] == "finetune" and metadata["classes"] == ["blue", "green", "red"]
+    with torch.inference_mode():
+        probabilities = exported(batch).numpy()
+    assert np.abs(probabilities - reference).max() < 1e-4
+    export.main(["--format", "torchscript", "--model", "head", "--output", "head.pt"])
+    extra = {"metadata.json": ""}
+    torch.jit.load(str(trained / "head.pt"), _extra_files=extra)
+    assert json.loads(extra["metadata.json"])["model"] == "head"

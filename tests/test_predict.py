@@ -55,3 +55,26 @@ def test_changed_weights_are_detected(trained):
     meta_path.write_text(json_module.dumps(meta))
     with pytest.raises(PipelineError, match="changed since the embeddings were extracted"):
         predict.main(["inputs/a-red.png"])
+
+
+def test_predict_prefers_the_fine_tuned_model_and_explains_when_there_is_none(trained, capsys,
+                                                                               caplog):
+    import logging
+
+    import yaml
+
+    from stages import finetune
+    from tests.conftest import write_params
+
+    with pytest.raises(PipelineError, match="no fine-tuned model .* use --model head"):
+        predict.main(["inputs/a-red.png", "--model", "finetune"])
+    params = yaml.safe_load((trained / "params.yaml").read_text())
+    params["finetune"] = {"enabled": True, "strategy": "head", "epochs": 1, "batch_size": 8,
+                          "augment": "none"}
+    write_params(trained, params)
+    finetune.main()
+    with caplog.at_level(logging.INFO):
+        predict.main(["inputs/a-red.png", "inputs/more/b-green.jpg"])
+    assert "with the finetune model" in caplog.text
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[1] for line in lines] == ["red", "green"]
