@@ -367,8 +367,8 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-class _PreprocessedImages(torch.utils.data.Dataset):
-    """Arrays of RGB uint8 pixels, turned into network input by the backbone's own transform."""
+class PreprocessedImages(torch.utils.data.Dataset):
+    """Arrays of RGB uint8 pixels, turned into network input by ``transform``."""
 
     def __init__(self, images: Sequence[np.ndarray], transform: Any) -> None:
         self.images = images
@@ -447,7 +447,7 @@ def embed_batches(backbone: Backbone, images: Sequence[np.ndarray], batch_size: 
         # On CPU the forward pass already uses every core; extra processes only compete with it.
         num_workers = 4 if device.type == "cuda" else 0
     loader = torch.utils.data.DataLoader(
-        _PreprocessedImages(images, backbone.preprocessing.eval_transform()),
+        PreprocessedImages(images, backbone.preprocessing.eval_transform()),
         batch_size=batch_size, shuffle=False, num_workers=num_workers,
         pin_memory=device.type == "cuda")
     backbone.to(device)

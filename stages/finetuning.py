@@ -31,7 +31,7 @@ from torchvision.transforms import v2
 from tqdm import tqdm
 
 from stages.artifacts import atomic_output
-from stages.backbones import Backbone, Preprocessing, _TimmPreLogits
+from stages.backbones import Backbone, PreprocessedImages, Preprocessing, _TimmPreLogits
 from stages.errors import PipelineError
 from stages.heads import LogisticHead
 from stages.params import FinetuneParams, Params
@@ -216,20 +216,16 @@ def train_transform(preprocessing: Preprocessing, augment: str) -> v2.Compose:
                        v2.Normalize(mean=list(preprocessing.mean), std=list(preprocessing.std))])
 
 
-class LabelledImages(torch.utils.data.Dataset):
-    """RGB uint8 arrays and their labels, through ``transform``."""
+class LabelledImages(PreprocessedImages):
+    """RGB uint8 arrays through ``transform``, each with its label."""
 
     def __init__(self, images: Sequence[np.ndarray], labels: np.ndarray,
                  transform: Callable[[Image.Image], torch.Tensor]) -> None:
-        self.images = images
+        super().__init__(images, transform)
         self.labels = labels
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.labels)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        return self.transform(Image.fromarray(self.images[i])), int(self.labels[i])
+        return super().__getitem__(i), int(self.labels[i])
 
 
 @dataclass(frozen=True)
@@ -519,11 +515,10 @@ def _copy_state(net: torch.nn.Module) -> dict[str, torch.Tensor]:
 def predict_proba(net: FinetuneNet, images: Sequence[np.ndarray], preprocessing: Preprocessing,
                   batch_size: int, runtime: Runtime) -> Iterator[np.ndarray]:
     """Class probabilities batch by batch, with the backbone's own eval preprocessing."""
-    dataset = LabelledImages(images, np.zeros(len(images), dtype=np.int64),
-                             preprocessing.eval_transform())
+    dataset = PreprocessedImages(images, preprocessing.eval_transform())
     net.eval().to(runtime.device, memory_format=torch.channels_last)
     with torch.inference_mode():
-        for batch, _ in _loader(dataset, batch_size, runtime, train=False):
+        for batch in _loader(dataset, batch_size, runtime, train=False):
             batch = batch.to(runtime.device, memory_format=torch.channels_last)
             with runtime.autocast():
                 logits = net(batch)
