@@ -30,7 +30,7 @@ from PIL import Image
 from torchvision.transforms import v2
 from tqdm import tqdm
 
-from stages.artifacts import atomic_output
+from stages.artifacts import atomic_output, read_json, write_json
 from stages.backbones import Backbone, PreprocessedImages, Preprocessing, _TimmPreLogits
 from stages.errors import PipelineError
 from stages.heads import LogisticHead
@@ -299,6 +299,10 @@ class TrainingState:
     def best(self) -> EpochRecord:
         return self.history[self.best_epoch]
 
+    def patience_spent(self, patience: int | None) -> bool:
+        """Early stopping: ``patience`` epochs in a row without a better one (None: never)."""
+        return patience is not None and self.epochs_without_improvement >= patience
+
     def improved_by(self, record: EpochRecord) -> bool:
         # Accuracy only, strictly (as Keras' save_best_only): losses under label smoothing
         # are not comparable with the sharper starting probe's.
@@ -448,7 +452,7 @@ def train(net: FinetuneNet, train_set: LabelledImages, val_set: LabelledImages,
         on_epoch(state)
 
     train_seconds, train_images = 0.0, 0
-    stopped_early = state.epochs_without_improvement >= (params.patience or math.inf)
+    stopped_early = state.patience_spent(params.patience)
     while state.epoch < params.epochs and not stopped_early:
         epoch = state.epoch + 1
         epoch_seed = _seed_epoch(seed, epoch)
@@ -492,7 +496,7 @@ def train(net: FinetuneNet, train_set: LabelledImages, val_set: LabelledImages,
             state.epochs_without_improvement = 0
         else:
             state.epochs_without_improvement += 1
-        stopped_early = state.epochs_without_improvement >= (params.patience or math.inf)
+        stopped_early = state.patience_spent(params.patience)
         log.info("epoch %d: train loss %.4f, train accuracy %.4f, val loss %.4f, "
                  "val accuracy %.4f, lr %.3g", epoch, record.train_loss,
                  record.train_accuracy, val_loss, val_accuracy, record.lr)
@@ -552,14 +556,13 @@ def save_finetuned(directory: Path, state: dict[str, torch.Tensor], info: dict[s
 
     save_file({name: tensor.contiguous() for name, tensor in state.items()},
               str(directory / "model.safetensors"))
-    (directory / "model.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+    write_json(directory / "model.json", info)
 
 
 def load_finetuned(directory: str | Path) -> FinetunedModel:
     """Rebuild the network recorded in ``directory/model.json`` and load its tensors."""
     from safetensors.torch import load_file
 
-    from stages.artifacts import read_json
     from stages.backbones import load_backbone
 
     directory = Path(directory)
@@ -585,7 +588,7 @@ def _sha256(path: Path) -> str | None:
 def run_finetune(params: Params, *, prepared_dir: Path, embeddings_dir: Path, head_path: Path,
                  out_dir: Path, checkpoint: Path) -> FinetuneResult:
     """The whole stage: build the network, train it (resuming), write ``out_dir``."""
-    from stages.backbones import load_backbone, set_determinism, weights_argument
+    from stages.backbones import load_backbone, set_determinism
     from stages.data import ImageStore
     from stages.embeddings import EmbeddingMeta
     from stages.inference import backbone_of
@@ -595,10 +598,7 @@ def run_finetune(params: Params, *, prepared_dir: Path, embeddings_dir: Path, he
     runtime = resolve_runtime(ft.device, ft.precision)
     meta = EmbeddingMeta.read(embeddings_dir)
     pretrained = ft.strategy != "scratch"
-    if pretrained:
-        backbone = backbone_of(meta)
-    else:
-        backbone = load_backbone(meta.backbone, weights_argument(meta.weights), pretrained=False)
+    backbone = backbone_of(meta) if pretrained else load_backbone(meta.backbone, pretrained=False)
     preprocessing = Preprocessing.from_dict(meta.preprocessing)
     stores = {split: ImageStore(prepared_dir, split) for split in ("train", "val")}
     classes = stores["train"].classes
@@ -663,7 +663,7 @@ def run_finetune(params: Params, *, prepared_dir: Path, embeddings_dir: Path, he
                 "unfreeze_k": ft.unfreeze_k if ft.strategy == "last_k" else None,
                 "best_epoch": result.state.best_epoch,
                 "val_accuracy": best.val_accuracy, "val_loss": best.val_loss})
-            (tmp / "status.json").write_text(json.dumps({
+            write_json(tmp / "status.json", {
                 "enabled": True, "status": "trained", "strategy": ft.strategy,
                 "epochs_run": result.state.epoch, "best_epoch": result.state.best_epoch,
                 "val_accuracy": best.val_accuracy,
@@ -674,7 +674,7 @@ def run_finetune(params: Params, *, prepared_dir: Path, embeddings_dir: Path, he
                 "device": str(runtime.device), "precision": runtime.precision,
                 "processes": runtime.world_size, "bn": bn,
                 "train_images_per_second": round(result.train_images_per_second, 2),
-                "seconds": round(time.perf_counter() - started, 1)}, indent=2) + "\n")
+                "seconds": round(time.perf_counter() - started, 1)})
     if runtime.world_size > 1:
         dist.barrier()
         dist.destroy_process_group()
