@@ -1,7 +1,7 @@
 """Export the trained classifier to one file: ``python -m stages.export --format torchscript|onnx``.
 
 The file holds the fine-tuned network when fine-tuning ran (``--model auto``, the default),
-else the frozen backbone and the head (standardization, linear layer); a softmax at the end;
+else the frozen backbone and the head (one linear layer, standardization folded in); a softmax;
 and, as metadata, the preprocessing and class names a server needs. Its input is a batch of images
 already resized, cropped and normalized as the metadata says; its output, class
 probabilities in the metadata's class order.
@@ -15,12 +15,10 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from stages.artifacts import atomic_output
 from stages.errors import PipelineError, run_stage
-from stages.heads import LogisticHead
 from stages.inference import MODEL_CHOICES, Classifier, Predictor, load_predictor
 
 log = logging.getLogger(__name__)
@@ -33,27 +31,8 @@ OUTPUTS = {"torchscript": Path("models/export/classifier.pt"),
 METADATA_FILE = "metadata.json"
 
 
-class ExportedClassifier(torch.nn.Module):
-    """Backbone encoder and the logistic head as torch operations, softmax at the end."""
-
-    def __init__(self, encoder: torch.nn.Module, head: LogisticHead) -> None:
-        super().__init__()
-        self.encoder = encoder
-        for name in ("mean", "scale", "coef", "intercept"):
-            array = np.asarray(getattr(head, f"{name}_"))
-            self.register_buffer(name, torch.as_tensor(array, dtype=torch.float32))
-        self.binary = head.coef_.shape[0] == 1
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        features = (self.encoder(images) - self.mean) / self.scale
-        scores = features @ self.coef.T + self.intercept
-        if self.binary:  # scikit-learn keeps one score row, for the second class
-            scores = torch.cat([torch.zeros_like(scores), scores], dim=1)
-        return torch.softmax(scores, dim=1)
-
-
-class ExportedFinetuned(torch.nn.Module):
-    """The fine-tuned network with a softmax at the end."""
+class SoftmaxClassifier(torch.nn.Module):
+    """A network that gives class scores, with a softmax at the end."""
 
     def __init__(self, net: torch.nn.Module) -> None:
         super().__init__()
@@ -61,6 +40,19 @@ class ExportedFinetuned(torch.nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return torch.softmax(self.net(images), dim=1)
+
+
+def head_network(classifier: Classifier) -> torch.nn.Module:
+    """The frozen encoder, then the logistic head as one linear layer (standardization
+    folded in), with a row per class the head knows, in ``head.classes_`` order."""
+    head = classifier.head
+    weight, bias = head.as_linear(len(classifier.classes))
+    rows = head.classes_.astype(int)
+    linear = torch.nn.Linear(weight.shape[1], len(rows))
+    with torch.no_grad():
+        linear.weight.copy_(torch.as_tensor(weight[rows], dtype=torch.float32))
+        linear.bias.copy_(torch.as_tensor(bias[rows], dtype=torch.float32))
+    return torch.nn.Sequential(classifier.backbone.encoder, linear)
 
 
 IO_NOTE = {"input": "float32 (N, 3, H, W), RGB resized, centre-cropped and normalized per "
@@ -80,9 +72,9 @@ def export_metadata(classifier: Classifier) -> dict[str, Any]:
 def exportable(model: Predictor) -> tuple[torch.nn.Module, dict[str, Any]]:
     """The module to trace and the metadata to embed, for the head or the fine-tuned model."""
     if isinstance(model, Classifier):
-        return ExportedClassifier(model.backbone.encoder, model.head), export_metadata(model)
+        return SoftmaxClassifier(head_network(model)), export_metadata(model)
     info = model.info
-    return ExportedFinetuned(model.net), {
+    return SoftmaxClassifier(model.net), {
         "model": "finetune", "classes": model.classes, "preprocessing": info["preprocessing"],
         "short_side": info["short_side"], "backbone": info["backbone"],
         "weights": f"fine-tuned from {info['weights']} ({info['strategy']})", **IO_NOTE}
