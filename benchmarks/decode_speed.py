@@ -63,8 +63,8 @@ def run_prepare(root: Path, out: Path, generated: bool = True) -> float:
                            test_size=0.15, seed=0, min_per_class=1, max_per_class=None)
     seconds = time.perf_counter() - started
     stored = sum(report["totals"].values())
-    if generated and stored != len(listing.images):
-        raise SystemExit(f"only {stored} of {len(listing.images)} generated images were kept")
+    if generated and stored != len(listing):
+        raise SystemExit(f"only {stored} of {len(listing)} generated images were kept")
     return seconds
 
 

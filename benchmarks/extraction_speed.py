@@ -41,10 +41,9 @@ def main() -> None:
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as scratch:
-        store, listing, root = training_store(args.images, Path(scratch))
+        store, root = training_store(args.images, Path(scratch))
         images = [store[i] for i in range(min(args.count, len(store)))]
-        paths = {image.id: image.path for image in listing.images}
-        files = [paths[str(i)] for i in store.ids[:len(images)]]
+        files = [root / str(i) for i in store.ids[:len(images)]]
 
         backbone = load_backbone(args.backbone)
         device = pick_device()

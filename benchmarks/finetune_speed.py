@@ -48,7 +48,7 @@ def main() -> None:
                             patience=None)
 
     with tempfile.TemporaryDirectory() as scratch:
-        store, _, root = training_store(args.images, Path(scratch))
+        store, root = training_store(args.images, Path(scratch))
         count = min(args.count, len(store)) // args.batch_size * args.batch_size
         images = [store[i] for i in range(count)]
         labels = store.labels[:count]

@@ -11,9 +11,10 @@ import csv
 import json
 import os
 import shutil
-from collections.abc import Iterator
+import zipfile
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -100,6 +101,35 @@ def save_arrays(path: str | Path, **arrays: np.ndarray) -> None:
             raise TypeError(f"array '{name}' has dtype object, which would need pickle")
     with atomic_output(path) as tmp, open(tmp, "wb") as f:
         np.savez(f, **arrays)
+
+
+def save_arrays_streamed(
+        path: str | Path,
+        arrays: dict[str, tuple[Any, tuple[int, ...], Iterable[np.ndarray]]]) -> None:
+    """``save_arrays`` for arrays built a chunk of rows at a time: each is given as its dtype,
+    shape and chunks, and streamed into the ``.npz``, so no whole array is ever in memory.
+    The file is the one ``save_arrays`` would write for the same arrays."""
+    with atomic_output(path) as tmp, zipfile.ZipFile(tmp, "w", allowZip64=True) as npz:
+        for name, (dtype, shape, chunks) in arrays.items():
+            with npz.open(f"{name}.npy", "w", force_zip64=True) as f:
+                rows = write_npy(f, dtype, shape, chunks)
+            if rows != shape[0]:
+                raise RuntimeError(f"{path}: array '{name}' got {rows} rows, expected {shape[0]}")
+
+
+def write_npy(f: BinaryIO, dtype: Any, shape: tuple[int, ...],
+              chunks: Iterable[np.ndarray]) -> int:
+    """Write an ``.npy`` header for ``shape`` and ``dtype`` to ``f``, then ``chunks`` of rows
+    in order; returns the number of rows written."""
+    dtype = np.dtype(dtype)
+    np.lib.format.write_array_header_1_0(
+        f, {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False,
+            "shape": tuple(shape)})
+    rows = 0
+    for chunk in chunks:
+        f.write(np.ascontiguousarray(chunk, dtype=dtype).tobytes())
+        rows += len(chunk)
+    return rows
 
 
 def load_arrays(path: str | Path) -> dict[str, np.ndarray]:

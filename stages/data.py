@@ -10,26 +10,33 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import operator
 import os
 import shutil
-from collections import Counter, defaultdict
-from collections.abc import Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
-from itertools import repeat
+from itertools import islice, repeat
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
-from stages.artifacts import atomic_output, load_arrays, read_json, save_arrays, write_json
+from stages.artifacts import (
+    atomic_output,
+    load_arrays,
+    read_json,
+    save_arrays_streamed,
+    write_json,
+)
+from stages.catalog import SPLITS, STORE_OFFSET, Catalog
 from stages.errors import PipelineError
-from stages.sources import Listing, SourceImage
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("train", "val", "test")
 # Images whose shorter side is below this are reported: they will be upscaled a lot.
 SMALL_SIDE = 32
 # Transparent pixels are composited over this background so that RGBA, LA and P images with
@@ -58,21 +65,6 @@ class DecodedFile:
     # and std add up from these without a second pass over the pixels.
     channel_sums: tuple[int, int, int] = (0, 0, 0)
     channel_squares: tuple[int, int, int] = (0, 0, 0)
-
-
-@dataclass(frozen=True)
-class KeptImage:
-    """An image that made it into the store, before its split is known."""
-
-    source: SourceImage
-    label: int
-    staging_file: str
-    offset: int
-    shape: tuple[int, int]
-    pixel_sha256: str
-    byte_sha256: str
-    channel_sums: tuple[int, int, int]
-    channel_squares: tuple[int, int, int]
 
 
 def decode_image(data: bytes) -> Image.Image:
@@ -157,18 +149,40 @@ def decode_file(path: Path, short_side: int, staging_dir: Path) -> DecodedFile:
                        channel_squares=tuple(int(v) for v in histogram @ levels**2))
 
 
-def decode_all(paths: Sequence[Path], short_side: int, staging_dir: Path,
+def decode_files(paths: Sequence[Path], short_side: int,
+                 staging_dir: Path) -> list[DecodedFile]:
+    """``decode_file`` for each of ``paths``: one task for a decoding worker."""
+    return [decode_file(path, short_side, staging_dir) for path in paths]
+
+
+def decode_all(paths: Iterable[Path], total: int, short_side: int, staging_dir: Path,
                workers: int | None = None) -> Iterator[DecodedFile]:
-    """Decode ``paths`` in order, on every core, with a progress bar."""
+    """Decode ``paths`` (``total`` of them) in order, on every core, with a progress bar.
+
+    Only a few chunks per worker are in flight at a time, so memory does not grow with the
+    number of files (``Executor.map`` would submit them all at once).
+    """
     workers = workers or len(os.sched_getaffinity(0))
-    progress = {"desc": "decode", "unit": "img", "total": len(paths), "leave": False}
-    args = (paths, repeat(short_side), repeat(staging_dir))
-    if workers <= 1 or len(paths) < PARALLEL_MIN_FILES:
-        yield from tqdm(map(decode_file, *args), **progress)
+    progress = {"desc": "decode", "unit": "img", "total": total, "leave": False}
+    if workers <= 1 or total < PARALLEL_MIN_FILES:
+        yield from tqdm(map(decode_file, paths, repeat(short_side), repeat(staging_dir)),
+                        **progress)
         return
-    with ProcessPoolExecutor(max_workers=workers) as pool:
-        chunksize = max(1, min(32, len(paths) // (workers * 8)))
-        yield from tqdm(pool.map(decode_file, *args, chunksize=chunksize), **progress)
+    chunk_size = max(1, min(32, total // (workers * 8)))
+    paths = iter(paths)
+    chunks = iter(lambda: list(islice(paths, chunk_size)), [])
+    pending: deque[Future[list[DecodedFile]]] = deque()
+    with ProcessPoolExecutor(max_workers=workers) as pool, tqdm(**progress) as bar:
+        for chunk in chunks:
+            pending.append(pool.submit(decode_files, chunk, short_side, staging_dir))
+            while len(pending) > 4 * workers or (pending and pending[0].done()):
+                results = pending.popleft().result()
+                bar.update(len(results))
+                yield from results
+        while pending:
+            results = pending.popleft().result()
+            bar.update(len(results))
+            yield from results
 
 
 def split_fraction(seed: int, purpose: str, pixel_sha256: str) -> float:
@@ -194,73 +208,45 @@ def assign_split(fraction: float, given: str | None, given_splits: set[str],
     return given
 
 
-def prepare_store(listing: Listing, out_dir: Path, *, source: str, short_side: int,
+def prepare_store(catalog: Catalog, out_dir: Path, *, source: str, short_side: int,
                   val_size: float, test_size: float, seed: int, min_per_class: int,
                   max_per_class: int | None, workers: int | None = None) -> dict:
-    """Decode, check, de-duplicate and split ``listing`` into the store at ``out_dir``.
+    """Decode, check, de-duplicate and split the files of ``catalog`` into the store at
+    ``out_dir``.
 
     Returns the data report. Fails, leaving no store, when a class ends up with fewer than
     ``min_per_class`` images or a split ends up empty.
     """
-    # Of several copies of one picture the first is kept: a given train copy before val or
-    # test ones (so the training data stays whole), then by id.
-    priority = {"train": 0, None: 1, "val": 2, "test": 3}
-    images = sorted(listing.images, key=lambda image: (priority[image.split], image.id))
-    classes = sorted({image.label for image in images})
-    class_index = {name: i for i, name in enumerate(classes)}
-    skipped = list(listing.skipped)
-    duplicates: list[dict[str, str]] = []
-    small: list[str] = []
-    kept: dict[str, KeptImage] = {}
-    labels_of: dict[str, set[str]] = defaultdict(set)
-    members: dict[str, list[str]] = defaultdict(list)
+    classes = catalog.classes()
     with atomic_output(out_dir) as tmp:
         tmp.mkdir()
         staging = tmp / "staging"
         staging.mkdir()
-        decoded_files = decode_all([i.path for i in images], short_side, staging, workers)
-        for image, decoded in zip(images, decoded_files, strict=True):
-            if decoded.reason:
-                skipped.append({"path": image.id, "reason": decoded.reason})
-                continue
-            sha = decoded.pixel_sha256
-            labels_of[sha].add(image.label)
-            members[sha].append(image.id)
-            if sha in kept:
-                first = kept[sha]
-                same = "bytes" if first.byte_sha256 == decoded.byte_sha256 else "pixels"
-                duplicates.append({"path": image.id, "duplicate_of": first.source.id,
-                                   "same": same})
-                continue
-            if min(decoded.original_size) < SMALL_SIDE:
-                small.append(image.id)
-            kept[sha] = KeptImage(image, class_index[image.label], decoded.staging_file,
-                                  decoded.offset, decoded.shape, sha, decoded.byte_sha256,
-                                  decoded.channel_sums, decoded.channel_squares)
-        conflicts = [{"paths": members[sha], "labels": sorted(labels)}
-                     for sha, labels in labels_of.items() if len(labels) > 1]
-        conflicting = {path for conflict in conflicts for path in conflict["paths"]}
-        duplicates = [d for d in duplicates if d["path"] not in conflicting]
-        usable = [k for k in kept.values() if k.source.id not in conflicting]
-        _check_class_sizes(usable, classes, min_per_class)
-        chosen, left_out = _cap_per_class(usable, max_per_class, seed)
-        given_splits = {k.source.split for k in usable if k.source.split is not None}
-        by_split: dict[str, list[KeptImage]] = {split: [] for split in SPLITS}
-        for k in chosen:
-            fraction = split_fraction(seed, "split", k.pixel_sha256)
-            split = assign_split(fraction, k.source.split, given_splits, val_size, test_size)
-            by_split[split].append(k)
-        for split, members_of_split in by_split.items():
-            if not members_of_split:
-                raise PipelineError(f"split '{split}' ends up empty ({len(chosen)} usable images, "
-                                    f"data.val_size={val_size}, data.test_size={test_size}); "
-                                    "add images or give that split a larger share")
-        _write_splits(staging, tmp, by_split)
-        mean, std = _channel_statistics(by_split["train"])
+        decoded_files = decode_all(catalog.ranked_paths(), len(catalog), short_side, staging,
+                                   workers)
+        for rank, decoded in enumerate(decoded_files, start=1):
+            catalog.record(rank, decoded, small=0 < min(decoded.original_size) < SMALL_SIDE)
+        catalog.find_duplicates()
+        small_count, small = catalog.small_images(limit=100)
+        conflicts = catalog.exclude_conflicts()
+        _check_class_sizes(catalog.kept_per_class(), classes, min_per_class)
+        left_out = 0
+        if max_per_class is not None:
+            left_out = catalog.cap_per_class(
+                max_per_class, lambda sha: split_fraction(seed, "cap", sha))
+        given_splits = catalog.given_splits()
+        totals = catalog.assign_splits(lambda sha, given: assign_split(
+            split_fraction(seed, "split", sha), given, given_splits, val_size, test_size))
+        for split, n in totals.items():
+            if not n:
+                raise PipelineError(f"split '{split}' ends up empty ({sum(totals.values())} "
+                                    f"usable images, data.val_size={val_size}, "
+                                    f"data.test_size={test_size}); add images or give that "
+                                    "split a larger share")
+        _write_splits(catalog, classes, staging, tmp, totals)
+        mean, std = _channel_statistics(*catalog.pixel_sums("train"))
         shutil.rmtree(staging)
-        counts = {split: {name: sum(1 for k in by_split[split] if k.label == i)
-                          for i, name in enumerate(classes)} for split in SPLITS}
-        totals = {split: len(by_split[split]) for split in SPLITS}
+        counts = catalog.split_counts(classes)
         write_json(tmp / "meta.json", {
             "source": source, "classes": classes, "short_side": short_side, "counts": totals,
             "train_mean": mean, "train_std": std,
@@ -276,19 +262,17 @@ def prepare_store(listing: Listing, out_dir: Path, *, source: str, short_side: i
         "train_mean": mean,
         "train_std": std,
         "left_out_by_max_per_class": left_out,
-        "small_images": {"min_side_below": SMALL_SIDE, "count": len(small),
-                         "paths": small[:100]},
-        "skipped": skipped,
-        "duplicates": duplicates,
+        "small_images": {"min_side_below": SMALL_SIDE, "count": small_count, "paths": small},
+        "skipped": catalog.skipped + catalog.undecodable(),
+        "duplicates": catalog.duplicates(),
         "conflicts": conflicts,
     }
 
 
-def _check_class_sizes(usable: Sequence[KeptImage], classes: Sequence[str],
+def _check_class_sizes(per_class: dict[str, int], classes: Sequence[str],
                        min_per_class: int) -> None:
-    counts = Counter(k.label for k in usable)
-    short = [f"'{name}' ({counts.get(i, 0)})" for i, name in enumerate(classes)
-             if counts.get(i, 0) < min_per_class]
+    short = [f"'{name}' ({per_class.get(name, 0)})" for name in classes
+             if per_class.get(name, 0) < min_per_class]
     if short:
         subject = f"class {short[0]} has" if len(short) == 1 else \
             f"classes {', '.join(short)} have"
@@ -297,57 +281,49 @@ def _check_class_sizes(usable: Sequence[KeptImage], classes: Sequence[str],
                             "class folder, or lower data.min_per_class")
 
 
-def _cap_per_class(usable: Sequence[KeptImage], max_per_class: int | None,
-                   seed: int) -> tuple[list[KeptImage], int]:
-    if max_per_class is None:
-        return sorted(usable, key=lambda k: k.source.id), 0
-    per_class: dict[int, list[KeptImage]] = defaultdict(list)
-    for k in usable:
-        per_class[k.label].append(k)
-    chosen = []
-    for members_of_class in per_class.values():
-        members_of_class.sort(key=lambda k: split_fraction(seed, "cap", k.pixel_sha256))
-        chosen.extend(members_of_class[:max_per_class])
-    chosen.sort(key=lambda k: k.source.id)
-    return chosen, len(usable) - len(chosen)
-
-
-def _channel_statistics(images: Sequence[KeptImage]) -> tuple[list[float], list[float]]:
-    """Per-channel mean and std of the pixels of ``images``, on a 0..1 scale."""
-    count = sum(h * w for h, w in (k.shape for k in images))
-    sums = np.sum([k.channel_sums for k in images], axis=0, dtype=np.float64) / 255.0
-    squares = np.sum([k.channel_squares for k in images], axis=0, dtype=np.float64) / 255.0**2
-    mean = sums / count
-    std = np.sqrt(np.maximum(squares / count - np.square(mean), 0.0))
+def _channel_statistics(pixels: int, sums: Sequence[int],
+                        squares: Sequence[int]) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std on a 0..1 scale, from the pixel count and the sums of the
+    channel values and of their squares."""
+    mean = np.asarray(sums, dtype=np.float64) / 255.0 / pixels
+    squares = np.asarray(squares, dtype=np.float64) / 255.0**2
+    std = np.sqrt(np.maximum(squares / pixels - np.square(mean), 0.0))
     return [round(float(v), 6) for v in mean], [round(float(v), 6) for v in std]
 
 
-def _write_splits(staging: Path, out: Path, by_split: dict[str, list[KeptImage]]) -> None:
-    """Copy each split's pixels out of the staging files, with its index.
+def _write_splits(catalog: Catalog, classes: Sequence[str], staging: Path, out: Path,
+                  totals: dict[str, int]) -> None:
+    """Copy each split's pixels out of the staging files, then write its index.
 
     Plain reads, not a memory map: mapped pages would count against this process's memory.
+    The index is streamed from the catalog into the ``.npz``, a page of images at a time.
     """
+    label_of = {name: i for i, name in enumerate(classes)}
     sources = {path.name: open(path, "rb") for path in staging.iterdir()}  # noqa: SIM115
-    for split, kept in by_split.items():
-        offsets, shapes = [], []
-        position = 0
+    for split, n in totals.items():
         with open(out / f"{split}.bin", "wb") as f:
-            for k in kept:
-                h, w = k.shape
-                source = sources[k.staging_file]
-                source.seek(k.offset)
-                f.write(source.read(h * w * 3))
-                offsets.append(position)
-                shapes.append((h, w))
-                position += h * w * 3
-        save_arrays(out / f"{split}.npz",
-                    offsets=np.asarray(offsets, dtype=np.int64),
-                    shapes=np.asarray(shapes, dtype=np.int32).reshape(-1, 2),
-                    labels=np.asarray([k.label for k in kept], dtype=np.int64),
-                    ids=np.asarray([k.source.id for k in kept], dtype=str),
-                    sha256=np.asarray([k.pixel_sha256 for k in kept], dtype="S64"))
+            for staging_file, offset, size in catalog.stored(split, "staging_file", "offset",
+                                                             "height * width * 3"):
+                source = sources[staging_file]
+                source.seek(offset)
+                f.write(source.read(size))
+        save_arrays_streamed(out / f"{split}.npz", {
+            "offsets": (np.int64, (n,), _pages(catalog.stored(split, STORE_OFFSET))),
+            "shapes": (np.int32, (n, 2), _pages(catalog.stored(split, "height", "width"),
+                                                value=tuple)),
+            "labels": (np.int64, (n,), _pages(catalog.stored(split, "label"),
+                                              value=lambda row: label_of[row[0]])),
+            "ids": (f"<U{catalog.longest_id(split)}", (n,), _pages(catalog.stored(split, "id"))),
+            "sha256": ("S64", (n,), _pages(catalog.stored(split, "pixel_sha256")))})
     for source in sources.values():
         source.close()
+
+
+def _pages(rows: Iterator[tuple], value: Callable[[tuple], Any] = operator.itemgetter(0),
+           size: int = 4096) -> Iterator[np.ndarray]:
+    """``value`` of each of ``rows`` (by default its first column), as arrays of up to ``size``."""
+    while page := list(islice(rows, size)):
+        yield np.asarray([value(row) for row in page])
 
 
 class ImageStore:

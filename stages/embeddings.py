@@ -7,14 +7,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import mmap
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from stages.artifacts import load_arrays, read_json
+from stages.artifacts import load_arrays, read_json, write_npy
 from stages.errors import PipelineError
 
 
@@ -51,15 +52,8 @@ class EmbeddingMeta:
 def write_split(path: Path, batches: Iterable[np.ndarray], rows: int, dim: int,
                 dtype: str) -> None:
     """Stream ``batches`` into the ``.npy`` file at ``path``; only one batch is in memory."""
-    dtype = np.dtype(dtype)
-    written = 0
     with open(path, "wb") as f:
-        np.lib.format.write_array_header_1_0(
-            f, {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False,
-                "shape": (rows, dim)})
-        for batch in batches:
-            f.write(np.ascontiguousarray(batch, dtype=dtype).tobytes())
-            written += len(batch)
+        written = write_npy(f, dtype, (rows, dim), batches)
     if written != rows:
         raise RuntimeError(f"{path}: wrote {written} rows, expected {rows}")
 
@@ -85,3 +79,17 @@ def load_split(directory: str | Path, split: str) -> tuple[np.ndarray, np.ndarra
     if len(labels) != len(features) or len(ids) != len(features):
         raise PipelineError(f"{directory}/index.npz does not match {path}; {rerun}")
     return features, labels, ids
+
+
+def row_chunks(features: np.ndarray, rows: int = 4096) -> Iterator[tuple[int, np.ndarray]]:
+    """``features`` as float64 copies of ``rows`` rows at a time, each with its first row's
+    index.
+
+    The pages of a memory-mapped cache are handed back to the kernel after each chunk, so
+    reading a whole split costs one chunk of memory, not the size of the file.
+    """
+    mapping = getattr(features, "_mmap", None)  # np.memmap's mmap object
+    for start in range(0, len(features), rows):
+        yield start, np.asarray(features[start:start + rows], dtype=np.float64)
+        if mapping is not None:
+            mapping.madvise(mmap.MADV_DONTNEED)

@@ -2,21 +2,23 @@
 
 Every kind of source ends up as files on disk with a class name and, where the source says
 so, a given split: an image-folder root, a pre-split root, a CSV manifest, a torchvision
-data set (written out as PNG files) or the built-in digits (likewise).
+data set (written out as PNG files) or the built-in digits (likewise). The files go into a
+``Catalog`` on disk, so that listing a million files does not take memory for each.
 """
 
 from __future__ import annotations
 
 import csv
 import inspect
-from collections.abc import Callable
-from dataclasses import dataclass, field
+import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from stages.catalog import Catalog, SourceImage
 from stages.errors import PipelineError
 
 # Folder and manifest names for each split; a pre-split root holds some of these folders.
@@ -26,25 +28,7 @@ TORCHVISION_PREFIX = "torchvision:"
 TORCHVISION_ROOT = Path("data/raw/torchvision")
 
 
-@dataclass(frozen=True)
-class SourceImage:
-    """One file of a source: its id (path relative to the source root), class and given split."""
-
-    id: str
-    path: Path
-    label: str
-    split: str | None = None
-
-
-@dataclass
-class Listing:
-    """What a source holds, and the entries that could not even be listed (with reasons)."""
-
-    images: list[SourceImage]
-    skipped: list[dict[str, str]] = field(default_factory=list)
-
-
-def list_source(source: str, scratch: Path) -> Listing:
+def list_source(source: str, scratch: Path) -> Catalog:
     """List the labelled files of ``data.source``; generated sets are written below ``scratch``."""
     if source in BUILTIN_SOURCES:
         BUILTIN_SOURCES[source](scratch / source)
@@ -76,7 +60,7 @@ def write_digits_image_folder(root: Path) -> None:
 BUILTIN_SOURCES: dict[str, Callable[[Path], None]] = {"digits": write_digits_image_folder}
 
 
-def list_image_folder(root: Path) -> Listing:
+def list_image_folder(root: Path) -> Catalog:
     """List ``<root>/<class>/**``, or ``<root>/<split>/<class>/**`` when folders name splits."""
     folders = _subfolders(root)
     split_folders = {p.name: SPLIT_ALIASES[p.name.lower()] for p in folders
@@ -93,16 +77,16 @@ def list_image_folder(root: Path) -> Listing:
         if len(set(split_folders.values())) < len(split_folders):
             raise PipelineError(f"data.source: '{root}' has two folders for one split: "
                                 f"{', '.join(sorted(split_folders))}")
-        listing = Listing(images=[])
+        catalog = Catalog()
         for folder in folders:
-            _list_class_folders(root, folder, split_folders[folder.name], listing)
+            _list_class_folders(root, folder, split_folders[folder.name], catalog)
     else:
-        listing = Listing(images=[])
-        _list_class_folders(root, root, None, listing)
-    if not listing.images and not listing.skipped:
+        catalog = Catalog()
+        _list_class_folders(root, root, None, catalog)
+    if not len(catalog) and not catalog.skipped:
         raise PipelineError(f"data.source: '{root}' holds no files in class sub-folders; "
                             "expected <root>/<class>/<images> or <root>/<split>/<class>/<images>")
-    return listing
+    return catalog
 
 
 def _subfolders(root: Path) -> list[Path]:
@@ -117,32 +101,48 @@ def _subfolders(root: Path) -> list[Path]:
 
 def visible_files(folder: Path) -> list[Path]:
     """Every file below ``folder``, in sorted order, skipping hidden files and folders."""
-    return sorted(path for path in folder.rglob("*") if path.is_file() and not any(
-        part.startswith(".") for part in path.relative_to(folder).parts))
+    return sorted(walk_visible_files(folder))
 
 
-def _list_class_folders(root: Path, parent: Path, split: str | None, listing: Listing) -> None:
+def walk_visible_files(folder: Path) -> Iterator[Path]:
+    """Every file below ``folder``, in the order folders list them, skipping hidden files and
+    folders and not following links to folders. Entries are read one at a time, so a folder
+    of a million files costs no memory (``glob`` lists each folder whole)."""
+    try:
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                if entry.name.startswith("."):
+                    continue
+                if entry.is_dir(follow_symlinks=False):
+                    yield from walk_visible_files(Path(entry.path))
+                elif entry.is_file():
+                    yield Path(entry.path)
+    except OSError as err:
+        raise PipelineError(f"cannot read folder '{folder}' ({err.strerror}); fix its "
+                            "permissions or move it out of the data") from err
+
+
+def _list_class_folders(root: Path, parent: Path, split: str | None, catalog: Catalog) -> None:
     resolved_root = root.resolve()
     for class_dir in _subfolders(parent):
-        for path in visible_files(class_dir):
+        for path in walk_visible_files(class_dir):
             relative = path.relative_to(root)
             if not _is_inside(path, resolved_root):
-                listing.skipped.append({"path": relative.as_posix(),
-                                        "reason": "links outside the data root"})
+                catalog.skip(relative.as_posix(), "links outside the data root")
                 continue
-            listing.images.append(SourceImage(relative.as_posix(), path, class_dir.name, split))
+            catalog.add(SourceImage(relative.as_posix(), path, class_dir.name, split))
 
 
 def _is_inside(path: Path, resolved_root: Path) -> bool:
     return path.resolve().is_relative_to(resolved_root)
 
 
-def list_manifest(manifest: Path) -> Listing:
+def list_manifest(manifest: Path) -> Catalog:
     """List a CSV manifest with columns ``path,label[,split]``, paths relative to the manifest."""
     if not manifest.is_file():
         raise PipelineError(f"data.source: manifest '{manifest}' does not exist")
     root = manifest.parent.resolve()
-    listing = Listing(images=[])
+    catalog = Catalog()
     with open(manifest, newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
         columns = [c.strip() for c in reader.fieldnames or []]
@@ -157,15 +157,14 @@ def list_manifest(manifest: Path) -> Listing:
                 raise PipelineError(f"{manifest} line {line}: every row needs a path and a label")
             path = root / written
             if Path(written).is_absolute() or not _is_inside(path, root):
-                listing.skipped.append({"path": written,
-                                        "reason": "escapes the data root (the manifest's folder)"})
+                catalog.skip(written, "escapes the data root (the manifest's folder)")
             elif not path.is_file():
-                listing.skipped.append({"path": written, "reason": "does not exist"})
+                catalog.skip(written, "does not exist")
             else:
-                listing.images.append(SourceImage(written, path, label, split))
-    if not listing.images and not listing.skipped:
+                catalog.add(SourceImage(written, path, label, split))
+    if not len(catalog) and not catalog.skipped:
         raise PipelineError(f"{manifest}: the manifest lists no images")
-    return listing
+    return catalog
 
 
 def _manifest_split(manifest: Path, line: int, value: str) -> str | None:

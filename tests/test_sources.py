@@ -31,18 +31,18 @@ def test_every_file_below_a_class_folder_is_that_class(image_folder):
     (image_folder / "blue" / ".DS_Store").write_bytes(b"junk")
     (image_folder / ".hidden-class").mkdir()
     listing = list_image_folder(image_folder)
-    labels = [image.label for image in listing.images]
+    labels = [image.label for image in listing.images()]
     assert sorted(set(labels)) == ["blue", "green", "red"]
     assert labels.count("red") == 7
-    assert "red/nested/deep/x.png" in {image.id for image in listing.images}
-    assert all(image.split is None for image in listing.images)
-    assert not any(".DS_Store" in image.id for image in listing.images)
+    assert "red/nested/deep/x.png" in {image.id for image in listing.images()}
+    assert all(image.split is None for image in listing.images())
+    assert not any(".DS_Store" in image.id for image in listing.images())
 
 
 def test_unicode_class_names_are_kept_as_written(tmp_path):
     for name in ("café", "日本", "Zebra"):
         write_image(tmp_path / name / "a.png", (1, 2, 3), seed=len(name))
-    labels = {image.label for image in list_image_folder(tmp_path).images}
+    labels = {image.label for image in list_image_folder(tmp_path).images()}
     assert sorted(labels) == ["Zebra", "café", "日本"]
 
 
@@ -51,7 +51,7 @@ def test_a_link_out_of_the_root_is_reported(image_folder, tmp_path):
     os.symlink(outside, image_folder / "red" / "link.png")
     listing = list_image_folder(image_folder)
     assert {"path": "red/link.png", "reason": "links outside the data root"} in listing.skipped
-    assert "red/link.png" not in {image.id for image in listing.images}
+    assert "red/link.png" not in {image.id for image in listing.images()}
 
 
 def test_pre_split_root_keeps_its_splits(tmp_path):
@@ -59,11 +59,11 @@ def test_pre_split_root_keeps_its_splits(tmp_path):
         for cls in ("a", "b"):
             write_image(tmp_path / split / cls / "0.png", (1, 2, 3), seed=hash((split, cls)) % 999)
     listing = list_image_folder(tmp_path)
-    splits = {image.id: image.split for image in listing.images}
+    splits = {image.id: image.split for image in listing.images()}
     assert splits["training/a/0.png"] == "train"
     assert splits["validation/b/0.png"] == "val"
     assert splits["test/a/0.png"] == "test"
-    assert {image.label for image in listing.images} == {"a", "b"}
+    assert {image.label for image in listing.images()} == {"a", "b"}
 
 
 @pytest.mark.parametrize(("folders", "message"), [
@@ -101,7 +101,7 @@ def test_manifest_rows_are_resolved_against_its_folder(tmp_path):
                                     "img/2.png,dog,validation\nimg/3.png,dog,\n"
                                     "../outside.png,cat,\n/etc/passwd,cat,\n")
     listing = list_manifest(manifest)
-    assert [(i.id, i.label, i.split) for i in listing.images] == [
+    assert [(i.id, i.label, i.split) for i in listing.images()] == [
         ("img/1.png", "cat", "train"), ("img/2.png", "dog", "val")]
     assert listing.skipped == [
         {"path": "img/3.png", "reason": "does not exist"},
@@ -159,7 +159,7 @@ def test_torchvision_splits_are_written_as_a_pre_split_folder(tmp_path, monkeypa
                         raising=False)
     listing = list_source("torchvision:TinySplitDataset", tmp_path)
     by_split = {}
-    for image in listing.images:
+    for image in listing.images():
         by_split.setdefault(image.split, set()).add(image.label)
     assert by_split == {"train": {"ant", "bee"}, "test": {"ant", "bee"}}
-    assert len(listing.images) == 8
+    assert len(listing) == 8
