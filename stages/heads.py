@@ -13,6 +13,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
 from stages.artifacts import load_arrays, save_arrays
+from stages.embeddings import row_chunks
 from stages.errors import PipelineError
 
 log = logging.getLogger(__name__)
@@ -33,14 +34,24 @@ class LogisticHead:
         self.random_state = random_state
 
     def fit(self, X: np.ndarray, y: np.ndarray) -> LogisticHead:
-        X = np.asarray(X, dtype=np.float64)  # also reads memory-mapped float16 caches
-        scaler = StandardScaler().fit(X)
+        """Fit on ``X`` (rows of embeddings, memory-mapped or not) and labels ``y``.
+
+        ``X`` is read in chunks; the one copy made of it is the standardized float32 matrix
+        that L-BFGS works on, four bytes per value, so a memory-mapped float16 or float32
+        cache costs no more memory than its own size.
+        """
+        scaler = StandardScaler()
+        for _, chunk in row_chunks(X):
+            scaler.partial_fit(chunk)
+        standardized = np.empty(X.shape, dtype=np.float32)
+        for start, chunk in row_chunks(X):
+            standardized[start:start + len(chunk)] = (chunk - scaler.mean_) / scaler.scale_
         model = LogisticRegression(C=self.C, max_iter=self.max_iter,
                                    class_weight=self.class_weight,
                                    random_state=self.random_state)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", ConvergenceWarning)
-            model.fit(scaler.transform(X), y)
+            model.fit(standardized, y)
         self.converged_ = not any(issubclass(w.category, ConvergenceWarning) for w in caught)
         if not self.converged_:
             log.warning("logistic regression did not converge in head.max_iter=%d iterations; "
@@ -59,8 +70,11 @@ class LogisticHead:
         self.classes_ = np.asarray(classes)
 
     def decision_function(self, X: np.ndarray) -> np.ndarray:
-        standardized = (np.asarray(X, dtype=np.float64) - self.mean_) / self.scale_
-        return standardized @ self.coef_.T + self.intercept_
+        scores = np.empty((len(X), len(self.intercept_)))
+        for start, chunk in row_chunks(X):
+            scores[start:start + len(chunk)] = \
+                ((chunk - self.mean_) / self.scale_) @ self.coef_.T + self.intercept_
+        return scores
 
     def predict_proba(self, X: np.ndarray) -> np.ndarray:
         scores = self.decision_function(X)
