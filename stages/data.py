@@ -320,7 +320,7 @@ def _write_splits(catalog: Catalog, classes: Sequence[str], staging: Path, out: 
 
 
 def _pages(rows: Iterator[tuple], value: Callable[[tuple], Any] = operator.itemgetter(0),
-           size: int = 4096) -> Iterator[np.ndarray]:
+           size: int = 1024) -> Iterator[np.ndarray]:
     """``value`` of each of ``rows`` (by default its first column), as arrays of up to ``size``."""
     while page := list(islice(rows, size)):
         yield np.asarray([value(row) for row in page])
