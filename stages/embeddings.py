@@ -81,7 +81,7 @@ def load_split(directory: str | Path, split: str) -> tuple[np.ndarray, np.ndarra
     return features, labels, ids
 
 
-def row_chunks(features: np.ndarray, rows: int = 4096) -> Iterator[tuple[int, np.ndarray]]:
+def row_chunks(features: np.ndarray, rows: int = 512) -> Iterator[tuple[int, np.ndarray]]:
     """``features`` as float64 copies of ``rows`` rows at a time, each with its first row's
     index.
 

@@ -9,6 +9,7 @@ from stages.artifacts import (
     load_arrays,
     read_json,
     save_arrays,
+    save_arrays_streamed,
     write_csv,
     write_json,
 )
@@ -51,6 +52,22 @@ def test_arrays_round_trip_and_object_arrays_are_refused(tmp_path):
     assert list(loaded["names"]) == ["é", "b"]
     with pytest.raises(TypeError, match="dtype object"):
         save_arrays(path, bad=np.asarray([{"a": 1}], dtype=object))
+
+
+def test_streamed_arrays_give_the_same_file_as_whole_ones(tmp_path):
+    ids = np.asarray([f"img{i}é" for i in range(10)])
+    shapes = np.arange(20, dtype=np.int32).reshape(10, 2)
+    save_arrays(tmp_path / "whole.npz", ids=ids, shapes=shapes)
+    save_arrays_streamed(tmp_path / "streamed.npz", {
+        "ids": (ids.dtype, (10,), [ids[:4], ids[4:]]),
+        "shapes": (np.int32, (10, 2), (shapes[i:i + 3] for i in range(0, 10, 3)))})
+    assert (tmp_path / "streamed.npz").read_bytes() == (tmp_path / "whole.npz").read_bytes()
+
+
+def test_a_streamed_array_short_of_rows_leaves_no_file(tmp_path):
+    with pytest.raises(RuntimeError, match="'x' got 2 rows, expected 3"):
+        save_arrays_streamed(tmp_path / "a.npz", {"x": (np.int64, (3,), [np.arange(2)])})
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_pickled_arrays_are_not_loaded(tmp_path):

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from stages.artifacts import save_arrays, write_json
-from stages.embeddings import EmbeddingMeta, load_split, write_split
+from stages.embeddings import EmbeddingMeta, load_split, row_chunks, write_split
 from stages.errors import PipelineError
 
 
@@ -51,3 +51,12 @@ def test_a_cache_file_that_disagrees_with_its_meta_is_detected(tmp_path):
     with pytest.raises(PipelineError, match=r"holds \(5, 3\) float16, the meta says \(6, 3\) "
                                             r"float16; re-run the extract stage"):
         load_split(tmp_path, "train")
+
+
+def test_row_chunks_cover_every_row_once_in_order(tmp_path):
+    write_cache(tmp_path, rows=10, dim=3, dtype="float32")
+    features, _, _ = load_split(tmp_path, "train")
+    chunks = list(row_chunks(features, rows=4))
+    assert [start for start, _ in chunks] == [0, 4, 8]
+    assert all(chunk.dtype == np.float64 for _, chunk in chunks)
+    assert np.array_equal(np.concatenate([chunk for _, chunk in chunks]), features)

@@ -163,3 +163,17 @@ def test_torchvision_splits_are_written_as_a_pre_split_folder(tmp_path, monkeypa
         by_split.setdefault(image.split, set()).add(image.label)
     assert by_split == {"train": {"ant", "bee"}, "test": {"ant", "bee"}}
     assert len(listing) == 8
+
+
+def test_an_unreadable_folder_is_named_not_skipped(image_folder, monkeypatch):
+    write_image(image_folder / "red" / "nested" / "x.png", (200, 0, 0), seed=99)
+    real_scandir = os.scandir
+
+    def scandir(path):
+        if os.path.basename(path) == "nested":
+            raise PermissionError(13, "Permission denied")
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    with pytest.raises(PipelineError, match=r"folder '.*nested' \(Permission denied\)"):
+        list_image_folder(image_folder)
