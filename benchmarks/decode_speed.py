@@ -1,11 +1,9 @@
-"""Decoding speed and memory of ``prepare``, as ratios measured in one run.
+"""Decoding speed of ``prepare``, as ratios measured in one run.
 
-1. Images per second of ``prepare_store`` (read, decode, hash, shrink, store, on every core)
-   against a plain single-process PIL loop over the same files (open, convert to RGB, resize),
-   on ``../shared/data/monkeys10`` (small 250-pixel JPEGs) when present, and on generated
-   1600x1200 JPEGs, the size of ordinary camera photos.
-2. Peak memory (max RSS) of ``prepare_store`` on 1,000 against 10,000 generated images: the
-   pixels stream to disk, so memory should barely grow.
+Images per second of ``prepare_store`` (read, decode, hash, shrink, store, on every core)
+against a plain single-process PIL loop over the same files (open, convert to RGB, resize), on
+``../shared/data/monkeys10`` (small 250-pixel JPEGs) when present, and on generated 1600x1200
+JPEGs, the size of ordinary camera photos. Memory at scale is measured by ``benchmarks.scale``.
 
     python -m benchmarks.decode_speed
 """
@@ -14,8 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -23,10 +19,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from benchmarks import MONKEYS
 from stages.data import prepare_store
 from stages.sources import list_image_folder
-
-MONKEYS = Path(__file__).resolve().parents[2] / "shared" / "data" / "monkeys10" / "training"
 
 
 def plain_pil_loop(paths: list[Path], short_side: int) -> None:
@@ -68,22 +63,8 @@ def run_prepare(root: Path, out: Path, generated: bool = True) -> float:
     return seconds
 
 
-def peak_memory_mib(root: Path, out: Path) -> tuple[float, float]:
-    """Max RSS of a fresh process running prepare on ``root``, and of its largest worker."""
-    code = ("import resource, sys; from pathlib import Path; "
-            "from benchmarks.decode_speed import run_prepare; "
-            "run_prepare(Path(sys.argv[1]), Path(sys.argv[2])); "
-            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "
-            "resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
-    result = subprocess.run([sys.executable, "-c", code, str(root), str(out)], check=True,
-                            capture_output=True, text=True,
-                            cwd=Path(__file__).resolve().parents[1])
-    main_kib, worker_kib = result.stdout.strip().splitlines()[-1].split()
-    return int(main_kib) / 1024, int(worker_kib) / 1024
-
-
 def compare_speed(root: Path, out: Path, generated: bool) -> float:
-    paths = [image.path for image in list_image_folder(root).images]
+    paths = [image.path for image in list_image_folder(root).images()]
     plain_pil_loop(paths, 256)  # warm the file cache for both
     started = time.perf_counter()
     plain_pil_loop(paths, 256)
@@ -108,18 +89,7 @@ def main() -> None:
             ratios["given"] = compare_speed(args.images, scratch / "store-given", False)
         generate(scratch / "photos", 300, size=(1600, 1200))
         ratios["photos"] = compare_speed(scratch / "photos", scratch / "store-photos", True)
-
-        memory = {}
-        for count in (1000, 10000):
-            generate(scratch / f"gen{count}", count, size=(160, 120), fmt="png")
-            memory[count] = peak_memory_mib(scratch / f"gen{count}", scratch / f"out{count}")
-        for count, (main_mib, worker_mib) in memory.items():
-            print(f"peak memory, {count:6,d} images: main process {main_mib:6.1f} MiB, "
-                  f"largest decode worker {worker_mib:6.1f} MiB")
-        ratio = memory[10000][0] / memory[1000][0]
-        print(f"main process, 10,000 / 1,000 images = {ratio:.2f}")
-        print(json.dumps({"speed_ratios": {k: round(v, 2) for k, v in ratios.items()},
-                          "memory_ratio": round(ratio, 2)}))
+    print(json.dumps({"speed_ratios": {k: round(v, 2) for k, v in ratios.items()}}))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """The files of a source and what prepare learns about each, kept on disk, not in memory.
 
-A private SQLite database (on disk, deleted when closed) holds one row per listed file and,
+A private SQLite database (on disk, gone when closed) holds one row per listed file and,
 once it is decoded, its hashes, size and pixel sums. Ordering, de-duplication, label conflicts,
 class sizes, the per-class cap and the split are queries over it, so prepare's memory stays
 flat however many files a source holds: only SQLite's page cache (2 MiB) lives in memory.
@@ -57,8 +57,9 @@ class Catalog:
     prepare has decoded them, which files are kept, where they go and why the others are not."""
 
     def __init__(self) -> None:
-        # An empty name opens a private temporary database on disk, removed on close. The
-        # database is scratch: no journal, no waiting for the disk.
+        # An empty name opens a private temporary database on disk ($TMPDIR, else /var/tmp)
+        # whose file SQLite unlinks at once: not even a killed run leaves it behind. It is
+        # scratch: no journal, no waiting for the disk.
         self._db = sqlite3.connect("")
         self._db.executescript("PRAGMA journal_mode = OFF; PRAGMA synchronous = OFF;" + _SCHEMA)
         self.skipped: list[dict[str, str]] = []
