@@ -173,16 +173,18 @@ def decode_all(paths: Iterable[Path], total: int, short_side: int, staging_dir: 
     chunks = iter(lambda: list(islice(paths, chunk_size)), [])
     pending: deque[Future[list[DecodedFile]]] = deque()
     with ProcessPoolExecutor(max_workers=workers) as pool, tqdm(**progress) as bar:
+
+        def oldest() -> list[DecodedFile]:
+            results = pending.popleft().result()
+            bar.update(len(results))
+            return results
+
         for chunk in chunks:
             pending.append(pool.submit(decode_files, chunk, short_side, staging_dir))
             while len(pending) > 4 * workers or (pending and pending[0].done()):
-                results = pending.popleft().result()
-                bar.update(len(results))
-                yield from results
+                yield from oldest()
         while pending:
-            results = pending.popleft().result()
-            bar.update(len(results))
-            yield from results
+            yield from oldest()
 
 
 def split_fraction(seed: int, purpose: str, pixel_sha256: str) -> float:
