@@ -23,7 +23,7 @@ from stages.evaluation import (
     summary_markdown,
 )
 from stages.gallery import draw_gallery, images_by_id, save_png
-from stages.heads import LogisticHead
+from stages.heads import load_head
 from stages.params import load_params
 
 log = logging.getLogger(__name__)
@@ -44,7 +44,7 @@ def main() -> None:
     params = load_params(PARAMS)
     split = params.evaluate.split
     features, y_true, ids = load_split(EMBEDDINGS_DIR, split)
-    head, classes = LogisticHead.load(HEAD_PATH)
+    head, classes = load_head(HEAD_PATH)
     probabilities = {"head": head.predict_proba_all(features, len(classes))}
     finetune = read_json(FINETUNE_STATUS)
     store = ImageStore(PREPARED_DIR, split)

@@ -1,7 +1,7 @@
 """Export the trained classifier to one file: ``python -m stages.export --format torchscript|onnx``.
 
 The file holds the fine-tuned network when fine-tuning ran (``--model auto``, the default),
-else the frozen backbone and the head (one linear layer, standardization folded in); a softmax;
+else the frozen backbone and the head (its linear layers, standardization folded in); a softmax;
 and, as metadata, the preprocessing and class names a server needs. Its input is a batch of images
 already resized, cropped and normalized as the metadata says; its output, class
 probabilities in the metadata's class order.
@@ -43,16 +43,22 @@ class SoftmaxClassifier(torch.nn.Module):
 
 
 def head_network(classifier: Classifier) -> torch.nn.Module:
-    """The frozen encoder, then the logistic head as one linear layer (standardization
-    folded in), with a row per class the head knows, in ``head.classes_`` order."""
+    """The frozen encoder, then the head's linear layers with ReLUs between (standardization
+    folded into the first), the last with a row per class the head knows, in
+    ``head.classes_`` order."""
     head = classifier.head
-    weight, bias = head.as_linear(len(classifier.classes))
+    layers = head.layers(len(classifier.classes))
     rows = head.classes_.astype(int)
-    linear = torch.nn.Linear(weight.shape[1], len(rows))
-    with torch.no_grad():
-        linear.weight.copy_(torch.as_tensor(weight[rows], dtype=torch.float32))
-        linear.bias.copy_(torch.as_tensor(bias[rows], dtype=torch.float32))
-    return torch.nn.Sequential(classifier.backbone.encoder, linear)
+    modules: list[torch.nn.Module] = [classifier.backbone.encoder]
+    for i, (weight, bias) in enumerate(layers):
+        last = i == len(layers) - 1
+        weight, bias = (weight[rows], bias[rows]) if last else (weight, bias)
+        linear = torch.nn.Linear(weight.shape[1], weight.shape[0])
+        with torch.no_grad():
+            linear.weight.copy_(torch.as_tensor(weight, dtype=torch.float32))
+            linear.bias.copy_(torch.as_tensor(bias, dtype=torch.float32))
+        modules += [linear] if last else [linear, torch.nn.ReLU()]
+    return torch.nn.Sequential(*modules)
 
 
 IO_NOTE = {"input": "float32 (N, 3, H, W), RGB resized, centre-cropped and normalized per "

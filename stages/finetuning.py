@@ -33,7 +33,7 @@ from tqdm import tqdm
 from stages.artifacts import atomic_output, read_json, write_json
 from stages.backbones import Backbone, PreprocessedImages, Preprocessing, _TimmPreLogits
 from stages.errors import PipelineError
-from stages.heads import LogisticHead
+from stages.heads import LogisticHead, load_head
 from stages.params import FinetuneParams, Params
 
 log = logging.getLogger(__name__)
@@ -605,7 +605,12 @@ def run_finetune(params: Params, *, prepared_dir: Path, embeddings_dir: Path, he
     torch.manual_seed(params.seed)  # the new head's initialisation (and scratch's network)
     net = build_network(backbone, len(classes))
     if pretrained and ft.init_from_head:
-        head, _ = LogisticHead.load(head_path)
+        head, _ = load_head(head_path)
+        if not isinstance(head, LogisticHead):
+            raise PipelineError(f"finetune.init_from_head: true starts the network's linear "
+                                f"head from the linear probe, but {head_path} is an "
+                                f"{head.kind} head; set finetune.init_from_head: false, or "
+                                "head.kind: logistic")
         init_head_from_probe(net, head)
         if params.head.init_from_source:
             log.info("head.init_from_source unused: the head starts from the trained probe "

@@ -24,7 +24,7 @@ from stages.backbones import (
 )
 from stages.embeddings import EmbeddingMeta
 from stages.errors import PipelineError
-from stages.heads import LogisticHead
+from stages.heads import Head, load_head
 
 
 class Predictor(Protocol):
@@ -45,7 +45,7 @@ class Classifier:
     """Frozen backbone, then the head: RGB uint8 images in, class probabilities out."""
 
     backbone: Backbone
-    head: LogisticHead
+    head: Head
     classes: list[str]
     meta: EmbeddingMeta
 
@@ -86,7 +86,7 @@ def load_predictor(model: str, embeddings_dir: Path, head_path: Path,
 
 def load_classifier(embeddings_dir: Path, head_path: Path) -> Classifier:
     meta = EmbeddingMeta.read(embeddings_dir)
-    head, classes = LogisticHead.load(head_path)
+    head, classes = load_head(head_path)
     return Classifier(backbone_of(meta), head, classes, meta)
 
 

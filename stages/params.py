@@ -77,10 +77,17 @@ class BackboneParams:
 
 @dataclass(frozen=True)
 class HeadParams:
+    kind: str = _choice("logistic", ("logistic", "mlp"), help=(
+        "logistic: the linear probe; mlp: one hidden ReLU layer, stopped early on validation"))
     C: float = _bounded(1.0, 0.0, None, low_open=True,
                         help="inverse regularisation strength of the logistic regression")
-    max_iter: int = _bounded(1000, 1, 1_000_000)
+    max_iter: int = _bounded(1000, 1, 1_000_000,
+                             help="logistic: L-BFGS iterations; mlp: epochs at most")
     class_weight: str | None = _choice(None, (None, "balanced"))
+    hidden_units: int = _bounded(256, 1, 65536, help="mlp: units in the hidden layer")
+    alpha: float = _bounded(1e-4, 0.0, 100.0, help="mlp: L2 penalty on the weights")
+    patience: int = _bounded(10, 1, 100_000,
+                             help="mlp: epochs without a better validation score before stopping")
     init_from_source: bool = field(default=False, metadata={
         "help": "fine-tuning without the probe (finetune.init_from_head: false): start the "
                 "rows of classes named like a source (ImageNet) class from the backbone's "

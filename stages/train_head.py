@@ -6,12 +6,14 @@ import logging
 import time
 from pathlib import Path
 
+import numpy as np
+
 from stages.artifacts import write_json
 from stages.embeddings import EmbeddingMeta, load_split
 from stages.errors import run_stage
-from stages.heads import LogisticHead
+from stages.heads import Head, LogisticHead, MLPHead
 from stages.metrics import classification_metrics
-from stages.params import load_params
+from stages.params import HeadParams, load_params
 
 log = logging.getLogger(__name__)
 
@@ -27,19 +29,32 @@ def main() -> None:
     train_x, train_y, _ = load_split(EMBEDDINGS_DIR, "train")
     val_x, val_y, _ = load_split(EMBEDDINGS_DIR, "val")
     started = time.perf_counter()
-    head = LogisticHead(C=params.head.C, max_iter=params.head.max_iter,
-                        class_weight=params.head.class_weight, random_state=params.seed)
-    head.fit(train_x, train_y)
+    head = fit_head(params.head, params.seed, train_x, train_y, val_x, val_y)
     seconds = time.perf_counter() - started
     head.save(HEAD_PATH, classes)
     val_metrics = classification_metrics(val_y, head.predict(val_x), len(classes))
     train_accuracy = float((head.predict(train_x) == train_y).mean())
+    extra = {"best_epoch": head.best_epoch_} if isinstance(head, MLPHead) else {}
     write_json(METRICS, {"train_accuracy": train_accuracy,
                          "val": val_metrics,
                          "converged": head.converged_,
-                         "n_iter": head.n_iter_})  # no timings: same params, same file
-    log.info("head: train accuracy %.4f, val accuracy %.4f (%d iterations, %.2fs)",
-             train_accuracy, val_metrics["accuracy"], head.n_iter_, seconds)
+                         "n_iter": head.n_iter_,
+                         **extra})  # no timings: same params, same file
+    unit = "epochs" if isinstance(head, MLPHead) else "iterations"
+    log.info("%s head: train accuracy %.4f, val accuracy %.4f (%d %s, %.2fs)", head.kind,
+             train_accuracy, val_metrics["accuracy"], head.n_iter_, unit, seconds)
+
+
+def fit_head(params: HeadParams, seed: int, train_x: np.ndarray, train_y: np.ndarray,
+             val_x: np.ndarray, val_y: np.ndarray) -> Head:
+    """The head ``head.kind`` names, fitted; the MLP picks its epoch on validation."""
+    if params.kind == "mlp":
+        return MLPHead(hidden_units=params.hidden_units, alpha=params.alpha,
+                       max_epochs=params.max_iter, patience=params.patience,
+                       class_weight=params.class_weight,
+                       random_state=seed).fit(train_x, train_y, val_x, val_y)
+    return LogisticHead(C=params.C, max_iter=params.max_iter, class_weight=params.class_weight,
+                        random_state=seed).fit(train_x, train_y)
 
 
 if __name__ == "__main__":

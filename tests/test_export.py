@@ -13,6 +13,10 @@ from stages.predict import list_inputs
 
 @pytest.fixture
 def images_and_reference(trained):
+    return _images_and_reference()
+
+
+def _images_and_reference():
     classifier = load_classifier(export.EMBEDDINGS_DIR, export.HEAD_PATH)
     files = [p for p in list_inputs(["inputs"]) if p.suffix != ".txt"]
     images = [np.asarray(Image.open(p).convert("RGB")) for p in files]
@@ -35,6 +39,24 @@ def test_torchscript_file_matches_the_pytorch_model(trained, images_and_referenc
         probabilities = model(batch).numpy()
     assert np.abs(probabilities - reference).max() < 1e-4
     assert sorted(p.name for p in path.parent.iterdir()) == ["classifier.pt"]  # no temp left
+
+
+def test_an_mlp_head_is_exported_with_its_hidden_layer(trained):
+    from stages import train_head
+    from tests.conftest import write_params
+
+    params = yaml.safe_load((trained / "params.yaml").read_text())
+    params["head"] = {"kind": "mlp", "hidden_units": 16, "patience": 2}
+    write_params(trained, params)
+    train_head.main()
+    batch, reference, _ = _images_and_reference()
+    export.main(["--format", "torchscript"])
+    model = torch.jit.load(str(trained / "models" / "export" / "classifier.pt"))
+    assert any(isinstance(m, torch.jit.RecursiveScriptModule) and m.original_name == "ReLU"
+               for m in model.modules())
+    with torch.inference_mode():
+        probabilities = model(batch).numpy()
+    assert np.abs(probabilities - reference).max() < 1e-4
 
 
 def test_onnx_file_matches_the_pytorch_model(trained, images_and_reference):

@@ -124,6 +124,21 @@ def test_cuda_without_a_gpu_fails_with_one_line_and_no_output(project):
     assert not (project / "models" / "finetune").exists()
 
 
+def test_an_mlp_head_cannot_seed_the_linear_head_and_says_what_to_set(project):
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["head"] = {"kind": "mlp", "hidden_units": 8, "patience": 2}
+    write_params(project, params)
+    train_head.main()
+    _enable(project, strategy="head", epochs=1)
+    result = run_stage_cli("finetune", project)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: finetune.init_from_head: true starts the network's linear head from the linear "
+        "probe, but models/head.npz is an mlp head; set finetune.init_from_head: false, or "
+        "head.kind: logistic")
+    assert not (project / "models" / "finetune").exists()
+
+
 @pytest.mark.slow
 def test_torchrun_trains_with_two_cpu_processes_over_gloo(project):
     train_head.main()

@@ -2,12 +2,13 @@ import numpy as np
 import pytest
 from sklearn.datasets import make_classification
 from sklearn.linear_model import LogisticRegression
+from sklearn.neural_network import MLPClassifier
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from stages import heads
 from stages.errors import PipelineError
-from stages.heads import LogisticHead
+from stages.heads import LogisticHead, MLPHead, load_head
 
 
 @pytest.mark.parametrize("n_classes", [2, 4])
@@ -50,9 +51,10 @@ def test_saved_head_loads_without_pickle_and_predicts_the_same(tmp_path):
     path = tmp_path / "head.npz"
     head.save(path, ["cat", "dog", "émeu"])
     with np.load(path, allow_pickle=False) as arrays:  # plain arrays only
-        assert set(arrays.files) == {"mean", "scale", "coef", "intercept", "classes",
+        assert set(arrays.files) == {"kind", "mean", "scale", "coef", "intercept", "classes",
                                      "class_names"}
-    loaded, names = LogisticHead.load(path)
+    loaded, names = load_head(path)
+    assert isinstance(loaded, LogisticHead)
     assert names == ["cat", "dog", "émeu"]
     np.testing.assert_array_equal(loaded.predict_proba(X), head.predict_proba(X))
 
@@ -68,7 +70,7 @@ def test_loading_something_else_names_the_file(tmp_path):
     path = tmp_path / "other.npz"
     np.savez(path, x=np.zeros(2))
     with pytest.raises(PipelineError, match="other.npz: not a saved head"):
-        LogisticHead.load(path)
+        load_head(path)
 
 
 def test_predict_proba_all_gives_unseen_classes_a_zero_column():
@@ -79,3 +81,57 @@ def test_predict_proba_all_gives_unseen_classes_a_zero_column():
     assert full.shape == (4, 3)
     assert np.all(full[:, 1] == 0)
     np.testing.assert_allclose(full[:, [0, 2]], head.predict_proba(X))
+
+
+def _mlp_data(n_classes, seed=0):
+    X, y = make_classification(n_samples=300, n_features=10, n_informative=6,
+                               n_classes=n_classes, random_state=seed)
+    return X[:200], y[:200], X[200:], y[200:]
+
+
+@pytest.mark.parametrize("n_classes", [2, 3])
+@pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
+def test_mlp_head_predicts_like_scikit_learn_with_its_weights(n_classes):
+    X, y, X_val, y_val = _mlp_data(n_classes)
+    scaler = StandardScaler().fit(X)
+    reference = MLPClassifier(hidden_layer_sizes=(16,), max_iter=300,
+                              random_state=0).fit(scaler.transform(X), y)
+    head = MLPHead()
+    head._set_arrays(scaler.mean_, scaler.scale_, reference.coefs_[0], reference.intercepts_[0],
+                     reference.coefs_[1], reference.intercepts_[1], reference.classes_)
+    np.testing.assert_allclose(head.predict_proba(X_val),
+                               reference.predict_proba(scaler.transform(X_val)), atol=1e-10)
+
+
+def test_mlp_head_keeps_its_best_validation_epoch_and_stops_after_patience():
+    X, y, X_val, y_val = _mlp_data(3)
+    head = MLPHead(hidden_units=32, max_epochs=300, patience=5).fit(X, y, X_val, y_val)
+    best = head.best_epoch_ - 1
+    later = head.curve_[best + 1:]
+    assert all(e["val_accuracy"] < head.curve_[best]["val_accuracy"] or (
+        e["val_accuracy"] == head.curve_[best]["val_accuracy"]
+        and e["val_loss"] >= head.curve_[best]["val_loss"] - MLPHead.tol) for e in later)
+    assert max(e["val_accuracy"] for e in head.curve_) == head.curve_[best]["val_accuracy"]
+    assert head.n_iter_ == head.best_epoch_ + 5 and head.converged_
+    kept_accuracy = (head.predict(X_val) == y_val).mean()
+    assert kept_accuracy == pytest.approx(head.curve_[best]["val_accuracy"])
+
+
+def test_mlp_head_saves_loads_and_exports_as_layers(tmp_path):
+    X, y, X_val, y_val = _mlp_data(2)
+    head = MLPHead(hidden_units=8, max_epochs=20, patience=3).fit(X, y, X_val, y_val)
+    head.save(tmp_path / "head.npz", ["no", "yes"])
+    loaded, names = load_head(tmp_path / "head.npz")
+    assert isinstance(loaded, MLPHead) and names == ["no", "yes"]
+    np.testing.assert_array_equal(loaded.predict_proba(X_val), head.predict_proba(X_val))
+    (w1, b1), (w2, b2) = loaded.layers(n_classes=2)
+    logits = np.maximum(X_val @ w1.T + b1, 0) @ w2.T + b2
+    softmax = np.exp(logits - logits.max(axis=1, keepdims=True))
+    np.testing.assert_allclose(softmax / softmax.sum(axis=1, keepdims=True),
+                               head.predict_proba(X_val), atol=1e-10)
+
+
+def test_an_mlp_that_runs_out_of_epochs_says_so():
+    X, y, X_val, y_val = _mlp_data(3)
+    head = MLPHead(hidden_units=8, max_epochs=2, patience=50).fit(X, y, X_val, y_val)
+    assert head.n_iter_ == 2 and head.converged_ is False
