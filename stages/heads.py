@@ -8,6 +8,7 @@ predict with NumPy alone.
 
 from __future__ import annotations
 
+import abc
 import logging
 import warnings
 from collections.abc import Sequence
@@ -51,7 +52,7 @@ def _scaled(X: np.ndarray, mean: np.ndarray, scale: np.ndarray) -> np.ndarray:
     return standardized
 
 
-class Head:
+class Head(abc.ABC):
     """What both kinds share: standardization, probabilities per class, saving."""
 
     kind = ""
@@ -59,25 +60,23 @@ class Head:
     scale_: np.ndarray
     classes_: np.ndarray
 
+    @abc.abstractmethod
     def _scores(self, standardized: np.ndarray) -> np.ndarray:
         """Scores of standardized rows: one column per class seen, or one for the binary case."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def _arrays(self) -> dict[str, np.ndarray]:
-        raise NotImplementedError
+        """The fitted arrays particular to this kind, by the names they are saved under."""
 
+    @abc.abstractmethod
     def layers(self, n_classes: int) -> list[tuple[np.ndarray, np.ndarray]]:
         """Weights (out, in) and biases of linear layers with a ReLU between each two, on raw
         embeddings, whose last layer's logits give the same probabilities, one row for each of
         ``n_classes`` labels (classes the head never saw get no chance)."""
-        raise NotImplementedError
 
     def decision_function(self, X: np.ndarray) -> np.ndarray:
         parts = [self._scores((chunk - self.mean_) / self.scale_) for _, chunk in row_chunks(X)]
-        return np.concatenate(parts) if parts else np.empty((0, self._output_width()))
-
-    def _output_width(self) -> int:
-        return self._scores(np.zeros((1, len(self.mean_)))).shape[1]
+        return np.concatenate(parts) if parts else self._scores(np.zeros((0, len(self.mean_))))
 
     def predict_proba(self, X: np.ndarray) -> np.ndarray:
         scores = self.decision_function(X)
