@@ -88,8 +88,15 @@ def row_chunks(features: np.ndarray, rows: int = 512) -> Iterator[tuple[int, np.
     The pages of a memory-mapped cache are handed back to the kernel after each chunk, so
     reading a whole split costs one chunk of memory, not the size of the file.
     """
-    mapping = getattr(features, "_mmap", None)  # np.memmap's mmap object
     for start in range(0, len(features), rows):
-        yield start, np.asarray(features[start:start + rows], dtype=np.float64)
-        if mapping is not None:
-            mapping.madvise(mmap.MADV_DONTNEED)
+        yield start, read_rows(features, slice(start, start + rows))
+
+
+def read_rows(features: np.ndarray, rows: slice | np.ndarray) -> np.ndarray:
+    """``features[rows]`` as a float64 copy; a memory-mapped cache's pages are handed back
+    to the kernel afterwards, so they do not pile up in this process's memory."""
+    chunk = np.asarray(features[rows], dtype=np.float64)
+    mapping = getattr(features, "_mmap", None)  # np.memmap's mmap object
+    if mapping is not None:
+        mapping.madvise(mmap.MADV_DONTNEED)
+    return chunk

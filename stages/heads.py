@@ -23,7 +23,7 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.utils.class_weight import compute_sample_weight
 
 from stages.artifacts import load_arrays, save_arrays
-from stages.embeddings import row_chunks
+from stages.embeddings import read_rows, row_chunks
 from stages.errors import PipelineError
 
 log = logging.getLogger(__name__)
@@ -32,24 +32,26 @@ log = logging.getLogger(__name__)
 UNSEEN_LOGIT = -30.0
 
 
-def standardize(X: np.ndarray) -> tuple[StandardScaler, np.ndarray]:
-    """The scaler fitted on ``X`` and ``X`` standardized, in float32.
-
-    ``X`` (memory-mapped or not) is read in chunks; the one copy made of it is the
-    standardized matrix, four bytes per value, so a memory-mapped float16 or float32 cache
-    costs no more memory than its own size.
-    """
+def fit_scaler(X: np.ndarray) -> StandardScaler:
+    """A scaler fitted on ``X`` (memory-mapped or not), read in chunks."""
     scaler = StandardScaler()
     for _, chunk in row_chunks(X):
         scaler.partial_fit(chunk)
-    return scaler, _scaled(X, scaler.mean_, scaler.scale_)
+    return scaler
 
 
-def _scaled(X: np.ndarray, mean: np.ndarray, scale: np.ndarray) -> np.ndarray:
+def standardize(X: np.ndarray) -> tuple[StandardScaler, np.ndarray]:
+    """The scaler fitted on ``X`` and ``X`` standardized, in float32.
+
+    ``X`` is read in chunks; the one copy made of it is the standardized matrix, four bytes
+    per value, so a memory-mapped float16 or float32 cache costs no more memory than its own
+    size.
+    """
+    scaler = fit_scaler(X)
     standardized = np.empty(np.shape(X), dtype=np.float32)
     for start, chunk in row_chunks(X):
-        standardized[start:start + len(chunk)] = (chunk - mean) / scale
-    return standardized
+        standardized[start:start + len(chunk)] = (chunk - scaler.mean_) / scaler.scale_
+    return scaler, standardized
 
 
 class Head(abc.ABC):
@@ -67,6 +69,11 @@ class Head(abc.ABC):
     @abc.abstractmethod
     def _arrays(self) -> dict[str, np.ndarray]:
         """The fitted arrays particular to this kind, by the names they are saved under."""
+
+    @classmethod
+    @abc.abstractmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray]) -> Head:
+        """The head saved as ``arrays``; ``KeyError`` names a missing one."""
 
     @abc.abstractmethod
     def layers(self, n_classes: int) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -156,6 +163,13 @@ class LogisticHead(Head):
         self.intercept_ = np.asarray(intercept, dtype=np.float64)
         self.classes_ = np.asarray(classes)
 
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray]) -> LogisticHead:
+        head = cls()
+        head._set_arrays(arrays["mean"], arrays["scale"], arrays["coef"], arrays["intercept"],
+                         arrays["classes"])
+        return head
+
     def _scores(self, standardized: np.ndarray) -> np.ndarray:
         return standardized @ self.coef_.T + self.intercept_
 
@@ -173,14 +187,19 @@ class LogisticHead(Head):
 
 
 class MLPHead(Head):
-    """Standardize embeddings, then one hidden ReLU layer and a softmax: scikit-learn's
-    ``MLPClassifier`` (Adam, L2 penalty ``alpha``), trained an epoch at a time and stopped
-    early on the validation split. The epoch with the best validation accuracy (ties: a
-    validation log loss lower by more than ``tol``, scikit-learn's own tolerance) is kept;
-    training stops ``patience`` epochs after it."""
+    """Standardize embeddings, then ``hidden_units`` ReLU units (none: straight to the output)
+    and a softmax: scikit-learn's ``MLPClassifier`` (Adam, L2 penalty ``alpha``).
+
+    Each epoch feeds it the training rows in a new random order, a chunk at a time, read
+    from the (memory-mapped) cache and standardized on the way, so memory does not grow with
+    the number of rows. After each epoch the validation split scores it; the epoch with the
+    best validation accuracy (ties: a validation log loss lower by more than ``tol``,
+    scikit-learn's own tolerance) is kept, and training stops ``patience`` epochs after it.
+    """
 
     kind = "mlp"
     tol = 1e-4
+    chunk_rows = 512
 
     def __init__(self, hidden_units: int = 256, alpha: float = 1e-4, max_epochs: int = 1000,
                  patience: int = 10, class_weight: str | None = None,
@@ -195,20 +214,29 @@ class MLPHead(Head):
     def fit(self, X: np.ndarray, y: np.ndarray, X_val: np.ndarray,
             y_val: np.ndarray) -> MLPHead:
         """Fit on ``X``, ``y``; ``X_val``, ``y_val`` choose the epoch to keep."""
-        scaler, standardized = standardize(X)
-        val = _scaled(X_val, scaler.mean_, scaler.scale_)
-        model = MLPClassifier(hidden_layer_sizes=(self.hidden_units,), alpha=self.alpha,
-                              random_state=self.random_state)
+        scaler = fit_scaler(X)
+        model = MLPClassifier(hidden_layer_sizes=(self.hidden_units,) if self.hidden_units
+                              else (), alpha=self.alpha, random_state=self.random_state)
         classes = np.unique(y)
         weights = compute_sample_weight(self.class_weight, y) if self.class_weight else None
+        order = np.random.default_rng(self.random_state)
+        chunks = max(1, -(-len(X) // self.chunk_rows))
         best_accuracy, best_loss, best_weights, since_best = -1.0, np.inf, [], 0
         self.curve_: list[dict[str, float]] = []
         for epoch in range(1, self.max_epochs + 1):
-            model.partial_fit(standardized, y, sample_weight=weights, classes=classes)
-            probabilities = model.predict_proba(val)
+            train_loss = 0.0
+            for rows in np.array_split(order.permutation(len(X)), chunks):
+                rows.sort()  # reads the file front to back
+                chunk = ((read_rows(X, rows) - scaler.mean_) / scaler.scale_).astype(np.float32)
+                model.partial_fit(chunk, y[rows], classes=classes,
+                                  sample_weight=None if weights is None else weights[rows])
+                train_loss += model.loss_ * len(rows) / len(X)
+            probabilities = np.concatenate([
+                model.predict_proba(((chunk - scaler.mean_) / scaler.scale_).astype(np.float32))
+                for _, chunk in row_chunks(X_val)])
             accuracy = float((classes[probabilities.argmax(axis=1)] == y_val).mean())
             loss = float(log_loss(y_val, probabilities, labels=classes))
-            self.curve_.append({"epoch": epoch, "train_loss": float(model.loss_),
+            self.curve_.append({"epoch": epoch, "train_loss": float(train_loss),
                                 "val_accuracy": accuracy, "val_loss": loss})
             if accuracy > best_accuracy or (accuracy == best_accuracy
                                             and loss < best_loss - self.tol):
@@ -224,34 +252,47 @@ class MLPHead(Head):
         if not self.converged_:
             log.warning("the MLP head was still improving on validation after "
                         "head.max_iter=%d epochs; raise head.max_iter", self.max_epochs)
-        hidden_weight, output_weight, hidden_bias, output_bias = best_weights
-        self._set_arrays(scaler.mean_, scaler.scale_, hidden_weight, hidden_bias,
-                         output_weight, output_bias, classes)
+        half = len(best_weights) // 2
+        self._set_arrays(scaler.mean_, scaler.scale_, best_weights[:half], best_weights[half:],
+                         classes)
         return self
 
-    def _set_arrays(self, mean: np.ndarray, scale: np.ndarray, hidden_weight: np.ndarray,
-                    hidden_bias: np.ndarray, output_weight: np.ndarray,
-                    output_bias: np.ndarray, classes: np.ndarray) -> None:
+    def _set_arrays(self, mean: np.ndarray, scale: np.ndarray, weights: Sequence[np.ndarray],
+                    biases: Sequence[np.ndarray], classes: np.ndarray) -> None:
         self.mean_ = np.asarray(mean, dtype=np.float64)
         self.scale_ = np.asarray(scale, dtype=np.float64)
-        self.hidden_weight_ = np.asarray(hidden_weight, dtype=np.float64)  # (dim, hidden)
-        self.hidden_bias_ = np.asarray(hidden_bias, dtype=np.float64)
-        self.output_weight_ = np.asarray(output_weight, dtype=np.float64)  # (hidden, scores)
-        self.output_bias_ = np.asarray(output_bias, dtype=np.float64)
+        self.weights_ = [np.asarray(w, dtype=np.float64) for w in weights]  # (in, out) each
+        self.biases_ = [np.asarray(b, dtype=np.float64) for b in biases]
         self.classes_ = np.asarray(classes)
 
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray]) -> MLPHead:
+        layers = sum(1 for name in arrays if name.startswith("weight_"))
+        head = cls()
+        head._set_arrays(arrays["mean"], arrays["scale"],
+                         [arrays[f"weight_{i}"] for i in range(max(layers, 1))],
+                         [arrays[f"bias_{i}"] for i in range(max(layers, 1))],
+                         arrays["classes"])
+        return head
+
     def _scores(self, standardized: np.ndarray) -> np.ndarray:
-        hidden = np.maximum(standardized @ self.hidden_weight_ + self.hidden_bias_, 0.0)
-        return hidden @ self.output_weight_ + self.output_bias_
+        values = standardized
+        for i, (weight, bias) in enumerate(zip(self.weights_, self.biases_, strict=True)):
+            values = values @ weight + bias
+            if i < len(self.weights_) - 1:
+                values = np.maximum(values, 0.0)
+        return values
 
     def _arrays(self) -> dict[str, np.ndarray]:
-        return {"hidden_weight": self.hidden_weight_, "hidden_bias": self.hidden_bias_,
-                "output_weight": self.output_weight_, "output_bias": self.output_bias_}
+        return {**{f"weight_{i}": w for i, w in enumerate(self.weights_)},
+                **{f"bias_{i}": b for i, b in enumerate(self.biases_)}}
 
     def layers(self, n_classes: int) -> list[tuple[np.ndarray, np.ndarray]]:
-        hidden = self.hidden_weight_.T / self.scale_
-        return [(hidden, self.hidden_bias_ - hidden @ self.mean_),
-                self._output_layer(self.output_weight_.T, self.output_bias_, n_classes)]
+        first = self.weights_[0].T / self.scale_
+        layers = [(first, self.biases_[0] - first @ self.mean_)]
+        layers += [(w.T, b) for w, b in zip(self.weights_[1:], self.biases_[1:], strict=True)]
+        layers[-1] = self._output_layer(*layers[-1], n_classes)
+        return layers
 
 
 HEAD_KINDS: dict[str, type[Head]] = {"logistic": LogisticHead, "mlp": MLPHead}
@@ -261,15 +302,12 @@ def load_head(path: str | Path) -> tuple[Head, list[str]]:
     """Read a head written by ``Head.save``, of either kind; returns it with its class names."""
     arrays = load_arrays(path)
     kind = str(arrays["kind"]) if "kind" in arrays else "logistic"  # older heads: logistic
-    fitted = {"logistic": ("coef", "intercept"),
-              "mlp": ("hidden_weight", "hidden_bias", "output_weight", "output_bias")}
-    if kind not in fitted:
-        raise PipelineError(f"{path}: unknown head kind '{kind}'; known: {', '.join(fitted)}")
-    expected = {"mean", "scale", "classes", "class_names", *fitted[kind]}
-    if not expected <= arrays.keys():
-        missing = ", ".join(sorted(expected - arrays.keys()))
-        raise PipelineError(f"{path}: not a saved head (missing arrays: {missing})")
-    head = HEAD_KINDS[kind]()
-    head._set_arrays(arrays["mean"], arrays["scale"], *(arrays[name] for name in fitted[kind]),
-                     arrays["classes"])
-    return head, [str(name) for name in arrays["class_names"]]
+    if kind not in HEAD_KINDS:
+        raise PipelineError(f"{path}: unknown head kind '{kind}'; known: "
+                            f"{', '.join(HEAD_KINDS)}")
+    try:
+        head = HEAD_KINDS[kind].from_arrays(arrays)
+        class_names = arrays["class_names"]
+    except KeyError as err:
+        raise PipelineError(f"{path}: not a saved head (missing array {err})") from err
+    return head, [str(name) for name in class_names]

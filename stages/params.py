@@ -84,7 +84,8 @@ class HeadParams:
     max_iter: int = _bounded(1000, 1, 1_000_000,
                              help="logistic: L-BFGS iterations; mlp: epochs at most")
     class_weight: str | None = _choice(None, (None, "balanced"))
-    hidden_units: int = _bounded(256, 1, 65536, help="mlp: units in the hidden layer")
+    hidden_units: int = _bounded(256, 0, 65536, help=(
+        "mlp: units in the hidden layer; 0: none, a linear softmax layer trained the same way"))
     alpha: float = _bounded(1e-4, 0.0, 100.0, help="mlp: L2 penalty on the weights")
     patience: int = _bounded(10, 1, 100_000,
                              help="mlp: epochs without a better validation score before stopping")

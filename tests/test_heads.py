@@ -1,3 +1,5 @@
+import tracemalloc
+
 import numpy as np
 import pytest
 from sklearn.datasets import make_classification
@@ -97,8 +99,8 @@ def test_mlp_head_predicts_like_scikit_learn_with_its_weights(n_classes):
     reference = MLPClassifier(hidden_layer_sizes=(16,), max_iter=300,
                               random_state=0).fit(scaler.transform(X), y)
     head = MLPHead()
-    head._set_arrays(scaler.mean_, scaler.scale_, reference.coefs_[0], reference.intercepts_[0],
-                     reference.coefs_[1], reference.intercepts_[1], reference.classes_)
+    head._set_arrays(scaler.mean_, scaler.scale_, reference.coefs_, reference.intercepts_,
+                     reference.classes_)
     np.testing.assert_allclose(head.predict_proba(X_val),
                                reference.predict_proba(scaler.transform(X_val)), atol=1e-10)
 
@@ -135,3 +137,37 @@ def test_an_mlp_that_runs_out_of_epochs_says_so():
     X, y, X_val, y_val = _mlp_data(3)
     head = MLPHead(hidden_units=8, max_epochs=2, patience=50).fit(X, y, X_val, y_val)
     assert head.n_iter_ == 2 and head.converged_ is False
+
+
+def test_an_mlp_without_hidden_units_is_one_linear_softmax_layer(tmp_path):
+    X, y = make_classification(n_samples=1200, n_features=10, n_informative=6, n_classes=3,
+                               class_sep=2.0, random_state=0)
+    X, y, X_val, y_val = X[:1000], y[:1000], X[1000:], y[1000:]
+    head = MLPHead(hidden_units=0, max_epochs=300, patience=10).fit(X, y, X_val, y_val)
+    assert [w.shape for w in head.weights_] == [(10, 3)]
+    [(weight, bias)] = head.layers(n_classes=4)
+    logits = X_val @ weight.T + bias
+    softmax = np.exp(logits - logits.max(axis=1, keepdims=True))
+    np.testing.assert_allclose((softmax / softmax.sum(axis=1, keepdims=True))[:, :3],
+                               head.predict_proba(X_val), atol=1e-10)
+    probe = LogisticHead().fit(X, y)
+    assert (head.predict(X_val) == y_val).mean() >= (probe.predict(X_val) == y_val).mean() - 0.05
+
+
+def test_the_mlp_reads_a_memory_mapped_cache_in_chunks_not_whole(tmp_path):
+    def python_peak(rows):
+        X, y = make_classification(n_samples=rows, n_features=128, n_informative=10,
+                                   n_classes=3, random_state=0)
+        np.save(tmp_path / f"x{rows}.npy", X.astype(np.float32))
+        mapped = np.load(tmp_path / f"x{rows}.npy", mmap_mode="r")
+        tracemalloc.start()
+        try:
+            MLPHead(hidden_units=16, max_epochs=1).fit(mapped, y, mapped[:200], y[:200])
+            return tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+
+    python_peak(2000)  # warm-up: one-off allocations
+    small, large = python_peak(2000), python_peak(20000)
+    # A float32 copy of the 18,000 more rows would add 8.8 MiB; chunks of 512 rows do not grow.
+    assert large - small < 1.5 * 2**20, (small, large)

@@ -33,7 +33,7 @@ def test_an_mlp_head_is_trained_when_asked(project):
                            "head": {"kind": "mlp", "hidden_units": 16, "patience": 3}})
     train_head.main()
     head, classes = load_head(project / "models" / "head.npz")
-    assert isinstance(head, MLPHead) and head.hidden_weight_.shape == (1280, 16)
+    assert isinstance(head, MLPHead) and head.weights_[0].shape == (1280, 16)
     metrics = json.loads((project / "metrics" / "train_head.json").read_text())
     assert metrics["val"]["accuracy"] == 1.0
     assert metrics["n_iter"] == metrics["best_epoch"] + 3
