@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import mmap
+import os
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -93,10 +94,31 @@ def row_chunks(features: np.ndarray, rows: int = 512) -> Iterator[tuple[int, np.
 
 
 def read_rows(features: np.ndarray, rows: slice | np.ndarray) -> np.ndarray:
-    """``features[rows]`` as a float64 copy; a memory-mapped cache's pages are handed back
-    to the kernel afterwards, so they do not pile up in this process's memory."""
+    """``features[rows]`` as a float64 copy, without leaving a memory-mapped cache's pages
+    in this process's memory.
+
+    A range is read through the mapping, whose pages are handed back to the kernel after.
+    Scattered rows are read from the file with ``pread``: touching them through the mapping
+    would map the pages around each one as well, most of the file for a few hundred rows.
+    """
+    if not isinstance(rows, slice) and isinstance(getattr(features, "base", None), mmap.mmap):
+        return _pread_rows(features, np.asarray(rows)).astype(np.float64)
     chunk = np.asarray(features[rows], dtype=np.float64)
     mapping = getattr(features, "_mmap", None)  # np.memmap's mmap object
     if mapping is not None:
         mapping.madvise(mmap.MADV_DONTNEED)
     return chunk
+
+
+def _pread_rows(features: np.memmap, rows: np.ndarray) -> np.ndarray:
+    """Rows of a whole memory-mapped ``.npy`` (not a view: its offset is the file's)."""
+    width = features.dtype.itemsize * int(np.prod(features.shape[1:]))
+    out = np.empty((len(rows), *features.shape[1:]), dtype=features.dtype)
+    fd = os.open(features.filename, os.O_RDONLY)
+    try:
+        for i, row in enumerate(rows):
+            data = os.pread(fd, width, features.offset + int(row) * width)
+            out[i] = np.frombuffer(data, dtype=features.dtype).reshape(features.shape[1:])
+    finally:
+        os.close(fd)
+    return out

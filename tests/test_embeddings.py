@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from stages.artifacts import save_arrays, write_json
-from stages.embeddings import EmbeddingMeta, load_split, row_chunks, write_split
+from stages.embeddings import EmbeddingMeta, load_split, read_rows, row_chunks, write_split
 from stages.errors import PipelineError
 
 
@@ -60,3 +60,12 @@ def test_row_chunks_cover_every_row_once_in_order(tmp_path):
     assert [start for start, _ in chunks] == [0, 4, 8]
     assert all(chunk.dtype == np.float64 for _, chunk in chunks)
     assert np.array_equal(np.concatenate([chunk for _, chunk in chunks]), features)
+
+
+def test_scattered_rows_read_from_the_file_equal_the_mapped_ones(tmp_path):
+    write_cache(tmp_path, rows=10, dim=3, dtype="float16")
+    features, _, _ = load_split(tmp_path, "train")
+    rows = np.array([0, 3, 4, 9])
+    np.testing.assert_array_equal(read_rows(features, rows), np.asarray(features)[rows])
+    view = features[2:]  # a view's offset is not its own: read through the mapping
+    np.testing.assert_array_equal(read_rows(view, rows[:3]), np.asarray(features)[2:][rows[:3]])
