@@ -235,7 +235,9 @@ class MLPHead(Head):
                 model.predict_proba(((chunk - scaler.mean_) / scaler.scale_).astype(np.float32))
                 for _, chunk in row_chunks(X_val)])
             accuracy = float((classes[probabilities.argmax(axis=1)] == y_val).mean())
-            loss = float(log_loss(y_val, probabilities, labels=classes))
+            seen = np.isin(y_val, classes)  # a class missing from training counts as wrong
+            loss = float(log_loss(y_val[seen], probabilities[seen], labels=classes)) \
+                if seen.any() else np.inf
             self.curve_.append({"epoch": epoch, "train_loss": float(train_loss),
                                 "val_accuracy": accuracy, "val_loss": loss})
             if accuracy > best_accuracy or (accuracy == best_accuracy

@@ -171,3 +171,11 @@ def test_the_mlp_reads_a_memory_mapped_cache_in_chunks_not_whole(tmp_path):
     small, large = python_peak(2000), python_peak(20000)
     # A float32 copy of the 18,000 more rows would add 8.8 MiB; chunks of 512 rows do not grow.
     assert large - small < 1.5 * 2**20, (small, large)
+
+
+def test_a_validation_class_missing_from_training_counts_as_wrong_not_as_an_error():
+    X, y, X_val, y_val = _mlp_data(3)
+    keep = y != 2
+    head = MLPHead(hidden_units=8, max_epochs=5, patience=2).fit(X[keep], y[keep], X_val, y_val)
+    assert list(head.classes_) == [0, 1]
+    assert all(e["val_accuracy"] <= (y_val != 2).mean() for e in head.curve_)
