@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import sys
 from collections.abc import Callable
@@ -14,7 +15,8 @@ class PipelineError(Exception):
 
 
 def run_stage(main: Callable[[], None]) -> None:
-    """Run a stage's ``main()``; a ``PipelineError`` becomes one ``error:`` line and exit code 1.
+    """Run a stage's ``main()``; a ``PipelineError`` becomes one ``error:`` line and exit code 1,
+    and so does a full disk (outputs are written atomically: nothing half-written is left).
 
     Anything else is a bug in the pipeline and keeps its traceback.
     """
@@ -24,4 +26,12 @@ def run_stage(main: Callable[[], None]) -> None:
     except PipelineError as err:
         log.debug("stage failed", exc_info=True)
         print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)
+    except OSError as err:
+        if err.errno != errno.ENOSPC:
+            raise
+        log.debug("stage failed", exc_info=True)
+        where = f" writing {err.filename}" if err.filename else ""
+        print(f"error: no space left on the disk{where}; free space and run the stage again",
+              file=sys.stderr)
         sys.exit(1)

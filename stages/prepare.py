@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import logging
+import sqlite3
 import tempfile
 from pathlib import Path
 
 from stages.artifacts import write_json
 from stages.data import prepare_store
-from stages.errors import run_stage
+from stages.errors import PipelineError, run_stage
 from stages.params import load_params
 from stages.sources import BUILTIN_SOURCES, TORCHVISION_PREFIX, list_source
 
@@ -27,13 +28,18 @@ def main() -> None:
     if not generated and RAW_DIR.resolve() not in Path(data.source).resolve().parents:
         log.warning("data.source '%s' is outside %s/: DVC will not notice when it changes",
                     data.source, RAW_DIR)
-    with tempfile.TemporaryDirectory(prefix="prepare-") as scratch:
-        listing = list_source(data.source, Path(scratch))
-        report = prepare_store(listing, PREPARED_DIR, source=data.source,
-                               short_side=data.short_side, val_size=data.val_size,
-                               test_size=data.test_size, seed=params.seed,
-                               min_per_class=data.min_per_class,
-                               max_per_class=data.max_per_class)
+    try:
+        with tempfile.TemporaryDirectory(prefix="prepare-") as scratch:
+            listing = list_source(data.source, Path(scratch))
+            report = prepare_store(listing, PREPARED_DIR, source=data.source,
+                                   short_side=data.short_side, val_size=data.val_size,
+                                   test_size=data.test_size, seed=params.seed,
+                                   min_per_class=data.min_per_class,
+                                   max_per_class=data.max_per_class)
+    except sqlite3.OperationalError as err:  # the catalog's database ran out of room
+        raise PipelineError(f"prepare's temporary catalog failed ({err}); it lives in $TMPDIR "
+                            "(else /var/tmp): free space there or set TMPDIR to a larger "
+                            "disk") from err
     write_json(REPORT, report)
     for line in summarize(report):
         log.info("%s", line)

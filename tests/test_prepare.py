@@ -1,10 +1,13 @@
 import json
 import shutil
+import sqlite3
 
 import pytest
 
 from stages import prepare
+from stages.catalog import Catalog
 from stages.data import SPLITS, ImageStore
+from stages.errors import PipelineError
 from tests.conftest import kill_stage_midway, run_stage_cli, write_colour_folder, write_params
 
 
@@ -72,3 +75,19 @@ def test_a_killed_prepare_leaves_no_partial_store_and_reruns_identically(tmp_pat
     prepare.main()  # what `dvc repro` runs next
     assert not list((tmp_path / "data").glob(".prepared.*"))
     assert {p.name: p.read_bytes() for p in store.iterdir()} == reference
+
+
+def test_a_full_catalog_disk_names_tmpdir_and_leaves_no_store(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write_colour_folder(tmp_path / "data" / "raw" / "colours")
+    write_params(tmp_path, {"data": {"source": "data/raw/colours"}})
+
+    def full(*args, **kwargs):
+        raise sqlite3.OperationalError("database or disk is full")
+
+    monkeypatch.setattr(Catalog, "find_duplicates", full)
+    with pytest.raises(PipelineError, match=r"prepare's temporary catalog failed \(database "
+                                            r"or disk is full\); it lives in \$TMPDIR"):
+        prepare.main()
+    assert not (tmp_path / "data" / "prepared").exists()
+    assert not list((tmp_path / "data").glob(".prepared*"))
