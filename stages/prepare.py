@@ -29,8 +29,8 @@ def main() -> None:
         log.warning("data.source '%s' is outside %s/: DVC will not notice when it changes",
                     data.source, RAW_DIR)
     try:
-        with tempfile.TemporaryDirectory(prefix="prepare-") as scratch:
-            listing = list_source(data.source, Path(scratch))
+        with tempfile.TemporaryDirectory(prefix="prepare-") as scratch, \
+                list_source(data.source, Path(scratch)) as listing:
             report = prepare_store(listing, PREPARED_DIR, source=data.source,
                                    short_side=data.short_side, val_size=data.val_size,
                                    test_size=data.test_size, seed=params.seed,
