@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 from stages.artifacts import atomic_output, read_json, write_json
 from stages.backbones import Backbone, PreprocessedImages, Preprocessing, _TimmPreLogits
+from stages.embeddings import EmbeddingMeta
 from stages.errors import PipelineError
 from stages.heads import LogisticHead, load_head
 from stages.params import FinetuneParams, Params
@@ -585,24 +586,19 @@ def _sha256(path: Path) -> str | None:
     return sha256_file(path) if path.is_file() else None
 
 
-def run_finetune(params: Params, *, prepared_dir: Path, embeddings_dir: Path, head_path: Path,
-                 out_dir: Path, checkpoint: Path) -> FinetuneResult:
-    """The whole stage: build the network, train it (resuming), write ``out_dir``."""
-    from stages.backbones import load_backbone, set_determinism
-    from stages.data import ImageStore
-    from stages.embeddings import EmbeddingMeta
+def starting_network(params: Params, meta: EmbeddingMeta, classes: Sequence[str],
+                     head_path: Path) -> FinetuneNet:
+    """The network fine-tuning starts from: pretrained weights with the linear probe as the
+    new head (or source-classifier rows, or a random head), or for ``scratch`` the same
+    architecture, randomly initialised from ``seed``."""
+    from stages.backbones import load_backbone
     from stages.inference import backbone_of
 
     ft = params.finetune
-    set_determinism(params.backbone.deterministic)  # before CUDA starts
-    runtime = resolve_runtime(ft.device, ft.precision)
-    meta = EmbeddingMeta.read(embeddings_dir)
     pretrained = ft.strategy != "scratch"
+    torch.manual_seed(params.seed)  # scratch's network: timm initialises it as it builds it
     backbone = backbone_of(meta) if pretrained else load_backbone(meta.backbone, pretrained=False)
-    preprocessing = Preprocessing.from_dict(meta.preprocessing)
-    stores = {split: ImageStore(prepared_dir, split) for split in ("train", "val")}
-    classes = stores["train"].classes
-    torch.manual_seed(params.seed)  # the new head's initialisation (and scratch's network)
+    torch.manual_seed(params.seed)  # the new head's initialisation
     net = build_network(backbone, len(classes))
     if pretrained and ft.init_from_head:
         head, _ = load_head(head_path)
@@ -622,6 +618,24 @@ def run_finetune(params: Params, *, prepared_dir: Path, embeddings_dir: Path, he
                  len(matches), len(classes), (": " + ", ".join(
                      f"{classes[i]} <- {backbone.source_labels[r].split(',')[0]}"
                      for i, r in matches.items())) if matches else "")
+    return net
+
+
+def run_finetune(params: Params, *, prepared_dir: Path, embeddings_dir: Path, head_path: Path,
+                 out_dir: Path, checkpoint: Path) -> FinetuneResult:
+    """The whole stage: build the network, train it (resuming), write ``out_dir``."""
+    from stages.backbones import set_determinism
+    from stages.data import ImageStore
+
+    ft = params.finetune
+    set_determinism(params.backbone.deterministic)  # before CUDA starts
+    runtime = resolve_runtime(ft.device, ft.precision)
+    meta = EmbeddingMeta.read(embeddings_dir)
+    preprocessing = Preprocessing.from_dict(meta.preprocessing)
+    stores = {split: ImageStore(prepared_dir, split) for split in ("train", "val")}
+    classes = stores["train"].classes
+    pretrained = ft.strategy != "scratch"
+    net = starting_network(params, meta, classes, head_path)
     mark_trainable(net, ft.strategy, ft.unfreeze_k)
     bn = ft.bn
     if ft.strategy == "scratch" and bn == "frozen":

@@ -19,13 +19,14 @@ from stages.finetuning import (
     optimizer_groups,
     resolve_runtime,
     set_train_mode,
+    starting_network,
     train,
     train_transform,
     trainable_groups,
     warmup_cosine,
 )
 from stages.heads import LogisticHead
-from stages.params import FinetuneParams
+from stages.params import FinetuneParams, params_from_dict
 
 CPU = Runtime(torch.device("cpu"), "32")
 
@@ -240,3 +241,21 @@ def test_classes_named_like_source_classes_start_from_their_classifier_rows():
     assert torch.equal(net.head.weight[0], backbone.classifier.weight[985])
     assert torch.equal(net.head.bias[4], backbone.classifier.bias[0])
     assert torch.equal(net.head.weight[3], untouched)
+
+
+def test_a_scratch_network_starts_the_same_from_the_same_seed():
+    from stages.embeddings import EmbeddingMeta
+
+    meta = EmbeddingMeta(backbone="tf_efficientnet_lite0", weights="none", weights_sha256=None,
+                         preprocessing={}, dim=1280, dtype="float32", classes=["a", "b"],
+                         count={}, flip_average=False, precision="float32", short_side=64,
+                         versions={})
+
+    def start(seed, before):
+        params = params_from_dict({"seed": seed, "finetune": {"strategy": "scratch"}})
+        torch.manual_seed(before)  # whatever the global generator held before the stage
+        return starting_network(params, meta, ["a", "b"], head_path=None).state_dict()
+
+    first, again, other = start(0, before=1), start(0, before=2), start(1, before=1)
+    assert all(torch.equal(first[name], again[name]) for name in first)
+    assert not all(torch.equal(first[name], other[name]) for name in first)
