@@ -40,6 +40,11 @@ def fit_scaler(X: np.ndarray) -> StandardScaler:
     return scaler
 
 
+def scaled(chunk: np.ndarray, scaler: StandardScaler) -> np.ndarray:
+    """Rows standardized by ``scaler``, in float32: what the heads are fitted on."""
+    return ((chunk - scaler.mean_) / scaler.scale_).astype(np.float32)
+
+
 def standardize(X: np.ndarray) -> tuple[StandardScaler, np.ndarray]:
     """The scaler fitted on ``X`` and ``X`` standardized, in float32.
 
@@ -50,7 +55,7 @@ def standardize(X: np.ndarray) -> tuple[StandardScaler, np.ndarray]:
     scaler = fit_scaler(X)
     standardized = np.empty(np.shape(X), dtype=np.float32)
     for start, chunk in row_chunks(X):
-        standardized[start:start + len(chunk)] = (chunk - scaler.mean_) / scaler.scale_
+        standardized[start:start + len(chunk)] = scaled(chunk, scaler)
     return scaler, standardized
 
 
@@ -227,13 +232,11 @@ class MLPHead(Head):
             train_loss = 0.0
             for rows in np.array_split(order.permutation(len(X)), chunks):
                 rows.sort()  # reads the file front to back
-                chunk = ((read_rows(X, rows) - scaler.mean_) / scaler.scale_).astype(np.float32)
-                model.partial_fit(chunk, y[rows], classes=classes,
+                model.partial_fit(scaled(read_rows(X, rows), scaler), y[rows], classes=classes,
                                   sample_weight=None if weights is None else weights[rows])
                 train_loss += model.loss_ * len(rows) / len(X)
-            probabilities = np.concatenate([
-                model.predict_proba(((chunk - scaler.mean_) / scaler.scale_).astype(np.float32))
-                for _, chunk in row_chunks(X_val)])
+            probabilities = np.concatenate([model.predict_proba(scaled(chunk, scaler))
+                                            for _, chunk in row_chunks(X_val)])
             accuracy = float((classes[probabilities.argmax(axis=1)] == y_val).mean())
             seen = np.isin(y_val, classes)  # a class missing from training counts as wrong
             loss = float(log_loss(y_val[seen], probabilities[seen], labels=classes)) \
