@@ -23,7 +23,8 @@ import torch
 from PIL import Image
 
 from benchmarks import MONKEYS, training_store
-from stages.backbones import embed_batches, load_backbone, pick_device
+from stages.backbones import embed_batches, load_backbone
+from stages.runtime import resolve_runtime
 
 
 def timed(fn) -> float:
@@ -46,7 +47,8 @@ def main() -> None:
         files = [root / str(i) for i in store.ids[:len(images)]]
 
         backbone = load_backbone(args.backbone)
-        device = pick_device()
+        runtime = resolve_runtime()
+        device = runtime.device
         backbone.to(device)
         transform = backbone.preprocessing.eval_transform()
         tensors = torch.stack([transform(Image.fromarray(image)) for image in images])
@@ -58,7 +60,7 @@ def main() -> None:
                     backbone.embed(batch.to(device, memory_format=torch.channels_last)).cpu()
 
         def pipeline() -> None:
-            for _ in embed_batches(backbone, images, args.batch_size, device):
+            for _ in embed_batches(backbone, images, args.batch_size, runtime):
                 pass
 
         naive_model = load_backbone(args.backbone).encoder.to(device)  # default memory layout

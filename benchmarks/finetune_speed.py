@@ -21,16 +21,11 @@ from PIL import Image
 
 from benchmarks import MONKEYS, training_store
 from stages.backbones import load_backbone
-from stages.finetuning import (
-    LabelledImages,
-    build_network,
-    mark_trainable,
-    resolve_runtime,
-    set_train_mode,
-    train,
-    train_transform,
-)
+from stages.network import build_network, mark_trainable, set_train_mode
 from stages.params import FinetuneParams
+from stages.runtime import resolve_runtime
+from stages.strategies import STRATEGIES
+from stages.training import LabelledImages, train, train_transform
 
 
 def main() -> None:
@@ -42,7 +37,7 @@ def main() -> None:
     parser.add_argument("--unfreeze-k", type=int, default=2)
     parser.add_argument("--precision", default="auto")
     args = parser.parse_args()
-    runtime = resolve_runtime("auto", args.precision)
+    runtime = resolve_runtime("auto", args.precision, training=True)
     params = FinetuneParams(enabled=True, strategy=args.strategy, unfreeze_k=args.unfreeze_k,
                             epochs=1, batch_size=args.batch_size, augment="light",
                             patience=None)
@@ -100,7 +95,7 @@ def main() -> None:
     best = {name: min(values) for name, values in timings.items()}
     print(f"device {runtime.device}, precision {runtime.precision}, {count} images from "
           f"{root}, batch {args.batch_size}, strategy {args.strategy}"
-          f"{f' k={args.unfreeze_k}' if args.strategy == 'last_k' else ''}, "
+          f" ({STRATEGIES[args.strategy].label(args.unfreeze_k)}), "
           f"torch threads {torch.get_num_threads()}")
     print(f"bare training loop (tensors in memory) : {count / best['bare']:7.1f} images/s")
     print(f"pipeline train() (store + augmentation): {count / best['pipeline']:7.1f} images/s")

@@ -9,12 +9,10 @@ embeddings so that every later stage feeds the network exactly what it was train
 
 from __future__ import annotations
 
-import contextlib
 import difflib
 import hashlib
 import logging
 import math
-import os
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -27,7 +25,9 @@ from PIL import Image
 from torchvision.transforms import v2
 from tqdm import tqdm
 
+from stages.embeddings import EmbeddingMeta
 from stages.errors import PipelineError
+from stages.runtime import Runtime, resolve_runtime
 
 log = logging.getLogger(__name__)
 
@@ -381,45 +381,18 @@ class PreprocessedImages(torch.utils.data.Dataset):
         return self.transform(Image.fromarray(self.images[i]))
 
 
-# cuBLAS needs a fixed workspace to give the same result on every run (CUDA >= 10.2); it reads
-# this variable when CUDA starts in the process.
-CUBLAS_WORKSPACE_CONFIG = ":4096:8"
-
-
-def set_determinism(enabled: bool) -> None:
-    """Trade GPU speed for bit-identical results; call it before anything touches CUDA.
-
-    ``True``: only deterministic algorithms (an op without one raises), cuDNN without
-    autotuning and with deterministic convolutions, a fixed cuBLAS workspace. ``False``:
-    PyTorch's defaults. CPU results are the same run to run either way.
-    """
-    if enabled:
-        if torch.cuda.is_initialized() and \
-                os.environ.get("CUBLAS_WORKSPACE_CONFIG") != CUBLAS_WORKSPACE_CONFIG:
-            log.warning("CUDA was started before set_determinism(True): cuBLAS may still be "
-                        "non-deterministic")
-        os.environ["CUBLAS_WORKSPACE_CONFIG"] = CUBLAS_WORKSPACE_CONFIG
-    torch.use_deterministic_algorithms(enabled)
-    torch.backends.cudnn.benchmark = False
-    torch.backends.cudnn.deterministic = enabled
-
-
-def pick_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def resolve_batch_size(backbone: Backbone, batch_size: int | str, device: torch.device) -> int:
+def resolve_batch_size(backbone: Backbone, batch_size: int | str, runtime: Runtime) -> int:
     """``auto``: a fixed small size on CPU (faster there than large ones), on a GPU the largest
     power of two up to 1024 whose forward pass fits in memory."""
     if batch_size != "auto":
         return int(batch_size)
-    if device.type != "cuda":
+    if not runtime.is_cuda:
         return CPU_BATCH_SIZE
     size = 1024
     while size > 1:
         try:
-            probe = torch.zeros((size, *backbone.preprocessing.input_size), device=device)
-            with torch.inference_mode(), _autocast(device, "float32"):
+            probe = torch.zeros((size, *backbone.preprocessing.input_size), device=runtime.device)
+            with torch.inference_mode(), runtime.autocast():
                 backbone.embed(probe.contiguous(memory_format=torch.channels_last))
             return size
         except torch.cuda.OutOfMemoryError:
@@ -429,32 +402,19 @@ def resolve_batch_size(backbone: Backbone, batch_size: int | str, device: torch.
     return 1
 
 
-def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.float16)
-    if precision == "bfloat16":
-        return torch.autocast("cpu", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 def embed_batches(backbone: Backbone, images: Sequence[np.ndarray], batch_size: int,
-                  device: torch.device | None = None, *, precision: str = "float32",
-                  flip_average: bool = False, num_workers: int | None = None,
+                  runtime: Runtime | None = None, *, flip_average: bool = False,
                   desc: str = "extract") -> Iterator[np.ndarray]:
     """Embed ``images`` with the frozen backbone, yielding float32 arrays batch by batch."""
-    device = device or pick_device()
-    if num_workers is None:
-        # On CPU the forward pass already uses every core; extra processes only compete with it.
-        num_workers = 4 if device.type == "cuda" else 0
-    loader = torch.utils.data.DataLoader(
-        PreprocessedImages(images, backbone.preprocessing.eval_transform()),
-        batch_size=batch_size, shuffle=False, num_workers=num_workers,
-        pin_memory=device.type == "cuda")
-    backbone.to(device)
+    runtime = runtime or resolve_runtime()
+    loader = runtime.loader(PreprocessedImages(images, backbone.preprocessing.eval_transform()),
+                            batch_size)
+    backbone.to(runtime.device)
     with tqdm(total=len(images), desc=desc, unit="img", leave=False) as progress, \
-            torch.inference_mode(), _autocast(device, precision):
+            torch.inference_mode(), runtime.autocast():
         for batch in loader:
-            batch = batch.to(device, non_blocking=True, memory_format=torch.channels_last)
+            batch = batch.to(runtime.device, non_blocking=True,
+                             memory_format=torch.channels_last)
             features = backbone.embed(batch)
             if flip_average:
                 features = (features + backbone.embed(batch.flip(-1))) / 2
@@ -463,8 +423,19 @@ def embed_batches(backbone: Backbone, images: Sequence[np.ndarray], batch_size: 
 
 
 def extract_embeddings(backbone: Backbone, images: Sequence[np.ndarray], batch_size: int,
-                       device: torch.device | None = None, **options: Any) -> np.ndarray:
+                       runtime: Runtime | None = None, **options: Any) -> np.ndarray:
     """All embeddings at once, float32 (N, num_features): for small sets, tests, benchmarks."""
-    batches = list(embed_batches(backbone, images, batch_size, device, **options))
+    batches = list(embed_batches(backbone, images, batch_size, runtime, **options))
     return np.concatenate(batches) if batches else np.zeros((0, backbone.num_features),
                                                             np.float32)
+
+
+def backbone_of(meta: EmbeddingMeta) -> Backbone:
+    """The backbone that made the embeddings, with their preprocessing; refused if its
+    weights changed since."""
+    backbone = load_backbone(meta.backbone, weights_argument(meta.weights))
+    if meta.weights_sha256 and backbone.weights_sha256 != meta.weights_sha256:
+        raise PipelineError(f"the weights of {meta.backbone} ({meta.weights}) changed since the "
+                            "embeddings were extracted; run `dvc repro` first")
+    backbone.preprocessing = Preprocessing.from_dict(meta.preprocessing)
+    return backbone

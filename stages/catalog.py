@@ -12,10 +12,6 @@ import sqlite3
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from stages.data import DecodedFile
 
 SPLITS = ("train", "val", "test")
 
@@ -40,6 +36,27 @@ CREATE TABLE images (
 STORE_OFFSET = "SUM(height * width * 3) OVER (ORDER BY id, rank) - height * width * 3"
 _COPY_ORDER = ("CASE split WHEN 'train' THEN 0 WHEN 'val' THEN 2 WHEN 'test' THEN 3 ELSE 1 END, "
                "id, rowid")
+
+
+@dataclass(frozen=True)
+class DecodedFile:
+    """The outcome of decoding one file: where its pixels went, its hashes, or why it was skipped.
+
+    The worker that decodes a file appends the pixels to a staging file of its own, so pixels
+    never travel between processes.
+    """
+
+    staging_file: str = ""
+    offset: int = 0
+    shape: tuple[int, int] = (0, 0)
+    original_size: tuple[int, int] = (0, 0)
+    pixel_sha256: str = ""
+    byte_sha256: str = ""
+    reason: str = ""
+    # Per-channel sums of the stored pixels and of their squares: the training split's mean
+    # and std add up from these without a second pass over the pixels.
+    channel_sums: tuple[int, int, int] = (0, 0, 0)
+    channel_squares: tuple[int, int, int] = (0, 0, 0)
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,6 @@ import shutil
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
-from dataclasses import dataclass
 from itertools import islice, repeat
 from pathlib import Path
 from typing import Any
@@ -32,7 +31,7 @@ from stages.artifacts import (
     save_arrays_streamed,
     write_json,
 )
-from stages.catalog import SPLITS, STORE_OFFSET, Catalog
+from stages.catalog import SPLITS, STORE_OFFSET, Catalog, DecodedFile
 from stages.errors import PipelineError
 
 log = logging.getLogger(__name__)
@@ -44,27 +43,6 @@ SMALL_SIDE = 32
 BACKGROUND_RGB = (255, 255, 255)
 # Below this many files, starting worker processes costs more than it saves.
 PARALLEL_MIN_FILES = 64
-
-
-@dataclass(frozen=True)
-class DecodedFile:
-    """The outcome of decoding one file: where its pixels went, its hashes, or why it was skipped.
-
-    The worker that decodes a file appends the pixels to a staging file of its own, so pixels
-    never travel between processes.
-    """
-
-    staging_file: str = ""
-    offset: int = 0
-    shape: tuple[int, int] = (0, 0)
-    original_size: tuple[int, int] = (0, 0)
-    pixel_sha256: str = ""
-    byte_sha256: str = ""
-    reason: str = ""
-    # Per-channel sums of the stored pixels and of their squares: the training split's mean
-    # and std add up from these without a second pass over the pixels.
-    channel_sums: tuple[int, int, int] = (0, 0, 0)
-    channel_squares: tuple[int, int, int] = (0, 0, 0)
 
 
 def decode_image(data: bytes) -> Image.Image:

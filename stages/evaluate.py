@@ -7,7 +7,6 @@ into metrics, plot tables and a list of confident mistakes, the same way for eve
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import numpy as np
 
@@ -24,20 +23,21 @@ from stages.evaluation import (
 )
 from stages.gallery import draw_gallery, images_by_id, save_png
 from stages.heads import load_head
+from stages.layout import (
+    EMBEDDINGS_DIR,
+    EVALUATE_METRICS,
+    EVALUATE_PLOTS_DIR,
+    EVALUATE_REPORT,
+    FINETUNE_DIR,
+    FINETUNE_STATUS,
+    HEAD_PATH,
+    PARAMS,
+    PREPARED_DIR,
+    SUMMARY,
+)
 from stages.params import load_params
 
 log = logging.getLogger(__name__)
-
-PARAMS = Path("params.yaml")
-PREPARED_DIR = Path("data/prepared")
-EMBEDDINGS_DIR = Path("data/embeddings")
-HEAD_PATH = Path("models/head.npz")
-FINETUNE_DIR = Path("models/finetune")
-FINETUNE_STATUS = FINETUNE_DIR / "status.json"
-METRICS = Path("metrics/evaluate.json")
-REPORT = Path("reports/evaluate.json")
-SUMMARY = Path("reports/summary.md")
-PLOTS_DIR = Path("plots/evaluate")
 
 
 def main() -> None:
@@ -53,18 +53,18 @@ def main() -> None:
 
     evaluations = [evaluate_model(name, y_true, p, classes, ids, split)
                    for name, p in probabilities.items()]
-    write_json(METRICS, {e.name: e.metrics for e in evaluations})
-    write_json(REPORT, evaluation_report(evaluations, finetune))
+    write_json(EVALUATE_METRICS, {e.name: e.metrics for e in evaluations})
+    write_json(EVALUATE_REPORT, evaluation_report(evaluations, finetune))
     for filename, rows in plot_tables(evaluations).items():
-        write_csv(PLOTS_DIR / filename, rows)
+        write_csv(EVALUATE_PLOTS_DIR / filename, rows)
     image_of = images_by_id(store, ids, f"{PREPARED_DIR}/{split}")
     gallery = draw_gallery(
         [(f"{e.name}: {len(e.mistakes)} most confident of {e.n_mistakes} mistakes "
           f"on {e.metrics['n_images']} {split} images", e.mistakes) for e in evaluations],
         image_of)
-    save_png(gallery, PLOTS_DIR / GALLERY_FILE)
+    save_png(gallery, EVALUATE_PLOTS_DIR / GALLERY_FILE)
     with atomic_output(SUMMARY) as tmp:
-        tmp.write_text(summary_markdown(evaluations, finetune, PLOTS_DIR.as_posix()),
+        tmp.write_text(summary_markdown(evaluations, finetune, EVALUATE_PLOTS_DIR.as_posix()),
                        encoding="utf-8")
     for e in evaluations:
         log.info("%s on %s: accuracy %.4f, balanced accuracy %.4f, macro F1 %.4f, ECE %.4f",
@@ -75,7 +75,7 @@ def main() -> None:
 
 def finetuned_probabilities(store: ImageStore, ids: np.ndarray) -> np.ndarray:
     """The fine-tuned network's class probabilities on the store's images, in ``ids`` order."""
-    from stages.finetuning import load_finetuned
+    from stages.inference import load_finetuned
 
     if not np.array_equal(store.ids, ids):
         raise PipelineError(f"{PREPARED_DIR} and {EMBEDDINGS_DIR} list different images; "

@@ -20,12 +20,10 @@ import torch
 from stages.artifacts import atomic_output
 from stages.errors import PipelineError, run_stage
 from stages.inference import MODEL_CHOICES, Classifier, Predictor, load_predictor
+from stages.layout import EMBEDDINGS_DIR, FINETUNE_DIR, HEAD_PATH
 
 log = logging.getLogger(__name__)
 
-EMBEDDINGS_DIR = Path("data/embeddings")
-HEAD_PATH = Path("models/head.npz")
-FINETUNE_DIR = Path("models/finetune")
 OUTPUTS = {"torchscript": Path("models/export/classifier.pt"),
            "onnx": Path("models/export/classifier.onnx")}
 METADATA_FILE = "metadata.json"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import time
-from pathlib import Path
 
 import numpy as np
 import timm
@@ -12,23 +11,15 @@ import torch
 import torchvision
 
 from stages.artifacts import atomic_output, save_arrays, write_json
-from stages.backbones import (
-    embed_batches,
-    load_backbone,
-    pick_device,
-    resolve_batch_size,
-    set_determinism,
-)
+from stages.backbones import embed_batches, load_backbone, resolve_batch_size
 from stages.data import SPLITS, ImageStore
 from stages.embeddings import EmbeddingMeta, write_split
 from stages.errors import run_stage
+from stages.layout import EMBEDDINGS_DIR, PARAMS, PREPARED_DIR
 from stages.params import load_params
+from stages.runtime import resolve_runtime, set_determinism
 
 log = logging.getLogger(__name__)
-
-PARAMS = Path("params.yaml")
-PREPARED_DIR = Path("data/prepared")
-EMBEDDINGS_DIR = Path("data/embeddings")
 
 
 def main() -> None:
@@ -37,8 +28,8 @@ def main() -> None:
     backbone = load_backbone(params.name, params.weights)
     backbone.preprocessing = backbone.preprocessing.with_normalization(
         params.mean, params.std, params.allow_normalization_override)
-    device = pick_device()
-    batch_size = resolve_batch_size(backbone, params.batch_size, device)
+    runtime = resolve_runtime("auto", params.precision, key="backbone.precision")
+    batch_size = resolve_batch_size(backbone, params.batch_size, runtime)
     stores = {split: ImageStore(PREPARED_DIR, split) for split in SPLITS}
     short_side = stores["train"].meta["short_side"]
     if short_side < backbone.preprocessing.resize_size:
@@ -50,8 +41,7 @@ def main() -> None:
         tmp.mkdir()
         index = {}
         for split, store in stores.items():
-            batches = embed_batches(backbone, store, batch_size, device,
-                                    precision=params.precision,
+            batches = embed_batches(backbone, store, batch_size, runtime,
                                     flip_average=params.flip_average, desc=f"extract {split}")
             write_split(tmp / f"{split}.npy", batches, len(store), backbone.num_features,
                         params.embedding_dtype)
@@ -64,7 +54,7 @@ def main() -> None:
             preprocessing=backbone.preprocessing.to_dict(), dim=backbone.num_features,
             dtype=str(np.dtype(params.embedding_dtype)), classes=stores["train"].classes,
             count={split: len(store) for split, store in stores.items()},
-            flip_average=params.flip_average, precision=params.precision,
+            flip_average=params.flip_average, precision=runtime.precision,
             short_side=short_side, versions={"timm": timm.__version__, "torch": torch.__version__,
                       "torchvision": torchvision.__version__})
         write_json(tmp / "meta.json", meta.to_dict())
@@ -75,7 +65,7 @@ def main() -> None:
     total = sum(meta.count.values())
     log.info("embedded %d images with %s (%d-d) in %.1fs, %.1f images/s on %s (batch %d)",
              total, backbone.name, backbone.num_features, seconds, total / seconds,
-             device.type, batch_size)
+             runtime.device.type, batch_size)
 
 
 if __name__ == "__main__":

@@ -10,23 +10,23 @@ nothing heavy and costs a fraction of a second.
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 from stages.artifacts import atomic_output, write_json
 from stages.errors import run_stage
+from stages.layout import (
+    CHECKPOINT_DIR,
+    CURVES,
+    EMBEDDINGS_DIR,
+    FINETUNE_CHECKPOINTS,
+    FINETUNE_CURVES,
+    FINETUNE_DIR,
+    HEAD_PATH,
+    PARAMS,
+    PREPARED_DIR,
+)
 from stages.params import load_params
 
 log = logging.getLogger(__name__)
-
-PARAMS = Path("params.yaml")
-PREPARED_DIR = Path("data/prepared")
-EMBEDDINGS_DIR = Path("data/embeddings")
-HEAD_PATH = Path("models/head.npz")
-FINETUNE_DIR = Path("models/finetune")
-# Outside every DVC output: `dvc repro` removes a stage's outputs before running it.
-CHECKPOINT = Path("checkpoints/finetune.pt")
-# The curve files dvclive writes (dvc.yaml plots them); empty when nothing was trained.
-CURVES = ("train/loss", "train/accuracy", "val/loss", "val/accuracy", "lr")
 
 
 def main() -> None:
@@ -37,16 +37,18 @@ def main() -> None:
             write_json(tmp / "status.json", {"enabled": False, "status": "skipped",
                                              "reason": "finetune.enabled is false"})
             for curve in CURVES:  # a header and no epochs: the plots show nothing, no error
-                path = tmp / "curves" / "plots" / "metrics" / f"{curve}.tsv"
+                path = tmp / FINETUNE_CURVES.relative_to(FINETUNE_DIR) / "plots" / "metrics" / \
+                    f"{curve}.tsv"
                 path.parent.mkdir(parents=True, exist_ok=True)
                 path.write_text(f"step\t{curve.rpartition('/')[2]}\n", encoding="utf-8")
-        CHECKPOINT.unlink(missing_ok=True)
+        for checkpoint in CHECKPOINT_DIR.glob(FINETUNE_CHECKPOINTS):
+            checkpoint.unlink()  # nothing will resume it
         log.info("fine-tuning skipped (finetune.enabled is false)")
         return
-    from stages.finetuning import run_finetune
+    from stages.training import run_finetune
 
     run_finetune(params, prepared_dir=PREPARED_DIR, embeddings_dir=EMBEDDINGS_DIR,
-                 head_path=HEAD_PATH, out_dir=FINETUNE_DIR, checkpoint=CHECKPOINT)
+                 head_path=HEAD_PATH, out_dir=FINETUNE_DIR, checkpoint_dir=CHECKPOINT_DIR)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
-"""The trained classifier as one piece, for new images: backbone + head + preprocessing.
+"""The trained models as one piece each, for new images: RGB pixels in, class probabilities out.
 
-Everything is rebuilt from the pipeline's outputs: the backbone and weights named in the
-embedding meta (their checksum must still match), the preprocessing recorded there, and the
-head's plain arrays. Used by ``predict`` and ``export``.
+``Classifier``: the frozen backbone and weights named in the embedding meta (their checksum
+must still match), the preprocessing recorded there, and the head's plain arrays.
+``FinetunedModel``: the fine-tuned network saved in ``models/finetune/`` (safetensors, no
+pickle) with its ``model.json``. Used by ``evaluate``, ``predict`` and ``export``.
 """
 
 from __future__ import annotations
@@ -10,21 +11,25 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 
+from stages.artifacts import read_json, write_json
 from stages.backbones import (
     Backbone,
+    PreprocessedImages,
     Preprocessing,
+    backbone_of,
     embed_batches,
     load_backbone,
-    weights_argument,
 )
 from stages.embeddings import EmbeddingMeta
 from stages.errors import PipelineError
 from stages.heads import Head, load_head
+from stages.network import FinetuneNet, build_network
+from stages.runtime import Runtime, inference_runtime, resolve_runtime
 
 
 class Predictor(Protocol):
@@ -57,10 +62,10 @@ class Classifier:
         return self.meta.short_side
 
     def predict_proba(self, images: Sequence[np.ndarray], batch_size: int = 8,
-                      device: torch.device | None = None) -> Iterator[np.ndarray]:
+                      runtime: Runtime | None = None) -> Iterator[np.ndarray]:
         """Class probabilities, batch by batch, columns in the order of ``classes``."""
-        for features in embed_batches(self.backbone, images, batch_size, device,
-                                      precision=self.meta.precision,
+        runtime = runtime or inference_runtime(self.meta.precision)
+        for features in embed_batches(self.backbone, images, batch_size, runtime,
                                       flip_average=self.meta.flip_average, desc="predict"):
             yield self.head.predict_proba_all(features, len(self.classes))
 
@@ -78,8 +83,6 @@ def load_predictor(model: str, embeddings_dir: Path, head_path: Path,
                             "or the stage has not run); use --model head, or run "
                             "`dvc exp run -S finetune.enabled=true`")
     if model == "finetune" or (model == "auto" and trained):
-        from stages.finetuning import load_finetuned
-
         return load_finetuned(finetune_dir)
     return load_classifier(embeddings_dir, head_path)
 
@@ -90,12 +93,63 @@ def load_classifier(embeddings_dir: Path, head_path: Path) -> Classifier:
     return Classifier(backbone_of(meta), head, classes, meta)
 
 
-def backbone_of(meta: EmbeddingMeta) -> Backbone:
-    """The backbone that made the embeddings, with their preprocessing; refused if its
-    weights changed since."""
-    backbone = load_backbone(meta.backbone, weights_argument(meta.weights))
-    if meta.weights_sha256 and backbone.weights_sha256 != meta.weights_sha256:
-        raise PipelineError(f"the weights of {meta.backbone} ({meta.weights}) changed since the "
-                            "embeddings were extracted; run `dvc repro` first")
-    backbone.preprocessing = Preprocessing.from_dict(meta.preprocessing)
-    return backbone
+@dataclass
+class FinetunedModel:
+    """A fine-tuned network ready for new images: its preprocessing and class names."""
+
+    net: FinetuneNet
+    preprocessing: Preprocessing
+    classes: list[str]
+    info: dict[str, Any]
+    name = "finetune"
+
+    @property
+    def short_side(self) -> int:
+        """New images are first downscaled like the training images were."""
+        return int(self.info["short_side"])
+
+    def predict_proba(self, images: Sequence[np.ndarray], batch_size: int = 32,
+                      runtime: Runtime | None = None) -> Iterator[np.ndarray]:
+        runtime = runtime or resolve_runtime()
+        return network_probabilities(self.net, images, self.preprocessing, batch_size, runtime)
+
+
+def network_probabilities(net: FinetuneNet, images: Sequence[np.ndarray],
+                          preprocessing: Preprocessing, batch_size: int,
+                          runtime: Runtime) -> Iterator[np.ndarray]:
+    """Class probabilities batch by batch, with the backbone's own eval preprocessing."""
+    dataset = PreprocessedImages(images, preprocessing.eval_transform())
+    net.eval().to(runtime.device, memory_format=torch.channels_last)
+    with torch.inference_mode():
+        for batch in runtime.loader(dataset, batch_size):
+            batch = batch.to(runtime.device, memory_format=torch.channels_last)
+            with runtime.autocast():
+                logits = net(batch)
+            yield torch.softmax(logits.double(), dim=1).cpu().numpy()  # sums to 1 in float64
+
+
+def save_finetuned(directory: Path, state: dict[str, torch.Tensor], info: dict[str, Any]) -> None:
+    """``model.safetensors`` (tensors only, no pickle) and ``model.json`` into ``directory``."""
+    from safetensors.torch import save_file
+
+    save_file({name: tensor.contiguous() for name, tensor in state.items()},
+              str(directory / "model.safetensors"))
+    write_json(directory / "model.json", info)
+
+
+def load_finetuned(directory: str | Path) -> FinetunedModel:
+    """Rebuild the network recorded in ``directory/model.json`` and load its tensors."""
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    info = read_json(directory / "model.json")
+    backbone = load_backbone(info["backbone"], pretrained=False)  # every tensor comes next
+    net = build_network(backbone, len(info["classes"]))
+    try:
+        net.load_state_dict(load_file(str(directory / "model.safetensors")))
+    except (OSError, RuntimeError) as err:
+        first = str(err).splitlines()[0]
+        raise PipelineError(f"{directory}/model.safetensors: cannot be loaded into "
+                            f"{info['backbone']} ({first}); re-run: dvc repro finetune") from err
+    return FinetunedModel(net.eval(), Preprocessing.from_dict(info["preprocessing"]),
+                          list(info["classes"]), info)

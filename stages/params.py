@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
 import types
 import typing
 from dataclasses import dataclass, field
@@ -17,6 +18,16 @@ from typing import Any
 import yaml
 
 from stages.errors import PipelineError
+from stages.strategies import STRATEGIES
+
+log = logging.getLogger(__name__)
+
+# One vocabulary for the precision of every forward pass (stages.runtime applies it).
+PRECISIONS = ("auto", "float32", "bfloat16", "float16")
+_OLD_PRECISIONS = {"32": "float32", "bf16": "bfloat16", "16": "float16"}
+_PRECISION_HELP = ("auto: float32 on CPU, mixed precision on a GPU (float16 to extract, "
+                   "bfloat16 where supported to train); float32; bfloat16 or float16 autocast "
+                   "(float16 needs a GPU)")
 
 
 class ParamsError(PipelineError):
@@ -30,9 +41,12 @@ def _bounded(default: Any, low: float | None = None, high: float | None = None, 
                  metadata={"range": (low, high), "low_open": low_open, "help": help})
 
 
-def _choice(default: Any, choices: tuple[Any, ...], help: str = "") -> Any:
-    """A field whose value must be one of ``choices``."""
-    return field(default=default, metadata={"choices": choices, "help": help})
+def _choice(default: Any, choices: tuple[Any, ...], help: str = "",
+            old_spellings: dict[str, str] | None = None) -> Any:
+    """A field whose value must be one of ``choices``; ``old_spellings`` are still accepted,
+    with a notice naming the current one."""
+    return field(default=default, metadata={"choices": choices, "help": help,
+                                            "old_spellings": old_spellings or {}})
 
 
 @dataclass(frozen=True)
@@ -62,8 +76,7 @@ class BackboneParams:
     batch_size: int | str = field(default="auto", metadata={
         "range": (1, 65536), "low_open": False, "choices": ("auto",),
         "help": "images per forward pass, or auto (8 on CPU, the largest that fits on a GPU)"})
-    precision: str = _choice("float32", ("float32", "bfloat16"),
-                             help="bfloat16 runs the CPU forward pass in bfloat16 autocast")
+    precision: str = _choice("auto", PRECISIONS, help=_PRECISION_HELP)
     flip_average: bool = False
     embedding_dtype: str = _choice("float32", ("float32", "float16"))
     mean: tuple[float, float, float] | None = field(default=None, metadata={
@@ -98,7 +111,7 @@ class HeadParams:
 @dataclass(frozen=True)
 class FinetuneParams:
     enabled: bool = False
-    strategy: str = _choice("last_k", ("head", "last_k", "full", "scratch"), help=(
+    strategy: str = _choice("last_k", tuple(STRATEGIES), help=(
         "head: backbone frozen, head trained with augmentation; last_k: the top unfreeze_k "
         "blocks and the head; full: every layer; scratch: same architecture, random "
         "initialisation (the baseline that shows what pretraining is worth)"))
@@ -126,8 +139,8 @@ class FinetuneParams:
     augment: str = _choice("light", ("none", "light", "strong"), help=(
         "light: random resized crop and flip; strong: adds TrivialAugment"))
     device: str = _choice("auto", ("auto", "cpu", "cuda"))
-    precision: str = _choice("auto", ("auto", "32", "bf16", "16"), help=(
-        "auto: bfloat16 (else float16) mixed precision on a GPU, float32 on CPU"))
+    precision: str = _choice("auto", PRECISIONS, help=_PRECISION_HELP,
+                             old_spellings=_OLD_PRECISIONS)
 
 
 @dataclass(frozen=True)
@@ -202,6 +215,10 @@ def _check_value(key: str, value: Any, hint: Any, meta: Any, source: str) -> Any
     if type(value) is int and str in allowed and int not in allowed and "choices" in meta:
         value = str(value)  # `precision: 32` in YAML means the choice "32"
     given, value = value, _coerce(key, value, allowed, source)
+    if value in meta.get("old_spellings", {}):
+        value = meta["old_spellings"][value]
+        log.warning("%s: %s=%s is an old spelling, read as %s; write that instead", source, key,
+                    given, value)
     numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
     if "choices" in meta and not numeric and value not in meta["choices"]:
         choices = ", ".join("null" if c is None else str(c) for c in meta["choices"])

@@ -22,13 +22,11 @@ from tqdm import tqdm
 from stages.data import decode_image, shrink
 from stages.errors import PipelineError, run_stage
 from stages.inference import MODEL_CHOICES, Predictor, load_predictor
+from stages.layout import EMBEDDINGS_DIR, FINETUNE_DIR, HEAD_PATH
 from stages.sources import visible_files
 
 log = logging.getLogger(__name__)
 
-EMBEDDINGS_DIR = Path("data/embeddings")
-HEAD_PATH = Path("models/head.npz")
-FINETUNE_DIR = Path("models/finetune")
 CHUNK = 256  # files decoded and held in memory at a time
 
 

@@ -10,15 +10,11 @@ from pathlib import Path
 from stages.artifacts import write_json
 from stages.data import prepare_store
 from stages.errors import PipelineError, run_stage
+from stages.layout import DATA_REPORT, PARAMS, PREPARED_DIR, RAW_DIR
 from stages.params import load_params
 from stages.sources import BUILTIN_SOURCES, TORCHVISION_PREFIX, list_source
 
 log = logging.getLogger(__name__)
-
-PARAMS = Path("params.yaml")
-RAW_DIR = Path("data/raw")
-PREPARED_DIR = Path("data/prepared")
-REPORT = Path("reports/data.json")
 
 
 def main() -> None:
@@ -40,7 +36,7 @@ def main() -> None:
         raise PipelineError(f"prepare's temporary catalog failed ({err}); it lives in $TMPDIR "
                             "(else /var/tmp): free space there or set TMPDIR to a larger "
                             "disk") from err
-    write_json(REPORT, report)
+    write_json(DATA_REPORT, report)
     for line in summarize(report):
         log.info("%s", line)
 
@@ -68,7 +64,7 @@ def summarize(report: dict) -> list[str]:
     if report["left_out_by_max_per_class"]:
         lines.append(f"{report['left_out_by_max_per_class']} images left out by "
                      "data.max_per_class")
-    lines.append(f"details: {REPORT}")
+    lines.append(f"details: {DATA_REPORT}")
     return lines
 
 

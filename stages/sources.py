@@ -20,12 +20,12 @@ from tqdm import tqdm
 
 from stages.catalog import Catalog, SourceImage
 from stages.errors import PipelineError
+from stages.layout import TORCHVISION_ROOT
 
 # Folder and manifest names for each split; a pre-split root holds some of these folders.
 SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val",
                  "validation": "val", "test": "test", "testing": "test"}
 TORCHVISION_PREFIX = "torchvision:"
-TORCHVISION_ROOT = Path("data/raw/torchvision")
 
 
 def list_source(source: str, scratch: Path) -> Catalog:

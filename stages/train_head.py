@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import time
-from pathlib import Path
 
 import numpy as np
 
@@ -12,15 +11,11 @@ from stages.artifacts import write_json
 from stages.embeddings import EmbeddingMeta, load_split
 from stages.errors import run_stage
 from stages.heads import Head, LogisticHead, MLPHead
+from stages.layout import EMBEDDINGS_DIR, HEAD_PATH, PARAMS, TRAIN_HEAD_METRICS
 from stages.metrics import classification_metrics
 from stages.params import HeadParams, load_params
 
 log = logging.getLogger(__name__)
-
-PARAMS = Path("params.yaml")
-EMBEDDINGS_DIR = Path("data/embeddings")
-HEAD_PATH = Path("models/head.npz")
-METRICS = Path("metrics/train_head.json")
 
 
 def main() -> None:
@@ -35,7 +30,7 @@ def main() -> None:
     val_metrics = classification_metrics(val_y, head.predict(val_x), len(classes))
     train_accuracy = float((head.predict(train_x) == train_y).mean())
     extra = {"best_epoch": head.best_epoch_} if isinstance(head, MLPHead) else {}
-    write_json(METRICS, {"train_accuracy": train_accuracy,
+    write_json(TRAIN_HEAD_METRICS, {"train_accuracy": train_accuracy,
                          "val": val_metrics,
                          "converged": head.converged_,
                          "n_iter": head.n_iter_,

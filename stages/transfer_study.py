@@ -19,15 +19,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from stages import layout
 from stages.artifacts import atomic_output
 from stages.errors import PipelineError, run_stage
+from stages.strategies import STRATEGIES
 
 log = logging.getLogger(__name__)
 
-OUTPUT = Path("reports/transfer_study.md")
-EVALUATE_METRICS = "metrics/evaluate.json"
-FINETUNE_STATUS = "models/finetune/status.json"
-TRAIN_HEAD_METRICS = "metrics/train_head.json"
+# `dvc exp show --json` names each metrics file by its path as written in dvc.yaml.
+EVALUATE_METRICS = layout.EVALUATE_METRICS.as_posix()
+FINETUNE_STATUS = layout.FINETUNE_STATUS.as_posix()
+TRAIN_HEAD_METRICS = layout.TRAIN_HEAD_METRICS.as_posix()
 
 
 @dataclass(frozen=True)
@@ -39,11 +41,16 @@ class StudyRow:
 
     @property
     def label(self) -> str:
-        return f"last_k (k={self.unfreeze_k})" if self.strategy == "last_k" else self.strategy
+        return STRATEGIES[self.strategy].label(self.unfreeze_k)
 
     @property
     def slug(self) -> str:
-        return f"last-{self.unfreeze_k}" if self.strategy == "last_k" else self.strategy
+        name = self.strategy.replace("_k", "")  # experiment names: last-1, not last_k-1
+        return name if self.unfreeze_k is None else f"{name}-{self.unfreeze_k}"
+
+    @property
+    def what_trains(self) -> str:
+        return STRATEGIES[self.strategy].what_trains.format(k=self.unfreeze_k)
 
     def set_params(self, epochs: int) -> list[str]:
         """The ``-S key=value`` overrides of ``dvc exp run`` for this row."""
@@ -54,15 +61,12 @@ class StudyRow:
         return [arg for key, value in values.items() for arg in ("-S", f"{key}={value}")]
 
 
-WHAT_TRAINS = {"scratch": "every layer, random initialisation",
-               "head": "new head only (backbone frozen), with augmentation",
-               "last_k": "new head + top {k} block(s), lower ones slower",
-               "full": "every layer, lower ones slower"}
-
-
 def study_rows(ks: list[int]) -> list[StudyRow]:
-    return [StudyRow("scratch"), StudyRow("head"),
-            *(StudyRow("last_k", k) for k in ks), StudyRow("full")]
+    """Every strategy once, the one that takes ``unfreeze_k`` once per ``k``; the random
+    start first, as the baseline pretraining is measured against."""
+    ordered = sorted(STRATEGIES.values(), key=lambda s: s.pretrained)
+    return [StudyRow(s.name, k) for s in ordered
+            for k in (ks if s.uses_unfreeze_k() else [None])]
 
 
 def dvc(*args: str) -> str:
@@ -112,25 +116,24 @@ def markdown_table(rows: list[StudyRow], names: list[str], baseline: dict[str, A
                    experiments: dict[str, dict[str, Any]], split: str) -> str:
     """The study as Markdown: the linear probe first, then one line per experiment."""
     header = ("| Row | What trains | Trainable parameters | Epochs run (best) | Val accuracy | "
-              f"{split.capitalize()} accuracy | Training images/s | Experiment |\n"
-              "|---|---|---:|---:|---:|---:|---:|---|\n")
+              f"{split.capitalize()} accuracy | Experiment |\n"
+              "|---|---|---:|---:|---:|---:|---|\n")
     probe = baseline.get(EVALUATE_METRICS, {}).get("head", {})
     probe_val = baseline.get(TRAIN_HEAD_METRICS, {}).get("val", {}).get("accuracy")
     lines = [f"| linear probe | logistic regression on frozen embeddings | - | - | "
-             f"{_fmt(probe_val)} | {_fmt(probe.get('accuracy'))} | - | baseline |"]
+             f"{_fmt(probe_val)} | {_fmt(probe.get('accuracy'))} | baseline |"]
     for row, name in zip(rows, names, strict=True):
         metrics = experiments.get(name)
-        what = WHAT_TRAINS[row.strategy].format(k=row.unfreeze_k)
+        what = row.what_trains
         if metrics is None:
-            lines.append(f"| {row.label} | {what} | failed or missing | | | | | {name} |")
+            lines.append(f"| {row.label} | {what} | failed or missing | | | | {name} |")
             continue
         status = metrics.get(FINETUNE_STATUS, {})
         scored = metrics.get(EVALUATE_METRICS, {}).get("finetune", {})
         epochs = f"{status.get('epochs_run', '-')} ({status.get('best_epoch', '-')})"
         lines.append(
             f"| {row.label} | {what} | {status.get('trainable_parameters', '-'):,} | {epochs} | "
-            f"{_fmt(status.get('val_accuracy'))} | {_fmt(scored.get('accuracy'))} | "
-            f"{status.get('train_images_per_second', '-')} | {name} |")
+            f"{_fmt(status.get('val_accuracy'))} | {_fmt(scored.get('accuracy'))} | {name} |")
     return header + "\n".join(lines) + "\n"
 
 
@@ -146,7 +149,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="last_k rows: blocks unfrozen from the top (default 1 3)")
     parser.add_argument("--jobs", type=int, default=1,
                         help="experiments run at once (default 1; each uses every core)")
-    parser.add_argument("--output", type=Path, default=OUTPUT)
+    parser.add_argument("--output", type=Path, default=layout.TRANSFER_STUDY_REPORT)
     args = parser.parse_args(argv)
     if args.epochs < 1 or args.jobs < 1 or any(k < 1 for k in args.k):
         parser.error("--epochs, --jobs and every --k must be 1 or more")

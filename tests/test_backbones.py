@@ -1,4 +1,3 @@
-import os
 import urllib.error
 
 import numpy as np
@@ -10,14 +9,9 @@ from PIL import Image
 from sklearn.datasets import load_sample_image
 from timm.data import create_transform, resolve_data_config
 
-from stages.backbones import (
-    Preprocessing,
-    extract_embeddings,
-    load_backbone,
-    set_determinism,
-)
-from stages.data import ImageStore
+from stages.backbones import Preprocessing, extract_embeddings, load_backbone
 from stages.errors import PipelineError
+from stages.runtime import Runtime
 
 IMAGENET_DAISY = 985
 
@@ -85,17 +79,6 @@ def test_embeddings_are_deterministic_and_independent_of_batch_size(backbone):
     assert not np.allclose(whole[0], whole[1])
 
 
-def test_set_determinism_switches_torch_and_cudnn_both_ways(determinism_restored):
-    assert not torch.are_deterministic_algorithms_enabled()
-    set_determinism(True)
-    assert torch.are_deterministic_algorithms_enabled()
-    assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
-    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
-    set_determinism(False)
-    assert not torch.are_deterministic_algorithms_enabled()
-    assert not torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
-
-
 def test_flip_averaging_makes_mirror_images_equal(backbone, flower):
     image = np.asarray(flower.resize((300, 300)))
     mirrored = np.ascontiguousarray(image[:, ::-1])
@@ -108,7 +91,7 @@ def test_flip_averaging_makes_mirror_images_equal(backbone, flower):
 def test_bfloat16_embeddings_stay_close_to_float32(backbone, flower):
     image = np.asarray(flower)
     full = extract_embeddings(backbone, [image], 1)[0]
-    half = extract_embeddings(backbone, [image], 1, precision="bfloat16")[0]
+    half = extract_embeddings(backbone, [image], 1, Runtime(torch.device("cpu"), "bfloat16"))[0]
     cosine = full @ half / np.linalg.norm(full) / np.linalg.norm(half)
     assert cosine > 0.99
 
@@ -201,9 +184,3 @@ def test_timm_weights_file_loads_safely_and_bad_files_are_named(tmp_path):
         load_backbone("resnet18", str(garbage))
     with pytest.raises(PipelineError, match="resnet18.pth' does not fit 'resnet34'"):
         load_backbone("resnet34", str(good))
-
-
-def test_images_are_read_without_mapping_the_whole_store(embedded_project):
-    store = ImageStore(embedded_project / "data" / "prepared", "train")
-    first = store[0]
-    assert first.dtype == np.uint8 and first.ndim == 3 and not first.flags.writeable

@@ -1,5 +1,6 @@
 import io
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -256,3 +257,20 @@ def test_a_decompression_bomb_is_skipped_without_decoding_it(tmp_path):
     [item] = report["skipped"]
     assert item["path"] == "red/bomb.png"
     assert item["reason"].startswith("too many pixels to decode safely")
+
+
+def test_images_are_read_by_position_without_mapping_the_store(embedded_project):
+    directory = embedded_project / "data" / "prepared"
+    store = ImageStore(directory, "train")
+    images = list(store)
+    maps = Path("/proc/self/maps")
+    if not maps.exists():
+        pytest.skip("no /proc/self/maps on this system")
+    assert str((directory / "train.bin").resolve()) not in maps.read_text()
+    raw = (directory / "train.bin").read_bytes()
+    with np.load(directory / "train.npz") as index:
+        offsets, shapes = index["offsets"], index["shapes"]
+    for i in (0, len(store) // 2, len(store) - 1):
+        h, w = (int(v) for v in shapes[i])
+        assert images[i].shape == (h, w, 3) and images[i].dtype == np.uint8
+        assert images[i].tobytes() == raw[int(offsets[i]):int(offsets[i]) + h * w * 3]

@@ -75,7 +75,7 @@ def test_onnx_file_matches_the_pytorch_model(trained, images_and_reference):
 @pytest.mark.slow
 def test_the_fine_tuned_model_is_exported_by_default_once_it_exists(trained):
     from stages import finetune
-    from stages.finetuning import load_finetuned
+    from stages.inference import load_finetuned
     from tests.conftest import write_params
 
     params = yaml.safe_load((trained / "params.yaml").read_text())

@@ -1,9 +1,19 @@
 import numpy as np
 import pytest
+from PIL import Image, ImageDraw, ImageFont
 
 from stages.errors import PipelineError
 from stages.evaluation import Mistake
-from stages.gallery import COLUMNS, TILE, draw_gallery, images_by_id
+from stages.gallery import (
+    BACKGROUND,
+    COLUMNS,
+    LINE_HEIGHT,
+    MARGIN,
+    TEXT,
+    TILE,
+    draw_gallery,
+    images_by_id,
+)
 
 RED = (220, 30, 30)
 
@@ -23,10 +33,19 @@ def test_each_mistake_gets_a_tile_with_its_image():
 
 
 def test_a_model_without_mistakes_gets_a_short_block_saying_so():
-    sheet = draw_gallery([("head", [])], red_square)
-    pixels = np.asarray(sheet)
-    assert sheet.height < TILE and not np.all(pixels == RED, axis=2).any()
-    assert (pixels < 128).any()  # some text was written
+    sheet = draw_gallery([("head: 0 mistakes", [])], red_square)
+    assert sheet.height < TILE
+    # Exactly the title and the sentence, in Pillow's built-in font, and nothing else.
+    expected = Image.new("RGB", sheet.size, BACKGROUND)
+    draw = ImageDraw.Draw(expected)
+    draw.text((MARGIN, MARGIN), "head: 0 mistakes", fill=TEXT,
+              font=ImageFont.load_default(size=16))
+    draw.text((MARGIN, MARGIN + 2 * LINE_HEIGHT),
+              "no mistakes: every image was classified correctly", fill=TEXT,
+              font=ImageFont.load_default(size=13))
+    assert np.array_equal(np.asarray(sheet), np.asarray(expected))
+    other = draw_gallery([("finetune: 0 mistakes", [])], red_square)
+    assert not np.array_equal(np.asarray(other), np.asarray(sheet))
 
 
 def test_images_are_looked_up_by_id_and_a_missing_one_is_named():

@@ -1,6 +1,9 @@
+import dataclasses
+import typing
 from pathlib import Path
 
 import pytest
+import yaml
 
 from stages.params import Params, ParamsError, load_params, params_from_dict
 from tests.conftest import REPO_ROOT
@@ -12,12 +15,27 @@ def write(tmp_path: Path, text: str) -> Path:
     return path
 
 
-def test_repository_params_file_loads_and_matches_defaults():
-    params = load_params(REPO_ROOT / "params.yaml")
-    assert params == Params()
-    assert params.data.source == "digits"
-    assert params.backbone.name == "tf_efficientnet_lite0"
-    assert params.finetune.enabled is False
+def _keys(cls: type, prefix: str = "") -> set[str]:
+    keys = set()
+    for f in dataclasses.fields(cls):
+        hint = typing.get_type_hints(cls)[f.name]
+        keys |= (_keys(hint, f"{prefix}{f.name}.") if dataclasses.is_dataclass(hint)
+                 else {f"{prefix}{f.name}"})
+    return keys
+
+
+def _flat(raw: dict, prefix: str = "") -> set[str]:
+    return {key for name, value in raw.items()
+            for key in (_flat(value, f"{prefix}{name}.") if isinstance(value, dict)
+                        else {f"{prefix}{name}"})}
+
+
+def test_repository_params_file_loads_and_names_every_key():
+    # Whatever values a user or `dvc exp run -S` put in it: it stays valid and complete, the
+    # reference of every key.
+    path = REPO_ROOT / "params.yaml"
+    load_params(path)
+    assert _flat(yaml.safe_load(path.read_text(encoding="utf-8"))) == _keys(Params)
 
 
 def test_missing_keys_take_defaults_and_given_keys_are_typed(tmp_path):
@@ -132,5 +150,5 @@ def test_a_wrong_value_fails_the_stage_with_one_line_and_no_output(tmp_path):
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [
         "error: params.yaml: backbone.precision='float8' is not valid; choose one of: "
-        "float32, bfloat16"]
+        "auto, float32, bfloat16, float16"]
     assert list(tmp_path.iterdir()) == [tmp_path / "params.yaml"]

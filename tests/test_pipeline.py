@@ -151,7 +151,13 @@ def test_two_commits_differ_in_params_metrics_and_plots_diff(repo):
     assert len(plots["plots/evaluate/mistakes.png"]) == 2  # one gallery per revision
 
 
-def test_queued_experiments_run_two_at_a_time_each_with_its_own_results(repo):
+QUEUED_C = ["0.01", "0.1", "10"]
+
+
+@pytest.fixture(scope="module")
+def queued(repo) -> dict[str, float]:
+    """Three head.C experiments queued on a fresh baseline commit and run two at a time;
+    head.C -> test accuracy, as ``dvc exp show`` lists them. Any test may ask for it first."""
     import csv
     import io
     import time
@@ -159,8 +165,7 @@ def test_queued_experiments_run_two_at_a_time_each_with_its_own_results(repo):
     run(["dvc", "repro"], repo)
     run(["git", "add", "-A"], repo)
     run(["git", "commit", "-qm", "baseline before the queue", "--allow-empty"], repo)
-    values = ["0.01", "0.1", "10"]
-    for value in values:
+    for value in QUEUED_C:
         run(["dvc", "exp", "run", "--queue", "-S", f"head.C={value}"], repo)
     # The queue's workers outlive `dvc queue start`: give them a file, not this test's pipes,
     # or reading the command's output waits for the workers to exit.
@@ -176,10 +181,13 @@ def test_queued_experiments_run_two_at_a_time_each_with_its_own_results(repo):
         time.sleep(2)
     assert status.count("Success") == 3, status
     table = run(["dvc", "exp", "show", "--csv", "--no-pager"], repo)
-    rows = [r for r in csv.DictReader(io.StringIO(table)) if r["head.C"] in values
+    rows = [r for r in csv.DictReader(io.StringIO(table)) if r["head.C"] in QUEUED_C
             and r["Experiment"]]
-    queued = {r["head.C"]: float(r["head.accuracy"]) for r in rows}
-    assert sorted(queued) == sorted(values)
+    return {r["head.C"]: float(r["head.accuracy"]) for r in rows}
+
+
+def test_queued_experiments_run_two_at_a_time_each_with_its_own_results(repo, queued):
+    assert sorted(queued) == sorted(QUEUED_C)
     # Each queued result equals the same experiment run directly in the workspace.
     for value in ("0.01", "10"):
         run(["dvc", "exp", "run", "-S", f"head.C={value}"], repo)
@@ -187,8 +195,7 @@ def test_queued_experiments_run_two_at_a_time_each_with_its_own_results(repo):
         assert direct["head"]["accuracy"] == pytest.approx(queued[value], abs=1e-5)
 
 
-def test_experiments_are_compared_in_exp_show_and_plots_diff(repo):
-    """Runs after the queue test above and compares the experiments it ran."""
+def test_experiments_are_compared_in_exp_show_and_plots_diff(repo, queued):
     import csv
     import io
 
@@ -197,9 +204,9 @@ def test_experiments_are_compared_in_exp_show_and_plots_diff(repo):
     columns = set(rows[0])
     assert "head.C" in columns and "head.log_loss" in columns
     assert "data.source" not in columns and "head.n_classes" not in columns  # unchanged
-    # The three queued values of head.C (two of them also run again directly): three results.
+    # Three values of head.C (the queued ones, perhaps run again directly): three results.
     log_loss = {r["head.C"]: r["head.log_loss"] for r in rows}
-    assert sorted(log_loss) == ["0.01", "0.1", "10"]
+    assert sorted(log_loss) == sorted(QUEUED_C)
     assert len(set(log_loss.values())) == len(log_loss)
     name = {r["head.C"]: r["Experiment"] for r in rows}
     first, second = name["0.01"], name["10"]

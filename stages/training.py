@@ -1,11 +1,10 @@
-"""Fine-tuning a pretrained backbone with a new head: which layers train, how fast, on what.
+"""Fine-tuning: the training loop, its schedule and augmentation, checkpoints, curves, and the
+whole ``finetune`` stage (``run_finetune``).
 
-The network is the backbone's encoder (cut before its source classifier) and a new linear
-head. Its blocks come from timm's own grouping (``model.group_matcher``) or, for
-torchvision models, from the top-level child modules. ``last_k`` trains the top ``k``
-blocks; each block down from the head learns at ``lr_decay`` times the rate of the block
-above it. Training resumes from a per-epoch checkpoint and is seeded per epoch, so an
-interrupted run ends with the same model as an uninterrupted one.
+Training resumes from a per-epoch checkpoint and is seeded per epoch, so an interrupted run
+ends with the same model as an uninterrupted one. The kept model is the epoch with the best
+validation accuracy (epoch 0 is the starting network). Timings go to the log, never into the
+outputs: the same parameters give byte-identical outputs on CPU.
 """
 
 from __future__ import annotations
@@ -16,166 +15,40 @@ import hashlib
 import json
 import logging
 import math
-import os
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from PIL import Image
 from torchvision.transforms import v2
 from tqdm import tqdm
 
-from stages.artifacts import atomic_output, read_json, write_json
-from stages.backbones import Backbone, PreprocessedImages, Preprocessing, _TimmPreLogits
+from stages.artifacts import atomic_output, write_json
+from stages.backbones import PreprocessedImages, Preprocessing, sha256_file
+from stages.data import ImageStore
 from stages.embeddings import EmbeddingMeta
 from stages.errors import PipelineError
-from stages.heads import LogisticHead, load_head
+from stages.inference import save_finetuned
+from stages.layout import FINETUNE_CHECKPOINTS, finetune_checkpoint
+from stages.network import (
+    FinetuneNet,
+    mark_trainable,
+    set_train_mode,
+    starting_network,
+    trainable_groups,
+)
 from stages.params import FinetuneParams, Params
+from stages.runtime import Runtime, end_process_group, resolve_runtime, set_determinism
+from stages.strategies import STRATEGIES
 
 log = logging.getLogger(__name__)
 
 # A training image smaller than this share of the picture is not a useful crop of it.
 CROP_SCALE = {"light": (0.35, 1.0), "strong": (0.08, 1.0)}
-
-
-class FinetuneNet(torch.nn.Module):
-    """Pretrained encoder (to pooled pre-logits features), then a new linear head."""
-
-    def __init__(self, encoder: torch.nn.Module, num_features: int, num_classes: int) -> None:
-        super().__init__()
-        self.encoder = encoder
-        self.head = torch.nn.Linear(num_features, num_classes)
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.head(self.encoder(images))
-
-
-def build_network(backbone: Backbone, num_classes: int) -> FinetuneNet:
-    """The backbone's encoder with a new head; the encoder's own trainable flags are cleared."""
-    encoder = backbone.encoder
-    if isinstance(encoder, _TimmPreLogits):
-        # The source classifier is not on the forward path (pre-logits); drop its weights.
-        encoder.model.reset_classifier(0)
-    net = FinetuneNet(encoder, backbone.num_features, num_classes)
-    net.requires_grad_(False)
-    return net
-
-
-def encoder_blocks(net: FinetuneNet) -> list[list[torch.nn.Parameter]]:
-    """The encoder's parameters in blocks, from the input (stem) up to the last block."""
-    encoder = net.encoder
-    if isinstance(encoder, _TimmPreLogits):
-        from timm.models import group_parameters
-
-        model = encoder.model
-        named = dict(model.named_parameters())
-        groups = group_parameters(model, model.group_matcher(coarse=True))
-        blocks = [[named[name] for name in names] for names in groups.values()]
-    else:
-        module = encoder
-        children = _children_with_parameters(module)
-        while len(children) == 1:  # a lone container (e.g. `features`): its children are blocks
-            module = children[0]
-            children = _children_with_parameters(module)
-        blocks = [list(child.parameters()) for child in children]
-        own = list(module.parameters(recurse=False))
-        blocks = [own + blocks[0], *blocks[1:]] if blocks else [own]
-    blocks = [block for block in blocks if block]
-    covered = {id(p) for block in blocks for p in block}
-    rest = [p for p in encoder.parameters() if id(p) not in covered]
-    if rest:  # parameters outside every block (class tokens, ...) train with the first block
-        blocks[0] = rest + blocks[0]
-    return blocks
-
-
-def _children_with_parameters(module: torch.nn.Module) -> list[torch.nn.Module]:
-    return [child for child in module.children()
-            if any(True for _ in child.parameters())]
-
-
-def mark_trainable(net: FinetuneNet, strategy: str, unfreeze_k: int) -> None:
-    """Let the head and, by ``strategy``, the top blocks of the encoder train."""
-    blocks = encoder_blocks(net)
-    if strategy == "head":
-        chosen: list[list[torch.nn.Parameter]] = []
-    elif strategy == "last_k":
-        if unfreeze_k > len(blocks):
-            log.warning("finetune.unfreeze_k=%d, but the encoder has %d blocks: training all",
-                        unfreeze_k, len(blocks))
-        chosen = blocks[::-1][:unfreeze_k]
-    else:  # full, scratch
-        chosen = blocks
-    for block in [list(net.head.parameters()), *chosen]:
-        for p in block:
-            p.requires_grad_(True)
-
-
-def trainable_groups(net: FinetuneNet) -> list[list[torch.nn.Parameter]]:
-    """The trainable parameters by depth below the head (the head is depth 0)."""
-    blocks = [list(net.head.parameters()), *encoder_blocks(net)[::-1]]
-    return [[p for p in block if p.requires_grad] for block in blocks
-            if any(p.requires_grad for p in block)]
-
-
-def frozen_modules(net: FinetuneNet) -> list[torch.nn.Module]:
-    """Encoder modules none of whose parameters train: they stay in eval mode throughout."""
-    return [m for m in net.encoder.modules()
-            if any(True for _ in m.parameters(recurse=False))
-            and not any(p.requires_grad for p in m.parameters(recurse=False))]
-
-
-def set_train_mode(net: FinetuneNet, bn: str) -> None:
-    """Training mode for trainable layers; frozen layers, and all batch norms when ``bn`` is
-    ``frozen``, keep eval mode, so their running statistics never change."""
-    net.train()
-    for module in frozen_modules(net):
-        module.eval()
-    if bn == "frozen":
-        for module in net.modules():
-            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
-                module.eval()
-
-
-def init_head_from_probe(net: FinetuneNet, head: LogisticHead) -> None:
-    """Copy the linear probe into the new head: same logits on the same features."""
-    weight, bias = head.as_linear(net.head.out_features)
-    with torch.no_grad():
-        net.head.weight.copy_(torch.as_tensor(weight, dtype=torch.float32))
-        net.head.bias.copy_(torch.as_tensor(bias, dtype=torch.float32))
-
-
-def match_source_classes(classes: Sequence[str],
-                         source_labels: Sequence[str]) -> dict[int, int]:
-    """Target class index -> source classifier row, where the class name equals one of the
-    comma-separated names of exactly one source label (case, '_' and '-' ignored)."""
-    rows_by_name: dict[str, set[int]] = {}
-    for row, label in enumerate(source_labels):
-        for name in label.split(","):
-            rows_by_name.setdefault(_normalise(name), set()).add(row)
-    matches = {}
-    for index, name in enumerate(classes):
-        rows = rows_by_name.get(_normalise(name), set())
-        if len(rows) == 1:  # "crane" is a bird and a machine: ambiguous names start nowhere
-            matches[index] = next(iter(rows))
-    return matches
-
-
-def _normalise(name: str) -> str:
-    return " ".join(name.replace("_", " ").replace("-", " ").lower().split())
-
-
-def init_head_from_source(net: FinetuneNet, classifier: torch.nn.Linear,
-                          matches: dict[int, int]) -> None:
-    """Copy the source classifier's rows into the head rows of the matching classes."""
-    with torch.no_grad():
-        for index, row in matches.items():
-            net.head.weight[index].copy_(classifier.weight[row])
-            net.head.bias[index].copy_(classifier.bias[row])
 
 
 def optimizer_groups(blocks: Sequence[Sequence[torch.nn.Parameter]], lr: float,
@@ -227,51 +100,6 @@ class LabelledImages(PreprocessedImages):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         return super().__getitem__(i), int(self.labels[i])
-
-
-@dataclass(frozen=True)
-class Runtime:
-    """Where and how training runs: device, mixed precision, and the process group."""
-
-    device: torch.device
-    precision: str  # "32", "bf16" or "16"
-    rank: int = 0
-    world_size: int = 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def autocast(self) -> contextlib.AbstractContextManager:
-        if self.precision == "32":
-            return contextlib.nullcontext()
-        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
-        return torch.autocast(self.device.type, dtype=dtype)
-
-
-def resolve_runtime(device: str, precision: str) -> Runtime:
-    """Turn ``finetune.device``/``precision`` into a runtime; joins torchrun's process group."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    has_cuda = torch.cuda.is_available()
-    if device == "cuda" and not has_cuda:
-        raise PipelineError("finetune.device: cuda, but PyTorch sees no CUDA device "
-                            "(torch.cuda.is_available() is False); use auto or cpu")
-    use_cuda = device == "cuda" or (device == "auto" and has_cuda)
-    chosen = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
-    if precision == "auto":
-        precision = ("bf16" if torch.cuda.is_bf16_supported() else "16") if use_cuda else "32"
-    if precision == "16" and not use_cuda:
-        raise PipelineError("finetune.precision: 16 (float16 mixed precision) needs a CUDA "
-                            "device; on CPU use 32 or bf16")
-    rank = 0
-    if world_size > 1:
-        if use_cuda:
-            torch.cuda.set_device(chosen)
-        if not dist.is_initialized():
-            dist.init_process_group("nccl" if use_cuda else "gloo")
-        rank = dist.get_rank()
-    return Runtime(chosen, precision, rank, world_size)
 
 
 @dataclass
@@ -351,6 +179,14 @@ def _load_checkpoint(path: Path, key: str) -> dict[str, Any] | None:
     return payload
 
 
+def _remove_superseded(checkpoint_dir: Path, keep: Path | None = None) -> None:
+    """Remove the checkpoints of runs with other parameters or data: they can never resume."""
+    for stale in checkpoint_dir.glob(FINETUNE_CHECKPOINTS):
+        if stale != keep:
+            log.info("removing %s: a checkpoint of other parameters or data", stale)
+            stale.unlink(missing_ok=True)
+
+
 def _seed_epoch(seed: int, epoch: int) -> int:
     """One seed per epoch: a resumed run draws exactly what the uninterrupted one drew."""
     epoch_seed = (seed * 1_000_003 + epoch) % 2**63
@@ -360,6 +196,8 @@ def _seed_epoch(seed: int, epoch: int) -> int:
 
 def _loader(dataset: torch.utils.data.Dataset, batch_size: int, runtime: Runtime, *,
             train: bool, epoch_seed: int = 0) -> torch.utils.data.DataLoader:
+    """Training batches shuffled by ``epoch_seed`` (each process its share under torchrun),
+    or evaluation batches in order."""
     sampler: torch.utils.data.Sampler | None = None
     generator = torch.Generator().manual_seed(epoch_seed)
     if train and runtime.world_size > 1:
@@ -367,14 +205,8 @@ def _loader(dataset: torch.utils.data.Dataset, batch_size: int, runtime: Runtime
                                                       drop_last=True)
     elif train:
         sampler = torch.utils.data.RandomSampler(dataset, generator=generator)
-    cuda = runtime.device.type == "cuda"
-    return torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, sampler=sampler, shuffle=False,
-        # On CPU the forward and backward passes use every core; loader processes would
-        # only compete with them.
-        num_workers=min(8, os.cpu_count() or 1) if cuda else 0,
-        generator=generator, pin_memory=cuda,
-        drop_last=train and len(dataset) // runtime.world_size > batch_size)
+    return runtime.loader(dataset, batch_size, sampler=sampler, generator=generator,
+                          drop_last=train and len(dataset) // runtime.world_size > batch_size)
 
 
 def _to_device(images: torch.Tensor, labels: torch.Tensor,
@@ -428,7 +260,7 @@ def train(net: FinetuneNet, train_set: LabelledImages, val_set: LabelledImages,
     warmup_steps = min(total_steps, round(params.warmup_epochs * steps_per_epoch))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: warmup_cosine(step, warmup_steps, total_steps))
-    scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.precision == "16")
+    scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.precision == "float16")
     loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=params.label_smoothing)
 
     state = TrainingState()
@@ -517,137 +349,35 @@ def _copy_state(net: torch.nn.Module) -> dict[str, torch.Tensor]:
             for name, tensor in net.state_dict().items()}
 
 
-def predict_proba(net: FinetuneNet, images: Sequence[np.ndarray], preprocessing: Preprocessing,
-                  batch_size: int, runtime: Runtime) -> Iterator[np.ndarray]:
-    """Class probabilities batch by batch, with the backbone's own eval preprocessing."""
-    dataset = PreprocessedImages(images, preprocessing.eval_transform())
-    net.eval().to(runtime.device, memory_format=torch.channels_last)
-    with torch.inference_mode():
-        for batch in _loader(dataset, batch_size, runtime, train=False):
-            batch = batch.to(runtime.device, memory_format=torch.channels_last)
-            with runtime.autocast():
-                logits = net(batch)
-            yield torch.softmax(logits.double(), dim=1).cpu().numpy()  # sums to 1 in float64
-
-
-@dataclass
-class FinetunedModel:
-    """A fine-tuned network ready for new images: its preprocessing and class names."""
-
-    net: FinetuneNet
-    preprocessing: Preprocessing
-    classes: list[str]
-    info: dict[str, Any]
-    name = "finetune"
-
-    @property
-    def short_side(self) -> int:
-        """New images are first downscaled like the training images were."""
-        return int(self.info["short_side"])
-
-    def predict_proba(self, images: Sequence[np.ndarray], batch_size: int = 32,
-                      runtime: Runtime | None = None) -> Iterator[np.ndarray]:
-        runtime = runtime or resolve_runtime("auto", "auto")
-        return predict_proba(self.net, images, self.preprocessing, batch_size, runtime)
-
-
-def save_finetuned(directory: Path, state: dict[str, torch.Tensor], info: dict[str, Any]) -> None:
-    """``model.safetensors`` (tensors only, no pickle) and ``model.json`` into ``directory``."""
-    from safetensors.torch import save_file
-
-    save_file({name: tensor.contiguous() for name, tensor in state.items()},
-              str(directory / "model.safetensors"))
-    write_json(directory / "model.json", info)
-
-
-def load_finetuned(directory: str | Path) -> FinetunedModel:
-    """Rebuild the network recorded in ``directory/model.json`` and load its tensors."""
-    from safetensors.torch import load_file
-
-    from stages.backbones import load_backbone
-
-    directory = Path(directory)
-    info = read_json(directory / "model.json")
-    backbone = load_backbone(info["backbone"], pretrained=False)  # every tensor comes next
-    net = build_network(backbone, len(info["classes"]))
-    try:
-        net.load_state_dict(load_file(str(directory / "model.safetensors")))
-    except (OSError, RuntimeError) as err:
-        first = str(err).splitlines()[0]
-        raise PipelineError(f"{directory}/model.safetensors: cannot be loaded into "
-                            f"{info['backbone']} ({first}); re-run: dvc repro finetune") from err
-    return FinetunedModel(net.eval(), Preprocessing.from_dict(info["preprocessing"]),
-                          list(info["classes"]), info)
-
-
 def _sha256(path: Path) -> str | None:
-    from stages.backbones import sha256_file
-
     return sha256_file(path) if path.is_file() else None
 
 
-def starting_network(params: Params, meta: EmbeddingMeta, classes: Sequence[str],
-                     head_path: Path) -> FinetuneNet:
-    """The network fine-tuning starts from: pretrained weights with the linear probe as the
-    new head (or source-classifier rows, or a random head), or for ``scratch`` the same
-    architecture, randomly initialised from ``seed``."""
-    from stages.backbones import load_backbone
-    from stages.inference import backbone_of
-
-    ft = params.finetune
-    pretrained = ft.strategy != "scratch"
-    torch.manual_seed(params.seed)  # scratch's network: timm initialises it as it builds it
-    backbone = backbone_of(meta) if pretrained else load_backbone(meta.backbone, pretrained=False)
-    torch.manual_seed(params.seed)  # the new head's initialisation
-    net = build_network(backbone, len(classes))
-    if pretrained and ft.init_from_head:
-        head, _ = load_head(head_path)
-        if not isinstance(head, LogisticHead):
-            raise PipelineError(f"finetune.init_from_head: true starts the network's linear "
-                                f"head from the linear probe, but {head_path} is an "
-                                f"{head.kind} head; set finetune.init_from_head: false, or "
-                                "head.kind: logistic")
-        init_head_from_probe(net, head)
-        if params.head.init_from_source:
-            log.info("head.init_from_source unused: the head starts from the trained probe "
-                     "(finetune.init_from_head: true)")
-    elif pretrained and params.head.init_from_source:
-        matches = match_source_classes(classes, backbone.source_labels or [])
-        init_head_from_source(net, backbone.classifier, matches)
-        log.info("head.init_from_source: %d of %d classes start from source classifier rows%s",
-                 len(matches), len(classes), (": " + ", ".join(
-                     f"{classes[i]} <- {backbone.source_labels[r].split(',')[0]}"
-                     for i, r in matches.items())) if matches else "")
-    return net
-
-
 def run_finetune(params: Params, *, prepared_dir: Path, embeddings_dir: Path, head_path: Path,
-                 out_dir: Path, checkpoint: Path) -> FinetuneResult:
+                 out_dir: Path, checkpoint_dir: Path) -> FinetuneResult:
     """The whole stage: build the network, train it (resuming), write ``out_dir``."""
-    from stages.backbones import set_determinism
-    from stages.data import ImageStore
-
     ft = params.finetune
+    strategy = STRATEGIES[ft.strategy]
     set_determinism(params.backbone.deterministic)  # before CUDA starts
-    runtime = resolve_runtime(ft.device, ft.precision)
+    runtime = resolve_runtime(ft.device, ft.precision, key="finetune.precision", training=True,
+                              distributed=True)
     meta = EmbeddingMeta.read(embeddings_dir)
     preprocessing = Preprocessing.from_dict(meta.preprocessing)
     stores = {split: ImageStore(prepared_dir, split) for split in ("train", "val")}
     classes = stores["train"].classes
-    pretrained = ft.strategy != "scratch"
     net = starting_network(params, meta, classes, head_path)
     mark_trainable(net, ft.strategy, ft.unfreeze_k)
     bn = ft.bn
-    if ft.strategy == "scratch" and bn == "frozen":
-        log.info("scratch: batch-norm statistics are trained (there are no pretrained ones)")
+    if strategy.needs_trained_bn and bn == "frozen":
+        log.info("%s: batch-norm statistics are trained (there are no pretrained ones)",
+                 strategy.name)
         bn = "train"
     train_params = dataclasses.replace(ft, bn=bn)
     net.to(runtime.device, memory_format=torch.channels_last)
     trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
     total = sum(p.numel() for p in net.parameters())
-    log.info("fine-tuning %s (%s%s): %d of %d parameters trainable, on %s, precision %s, "
-             "%d process(es)", meta.backbone, ft.strategy,
-             f", k={ft.unfreeze_k}" if ft.strategy == "last_k" else "", trainable, total,
+    log.info("fine-tuning %s (%s): %d of %d parameters trainable, on %s, precision %s, "
+             "%d process(es)", meta.backbone, strategy.label(ft.unfreeze_k), trainable, total,
              runtime.device, runtime.precision, runtime.world_size)
     train_set = LabelledImages(stores["train"], stores["train"].labels,
                                train_transform(preprocessing, ft.augment))
@@ -658,8 +388,11 @@ def run_finetune(params: Params, *, prepared_dir: Path, embeddings_dir: Path, he
         "preprocessing": meta.preprocessing, "world_size": runtime.world_size,
         "init_from_source": params.head.init_from_source,
         "deterministic": params.backbone.deterministic,
-        "head": _sha256(head_path) if pretrained and ft.init_from_head else None,
+        "head": _sha256(head_path) if strategy.pretrained and ft.init_from_head else None,
         "data": [_sha256(prepared_dir / f"{split}.npz") for split in ("train", "val")]})
+    checkpoint = checkpoint_dir / finetune_checkpoint(key)
+    if runtime.is_main:
+        _remove_superseded(checkpoint_dir, keep=checkpoint)
     writing = atomic_output(out_dir) if runtime.is_main else contextlib.nullcontext(None)
     started = time.perf_counter()
     with writing as tmp:
@@ -675,34 +408,35 @@ def run_finetune(params: Params, *, prepared_dir: Path, embeddings_dir: Path, he
             curves.close()
             best = result.state.best
             save_finetuned(tmp, result.state.best_state, {
-                "backbone": meta.backbone, "weights": meta.weights if pretrained else "random-init",
-                "pretrained": pretrained, "preprocessing": meta.preprocessing,
+                "backbone": meta.backbone,
+                "weights": meta.weights if strategy.pretrained else "random-init",
+                "pretrained": strategy.pretrained, "preprocessing": meta.preprocessing,
                 "short_side": meta.short_side,
                 "classes": classes, "strategy": ft.strategy,
-                "unfreeze_k": ft.unfreeze_k if ft.strategy == "last_k" else None,
+                "unfreeze_k": ft.unfreeze_k if strategy.uses_unfreeze_k() else None,
                 "best_epoch": result.state.best_epoch,
                 "val_accuracy": best.val_accuracy, "val_loss": best.val_loss})
+            # No timings and nothing about how the run went (resumed or not): the same
+            # parameters give the same bytes, so DVC's run cache and teammates' pushes match.
             write_json(tmp / "status.json", {
                 "enabled": True, "status": "trained", "strategy": ft.strategy,
                 "epochs_run": result.state.epoch, "best_epoch": result.state.best_epoch,
                 "val_accuracy": best.val_accuracy,
                 "start_val_accuracy": result.state.history[0].val_accuracy,
                 "stopped_early": result.stopped_early,
-                "resumed_from_epoch": result.resumed_from_epoch,
                 "trainable_parameters": trainable, "total_parameters": total,
-                "device": str(runtime.device), "precision": runtime.precision,
-                "processes": runtime.world_size, "bn": bn,
-                "train_images_per_second": round(result.train_images_per_second, 2),
-                "seconds": round(time.perf_counter() - started, 1)})
-    if runtime.world_size > 1:
-        dist.barrier()
-        dist.destroy_process_group()
+                "device": runtime.device.type, "precision": runtime.precision,
+                "processes": runtime.world_size, "bn": bn})
+    end_process_group(runtime)
     if runtime.is_main:  # finished: a later run with these parameters starts afresh
         checkpoint.unlink(missing_ok=True)
     best = result.state.best
+    resumed = (f", resumed after epoch {result.resumed_from_epoch}"
+               if result.resumed_from_epoch else "")
     log.info("fine-tuned: best epoch %d, val accuracy %.4f (start %.4f); %.1f training "
-             "images/s", result.state.best_epoch, best.val_accuracy,
-             result.state.history[0].val_accuracy, result.train_images_per_second)
+             "images/s, %.1fs in all%s", result.state.best_epoch, best.val_accuracy,
+             result.state.history[0].val_accuracy, result.train_images_per_second,
+             time.perf_counter() - started, resumed)
     return result
 
 

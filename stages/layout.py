@@ -1,0 +1,52 @@
+"""Where the pipeline reads and writes, relative to the repository root: one home per path.
+
+Stage modules import these names; ``dvc.yaml`` spells the same paths, and
+``tests/test_layout.py`` checks that every path a stage module uses is declared for its stage.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+PARAMS = Path("params.yaml")
+
+# prepare
+RAW_DIR = Path("data/raw")
+TORCHVISION_ROOT = RAW_DIR / "torchvision"
+PREPARED_DIR = Path("data/prepared")
+DATA_REPORT = Path("reports/data.json")
+
+# extract
+EMBEDDINGS_DIR = Path("data/embeddings")
+
+# train_head
+HEAD_PATH = Path("models/head.npz")
+TRAIN_HEAD_METRICS = Path("metrics/train_head.json")
+
+# finetune
+FINETUNE_DIR = Path("models/finetune")
+FINETUNE_STATUS = FINETUNE_DIR / "status.json"
+FINETUNE_CURVES = FINETUNE_DIR / "curves"
+# Outside every DVC output (`dvc repro` removes a stage's outputs before running it), so that
+# an interrupted run can resume.
+CHECKPOINT_DIR = Path("checkpoints")
+FINETUNE_CHECKPOINTS = "finetune*.pt"  # in CHECKPOINT_DIR, one per set of parameters and data
+# The per-epoch curves dvclive writes under FINETUNE_CURVES/plots/metrics/ (dvc.yaml plots them).
+CURVES = ("train/loss", "train/accuracy", "val/loss", "val/accuracy", "lr")
+
+
+
+def finetune_checkpoint(key: str) -> str:
+    """The checkpoint's file name in CHECKPOINT_DIR for the run identified by ``key``."""
+    return f"finetune-{key[:16]}.pt"
+
+
+# evaluate
+EVALUATE_METRICS = Path("metrics/evaluate.json")
+EVALUATE_REPORT = Path("reports/evaluate.json")
+SUMMARY = Path("reports/summary.md")
+EVALUATE_PLOTS_DIR = Path("plots/evaluate")
+
+# commands outside the DVC graph
+EXPORT_DIR = Path("models/export")
+TRANSFER_STUDY_REPORT = Path("reports/transfer_study.md")
