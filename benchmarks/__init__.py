@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from stages.data import ImageStore, prepare_store
-from stages.sources import list_image_folder, write_digits_image_folder
+from transfer.data import ImageStore, prepare_store
+from transfer.sources import list_image_folder, write_digits_image_folder
 
 # The real photo set beside the repository, when present.
 MONKEYS = Path(__file__).resolve().parents[2] / "shared" / "data" / "monkeys10" / "training"

@@ -20,8 +20,8 @@ import numpy as np
 from PIL import Image
 
 from benchmarks import MONKEYS
-from stages.data import prepare_store
-from stages.sources import list_image_folder
+from transfer.data import prepare_store
+from transfer.sources import list_image_folder
 
 
 def plain_pil_loop(paths: list[Path], short_side: int) -> None:

@@ -18,8 +18,8 @@ import time
 from pathlib import Path
 
 from benchmarks.decode_speed import generate
-from stages.data import prepare_store
-from stages.sources import list_image_folder
+from transfer.data import prepare_store
+from transfer.sources import list_image_folder
 
 RUN_EXTRACT = ("import resource, runpy; "
                "runpy.run_module('stages.extract', run_name='__main__'); "

@@ -23,8 +23,8 @@ import torch
 from PIL import Image
 
 from benchmarks import MONKEYS, training_store
-from stages.backbones import embed_batches, load_backbone
-from stages.runtime import resolve_runtime
+from transfer.backbones import embed_batches, load_backbone
+from transfer.runtime import resolve_runtime
 
 
 def timed(fn) -> float:

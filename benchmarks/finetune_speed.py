@@ -20,12 +20,12 @@ import torch
 from PIL import Image
 
 from benchmarks import MONKEYS, training_store
-from stages.backbones import load_backbone
-from stages.network import build_network, mark_trainable, set_train_mode
-from stages.params import FinetuneParams
-from stages.runtime import resolve_runtime
-from stages.strategies import STRATEGIES
-from stages.training import LabelledImages, train, train_transform
+from transfer.backbones import load_backbone
+from transfer.network import build_network, mark_trainable, set_train_mode
+from transfer.params import FinetuneParams
+from transfer.runtime import resolve_runtime
+from transfer.strategies import STRATEGIES
+from transfer.training import LabelledImages, train, train_transform
 
 
 def main() -> None:

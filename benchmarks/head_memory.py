@@ -21,8 +21,8 @@ import numpy as np
 import yaml
 
 from benchmarks.scale import run_stage
-from stages.artifacts import save_arrays, write_json
-from stages.embeddings import EmbeddingMeta, write_split
+from transfer.artifacts import save_arrays, write_json
+from transfer.embeddings import EmbeddingMeta, write_split
 
 DIM = 1280
 CLASSES = 5

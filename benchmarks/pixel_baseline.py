@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from stages.artifacts import read_json
-from stages.data import ImageStore
-from stages.heads import LogisticHead
-from stages.metrics import classification_metrics
-from stages.params import load_params
+from transfer.artifacts import read_json
+from transfer.data import ImageStore
+from transfer.heads import LogisticHead
+from transfer.metrics import classification_metrics
+from transfer.params import load_params
 
 
 def pixels(store: ImageStore) -> np.ndarray:

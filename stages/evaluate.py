@@ -10,20 +10,20 @@ import logging
 
 import numpy as np
 
-from stages.artifacts import atomic_output, read_json, write_csv, write_json
-from stages.data import ImageStore
-from stages.embeddings import load_split
-from stages.errors import PipelineError, run_stage
-from stages.evaluation import (
+from transfer.artifacts import atomic_output, read_json, write_csv, write_json
+from transfer.data import ImageStore
+from transfer.embeddings import load_split
+from transfer.errors import PipelineError, run_stage
+from transfer.evaluation import (
     GALLERY_FILE,
     evaluate_model,
     evaluation_report,
     plot_tables,
     summary_markdown,
 )
-from stages.gallery import draw_gallery, images_by_id, save_png
-from stages.heads import load_head
-from stages.layout import (
+from transfer.gallery import draw_gallery, images_by_id, save_png
+from transfer.heads import load_head
+from transfer.layout import (
     EMBEDDINGS_DIR,
     EVALUATE_METRICS,
     EVALUATE_PLOTS_DIR,
@@ -35,7 +35,7 @@ from stages.layout import (
     PREPARED_DIR,
     SUMMARY,
 )
-from stages.params import load_params
+from transfer.params import load_params
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ def main() -> None:
 
 def finetuned_probabilities(store: ImageStore, ids: np.ndarray) -> np.ndarray:
     """The fine-tuned network's class probabilities on the store's images, in ``ids`` order."""
-    from stages.inference import load_finetuned
+    from transfer.inference import load_finetuned
 
     if not np.array_equal(store.ids, ids):
         raise PipelineError(f"{PREPARED_DIR} and {EMBEDDINGS_DIR} list different images; "

@@ -17,10 +17,10 @@ from typing import Any
 
 import torch
 
-from stages.artifacts import atomic_output
-from stages.errors import PipelineError, run_stage
-from stages.inference import MODEL_CHOICES, Classifier, Predictor, load_predictor
-from stages.layout import EMBEDDINGS_DIR, FINETUNE_DIR, HEAD_PATH
+from transfer.artifacts import atomic_output
+from transfer.errors import PipelineError, run_stage
+from transfer.inference import MODEL_CHOICES, Classifier, Predictor, load_predictor
+from transfer.layout import EMBEDDINGS_DIR, FINETUNE_DIR, HEAD_PATH
 
 log = logging.getLogger(__name__)
 

@@ -10,14 +10,14 @@ import timm
 import torch
 import torchvision
 
-from stages.artifacts import atomic_output, save_arrays, write_json
-from stages.backbones import embed_batches, load_backbone, resolve_batch_size
-from stages.data import SPLITS, ImageStore
-from stages.embeddings import EmbeddingMeta, write_split
-from stages.errors import run_stage
-from stages.layout import EMBEDDINGS_DIR, PARAMS, PREPARED_DIR
-from stages.params import load_params
-from stages.runtime import resolve_runtime, set_determinism
+from transfer.artifacts import atomic_output, save_arrays, write_json
+from transfer.backbones import embed_batches, load_backbone, resolve_batch_size
+from transfer.data import SPLITS, ImageStore
+from transfer.embeddings import EmbeddingMeta, write_split
+from transfer.errors import run_stage
+from transfer.layout import EMBEDDINGS_DIR, PARAMS, PREPARED_DIR
+from transfer.params import load_params
+from transfer.runtime import resolve_runtime, set_determinism
 
 log = logging.getLogger(__name__)
 

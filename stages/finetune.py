@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import logging
 
-from stages.artifacts import atomic_output, write_json
-from stages.errors import run_stage
-from stages.layout import (
+from transfer.artifacts import atomic_output, write_json
+from transfer.errors import run_stage
+from transfer.layout import (
     CHECKPOINT_DIR,
     CURVES,
     EMBEDDINGS_DIR,
@@ -24,7 +24,7 @@ from stages.layout import (
     PARAMS,
     PREPARED_DIR,
 )
-from stages.params import load_params
+from transfer.params import load_params
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ def main() -> None:
             checkpoint.unlink()  # nothing will resume it
         log.info("fine-tuning skipped (finetune.enabled is false)")
         return
-    from stages.training import run_finetune
+    from transfer.training import run_finetune
 
     run_finetune(params, prepared_dir=PREPARED_DIR, embeddings_dir=EMBEDDINGS_DIR,
                  head_path=HEAD_PATH, out_dir=FINETUNE_DIR, checkpoint_dir=CHECKPOINT_DIR)

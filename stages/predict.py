@@ -19,11 +19,11 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from stages.data import decode_image, shrink
-from stages.errors import PipelineError, run_stage
-from stages.inference import MODEL_CHOICES, Predictor, load_predictor
-from stages.layout import EMBEDDINGS_DIR, FINETUNE_DIR, HEAD_PATH
-from stages.sources import visible_files
+from transfer.data import decode_image, shrink
+from transfer.errors import PipelineError, run_stage
+from transfer.inference import MODEL_CHOICES, Predictor, load_predictor
+from transfer.layout import EMBEDDINGS_DIR, FINETUNE_DIR, HEAD_PATH
+from transfer.sources import visible_files
 
 log = logging.getLogger(__name__)
 

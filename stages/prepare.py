@@ -7,12 +7,12 @@ import sqlite3
 import tempfile
 from pathlib import Path
 
-from stages.artifacts import write_json
-from stages.data import prepare_store
-from stages.errors import PipelineError, run_stage
-from stages.layout import DATA_REPORT, PARAMS, PREPARED_DIR, RAW_DIR
-from stages.params import load_params
-from stages.sources import BUILTIN_SOURCES, TORCHVISION_PREFIX, list_source
+from transfer.artifacts import write_json
+from transfer.data import prepare_store
+from transfer.errors import PipelineError, run_stage
+from transfer.layout import DATA_REPORT, PARAMS, PREPARED_DIR, RAW_DIR
+from transfer.params import load_params
+from transfer.sources import BUILTIN_SOURCES, TORCHVISION_PREFIX, list_source
 
 log = logging.getLogger(__name__)
 

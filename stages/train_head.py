@@ -7,13 +7,13 @@ import time
 
 import numpy as np
 
-from stages.artifacts import write_json
-from stages.embeddings import EmbeddingMeta, load_split
-from stages.errors import run_stage
-from stages.heads import Head, LogisticHead, MLPHead
-from stages.layout import EMBEDDINGS_DIR, HEAD_PATH, PARAMS, TRAIN_HEAD_METRICS
-from stages.metrics import classification_metrics
-from stages.params import HeadParams, load_params
+from transfer.artifacts import write_json
+from transfer.embeddings import EmbeddingMeta, load_split
+from transfer.errors import run_stage
+from transfer.heads import Head, LogisticHead, MLPHead
+from transfer.layout import EMBEDDINGS_DIR, HEAD_PATH, PARAMS, TRAIN_HEAD_METRICS
+from transfer.metrics import classification_metrics
+from transfer.params import HeadParams, load_params
 
 log = logging.getLogger(__name__)
 

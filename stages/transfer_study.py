@@ -19,10 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from stages import layout
-from stages.artifacts import atomic_output
-from stages.errors import PipelineError, run_stage
-from stages.strategies import STRATEGIES
+from transfer import layout
+from transfer.artifacts import atomic_output
+from transfer.errors import PipelineError, run_stage
+from transfer.strategies import STRATEGIES
 
 log = logging.getLogger(__name__)
 

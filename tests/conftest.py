@@ -132,7 +132,7 @@ def project(embedded_project: Path, tmp_path: Path) -> Iterator[Path]:
 @pytest.fixture
 def determinism_restored(monkeypatch) -> Iterator[None]:
     """PyTorch's default (non-deterministic) settings and environment again after the test."""
-    from stages.runtime import set_determinism
+    from transfer.runtime import set_determinism
 
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
     yield
@@ -141,7 +141,7 @@ def determinism_restored(monkeypatch) -> Iterator[None]:
 
 @pytest.fixture(scope="session")
 def backbone():
-    from stages.backbones import load_backbone
+    from transfer.backbones import load_backbone
 
     return load_backbone("tf_efficientnet_lite0")
 
@@ -149,7 +149,7 @@ def backbone():
 @pytest.fixture
 def net():
     """Pretrained lite0 with a 3-class head; private to each test, which may change it."""
-    from stages.backbones import load_backbone
-    from stages.network import build_network
+    from transfer.backbones import load_backbone
+    from transfer.network import build_network
 
     return build_network(load_backbone("tf_efficientnet_lite0"), 3)

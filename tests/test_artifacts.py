@@ -4,7 +4,7 @@ import subprocess
 import numpy as np
 import pytest
 
-from stages.artifacts import (
+from transfer.artifacts import (
     atomic_output,
     load_arrays,
     read_json,
@@ -13,7 +13,7 @@ from stages.artifacts import (
     write_csv,
     write_json,
 )
-from stages.errors import PipelineError
+from transfer.errors import PipelineError
 
 
 def test_failed_write_leaves_neither_file_nor_temporary(tmp_path):

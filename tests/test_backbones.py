@@ -9,9 +9,9 @@ from PIL import Image
 from sklearn.datasets import load_sample_image
 from timm.data import create_transform, resolve_data_config
 
-from stages.backbones import Preprocessing, extract_embeddings, load_backbone
-from stages.errors import PipelineError
-from stages.runtime import Runtime
+from transfer.backbones import Preprocessing, extract_embeddings, load_backbone
+from transfer.errors import PipelineError
+from transfer.runtime import Runtime
 
 IMAGENET_DAISY = 985
 

@@ -3,9 +3,9 @@ import tracemalloc
 import numpy as np
 from PIL import Image
 
-from stages.catalog import Catalog, SourceImage
-from stages.data import prepare_store
-from stages.sources import list_image_folder
+from transfer.catalog import Catalog, SourceImage
+from transfer.data import prepare_store
+from transfer.sources import list_image_folder
 
 
 def test_listed_files_come_back_by_id_with_their_split(tmp_path):

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from stages.artifacts import load_arrays
-from stages.data import (
+from tests.conftest import write_colour_folder, write_image
+from transfer.artifacts import load_arrays
+from transfer.data import (
     SPLITS,
     ImageStore,
     assign_split,
@@ -17,9 +18,8 @@ from stages.data import (
     shrink,
     split_fraction,
 )
-from stages.errors import PipelineError
-from stages.sources import list_image_folder
-from tests.conftest import write_colour_folder, write_image
+from transfer.errors import PipelineError
+from transfer.sources import list_image_folder
 
 
 def encode(image: Image.Image, fmt: str = "PNG", **kwargs) -> bytes:

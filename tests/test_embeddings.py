@@ -1,9 +1,9 @@
 import numpy as np
 import pytest
 
-from stages.artifacts import save_arrays, write_json
-from stages.embeddings import EmbeddingMeta, load_split, read_rows, row_chunks, write_split
-from stages.errors import PipelineError
+from transfer.artifacts import save_arrays, write_json
+from transfer.embeddings import EmbeddingMeta, load_split, read_rows, row_chunks, write_split
+from transfer.errors import PipelineError
 
 
 def write_cache(directory, rows=6, dim=3, dtype="float16"):

@@ -2,7 +2,7 @@ import errno
 
 import pytest
 
-from stages.errors import PipelineError, run_stage
+from transfer.errors import PipelineError, run_stage
 
 
 def _fails_with(error):

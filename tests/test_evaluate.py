@@ -6,8 +6,8 @@ import pytest
 from PIL import Image
 
 from stages import evaluate, finetune, train_head
-from stages.errors import PipelineError
-from stages.evaluation import GALLERY_FILE, PLOT_FILES
+from transfer.errors import PipelineError
+from transfer.evaluation import GALLERY_FILE, PLOT_FILES
 
 
 def test_metrics_report_plots_gallery_and_summary(project):
@@ -44,8 +44,8 @@ def test_metrics_report_plots_gallery_and_summary(project):
 
 def test_the_gallery_shows_the_evaluation_images(project, monkeypatch):
     """A head that gets everything wrong puts the split's own pixels in the gallery."""
-    from stages.data import ImageStore
-    from stages.heads import LogisticHead
+    from transfer.data import ImageStore
+    from transfer.heads import LogisticHead
 
     train_head.main()
     finetune.main()

@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from stages.errors import PipelineError
-from stages.evaluation import (
+from transfer.errors import PipelineError
+from transfer.evaluation import (
     PLOT_FILES,
     evaluate_model,
     evaluation_report,

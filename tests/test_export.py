@@ -7,8 +7,8 @@ import yaml
 from PIL import Image
 
 from stages import export
-from stages.inference import load_classifier
 from stages.predict import list_inputs
+from transfer.inference import load_classifier
 
 
 @pytest.fixture
@@ -75,8 +75,8 @@ def test_onnx_file_matches_the_pytorch_model(trained, images_and_reference):
 @pytest.mark.slow
 def test_the_fine_tuned_model_is_exported_by_default_once_it_exists(trained):
     from stages import finetune
-    from stages.inference import load_finetuned
     from tests.conftest import write_params
+    from transfer.inference import load_finetuned
 
     params = yaml.safe_load((trained / "params.yaml").read_text())
     params["finetune"] = {"enabled": True, "strategy": "head", "epochs": 1, "batch_size": 8,

@@ -7,9 +7,9 @@ import torch
 import yaml
 
 from stages import extract
-from stages.data import SPLITS, ImageStore
-from stages.embeddings import EmbeddingMeta, load_split
 from tests.conftest import kill_stage_midway, write_params
+from transfer.data import SPLITS, ImageStore
+from transfer.embeddings import EmbeddingMeta, load_split
 
 
 def test_embeddings_per_split_with_meta(embedded_project):

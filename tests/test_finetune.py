@@ -11,10 +11,10 @@ import yaml
 from safetensors.torch import load_file
 
 from stages import evaluate, finetune, train_head
-from stages.data import ImageStore
-from stages.inference import load_finetuned
-from stages.layout import CURVES
 from tests.conftest import kill_stage_midway, run_stage_cli, stage_environment, write_params
+from transfer.data import ImageStore
+from transfer.inference import load_finetuned
+from transfer.layout import CURVES
 
 
 def test_disabled_finetune_is_recorded_as_skipped_without_loading_torch(tmp_path):

@@ -2,9 +2,9 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageFont
 
-from stages.errors import PipelineError
-from stages.evaluation import Mistake
-from stages.gallery import (
+from transfer.errors import PipelineError
+from transfer.evaluation import Mistake
+from transfer.gallery import (
     BACKGROUND,
     COLUMNS,
     LINE_HEIGHT,

@@ -8,9 +8,9 @@ from sklearn.neural_network import MLPClassifier
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from stages import heads
-from stages.errors import PipelineError
-from stages.heads import LogisticHead, MLPHead, load_head
+from transfer import heads
+from transfer.errors import PipelineError
+from transfer.heads import LogisticHead, MLPHead, load_head
 
 
 @pytest.mark.parametrize("n_classes", [2, 4])

@@ -1,5 +1,5 @@
 """dvc.yaml knows exactly the code each stage runs, and the paths stage modules use (from
-``stages.layout``) are the ones dvc.yaml declares for their stage."""
+``transfer.layout``) are the ones dvc.yaml declares for their stage."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stages import layout
+from transfer import layout
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGE = "stages"
+PACKAGES = ("stages", "transfer")  # entry points, and the library they call
 
 
 def _module_file(name: str) -> Path:
@@ -35,10 +35,10 @@ def _imported_modules(path: Path) -> set[str]:
             found.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             found.add(node.module)
-            # `from stages import layout` imports the module stages.layout
+            # `from transfer import layout` imports the module transfer.layout
             found.update(f"{node.module}.{alias.name}" for alias in node.names)
     return {name for name in found
-            if name.startswith(f"{PACKAGE}.") and _module_file(name).is_file()}
+            if name.startswith(tuple(f"{p}." for p in PACKAGES)) and _module_file(name).is_file()}
 
 
 def modules_run_by(module: str) -> set[str]:
@@ -68,9 +68,10 @@ def _declared(stage: dict, *kinds: str) -> set[str]:
 STAGES = sorted(_dvc_stages())
 
 
-def test_package_init_runs_nothing():
+@pytest.mark.parametrize("package", PACKAGES)
+def test_package_init_runs_nothing(package):
     # Stage deps list module files; an __init__ with code would be code no stage lists.
-    assert (ROOT / PACKAGE / "__init__.py").read_text().strip() == ""
+    assert (ROOT / package / "__init__.py").read_text().strip() == ""
 
 
 @pytest.mark.parametrize("name", STAGES)
@@ -85,18 +86,18 @@ def test_stage_depends_on_exactly_the_code_it_runs(name):
 
 def test_import_closure_sees_lazy_imports(tmp_path, monkeypatch):
     # A lazy import inside a function counts: it runs when the function does.
-    assert "stages.training" in modules_run_by("stages.finetune")
-    assert "stages.network" in modules_run_by("stages.finetune")
+    assert "transfer.training" in modules_run_by("stages.finetune")
+    assert "transfer.network" in modules_run_by("stages.finetune")
     assert "stages.predict" not in modules_run_by("stages.evaluate")
 
 
 def _layout_names_used(module: str) -> set[str]:
-    """The ``stages.layout`` names a module imports (``from stages.layout import X``) or reads
+    """The ``transfer.layout`` names a module imports (``from transfer.layout import X``) or reads
     as ``layout.X``."""
     tree = ast.parse(_module_file(module).read_text(encoding="utf-8"))
     names = set()
     for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom) and node.module == f"{PACKAGE}.layout":
+        if isinstance(node, ast.ImportFrom) and node.module == "transfer.layout":
             names.update(alias.name for alias in node.names)
         elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) \
                 and node.value.id == "layout":

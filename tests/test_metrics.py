@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from stages.metrics import (
+from transfer.metrics import (
     calibration_bins,
     classification_metrics,
     confusion_rows,

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from stages.backbones import load_backbone
-from stages.heads import LogisticHead
-from stages.network import (
+from transfer.backbones import load_backbone
+from transfer.heads import LogisticHead
+from transfer.network import (
     FinetuneNet,
     build_network,
     encoder_blocks,
@@ -20,7 +20,7 @@ from stages.network import (
     starting_network,
     trainable_groups,
 )
-from stages.params import params_from_dict
+from transfer.params import params_from_dict
 
 
 def _trainable_ids(net: torch.nn.Module) -> set[int]:
@@ -130,7 +130,7 @@ def test_classes_named_like_source_classes_start_from_their_classifier_rows():
 
 
 def test_a_scratch_network_starts_the_same_from_the_same_seed():
-    from stages.embeddings import EmbeddingMeta
+    from transfer.embeddings import EmbeddingMeta
 
     meta = EmbeddingMeta(backbone="tf_efficientnet_lite0", weights="none", weights_sha256=None,
                          preprocessing={}, dim=1280, dtype="float32", classes=["a", "b"],

@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stages.params import Params, ParamsError, load_params, params_from_dict
 from tests.conftest import REPO_ROOT
+from transfer.params import Params, ParamsError, load_params, params_from_dict
 
 
 def write(tmp_path: Path, text: str) -> Path:

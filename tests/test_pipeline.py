@@ -13,7 +13,7 @@ import yaml
 
 from tests.conftest import REPO_ROOT
 
-PROJECT_FILES = ["stages", "params.yaml", "dvc.yaml", ".dvc/config", ".dvc/.gitignore",
+PROJECT_FILES = ["stages", "transfer", "params.yaml", "dvc.yaml", ".dvc/config", ".dvc/.gitignore",
                  ".dvc/plots", ".dvcignore", ".gitignore", "data/raw/.gitkeep"]
 STAGES = ["prepare", "extract", "train_head", "finetune", "evaluate"]
 EVALUATE_PLOTS = ["confusion.csv", "per_class_f1.csv", "calibration.csv", "roc.csv",

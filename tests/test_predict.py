@@ -5,7 +5,7 @@ import json
 import pytest
 
 from stages import predict
-from stages.errors import PipelineError
+from transfer.errors import PipelineError
 
 
 def test_table_lists_top_classes_and_error_rows(trained, capsys):

@@ -5,10 +5,10 @@ import sqlite3
 import pytest
 
 from stages import prepare
-from stages.catalog import Catalog
-from stages.data import SPLITS, ImageStore
-from stages.errors import PipelineError
 from tests.conftest import kill_stage_midway, run_stage_cli, write_colour_folder, write_params
+from transfer.catalog import Catalog
+from transfer.data import SPLITS, ImageStore
+from transfer.errors import PipelineError
 
 
 def test_prepare_writes_the_store_and_the_report(embedded_project):

@@ -6,9 +6,9 @@ import os
 import pytest
 import torch
 
-from stages.errors import PipelineError
-from stages.params import params_from_dict
-from stages.runtime import Runtime, inference_runtime, resolve_runtime, set_determinism
+from transfer.errors import PipelineError
+from transfer.params import params_from_dict
+from transfer.runtime import Runtime, inference_runtime, resolve_runtime, set_determinism
 
 
 @pytest.fixture

@@ -5,15 +5,15 @@ import pytest
 import torchvision.datasets
 from PIL import Image
 
-from stages.errors import PipelineError
-from stages.sources import (
+from tests.conftest import write_image
+from transfer.errors import PipelineError
+from transfer.sources import (
     list_image_folder,
     list_manifest,
     list_source,
     write_digits_image_folder,
     write_torchvision_dataset,
 )
-from tests.conftest import write_image
 
 
 def test_digits_are_written_as_an_image_folder(tmp_path):

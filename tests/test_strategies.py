@@ -4,9 +4,9 @@ import dataclasses
 
 import pytest
 
-from stages.params import FinetuneParams, ParamsError, params_from_dict
-from stages.strategies import STRATEGIES, Strategy
 from stages.transfer_study import study_rows
+from transfer.params import FinetuneParams, ParamsError, params_from_dict
+from transfer.strategies import STRATEGIES, Strategy
 
 BLOCKS = ["stem", "block1", "block2", "block3"]
 

@@ -1,8 +1,8 @@
 import json
 
 from stages import train_head
-from stages.heads import LogisticHead, MLPHead, load_head
 from tests.conftest import write_params
+from transfer.heads import LogisticHead, MLPHead, load_head
 
 
 def test_head_is_saved_with_class_names_and_metrics(project):

@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from stages.backbones import load_backbone
-from stages.errors import PipelineError
-from stages.network import FinetuneNet, mark_trainable, trainable_groups
-from stages.params import FinetuneParams
-from stages.runtime import Runtime
-from stages.training import (
+from transfer.backbones import load_backbone
+from transfer.errors import PipelineError
+from transfer.network import FinetuneNet, mark_trainable, trainable_groups
+from transfer.params import FinetuneParams
+from transfer.runtime import Runtime
+from transfer.training import (
     LabelledImages,
     optimizer_groups,
     train,
@@ -96,7 +96,7 @@ def test_a_batch_larger_than_the_data_is_clamped_with_a_warning(tmp_path, caplog
 
 
 def test_early_stopping_after_patience_epochs_keeps_the_best_start(tmp_path, monkeypatch):
-    from stages import training
+    from transfer import training
 
     net = _flat_net()
     start = {n: t.clone() for n, t in net.state_dict().items()}

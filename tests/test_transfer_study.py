@@ -4,8 +4,8 @@ import subprocess
 import pytest
 
 from stages import transfer_study
-from stages.errors import PipelineError
 from stages.transfer_study import StudyRow, collect, markdown_table, study_rows
+from transfer.errors import PipelineError
 
 
 def test_rows_run_from_scratch_to_full_with_their_parameters():

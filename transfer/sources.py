@@ -18,9 +18,9 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from stages.catalog import Catalog, SourceImage
-from stages.errors import PipelineError
-from stages.layout import TORCHVISION_ROOT
+from transfer.catalog import Catalog, SourceImage
+from transfer.errors import PipelineError
+from transfer.layout import TORCHVISION_ROOT
 
 # Folder and manifest names for each split; a pre-split root holds some of these folders.
 SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val",

@@ -25,9 +25,9 @@ from PIL import Image
 from torchvision.transforms import v2
 from tqdm import tqdm
 
-from stages.embeddings import EmbeddingMeta
-from stages.errors import PipelineError
-from stages.runtime import Runtime, resolve_runtime
+from transfer.embeddings import EmbeddingMeta
+from transfer.errors import PipelineError
+from transfer.runtime import Runtime, resolve_runtime
 
 log = logging.getLogger(__name__)
 

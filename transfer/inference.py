@@ -16,8 +16,8 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from stages.artifacts import read_json, write_json
-from stages.backbones import (
+from transfer.artifacts import read_json, write_json
+from transfer.backbones import (
     Backbone,
     PreprocessedImages,
     Preprocessing,
@@ -25,11 +25,11 @@ from stages.backbones import (
     embed_batches,
     load_backbone,
 )
-from stages.embeddings import EmbeddingMeta
-from stages.errors import PipelineError
-from stages.heads import Head, load_head
-from stages.network import FinetuneNet, build_network
-from stages.runtime import Runtime, inference_runtime, resolve_runtime
+from transfer.embeddings import EmbeddingMeta
+from transfer.errors import PipelineError
+from transfer.heads import Head, load_head
+from transfer.network import FinetuneNet, build_network
+from transfer.runtime import Runtime, inference_runtime, resolve_runtime
 
 
 class Predictor(Protocol):

@@ -17,12 +17,12 @@ from typing import Any
 
 import yaml
 
-from stages.errors import PipelineError
-from stages.strategies import STRATEGIES
+from transfer.errors import PipelineError
+from transfer.strategies import STRATEGIES
 
 log = logging.getLogger(__name__)
 
-# One vocabulary for the precision of every forward pass (stages.runtime applies it).
+# One vocabulary for the precision of every forward pass (transfer.runtime applies it).
 PRECISIONS = ("auto", "float32", "bfloat16", "float16")
 _OLD_PRECISIONS = {"32": "float32", "bf16": "bfloat16", "16": "float16"}
 _PRECISION_HELP = ("auto: float32 on CPU, mixed precision on a GPU (float16 to extract, "

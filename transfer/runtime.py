@@ -1,7 +1,7 @@
 """Where and how tensors run: device, mixed precision, the process group, determinism and data
 loaders, one policy shared by extraction, fine-tuning and inference.
 
-Precision has one vocabulary everywhere (``stages.params.PRECISIONS``, for
+Precision has one vocabulary everywhere (``transfer.params.PRECISIONS``, for
 ``backbone.precision`` and ``finetune.precision``): ``auto``, ``float32``, ``bfloat16`` or
 ``float16``; ``auto`` is ``float32`` on CPU and mixed precision on a GPU.
 """
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from stages.errors import PipelineError
+from transfer.errors import PipelineError
 
 log = logging.getLogger(__name__)
 

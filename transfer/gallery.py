@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from stages.artifacts import atomic_output
-from stages.data import ImageStore
-from stages.errors import PipelineError
-from stages.evaluation import Mistake
+from transfer.artifacts import atomic_output
+from transfer.data import ImageStore
+from transfer.errors import PipelineError
+from transfer.evaluation import Mistake
 
 TILE = 120          # each image is fitted into a TILE x TILE square
 COLUMNS = 6

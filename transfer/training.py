@@ -27,23 +27,23 @@ from PIL import Image
 from torchvision.transforms import v2
 from tqdm import tqdm
 
-from stages.artifacts import atomic_output, write_json
-from stages.backbones import PreprocessedImages, Preprocessing, sha256_file
-from stages.data import ImageStore
-from stages.embeddings import EmbeddingMeta
-from stages.errors import PipelineError
-from stages.inference import save_finetuned
-from stages.layout import FINETUNE_CHECKPOINTS, finetune_checkpoint
-from stages.network import (
+from transfer.artifacts import atomic_output, write_json
+from transfer.backbones import PreprocessedImages, Preprocessing, sha256_file
+from transfer.data import ImageStore
+from transfer.embeddings import EmbeddingMeta
+from transfer.errors import PipelineError
+from transfer.inference import save_finetuned
+from transfer.layout import FINETUNE_CHECKPOINTS, finetune_checkpoint
+from transfer.network import (
     FinetuneNet,
     mark_trainable,
     set_train_mode,
     starting_network,
     trainable_groups,
 )
-from stages.params import FinetuneParams, Params
-from stages.runtime import Runtime, end_process_group, resolve_runtime, set_determinism
-from stages.strategies import STRATEGIES
+from transfer.params import FinetuneParams, Params
+from transfer.runtime import Runtime, end_process_group, resolve_runtime, set_determinism
+from transfer.strategies import STRATEGIES
 
 log = logging.getLogger(__name__)
 

@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from stages.artifacts import load_arrays, read_json, write_npy
-from stages.errors import PipelineError
+from transfer.artifacts import load_arrays, read_json, write_npy
+from transfer.errors import PipelineError
 
 
 @dataclass(frozen=True)

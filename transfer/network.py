@@ -3,7 +3,7 @@ blocks train.
 
 The encoder is the backbone cut before its source classifier. Its blocks come from timm's own
 grouping (``model.group_matcher``) or, for torchvision models, from the top-level child
-modules; ``finetune.strategy`` (``stages.strategies``) says which of them train. The new head
+modules; ``finetune.strategy`` (``transfer.strategies``) says which of them train. The new head
 starts from the linear probe, from the source classifier's rows of classes it knows, or at
 random.
 """
@@ -16,12 +16,12 @@ from pathlib import Path
 
 import torch
 
-from stages.backbones import Backbone, _TimmPreLogits, backbone_of, load_backbone
-from stages.embeddings import EmbeddingMeta
-from stages.errors import PipelineError
-from stages.heads import LogisticHead, load_head
-from stages.params import Params
-from stages.strategies import STRATEGIES
+from transfer.backbones import Backbone, _TimmPreLogits, backbone_of, load_backbone
+from transfer.embeddings import EmbeddingMeta
+from transfer.errors import PipelineError
+from transfer.heads import LogisticHead, load_head
+from transfer.params import Params
+from transfer.strategies import STRATEGIES
 
 log = logging.getLogger(__name__)
 

@@ -22,9 +22,9 @@ from sklearn.neural_network import MLPClassifier
 from sklearn.preprocessing import StandardScaler
 from sklearn.utils.class_weight import compute_sample_weight
 
-from stages.artifacts import load_arrays, save_arrays
-from stages.embeddings import read_rows, row_chunks
-from stages.errors import PipelineError
+from transfer.artifacts import load_arrays, save_arrays
+from transfer.embeddings import read_rows, row_chunks
+from transfer.errors import PipelineError
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-from stages.errors import PipelineError
+from transfer.errors import PipelineError
 
 
 @contextlib.contextmanager

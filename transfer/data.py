@@ -24,15 +24,15 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
-from stages.artifacts import (
+from transfer.artifacts import (
     atomic_output,
     load_arrays,
     read_json,
     save_arrays_streamed,
     write_json,
 )
-from stages.catalog import SPLITS, STORE_OFFSET, Catalog, DecodedFile
-from stages.errors import PipelineError
+from transfer.catalog import SPLITS, STORE_OFFSET, Catalog, DecodedFile
+from transfer.errors import PipelineError
 
 log = logging.getLogger(__name__)
 

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from stages.errors import PipelineError
-from stages.metrics import (
+from transfer.errors import PipelineError
+from transfer.metrics import (
     CALIBRATION_BINS,
     calibration_bins,
     confusion_rows,
