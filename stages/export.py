@@ -9,7 +9,6 @@ probabilities in the metadata's class order.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 from pathlib import Path
@@ -18,7 +17,7 @@ from typing import Any
 import torch
 
 from stages.artifacts import atomic_output
-from stages.errors import PipelineError, run_stage
+from stages.errors import ArgumentParser, PipelineError, run_stage
 from stages.inference import MODEL_CHOICES, Classifier, Predictor, load_predictor
 
 log = logging.getLogger(__name__)
@@ -117,7 +116,7 @@ def _export_onnx(module: torch.nn.Module, example: torch.Tensor, path: Path,
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m stages.export",
+    parser = ArgumentParser(prog="python -m stages.export",
                                      description=__doc__.splitlines()[0])
     parser.add_argument("--format", choices=sorted(OUTPUTS), default="torchscript")
     parser.add_argument("--output", type=Path, help="file to write (default: models/export/)")

@@ -7,7 +7,6 @@ others still run; the exit status is non-zero only when nothing could be predict
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import logging
@@ -20,7 +19,7 @@ import numpy as np
 from tqdm import tqdm
 
 from stages.data import decode_image, shrink
-from stages.errors import PipelineError, run_stage
+from stages.errors import ArgumentParser, PipelineError, run_stage
 from stages.inference import MODEL_CHOICES, Predictor, load_predictor
 from stages.sources import visible_files
 
@@ -108,7 +107,7 @@ def write_json(predictions: list[Prediction], out) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m stages.predict",
+    parser = ArgumentParser(prog="python -m stages.predict",
                                      description=__doc__.splitlines()[0])
     parser.add_argument("paths", nargs="+", help="image files or folders")
     parser.add_argument("--top-k", type=int, default=3, help="classes to show (default 3)")

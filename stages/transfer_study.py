@@ -9,7 +9,6 @@ Every row stays an ordinary experiment: ``dvc exp show``, ``dvc exp apply`` and
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import subprocess
@@ -20,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from stages.artifacts import atomic_output
-from stages.errors import PipelineError, run_stage
+from stages.errors import ArgumentParser, PipelineError, run_stage
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +138,7 @@ def _fmt(value: Any) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m stages.transfer_study",
+    parser = ArgumentParser(prog="python -m stages.transfer_study",
                                      description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=3, help="epochs per row (default 3)")
     parser.add_argument("--k", type=int, nargs="+", default=[1, 3],
