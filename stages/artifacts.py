@@ -1,4 +1,4 @@
-"""Reading and writing stage outputs: atomically, and without pickle.
+"""Reading and writing the pipeline's files: outputs atomically and without pickle, text as UTF-8.
 
 Every output is written to a temporary sibling and moved into place with ``os.replace``,
 so a killed stage never leaves a partial file that looks complete.
@@ -14,7 +14,7 @@ import shutil
 import zipfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, TextIO
 
 import numpy as np
 
@@ -71,6 +71,29 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
+@contextlib.contextmanager
+def open_utf8(path: str | Path, newline: str | None = None) -> Iterator[TextIO]:
+    """``path`` opened as UTF-8 text, with or without a byte-order mark; text that is not
+    UTF-8 stops the stage with one line naming the file."""
+    path = Path(path)
+    with open(path, encoding="utf-8-sig", newline=newline) as f:
+        try:
+            yield f
+        except UnicodeDecodeError as err:
+            found = f"byte 0x{err.object[err.start]:02x}"
+            with open(path, "rb") as raw:
+                if raw.read(2) in (b"\xff\xfe", b"\xfe\xff"):
+                    found += "; the file looks like UTF-16"
+            raise PipelineError(f"{path}: not UTF-8 text ({found}); save it as UTF-8, with or "
+                                "without BOM") from err
+
+
+def read_utf8(path: str | Path) -> str:
+    """The text of ``path``, UTF-8 with or without a byte-order mark (see ``open_utf8``)."""
+    with open_utf8(path) as f:
+        return f.read()
+
+
 def write_json(path: str | Path, obj: Any) -> None:
     with atomic_output(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
@@ -79,11 +102,13 @@ def write_json(path: str | Path, obj: Any) -> None:
 def read_json(path: str | Path) -> Any:
     path = Path(path)
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(read_utf8(path))
     except FileNotFoundError as err:
         raise PipelineError(f"{path}: missing; run the stage that writes it (dvc repro)") from err
     except json.JSONDecodeError as err:
         raise PipelineError(f"{path}: not valid JSON (line {err.lineno}): {err.msg}") from err
+    except RecursionError as err:
+        raise PipelineError(f"{path}: not valid JSON (nested too deeply)") from err
 
 
 def write_csv(path: str | Path, rows: list[dict[str, Any]]) -> None:

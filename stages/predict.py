@@ -21,6 +21,7 @@ from tqdm import tqdm
 from stages.data import decode_image, shrink
 from stages.errors import ArgumentParser, PipelineError, run_stage
 from stages.inference import MODEL_CHOICES, Predictor, load_predictor
+from stages.params import MAX_BATCH_SIZE
 from stages.sources import visible_files
 
 log = logging.getLogger(__name__)
@@ -119,6 +120,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.top_k < 1:
         parser.error("--top-k must be 1 or more")
+    if not 1 <= args.batch_size <= MAX_BATCH_SIZE:
+        parser.error(f"--batch-size must be from 1 to {MAX_BATCH_SIZE}")
     files = list_inputs(args.paths)
     if not files:
         raise PipelineError(f"no files found in {', '.join(args.paths)}")
