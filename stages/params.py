@@ -19,13 +19,15 @@ from typing import Any
 import yaml
 
 from stages.artifacts import read_utf8
-from stages.errors import PipelineError
+from stages.errors import PipelineError, unprintable
 
 # The most images per class the data keys accept: far beyond any data set, far below the
 # 64-bit integers the catalog stores counts in.
 MAX_IMAGES_PER_CLASS = 10**9
 # The most images in one forward pass any batch-size key (or option) accepts.
 MAX_BATCH_SIZE = 65536
+# The longest text value (a path or a name) accepted: Linux's longest path.
+MAX_TEXT_LENGTH = 4096
 # Longer values are shortened in messages.
 SHOWN_CHARACTERS = 60
 
@@ -221,6 +223,9 @@ def _check_value(key: str, value: Any, hint: Any, meta: Any, source: str) -> Any
     if "choices" in meta and not numeric and value not in meta["choices"]:
         choices = ", ".join("null" if c is None else str(c) for c in meta["choices"])
         raise ParamsError(f"{source}: {key}={_show(given)} is not valid; choose one of: {choices}")
+    if isinstance(value, str) and (unprintable(value) or len(value) > MAX_TEXT_LENGTH):
+        raise ParamsError(f"{source}: {key}={_show(given)} is not valid; a name or path of at "
+                          f"most {MAX_TEXT_LENGTH} characters, without control characters")
     numbers = value if isinstance(value, tuple) else (value,) if numeric else ()
     if not all(math.isfinite(number) for number in numbers if isinstance(number, float)):
         within = f"; allowed: {_range(meta)}" if "range" in meta else ""

@@ -223,3 +223,14 @@ def test_a_params_file_with_a_byte_order_mark_is_read(tmp_path):
 def test_deeply_nested_yaml_is_one_error(tmp_path):
     with pytest.raises(ParamsError, match="invalid YAML"):
         load_params(write(tmp_path, "seed: " + "[" * 5000 + "]" * 5000 + "\n"))
+
+
+@pytest.mark.parametrize("name", [name for name, _ in typed_keys(str)])
+@pytest.mark.parametrize("value", ["data/raw/a\nb", "x\x00y", "\x1b[2J", "a" * 5000],
+                         ids=["newline", "nul", "escape", "too long"])
+def test_every_text_key_refuses_control_characters_and_overlong_values(name, value):
+    with pytest.raises(ParamsError) as err:
+        params_from_dict(nested(name, value))
+    assert f"{name}=" in str(err.value)
+    assert ("is not valid; a name or path of at most 4096 characters, without control "
+            "characters") in str(err.value) or "choose one of" in str(err.value)
