@@ -33,17 +33,21 @@ def atomic_outputs(*paths: str | Path) -> Iterator[list[Path]]:
     ``paths`` all together (Ctrl-C waits until they have), else they vanish.
 
     Works for files and for directories (the caller creates what it needs at the yielded paths).
+    A path that is already a temporary of this process is written in place: the output it
+    belongs to is replaced when the outer block ends.
     """
     paths = [Path(path) for path in paths]
-    temps = [_temporary(path, "tmp") for path in paths]
+    temps = [path if _is_own_temporary(path) else _temporary(path, "tmp") for path in paths]
     try:
         yield temps
         with _interrupts_deferred():
             for path, tmp in zip(paths, temps, strict=True):
-                _replace(tmp, path)
+                if tmp != path:
+                    _replace(tmp, path)
     finally:
-        for tmp in temps:
-            _remove(tmp)
+        for path, tmp in zip(paths, temps, strict=True):
+            if tmp != path:
+                _remove(tmp)
 
 
 @contextlib.contextmanager
@@ -75,6 +79,10 @@ def _temporary(path: Path, kind: str) -> Path:
     tmp = path.with_name(f".{path.name}.{kind}-{os.getpid()}")
     _remove(tmp)
     return tmp
+
+
+def _is_own_temporary(path: Path) -> bool:
+    return path.name.startswith(".") and path.name.endswith(f".tmp-{os.getpid()}")
 
 
 def _replace(tmp: Path, path: Path) -> None:

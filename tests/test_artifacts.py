@@ -123,6 +123,15 @@ def test_several_outputs_are_replaced_together_or_not_at_all(tmp_path):
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["gallery.png", "metrics.json", "plots"]
 
 
+def test_an_output_written_into_a_temporary_is_written_in_place(tmp_path):
+    with atomic_outputs(tmp_path / "head.npz", tmp_path / "metrics.json") as (head, metrics):
+        save_arrays(head, x=np.arange(2))
+        write_json(metrics, {"accuracy": 1.0})
+        assert sorted(p.name for p in tmp_path.iterdir()) == [
+            f".head.npz.tmp-{os.getpid()}", f".metrics.json.tmp-{os.getpid()}"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["head.npz", "metrics.json"]
+
+
 def test_ctrl_c_while_outputs_are_renamed_waits_for_the_renames(tmp_path, monkeypatch):
     import signal
 
