@@ -139,7 +139,7 @@ def _fmt(value: Any) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = ArgumentParser(prog="python -m stages.transfer_study",
-                                     description=__doc__.splitlines()[0])
+                            description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=3, help="epochs per row (default 3)")
     parser.add_argument("--k", type=int, nargs="+", default=[1, 3],
                         help="last_k rows: blocks unfrozen from the top (default 1 3)")
