@@ -15,6 +15,8 @@ import hashlib
 import logging
 import math
 import os
+import pickle
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -325,16 +327,29 @@ def _load_state_dict_file(model: torch.nn.Module, path: Path, name: str) -> None
             state = load_file(path)
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises pickle, zip and runtime errors for bad files
+    except pickle.UnpicklingError as err:
+        # Never repeat torch's hint to load with weights_only=False: unpickling a file the
+        # pipeline did not write can run any code in it.
+        found = re.search(r"GLOBAL (\S+)", str(err))
+        if not found:
+            raise PipelineError(f"backbone.weights: '{path}' is not a loadable state dict (not "
+                                "a file of tensors written by torch.save)") from err
+        raise PipelineError(f"backbone.weights: '{path}' holds Python objects besides tensors "
+                            f"(such as {found.group(1)}), which are never loaded from a file "
+                            "the pipeline did not write; save the tensors alone: "
+                            "torch.save(model.state_dict(), path) or a .safetensors file"
+                            ) from err
+    except Exception as err:  # torch raises zip and runtime errors for bad files
+        first = str(err).splitlines()[0] if str(err) else ""
         raise PipelineError(f"backbone.weights: '{path}' is not a loadable state dict "
-                            f"({type(err).__name__}: {err})") from err
+                            f"({type(err).__name__}: {first})") from err
     for key in ("state_dict", "model", "state_dict_ema"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
             break
     try:
         model.load_state_dict(state)
-    except RuntimeError as err:
+    except (RuntimeError, TypeError) as err:  # TypeError: not a mapping of tensors at all
         first = str(err).splitlines()[0]
         raise PipelineError(f"backbone.weights: '{path}' does not fit '{name}': {first}") from err
 
@@ -451,7 +466,7 @@ def embed_batches(backbone: Backbone, images: Sequence[np.ndarray], batch_size: 
         batch_size=batch_size, shuffle=False, num_workers=num_workers,
         pin_memory=device.type == "cuda")
     backbone.to(device)
-    with tqdm(total=len(images), desc=desc, unit="img", leave=False) as progress, \
+    with tqdm(total=len(images), desc=desc, unit="img", leave=False, disable=None) as progress, \
             torch.inference_mode(), _autocast(device, precision):
         for batch in loader:
             batch = batch.to(device, non_blocking=True, memory_format=torch.channels_last)

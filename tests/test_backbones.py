@@ -207,3 +207,23 @@ def test_images_are_read_without_mapping_the_whole_store(embedded_project):
     store = ImageStore(embedded_project / "data" / "prepared", "train")
     first = store[0]
     assert first.dtype == np.uint8 and first.ndim == 3 and not first.flags.writeable
+
+
+class NotATensor:
+    """Stands in for any Python object a pickled checkpoint may hold."""
+
+
+def test_a_pickled_weights_file_is_refused_without_suggesting_to_unpickle_it(tmp_path):
+    from tests.conftest import one_error_line, run_stage_cli, write_params
+
+    torch.save({"conv1.weight": torch.zeros(1), "extra": NotATensor()}, tmp_path / "w.pth")
+    torch.save(torch.zeros(3), tmp_path / "tensor.pth")
+    write_params(tmp_path, {"backbone": {"name": "resnet18", "weights": "w.pth"}})
+    line = one_error_line(run_stage_cli("extract", tmp_path))
+    assert line == ("error: backbone.weights: 'w.pth' holds Python objects besides tensors "
+                    f"(such as {NotATensor.__module__}.NotATensor), which are never loaded from a "
+                    "file the pipeline did not write; save the tensors alone: "
+                    "torch.save(model.state_dict(), path) or a .safetensors file")
+    assert "weights_only" not in line
+    with pytest.raises(PipelineError, match="tensor.pth' does not fit 'resnet18': Expected"):
+        load_backbone("resnet18", str(tmp_path / "tensor.pth"))
