@@ -26,6 +26,11 @@ import numpy as np
 
 from stages.errors import PipelineError
 
+# What NumPy raises for an .npy or .npz file that is truncated, damaged or not one at all (a
+# zip archive's own errors included: an unsupported version is a NotImplementedError).
+DAMAGED_ARRAY_FILE = (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error,
+                      NotImplementedError)
+
 
 @contextlib.contextmanager
 def atomic_outputs(*paths: str | Path) -> Iterator[list[Path]]:
@@ -257,5 +262,6 @@ def load_arrays(path: str | Path) -> dict[str, np.ndarray]:
             return {name: npz[name] for name in npz.files}
     except FileNotFoundError as err:
         raise PipelineError(f"{path}: missing; run the stage that writes it (dvc repro)") from err
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as err:
-        raise PipelineError(f"{path}: not a readable array file ({err})") from err
+    except DAMAGED_ARRAY_FILE as err:
+        first = (str(err).splitlines() or [type(err).__name__])[0]
+        raise PipelineError(f"{path}: not a readable array file ({first})") from err

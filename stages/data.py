@@ -391,14 +391,45 @@ class ImageStore:
             raise ValueError(f"unknown split '{split}'; valid: {', '.join(SPLITS)}")
         self.meta = read_json(directory / "meta.json")
         index = load_arrays(directory / f"{split}.npz")
-        self.classes: list[str] = list(self.meta["classes"])
-        self.labels: np.ndarray = index["labels"]
-        self.ids: np.ndarray = index["ids"]
-        self._offsets = index["offsets"]
-        self._shapes = index["shapes"]
+        classes = self.meta.get("classes") if isinstance(self.meta, dict) else None
+        if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
+            raise PipelineError(f"{directory}/meta.json: no list of class names; re-run: dvc "
+                                "repro prepare")
+        self.classes: list[str] = classes
+        self.labels: np.ndarray = index.get("labels")
+        self.ids: np.ndarray = index.get("ids")
+        self._offsets = index.get("offsets")
+        self._shapes = index.get("shapes")
         # Positional reads, not a memory map: reading every image once must not leave the
         # whole store counted in this process's memory.
-        self._fd = os.open(directory / f"{split}.bin", os.O_RDONLY)
+        try:
+            self._fd = os.open(directory / f"{split}.bin", os.O_RDONLY)
+        except FileNotFoundError as err:
+            raise PipelineError(f"{directory}/{split}.bin: missing; run the stage that writes "
+                                "it (dvc repro)") from err
+        if not self._index_fits(os.fstat(self._fd).st_size):
+            raise PipelineError(f"{directory}/{split}.npz does not describe {split}.bin (an "
+                                "array missing, of the wrong shape, or past its end); re-run: "
+                                "dvc repro prepare")
+
+    def _index_fits(self, size: int) -> bool:
+        """Whether the index names, for each image, a label and pixels inside the ``.bin``."""
+        arrays = (self.labels, self.ids, self._offsets, self._shapes)
+        if any(a is None for a in arrays):
+            return False
+        n = len(self.labels) if self.labels.ndim == 1 else -1
+        if self.ids.shape != (n,) or self._offsets.shape != (n,) or \
+                self._shapes.shape != (n, 2) or \
+                any(a.dtype.kind not in "iu" for a in (self.labels, self._offsets, self._shapes)):
+            return False
+        offsets, shapes = self._offsets.astype(np.int64), self._shapes.astype(np.int64)
+        # Bounded before adding up, so no sum can wrap around.
+        if not (np.all((shapes > 0) & (shapes <= min(size, 2**24))) and
+                np.all((offsets >= 0) & (offsets <= size))):
+            return False
+        ends = offsets + np.prod(shapes, axis=1) * 3
+        return bool(np.all(ends <= size) and np.all(self.labels >= 0) and
+                    np.all(self.labels < len(self.classes)))
 
     def __del__(self) -> None:
         if getattr(self, "_fd", None) is not None:

@@ -13,7 +13,7 @@ import numpy as np
 
 from stages.artifacts import csv_text, json_text, read_json, write_files
 from stages.data import ImageStore
-from stages.embeddings import load_split
+from stages.embeddings import EmbeddingMeta, load_split
 from stages.errors import PipelineError, run_stage
 from stages.evaluation import (
     GALLERY_FILE,
@@ -23,7 +23,7 @@ from stages.evaluation import (
     summary_markdown,
 )
 from stages.gallery import draw_gallery, images_by_id, png_bytes
-from stages.heads import load_head
+from stages.heads import load_head_for
 from stages.params import load_params
 
 log = logging.getLogger(__name__)
@@ -44,7 +44,7 @@ def main() -> None:
     params = load_params(PARAMS)
     split = params.evaluate.split
     features, y_true, ids = load_split(EMBEDDINGS_DIR, split)
-    head, classes = load_head(HEAD_PATH)
+    head, classes = load_head_for(HEAD_PATH, EmbeddingMeta.read(EMBEDDINGS_DIR))
     probabilities = {"head": head.predict_proba_all(features, len(classes))}
     finetune = read_json(FINETUNE_STATUS)
     if not isinstance(finetune, dict):

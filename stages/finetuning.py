@@ -464,7 +464,7 @@ def train(net: FinetuneNet, train_set: LabelledImages, val_set: LabelledImages,
         loss_sum, correct, seen = 0.0, 0, 0
         started = time.perf_counter()
         for images, labels in tqdm(loader, desc=f"finetune epoch {epoch}", unit="batch",
-                                   leave=False, disable=not runtime.is_main):
+                                   leave=False, disable=None if runtime.is_main else True):
             images, labels = _to_device(images, labels, runtime)
             with runtime.autocast():
                 logits = model(images)
@@ -568,16 +568,20 @@ def load_finetuned(directory: str | Path) -> FinetunedModel:
 
     directory = Path(directory)
     info = read_json(directory / "model.json")
-    backbone = load_backbone(info["backbone"], pretrained=False)  # every tensor comes next
-    net = build_network(backbone, len(info["classes"]))
+    try:
+        backbone = load_backbone(info["backbone"], pretrained=False)  # every tensor comes next
+        net = build_network(backbone, len(info["classes"]))
+        preprocessing = Preprocessing.from_dict(info["preprocessing"])
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        raise PipelineError(f"{directory}/model.json: not a fine-tuned model's description "
+                            f"({type(err).__name__}: {err}); re-run: dvc repro finetune") from err
     try:
         net.load_state_dict(load_file(str(directory / "model.safetensors")))
-    except (OSError, RuntimeError) as err:
-        first = str(err).splitlines()[0]
+    except Exception as err:  # OSError, RuntimeError, safetensors' own error for bad bytes
+        first = (str(err).splitlines() or [""])[0]
         raise PipelineError(f"{directory}/model.safetensors: cannot be loaded into "
                             f"{info['backbone']} ({first}); re-run: dvc repro finetune") from err
-    return FinetunedModel(net.eval(), Preprocessing.from_dict(info["preprocessing"]),
-                          list(info["classes"]), info)
+    return FinetunedModel(net.eval(), preprocessing, list(info["classes"]), info)
 
 
 def _sha256(path: Path) -> str | None:

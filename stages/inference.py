@@ -24,7 +24,7 @@ from stages.backbones import (
 )
 from stages.embeddings import EmbeddingMeta
 from stages.errors import PipelineError
-from stages.heads import Head, load_head
+from stages.heads import Head, load_head_for
 
 
 class Predictor(Protocol):
@@ -86,7 +86,7 @@ def load_predictor(model: str, embeddings_dir: Path, head_path: Path,
 
 def load_classifier(embeddings_dir: Path, head_path: Path) -> Classifier:
     meta = EmbeddingMeta.read(embeddings_dir)
-    head, classes = load_head(head_path)
+    head, classes = load_head_for(head_path, meta)
     return Classifier(backbone_of(meta), head, classes, meta)
 
 
@@ -97,5 +97,9 @@ def backbone_of(meta: EmbeddingMeta) -> Backbone:
     if meta.weights_sha256 and backbone.weights_sha256 != meta.weights_sha256:
         raise PipelineError(f"the weights of {meta.backbone} ({meta.weights}) changed since the "
                             "embeddings were extracted; run `dvc repro` first")
-    backbone.preprocessing = Preprocessing.from_dict(meta.preprocessing)
+    try:
+        backbone.preprocessing = Preprocessing.from_dict(meta.preprocessing)
+    except (KeyError, TypeError, ValueError) as err:
+        raise PipelineError(f"the embedding meta's preprocessing is damaged ({err!r}); re-run "
+                            "the extract stage: dvc repro --force extract") from err
     return backbone

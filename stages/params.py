@@ -173,8 +173,8 @@ def load_params(path: str | Path = "params.yaml") -> Params:
         mark = err.problem_mark or err.context_mark
         where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise ParamsError(f"{path}{where}: invalid YAML: {err.problem or err}") from err
-    except yaml.YAMLError as err:
-        raise ParamsError(f"{path}: invalid YAML: {err}") from err
+    except yaml.YAMLError as err:  # a character YAML does not allow: the first line says which
+        raise ParamsError(f"{path}: invalid YAML: {str(err).splitlines()[0]}") from err
     except RecursionError as err:
         raise ParamsError(f"{path}: invalid YAML: nested too deeply") from err
     return params_from_dict({} if raw is None else raw, source=str(path))

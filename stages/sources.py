@@ -239,7 +239,8 @@ def write_torchvision_dataset(name: str, root: Path, out: Path) -> None:
         raise PipelineError(f"data.source: torchvision has no data set '{name}'; {hint}")
     for split, dataset in _torchvision_splits(cls, name, root):
         classes = getattr(dataset, "classes", None)
-        for index in tqdm(range(len(dataset)), desc=f"{name} {split}", unit="img", leave=False):
+        for index in tqdm(range(len(dataset)), desc=f"{name} {split}", unit="img", leave=False,
+                          disable=None):
             image, target = dataset[index]
             label = str(classes[target]) if classes is not None else str(target)
             class_dir = out / split / label.replace("/", "_")
