@@ -348,6 +348,8 @@ def _head_problem(head: Head, class_names: np.ndarray) -> str:
     if head.mean_.ndim != 1 or head.scale_.shape != head.mean_.shape:
         return "mean and scale are not two vectors of one length"
     numbers = [head.mean_, head.scale_, *head._arrays().values()]
+    if any(a.ndim == 0 for a in numbers):
+        return "an array is a single number"
     if not all(np.all(np.isfinite(a)) for a in numbers) or np.any(head.scale_ <= 0):
         return "its numbers are not all finite, or a scale is not positive"
     try:
