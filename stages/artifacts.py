@@ -24,7 +24,7 @@ from typing import Any, BinaryIO, TextIO
 
 import numpy as np
 
-from stages.errors import PipelineError
+from stages.errors import PipelineError, first_line
 
 # What NumPy raises for an .npy or .npz file that is truncated, damaged or not one at all (a
 # zip archive's own errors included: an unsupported version is a NotImplementedError).
@@ -263,5 +263,4 @@ def load_arrays(path: str | Path) -> dict[str, np.ndarray]:
     except FileNotFoundError as err:
         raise PipelineError(f"{path}: missing; run the stage that writes it (dvc repro)") from err
     except DAMAGED_ARRAY_FILE as err:
-        first = (str(err).splitlines() or [type(err).__name__])[0]
-        raise PipelineError(f"{path}: not a readable array file ({first})") from err
+        raise PipelineError(f"{path}: not a readable array file ({first_line(err)})") from err

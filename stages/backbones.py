@@ -29,7 +29,7 @@ from PIL import Image
 from torchvision.transforms import v2
 from tqdm import tqdm
 
-from stages.errors import PipelineError
+from stages.errors import PipelineError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -340,9 +340,8 @@ def _load_state_dict_file(model: torch.nn.Module, path: Path, name: str) -> None
                             "torch.save(model.state_dict(), path) or a .safetensors file"
                             ) from err
     except Exception as err:  # torch raises zip and runtime errors for bad files
-        first = str(err).splitlines()[0] if str(err) else ""
         raise PipelineError(f"backbone.weights: '{path}' is not a loadable state dict "
-                            f"({type(err).__name__}: {first})") from err
+                            f"({type(err).__name__}: {first_line(err)})") from err
     for key in ("state_dict", "model", "state_dict_ema"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
@@ -350,8 +349,8 @@ def _load_state_dict_file(model: torch.nn.Module, path: Path, name: str) -> None
     try:
         model.load_state_dict(state)
     except (RuntimeError, TypeError) as err:  # TypeError: not a mapping of tensors at all
-        first = str(err).splitlines()[0]
-        raise PipelineError(f"backbone.weights: '{path}' does not fit '{name}': {first}") from err
+        raise PipelineError(f"backbone.weights: '{path}' does not fit '{name}': "
+                            f"{first_line(err)}") from err
 
 
 def _load_in_order(model: torch.nn.Module, source: dict[str, torch.Tensor]) -> None:

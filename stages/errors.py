@@ -40,6 +40,12 @@ class ArgumentParser(argparse.ArgumentParser):
         raise UsageError(f"{self.prog}: {message} (see --help)")
 
 
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message (libraries add hints and context below it),
+    or the name of its type when it has none."""
+    return (str(err).splitlines() or [type(err).__name__])[0]
+
+
 def unprintable(text: str) -> list[str]:
     """The characters of ``text`` that would break its line or cannot be shown, in order."""
     return [c for c in text if unicodedata.category(c) in UNPRINTABLE_CATEGORIES]

@@ -33,7 +33,7 @@ from tqdm import tqdm
 from stages.artifacts import atomic_output, read_json, write_json
 from stages.backbones import Backbone, PreprocessedImages, Preprocessing, _TimmPreLogits
 from stages.embeddings import EmbeddingMeta
-from stages.errors import PipelineError
+from stages.errors import PipelineError, first_line
 from stages.heads import LogisticHead, load_head
 from stages.params import FinetuneParams, Params
 
@@ -578,9 +578,9 @@ def load_finetuned(directory: str | Path) -> FinetunedModel:
     try:
         net.load_state_dict(load_file(str(directory / "model.safetensors")))
     except Exception as err:  # OSError, RuntimeError, safetensors' own error for bad bytes
-        first = (str(err).splitlines() or [""])[0]
         raise PipelineError(f"{directory}/model.safetensors: cannot be loaded into "
-                            f"{info['backbone']} ({first}); re-run: dvc repro finetune") from err
+                            f"{info['backbone']} ({first_line(err)}); re-run: dvc repro "
+                            "finetune") from err
     return FinetunedModel(net.eval(), preprocessing, list(info["classes"]), info)
 
 

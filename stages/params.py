@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 
 from stages.artifacts import read_utf8
-from stages.errors import PipelineError, unprintable
+from stages.errors import PipelineError, first_line, unprintable
 
 # The most images per class the data keys accept: far beyond any data set, far below the
 # 64-bit integers the catalog stores counts in.
@@ -174,7 +174,7 @@ def load_params(path: str | Path = "params.yaml") -> Params:
         where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise ParamsError(f"{path}{where}: invalid YAML: {err.problem or err}") from err
     except yaml.YAMLError as err:  # a character YAML does not allow: the first line says which
-        raise ParamsError(f"{path}: invalid YAML: {str(err).splitlines()[0]}") from err
+        raise ParamsError(f"{path}: invalid YAML: {first_line(err)}") from err
     except RecursionError as err:
         raise ParamsError(f"{path}: invalid YAML: nested too deeply") from err
     return params_from_dict({} if raw is None else raw, source=str(path))
