@@ -109,11 +109,14 @@ def test_the_fine_tuned_model_is_exported_by_default_once_it_exists(trained):
     assert json.loads(extra["metadata.json"])["model"] == "head"
 
 
-def test_exported_files_are_ignored_by_git():
+@pytest.mark.parametrize("path", ["models/export/classifier.onnx",
+                                  "models/export/.classifier.onnx.tmp-123.data",
+                                  "data/.prepared.scratch-123/digits/0/0000.png",
+                                  "metrics/.evaluate.json.tmp-45", "data/.prepared.old-6"])
+def test_exports_and_temporaries_are_ignored_by_git(path):
     import subprocess
 
     from tests.conftest import REPO_ROOT
 
-    ignored = subprocess.run(["git", "check-ignore", "-q", "models/export/classifier.onnx"],
-                             cwd=REPO_ROOT)
+    ignored = subprocess.run(["git", "check-ignore", "-q", "--no-index", path], cwd=REPO_ROOT)
     assert ignored.returncode == 0
