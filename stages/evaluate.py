@@ -10,9 +10,9 @@ import logging
 
 import numpy as np
 
-from transfer.artifacts import atomic_output, read_json, write_csv, write_json
+from transfer.artifacts import csv_text, json_text, read_json, write_files
 from transfer.data import ImageStore
-from transfer.embeddings import load_split
+from transfer.embeddings import EmbeddingMeta, load_split
 from transfer.errors import PipelineError, run_stage
 from transfer.evaluation import (
     GALLERY_FILE,
@@ -21,8 +21,8 @@ from transfer.evaluation import (
     plot_tables,
     summary_markdown,
 )
-from transfer.gallery import draw_gallery, images_by_id, save_png
-from transfer.heads import load_head
+from transfer.gallery import draw_gallery, images_by_id, png_bytes
+from transfer.heads import load_head_for
 from transfer.layout import (
     EMBEDDINGS_DIR,
     EVALUATE_METRICS,
@@ -44,28 +44,36 @@ def main() -> None:
     params = load_params(PARAMS)
     split = params.evaluate.split
     features, y_true, ids = load_split(EMBEDDINGS_DIR, split)
-    head, classes = load_head(HEAD_PATH)
+    head, classes = load_head_for(HEAD_PATH, EmbeddingMeta.read(EMBEDDINGS_DIR))
     probabilities = {"head": head.predict_proba_all(features, len(classes))}
     finetune = read_json(FINETUNE_STATUS)
+    if not isinstance(finetune, dict):
+        raise PipelineError(f"{FINETUNE_STATUS}: not a status object; re-run: dvc repro finetune")
     store = ImageStore(PREPARED_DIR, split)
-    if finetune["status"] == "trained":
+    if finetune.get("status") == "trained":
         probabilities["finetune"] = finetuned_probabilities(store, ids)
+    untrained = [name for i, name in enumerate(classes) if i not in head.classes_]
+    if untrained:
+        log.warning("no training image for class %s: no model can predict it",
+                    ", ".join(untrained))
 
+    # Everything is computed before anything is written: a failure leaves the previous
+    # outputs as they were, never some new and some old.
     evaluations = [evaluate_model(name, y_true, p, classes, ids, split)
                    for name, p in probabilities.items()]
-    write_json(EVALUATE_METRICS, {e.name: e.metrics for e in evaluations})
-    write_json(EVALUATE_REPORT, evaluation_report(evaluations, finetune))
-    for filename, rows in plot_tables(evaluations).items():
-        write_csv(EVALUATE_PLOTS_DIR / filename, rows)
     image_of = images_by_id(store, ids, f"{PREPARED_DIR}/{split}")
     gallery = draw_gallery(
         [(f"{e.name}: {len(e.mistakes)} most confident of {e.n_mistakes} mistakes "
           f"on {e.metrics['n_images']} {split} images", e.mistakes) for e in evaluations],
         image_of)
-    save_png(gallery, EVALUATE_PLOTS_DIR / GALLERY_FILE)
-    with atomic_output(SUMMARY) as tmp:
-        tmp.write_text(summary_markdown(evaluations, finetune, EVALUATE_PLOTS_DIR.as_posix()),
-                       encoding="utf-8")
+    write_files({
+        EVALUATE_METRICS: json_text({e.name: e.metrics for e in evaluations}),
+        EVALUATE_REPORT: json_text(evaluation_report(evaluations, finetune)),
+        **{EVALUATE_PLOTS_DIR / filename: csv_text(rows)
+           for filename, rows in plot_tables(evaluations).items()},
+        EVALUATE_PLOTS_DIR / GALLERY_FILE: png_bytes(gallery),
+        SUMMARY: summary_markdown(evaluations, finetune, EVALUATE_PLOTS_DIR.as_posix(), untrained),
+    })
     for e in evaluations:
         log.info("%s on %s: accuracy %.4f, balanced accuracy %.4f, macro F1 %.4f, ECE %.4f",
                  e.name, split, e.metrics["accuracy"], e.metrics["balanced_accuracy"],

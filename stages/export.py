@@ -9,16 +9,17 @@ probabilities in the metadata's class order.
 
 from __future__ import annotations
 
-import argparse
+import contextlib
 import json
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from transfer.artifacts import atomic_output
-from transfer.errors import PipelineError, run_stage
+from transfer.errors import ArgumentParser, PipelineError, run_stage
 from transfer.inference import MODEL_CHOICES, Classifier, Predictor, load_predictor
 from transfer.layout import EMBEDDINGS_DIR, FINETUNE_DIR, HEAD_PATH
 
@@ -101,22 +102,38 @@ def export(model: Predictor, fmt: str, path: Path) -> dict[str, Any]:
 def _export_onnx(module: torch.nn.Module, example: torch.Tensor, path: Path,
                  metadata: dict[str, Any]) -> None:
     try:
-        import onnx
+        import onnx  # noqa: F401 (torch's exporter needs it; fail here, with the fix)
+        import onnxscript  # noqa: F401
     except ImportError as err:
         raise PipelineError("ONNX export needs the onnx packages: "
                             "python -m pip install -e '.[export]'") from err
-    torch.onnx.export(module, (example,), str(path), input_names=["images"],
-                      output_names=["probabilities"], verbose=False, dynamo=True,
-                      dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
-    model = onnx.load(str(path))
-    entry = model.metadata_props.add()
-    entry.key, entry.value = METADATA_FILE, json.dumps(metadata)
-    onnx.save(model, str(path))
+    # The exporter's passes log dozens of INFO lines each; keep their warnings only.
+    with _logging_at_least(logging.WARNING, "onnxscript", "onnx_ir", "torch.onnx"):
+        program = torch.onnx.export(module, (example,), None, input_names=["images"],
+                                    output_names=["probabilities"], verbose=False, dynamo=True,
+                                    dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
+    program.model.metadata_props[METADATA_FILE] = json.dumps(metadata)
+    # Built in memory and saved once, with its weights inside: no external-data file.
+    program.save(str(path), external_data=False)
+
+
+@contextlib.contextmanager
+def _logging_at_least(level: int, *names: str) -> Iterator[None]:
+    """Raise the level of the loggers ``names`` to ``level`` while the block runs."""
+    loggers = [logging.getLogger(name) for name in names]
+    previous = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(max(level, logger.getEffectiveLevel()))
+    try:
+        yield
+    finally:
+        for logger, old in zip(loggers, previous, strict=True):
+            logger.setLevel(old)
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m stages.export",
-                                     description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="python -m stages.export",
+                            description=__doc__.splitlines()[0])
     parser.add_argument("--format", choices=sorted(OUTPUTS), default="torchscript")
     parser.add_argument("--output", type=Path, help="file to write (default: models/export/)")
     parser.add_argument("--model", choices=MODEL_CHOICES, default="auto",

@@ -7,7 +7,6 @@ others still run; the exit status is non-zero only when nothing could be predict
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import logging
@@ -19,10 +18,11 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from transfer.data import decode_image, shrink
-from transfer.errors import PipelineError, run_stage
+from transfer.data import decode_image, read_image_file, shrink
+from transfer.errors import ArgumentParser, PipelineError, run_stage
 from transfer.inference import MODEL_CHOICES, Predictor, load_predictor
 from transfer.layout import EMBEDDINGS_DIR, FINETUNE_DIR, HEAD_PATH
+from transfer.params import MAX_BATCH_SIZE
 from transfer.sources import visible_files
 
 log = logging.getLogger(__name__)
@@ -56,14 +56,16 @@ def predict_files(classifier: Predictor, files: list[Path], top_k: int,
     """Decode and classify ``files`` chunk by chunk, in input order."""
     short_side = classifier.short_side
     k = min(top_k, len(classifier.classes))
-    with tqdm(total=len(files), desc="predict", unit="img", leave=False) as progress:
+    # No bar where stderr is not a terminal (a log file, CI): no cursor escapes end up there.
+    with tqdm(total=len(files), desc="predict", unit="img", leave=False,
+              disable=None) as progress:
         for start in range(0, len(files), CHUNK):
             chunk = files[start:start + CHUNK]
             results = [Prediction(str(path)) for path in chunk]
             images, readable = [], []
             for result, path in zip(results, chunk, strict=True):
                 try:
-                    images.append(np.asarray(shrink(decode_image(path.read_bytes()),
+                    images.append(np.asarray(shrink(decode_image(read_image_file(path)),
                                                     short_side)))
                     readable.append(result)
                 except (OSError, ValueError) as err:
@@ -106,8 +108,8 @@ def write_json(predictions: list[Prediction], out) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m stages.predict",
-                                     description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="python -m stages.predict",
+                            description=__doc__.splitlines()[0])
     parser.add_argument("paths", nargs="+", help="image files or folders")
     parser.add_argument("--top-k", type=int, default=3, help="classes to show (default 3)")
     parser.add_argument("--format", choices=("table", "csv", "json"), default="table")
@@ -118,11 +120,12 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.top_k < 1:
         parser.error("--top-k must be 1 or more")
+    if not 1 <= args.batch_size <= MAX_BATCH_SIZE:
+        parser.error(f"--batch-size must be from 1 to {MAX_BATCH_SIZE}")
     files = list_inputs(args.paths)
     if not files:
         raise PipelineError(f"no files found in {', '.join(args.paths)}")
     classifier = load_predictor(args.model, EMBEDDINGS_DIR, HEAD_PATH, FINETUNE_DIR)
-    log.info("classifying %d files with the %s model", len(files), classifier.name)
     predictions = list(predict_files(classifier, files, args.top_k, args.batch_size))
     if args.format == "csv":
         write_csv(predictions, sys.stdout, min(args.top_k, len(classifier.classes)))
@@ -131,10 +134,13 @@ def main(argv: list[str] | None = None) -> None:
     else:
         write_table(predictions, sys.stdout)
     failed = sum(1 for p in predictions if p.error)
+    if failed == len(predictions):
+        raise PipelineError(f"none of the {len(predictions)} files could be classified "
+                            f"(first: {predictions[0].path}: {predictions[0].error})")
+    log.info("classified %d files with the %s model", len(predictions) - failed,
+             classifier.name)
     if failed:
         log.warning("%d of %d files could not be classified", failed, len(predictions))
-    if failed == len(predictions):
-        raise PipelineError(f"none of the {len(predictions)} files could be classified")
 
 
 if __name__ == "__main__":

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import logging
 import sqlite3
-import tempfile
 from pathlib import Path
 
-from transfer.artifacts import write_json
+from transfer.artifacts import atomic_outputs, scratch_directory, write_json
 from transfer.data import prepare_store
 from transfer.errors import PipelineError, run_stage
 from transfer.layout import DATA_REPORT, PARAMS, PREPARED_DIR, RAW_DIR
@@ -25,20 +24,28 @@ def main() -> None:
         log.warning("data.source '%s' is outside %s/: DVC will not notice when it changes",
                     data.source, RAW_DIR)
     try:
-        with tempfile.TemporaryDirectory(prefix="prepare-") as scratch, \
-                list_source(data.source, Path(scratch)) as listing:
-            report = prepare_store(listing, PREPARED_DIR, source=data.source,
+        # Generated sources (digits, torchvision) are written to a scratch folder beside the
+        # store, where the next run removes it should this one be killed; the store and the
+        # report appear together, or neither.
+        with scratch_directory(PREPARED_DIR) as scratch, \
+                list_source(data.source, scratch) as listing, \
+                atomic_outputs(PREPARED_DIR, DATA_REPORT) as (store, report_file):
+            report = prepare_store(listing, store, source=data.source,
                                    short_side=data.short_side, val_size=data.val_size,
                                    test_size=data.test_size, seed=params.seed,
                                    min_per_class=data.min_per_class,
                                    max_per_class=data.max_per_class)
+            write_json(report_file, report)
     except sqlite3.OperationalError as err:  # the catalog's database ran out of room
         raise PipelineError(f"prepare's temporary catalog failed ({err}); it lives in $TMPDIR "
                             "(else /var/tmp): free space there or set TMPDIR to a larger "
                             "disk") from err
-    write_json(DATA_REPORT, report)
     for line in summarize(report):
         log.info("%s", line)
+    untrained = report["missing_from_split"].get("train")
+    if untrained:
+        log.warning("no training image for class %s: the model can never predict it; add "
+                    "images or lower data.val_size/data.test_size", ", ".join(untrained))
 
 
 def summarize(report: dict) -> list[str]:
@@ -57,7 +64,8 @@ def summarize(report: dict) -> list[str]:
     if report["conflicts"]:
         lines.append(f"{len(report['conflicts'])} images under several labels excluded")
     for split, names in report["missing_from_split"].items():
-        lines.append(f"no {split} image for class {', '.join(names)}")
+        if split != "train":  # a warning of its own
+            lines.append(f"no {split} image for class {', '.join(names)}")
     if report["small_images"]["count"]:
         lines.append(f"{report['small_images']['count']} images smaller than "
                      f"{report['small_images']['min_side_below']} px on a side")

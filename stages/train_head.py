@@ -7,7 +7,7 @@ import time
 
 import numpy as np
 
-from transfer.artifacts import write_json
+from transfer.artifacts import atomic_outputs, write_json
 from transfer.embeddings import EmbeddingMeta, load_split
 from transfer.errors import run_stage
 from transfer.heads import Head, LogisticHead, MLPHead
@@ -26,15 +26,16 @@ def main() -> None:
     started = time.perf_counter()
     head = fit_head(params.head, params.seed, train_x, train_y, val_x, val_y)
     seconds = time.perf_counter() - started
-    head.save(HEAD_PATH, classes)
     val_metrics = classification_metrics(val_y, head.predict(val_x), len(classes))
     train_accuracy = float((head.predict(train_x) == train_y).mean())
     extra = {"best_epoch": head.best_epoch_} if isinstance(head, MLPHead) else {}
-    write_json(TRAIN_HEAD_METRICS, {"train_accuracy": train_accuracy,
-                         "val": val_metrics,
-                         "converged": head.converged_,
-                         "n_iter": head.n_iter_,
-                         **extra})  # no timings: same params, same file
+    with atomic_outputs(HEAD_PATH, TRAIN_HEAD_METRICS) as (head_tmp, metrics_tmp):
+        head.save(head_tmp, classes)
+        write_json(metrics_tmp, {"train_accuracy": train_accuracy,
+                                 "val": val_metrics,
+                                 "converged": head.converged_,
+                                 "n_iter": head.n_iter_,
+                                 **extra})  # no timings: same params, same file
     unit = "epochs" if isinstance(head, MLPHead) else "iterations"
     log.info("%s head: train accuracy %.4f, val accuracy %.4f (%d %s, %.2fs)", head.kind,
              train_accuracy, val_metrics["accuracy"], head.n_iter_, unit, seconds)

@@ -9,7 +9,6 @@ Every row stays an ordinary experiment: ``dvc exp show``, ``dvc exp apply`` and
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import subprocess
@@ -21,7 +20,7 @@ from typing import Any
 
 from transfer import layout
 from transfer.artifacts import atomic_output
-from transfer.errors import PipelineError, run_stage
+from transfer.errors import ArgumentParser, PipelineError, run_stage
 from transfer.strategies import STRATEGIES
 
 log = logging.getLogger(__name__)
@@ -142,8 +141,8 @@ def _fmt(value: Any) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m stages.transfer_study",
-                                     description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="python -m stages.transfer_study",
+                            description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=3, help="epochs per row (default 3)")
     parser.add_argument("--k", type=int, nargs="+", default=[1, 3],
                         help="last_k rows: blocks unfrozen from the top (default 1 3)")

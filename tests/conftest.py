@@ -68,10 +68,19 @@ def stage_environment() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": path}
 
 
-def run_stage_cli(stage: str, cwd: Path) -> subprocess.CompletedProcess:
-    """Run ``python -m stages.<stage>`` in ``cwd`` as DVC would."""
-    return subprocess.run([sys.executable, "-m", f"stages.{stage}"], cwd=cwd,
+def run_stage_cli(stage: str, cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    """Run ``python -m stages.<stage> ARGS`` in ``cwd`` as DVC (or a user) would."""
+    return subprocess.run([sys.executable, "-m", f"stages.{stage}", *args], cwd=cwd,
                           env=stage_environment(), capture_output=True, text=True, timeout=600)
+
+
+def one_error_line(result: subprocess.CompletedProcess, code: int = 1) -> str:
+    """The whole of stderr of a stage or command that failed on bad input: one ``error:`` line
+    (no traceback) and exit code ``code``."""
+    lines = result.stderr.splitlines()
+    assert result.returncode == code, result.stderr[-3000:]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr[-3000:]
+    return lines[0]
 
 
 def kill_stage_midway(stage: str, cwd: Path, started: Callable[[], bool]) -> None:

@@ -6,11 +6,14 @@ import pytest
 
 from transfer.artifacts import (
     atomic_output,
+    atomic_outputs,
     load_arrays,
     read_json,
     save_arrays,
     save_arrays_streamed,
+    scratch_directory,
     write_csv,
+    write_files,
     write_json,
 )
 from transfer.errors import PipelineError
@@ -106,6 +109,84 @@ def test_temporaries_of_killed_processes_are_cleaned_up(tmp_path):
         tmp.mkdir()
     assert not stale_file.exists() and not stale_dir.exists()
     assert live.exists()
+
+
+def test_several_outputs_are_replaced_together_or_not_at_all(tmp_path):
+    first, second = tmp_path / "metrics.json", tmp_path / "plots" / "gallery.png"
+    write_files({first: "old", second: b"old"})
+    with pytest.raises(RuntimeError), atomic_outputs(first, second) as (tmp1, tmp2):
+        tmp1.write_text("new")
+        raise RuntimeError("the second output could not be drawn")
+    assert first.read_text() == "old" and second.read_bytes() == b"old"
+    write_files({first: "new", second: b"new"})
+    assert first.read_text() == "new" and second.read_bytes() == b"new"
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["gallery.png", "metrics.json", "plots"]
+
+
+def test_an_output_written_into_a_temporary_is_written_in_place(tmp_path):
+    with atomic_outputs(tmp_path / "head.npz", tmp_path / "metrics.json") as (head, metrics):
+        save_arrays(head, x=np.arange(2))
+        write_json(metrics, {"accuracy": 1.0})
+        assert sorted(p.name for p in tmp_path.iterdir()) == [
+            f".head.npz.tmp-{os.getpid()}", f".metrics.json.tmp-{os.getpid()}"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["head.npz", "metrics.json"]
+
+
+def test_ctrl_c_while_outputs_are_renamed_waits_for_the_renames(tmp_path, monkeypatch):
+    import signal
+
+    real_replace = os.replace
+
+    def interrupted_replace(src, dst):  # Ctrl-C arrives during the first rename
+        real_replace(src, dst)
+        signal.raise_signal(signal.SIGINT)
+
+    outputs = [tmp_path / name for name in ("a", "b", "c")]
+    with pytest.raises(KeyboardInterrupt, match="interrupted after the outputs were written"), \
+            atomic_outputs(*outputs) as temps:
+        for i, tmp in enumerate(temps):
+            tmp.write_text(str(i))
+        monkeypatch.setattr(os, "replace", interrupted_replace)
+    assert [p.read_text() for p in outputs] == ["0", "1", "2"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_a_scratch_directory_is_removed_and_a_killed_runs_one_too(tmp_path):
+    stale = tmp_path / f".prepared.scratch-{_finished_pid()}"
+    (stale / "digits").mkdir(parents=True)
+    with scratch_directory(tmp_path / "prepared") as scratch:
+        assert scratch.parent == tmp_path and scratch.name == f".prepared.scratch-{os.getpid()}"
+        assert not stale.exists()
+        (scratch / "0.png").write_bytes(b"x")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_side_files_of_a_killed_runs_temporary_are_cleaned_up(tmp_path):
+    stale = tmp_path / f".classifier.onnx.tmp-{_finished_pid()}.data"
+    stale.write_bytes(b"external data")
+    write_files({tmp_path / "classifier.onnx": b"model"})
+    assert [p.name for p in tmp_path.iterdir()] == ["classifier.onnx"]
+
+
+def test_text_that_is_not_utf8_names_the_file(tmp_path):
+    path = tmp_path / "meta.json"
+    path.write_bytes(b'{"classes": ["caf\xe9"]}')
+    with pytest.raises(PipelineError, match=r"meta.json: not UTF-8 text \(byte 0xe9\); save it "
+                                            r"as UTF-8, with or without BOM"):
+        read_json(path)
+    path.write_bytes('{"classes": ["café"]}'.encode("utf-8-sig"))
+    assert read_json(path) == {"classes": ["café"]}
+
+
+@pytest.mark.parametrize("content", [b"PK\x03\x04" + bytes(range(256)) * 4,
+                                     b"\x93NUMPY\x01\x00v\x00{'descr': '<f8'}",
+                                     b"", bytes(range(256))],
+                         ids=["broken zip", "bare npy", "empty", "random"])
+def test_damaged_array_files_are_one_error(tmp_path, content):
+    path = tmp_path / "head.npz"
+    path.write_bytes(content)
+    with pytest.raises(PipelineError, match="head.npz: not a readable array file"):
+        load_arrays(path)
 
 
 def _finished_pid() -> int:

@@ -184,3 +184,23 @@ def test_timm_weights_file_loads_safely_and_bad_files_are_named(tmp_path):
         load_backbone("resnet18", str(garbage))
     with pytest.raises(PipelineError, match="resnet18.pth' does not fit 'resnet34'"):
         load_backbone("resnet34", str(good))
+
+
+class NotATensor:
+    """Stands in for any Python object a pickled checkpoint may hold."""
+
+
+def test_a_pickled_weights_file_is_refused_without_suggesting_to_unpickle_it(tmp_path):
+    from tests.conftest import one_error_line, run_stage_cli, write_params
+
+    torch.save({"conv1.weight": torch.zeros(1), "extra": NotATensor()}, tmp_path / "w.pth")
+    torch.save(torch.zeros(3), tmp_path / "tensor.pth")
+    write_params(tmp_path, {"backbone": {"name": "resnet18", "weights": "w.pth"}})
+    line = one_error_line(run_stage_cli("extract", tmp_path))
+    assert line == ("error: backbone.weights: 'w.pth' holds Python objects besides tensors "
+                    f"(such as {NotATensor.__module__}.NotATensor), which are never loaded from a "
+                    "file the pipeline did not write; save the tensors alone: "
+                    "torch.save(model.state_dict(), path) or a .safetensors file")
+    assert "weights_only" not in line
+    with pytest.raises(PipelineError, match="tensor.pth' does not fit 'resnet18': Expected"):
+        load_backbone("resnet18", str(tmp_path / "tensor.pth"))

@@ -12,7 +12,8 @@ def write_cache(directory, rows=6, dim=3, dtype="float16"):
     save_arrays(directory / "index.npz", train_labels=np.arange(rows),
                 train_ids=np.asarray([f"img{i}" for i in range(rows)]))
     meta = EmbeddingMeta(backbone="b", weights="w", weights_sha256=None, preprocessing={},
-                         dim=dim, dtype=dtype, classes=["a"], count={"train": rows},
+                         dim=dim, dtype=dtype, classes=[f"c{i}" for i in range(rows)],
+                         count={"train": rows},
                          flip_average=False, precision="float32", short_side=256, versions={})
     write_json(directory / "meta.json", meta.to_dict())
 

@@ -2,7 +2,7 @@ import errno
 
 import pytest
 
-from transfer.errors import PipelineError, run_stage
+from transfer.errors import ArgumentParser, PipelineError, one_line, run_stage, unprintable
 
 
 def _fails_with(error):
@@ -11,23 +11,48 @@ def _fails_with(error):
     return main
 
 
-def test_a_pipeline_error_is_one_line_and_exit_code_1(capsys):
+@pytest.mark.parametrize(("error", "code", "stderr"), [
+    (PipelineError("data.source: 'x' is not a directory"), 1,
+     "error: data.source: 'x' is not a directory\n"),
+    (OSError(errno.ENOSPC, "No space left on device", "data/embeddings/train.npy"), 1,
+     "error: no space left on the disk writing data/embeddings/train.npy; free space and run "
+     "the stage again\n"),
+    (KeyboardInterrupt(), 130, "interrupted; nothing was written\n"),
+    (KeyboardInterrupt("interrupted after the outputs were written"), 130,
+     "interrupted after the outputs were written\n"),
+    (PipelineError("class 'a\nb\tc\udcff' is bad"), 1,
+     "error: class 'a\\nb\\tc\\udcff' is bad\n"),
+], ids=["bad input", "full disk", "ctrl-c", "ctrl-c held back during the renames",
+        "control characters escaped"])
+def test_a_failure_is_one_line_and_an_exit_code(capsys, error, code, stderr):
     with pytest.raises(SystemExit) as exit_info:
-        run_stage(_fails_with(PipelineError("data.source: 'x' is not a directory")))
-    assert exit_info.value.code == 1
-    assert capsys.readouterr().err == "error: data.source: 'x' is not a directory\n"
-
-
-def test_a_full_disk_is_one_line_naming_the_file(capsys):
-    full = OSError(errno.ENOSPC, "No space left on device", "data/embeddings/train.npy")
-    with pytest.raises(SystemExit) as exit_info:
-        run_stage(_fails_with(full))
-    assert exit_info.value.code == 1
-    assert capsys.readouterr().err == ("error: no space left on the disk writing "
-                                       "data/embeddings/train.npy; free space and run the "
-                                       "stage again\n")
+        run_stage(_fails_with(error))
+    assert exit_info.value.code == code
+    assert capsys.readouterr().err == stderr
 
 
 def test_other_errors_keep_their_traceback():
     with pytest.raises(PermissionError):
         run_stage(_fails_with(PermissionError(errno.EACCES, "Permission denied")))
+
+
+def test_unprintable_finds_line_breaks_controls_and_undecodable_bytes():
+    assert unprintable("ok café 日本 ✓") == []
+    assert unprintable("a\nb\rc\x00d\x1b\x7f\x85\u2028\u2029\udcff") == [
+        "\n", "\r", "\x00", "\x1b", "\x7f", "\x85", "\u2028", "\u2029", "\udcff"]
+    assert one_line("a\u2028b") == "a\\u2028b"
+
+
+def test_a_bad_command_line_argument_is_one_line_and_exit_code_2(capsys):
+    parser = ArgumentParser(prog="python -m stages.predict")
+    parser.add_argument("--top-k", type=int)
+
+    def main():
+        parser.parse_args(["--top-k", "many"])
+
+    with pytest.raises(SystemExit) as exit_info:
+        run_stage(main)
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == (
+        "error: python -m stages.predict: argument --top-k: invalid int value: 'many' "
+        "(see --help)\n")

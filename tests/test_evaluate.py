@@ -79,3 +79,42 @@ def test_missing_prepared_store_is_named(project):
     shutil.rmtree(project / "data" / "prepared")
     with pytest.raises(PipelineError, match="data/prepared/meta.json: missing"):
         evaluate.main()
+
+
+def test_a_failure_leaves_every_previous_output_as_it_was(project, monkeypatch):
+    train_head.main()
+    finetune.main()
+    evaluate.main()
+    outputs = [evaluate.METRICS, evaluate.REPORT, evaluate.SUMMARY,
+               evaluate.PLOTS_DIR / GALLERY_FILE, *(evaluate.PLOTS_DIR / f for f in PLOT_FILES)]
+    before = {path: path.read_bytes() for path in outputs}
+    (project / "metrics" / "evaluate.json").write_text('{"head": {}}')  # as if older
+    before[evaluate.METRICS] = evaluate.METRICS.read_bytes()
+
+    def gallery_fails(*args, **kwargs):
+        raise PipelineError("the gallery could not be drawn")
+
+    monkeypatch.setattr(evaluate, "draw_gallery", gallery_fails)
+    with pytest.raises(PipelineError, match="could not be drawn"):
+        evaluate.main()
+    assert {path: path.read_bytes() for path in outputs} == before
+    assert not [p for p in project.rglob(".*tmp-*")]
+
+
+def test_a_class_without_training_images_is_a_warning_in_the_log_and_the_summary(project,
+                                                                                 caplog):
+    import logging
+
+    from transfer.embeddings import EmbeddingMeta, load_split
+    from transfer.heads import LogisticHead
+
+    finetune.main()
+    features, labels, _ = load_split("data/embeddings", "train")
+    kept = labels != 1  # the head never sees class 1 ("green")
+    classes = EmbeddingMeta.read("data/embeddings").classes
+    LogisticHead().fit(np.asarray(features)[kept], labels[kept]).save(evaluate.HEAD_PATH, classes)
+    with caplog.at_level(logging.WARNING):
+        evaluate.main()
+    assert "no training image for class green: no model can predict it" in caplog.text
+    summary = evaluate.SUMMARY.read_text()
+    assert "**Warning:** no training image for class green: no model can predict it." in summary

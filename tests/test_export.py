@@ -59,12 +59,17 @@ def test_an_mlp_head_is_exported_with_its_hidden_layer(trained):
     assert np.abs(probabilities - reference).max() < 1e-4
 
 
-def test_onnx_file_matches_the_pytorch_model(trained, images_and_reference):
+def test_onnx_file_matches_the_pytorch_model(trained, images_and_reference, caplog):
+    import logging
+
     onnx = pytest.importorskip("onnx")
     onnxruntime = pytest.importorskip("onnxruntime")
     batch, reference, classes = images_and_reference
-    export.main(["--format", "onnx", "--output", "exported/model.onnx"])
+    with caplog.at_level(logging.INFO):
+        export.main(["--format", "onnx", "--output", "exported/model.onnx"])
+    assert [r.name for r in caplog.records] == ["stages.export"]  # the exporter's INFO: quiet
     path = trained / "exported" / "model.onnx"
+    assert [p.name for p in path.parent.iterdir()] == ["model.onnx"]  # no external data left
     metadata = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
     assert json.loads(metadata["metadata.json"])["classes"] == classes
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -102,3 +107,16 @@ def test_the_fine_tuned_model_is_exported_by_default_once_it_exists(trained):
     extra = {"metadata.json": ""}
     torch.jit.load(str(trained / "head.pt"), _extra_files=extra)
     assert json.loads(extra["metadata.json"])["model"] == "head"
+
+
+@pytest.mark.parametrize("path", ["models/export/classifier.onnx",
+                                  "models/export/.classifier.onnx.tmp-123.data",
+                                  "data/.prepared.scratch-123/digits/0/0000.png",
+                                  "metrics/.evaluate.json.tmp-45", "data/.prepared.old-6"])
+def test_exports_and_temporaries_are_ignored_by_git(path):
+    import subprocess
+
+    from tests.conftest import REPO_ROOT
+
+    ignored = subprocess.run(["git", "check-ignore", "-q", "--no-index", path], cwd=REPO_ROOT)
+    assert ignored.returncode == 0

@@ -59,3 +59,12 @@ def test_images_are_looked_up_by_id_and_a_missing_one_is_named():
     assert image_of("b.png")[0, 0, 0] == 1
     with pytest.raises(PipelineError, match="data/prepared/test: image 'c.png'"):
         images_by_id(Store(), ["a.png", "c.png"], "data/prepared/test")
+
+
+@pytest.mark.parametrize("label", ["line\nbreak", "日本語", "emoji 🐱", "\u202eright-to-left",
+                                   "x" * 300, "tab\there"])
+def test_any_class_name_is_drawn_on_one_line(label):
+    """Prepare refuses control characters in class names; the gallery escapes them anyway, so
+    a store made some other way cannot stop evaluate inside Pillow."""
+    sheet = draw_gallery([("head", [Mistake("0.png", label, "dog", 0.9)])], red_square)
+    assert sheet.width == MARGIN + COLUMNS * (TILE + MARGIN)

@@ -6,6 +6,7 @@ import pytest
 import yaml
 
 from tests.conftest import REPO_ROOT
+from transfer.errors import PipelineError
 from transfer.params import Params, ParamsError, load_params, params_from_dict
 
 
@@ -61,7 +62,7 @@ def test_unknown_section_lists_top_level_keys():
 
 
 @pytest.mark.parametrize(("raw", "expected"), [
-    ({"head": {"C": 0}}, r"head.C=0 is out of range; allowed: \(0.0, inf\]"),
+    ({"head": {"C": 0}}, r"head.C=0 is out of range; allowed: \(0.0, inf\)"),
     ({"head": {"C": -1.5}}, r"head.C=-1.5 is out of range"),
     ({"data": {"test_size": 0.9}}, r"data.test_size=0.9 is out of range; allowed: \(0.0, 0.5\]"),
     ({"backbone": {"batch_size": 0}}, r"batch_size=0 is out of range; allowed: \[1, 65536\]"),
@@ -152,3 +153,102 @@ def test_a_wrong_value_fails_the_stage_with_one_line_and_no_output(tmp_path):
         "error: params.yaml: backbone.precision='float8' is not valid; choose one of: "
         "auto, float32, bfloat16, float16"]
     assert list(tmp_path.iterdir()) == [tmp_path / "params.yaml"]
+
+
+def typed_keys(*types):
+    """(dotted name, field) of every parameter whose type admits one of ``types``."""
+    import dataclasses
+    import typing
+
+    for section, key in every_key():
+        owner = type(getattr(Params(), section)) if section else Params
+        hint = typing.get_type_hints(owner)[key]
+        if set(types) & {hint, *typing.get_args(hint)}:
+            field = {f.name: f for f in dataclasses.fields(owner)}[key]
+            yield (f"{section}.{key}" if section else key), field
+
+
+def nested(name: str, value):
+    section, _, key = name.rpartition(".")
+    return {section: {key: value}} if section else {key: value}
+
+
+@pytest.mark.parametrize("name", [name for name, _ in typed_keys(float)])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf"), "nan", "1e999",
+                                   10**400], ids=["nan", "inf", "-inf", "'nan'", "'1e999'",
+                                                  "10**400"])
+def test_every_float_key_refuses_non_finite_values(name, value):
+    with pytest.raises(ParamsError, match=rf"{name}=.* is not a finite number"):
+        params_from_dict(nested(name, value))
+
+
+@pytest.mark.parametrize("name", ["backbone.mean", "backbone.std"])
+def test_normalization_lists_refuse_non_finite_values(name):
+    with pytest.raises(ParamsError, match=rf"{name}=\[0.5, nan, 0.5\] is not a finite number"):
+        params_from_dict(nested(name, [0.5, float("nan"), 0.5]))
+
+
+def test_a_zero_std_is_refused():
+    with pytest.raises(ParamsError, match=r"backbone.std=\[0.5, 0, 0.5\] is out of range; "
+                                          r"allowed \(each number\): \(0.0, inf\)"):
+        params_from_dict({"backbone": {"std": [0.5, 0, 0.5]}})
+
+
+def test_nan_in_yaml_names_the_key(tmp_path):
+    with pytest.raises(ParamsError, match=r"head.C=nan is not a finite number; "
+                                          r"allowed: \(0.0, inf\)"):
+        load_params(write(tmp_path, "head:\n  C: .nan\n"))
+
+
+@pytest.mark.parametrize(("name", "field"), list(typed_keys(int)))
+def test_every_integer_key_has_an_upper_bound_and_enforces_it(name, field):
+    low, high = field.metadata["range"]
+    assert high is not None and high <= 2**63 - 1
+    assert params_from_dict(nested(name, high)) is not None  # the bound itself is allowed
+    for value in (high + 1, 10**30, low - 1):
+        with pytest.raises(ParamsError, match=rf"{name}=.* is out of range; allowed: "):
+            params_from_dict(nested(name, value))
+
+
+def test_a_huge_integer_is_shown_shortened():
+    with pytest.raises(ParamsError) as err:
+        params_from_dict({"data": {"max_per_class": 10**30}})
+    assert str(err.value) == ("params: data.max_per_class=1000000000000000000000000000000 is "
+                              "out of range; allowed: [1, 1000000000]")
+    with pytest.raises(ParamsError, match=r"seed=1{59}… is out of range"):
+        params_from_dict({"seed": int("1" * 80)})
+
+
+@pytest.mark.parametrize(("content", "found"), [
+    ("seed: 1\n".encode("utf-16"), "byte 0xff; the file looks like UTF-16"),
+    ("data:\n  source: data/raw/café\n".encode("latin-1"), "byte 0xe9"),
+])
+def test_a_params_file_that_is_not_utf8_is_named(tmp_path, content, found):
+    path = tmp_path / "params.yaml"
+    path.write_bytes(content)
+    with pytest.raises(PipelineError) as err:
+        load_params(path)
+    assert str(err.value) == (f"{path}: not UTF-8 text ({found}); save it as UTF-8, with or "
+                              "without BOM")
+
+
+def test_a_params_file_with_a_byte_order_mark_is_read(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_bytes("seed: 3\n".encode("utf-8-sig"))
+    assert load_params(path).seed == 3
+
+
+def test_deeply_nested_yaml_is_one_error(tmp_path):
+    with pytest.raises(ParamsError, match="invalid YAML"):
+        load_params(write(tmp_path, "seed: " + "[" * 5000 + "]" * 5000 + "\n"))
+
+
+@pytest.mark.parametrize("name", [name for name, _ in typed_keys(str)])
+@pytest.mark.parametrize("value", ["data/raw/a\nb", "x\x00y", "\x1b[2J", "a" * 5000],
+                         ids=["newline", "nul", "escape", "too long"])
+def test_every_text_key_refuses_control_characters_and_overlong_values(name, value):
+    with pytest.raises(ParamsError) as err:
+        params_from_dict(nested(name, value))
+    assert f"{name}=" in str(err.value)
+    assert ("is not valid; a name or path of at most 4096 characters, without control "
+            "characters") in str(err.value) or "choose one of" in str(err.value)

@@ -78,3 +78,41 @@ def test_predict_prefers_the_fine_tuned_model_and_explains_when_there_is_none(tr
     assert "with the finetune model" in caplog.text
     lines = capsys.readouterr().out.splitlines()
     assert [line.split()[1] for line in lines] == ["red", "green"]
+
+
+def test_devices_pipes_and_huge_files_are_error_rows_never_read(trained, capsys):
+    import os
+
+    os.mkfifo(trained / "pipe.png")  # opening it for reading would wait forever
+    with open(trained / "huge.png", "wb") as f:
+        f.truncate(600 * 2**20)
+    predict.main(["/dev/zero", "pipe.png", "huge.png", "inputs/a-red.png"])
+    rows = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()}
+    not_regular = "error: not a regular file (a folder, device, pipe or socket)"
+    assert not_regular in rows["/dev/zero"] and not_regular in rows["pipe.png"]
+    assert "error: larger than 512 MiB (not read)" in rows["huge.png"]
+    assert rows["inputs/a-red.png"].split()[1] == "red"
+
+
+def test_bad_inputs_through_the_command_are_one_line(trained):
+    from tests.conftest import one_error_line, run_stage_cli
+
+    assert one_error_line(run_stage_cli("predict", trained, "/dev/zero")) == (
+        "error: none of the 1 files could be classified (first: /dev/zero: not a regular file "
+        "(a folder, device, pipe or socket))")
+    assert one_error_line(run_stage_cli("predict", trained, "inputs", "--batch-size", "0"),
+                          code=2) == ("error: python -m stages.predict: --batch-size must be "
+                                      "from 1 to 65536 (see --help)")
+    assert one_error_line(run_stage_cli("predict", trained, "--top-k", "x", "inputs"),
+                          code=2).startswith("error: python -m stages.predict: argument --top-k")
+
+
+def test_progress_bars_leave_no_cursor_escapes_in_a_log(trained):
+    from tests.conftest import run_stage_cli
+
+    result = run_stage_cli("predict", trained, "inputs", "--batch-size", "1")
+    assert result.returncode == 0, result.stderr
+    assert "\r" not in result.stderr and "\x1b" not in result.stderr
+    assert result.stderr.splitlines() == [
+        "INFO __main__: classified 3 files with the head model",
+        "WARNING __main__: 1 of 4 files could not be classified"]

@@ -1,11 +1,25 @@
 import json
+import os
 import shutil
+import signal
 import sqlite3
+import subprocess
+import sys
+import time
 
 import pytest
 
 from stages import prepare
-from tests.conftest import kill_stage_midway, run_stage_cli, write_colour_folder, write_params
+from tests.conftest import (
+    kill_stage_midway,
+    one_error_line,
+    run_stage_cli,
+    stage_environment,
+    working_directory,
+    write_colour_folder,
+    write_image,
+    write_params,
+)
 from transfer.catalog import Catalog
 from transfer.data import SPLITS, ImageStore
 from transfer.errors import PipelineError
@@ -91,3 +105,116 @@ def test_a_full_catalog_disk_names_tmpdir_and_leaves_no_store(tmp_path, monkeypa
         prepare.main()
     assert not (tmp_path / "data" / "prepared").exists()
     assert not list((tmp_path / "data").glob(".prepared*"))
+
+
+def test_a_single_class_stops_prepare_naming_it(tmp_path):
+    for i in range(6):
+        write_image(tmp_path / "data" / "raw" / "one" / "cats" / f"{i}.png", (i, 2, 3), seed=i)
+    write_params(tmp_path, {"data": {"source": "data/raw/one"}})
+    assert one_error_line(run_stage_cli("prepare", tmp_path)) == (
+        "error: data.source 'data/raw/one': one class found ('cats'); a classifier needs at "
+        "least two classes (two class folders, or two labels in the manifest)")
+    assert not (tmp_path / "data" / "prepared").exists()
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["raw"]  # no scratch left
+
+
+def write_pre_split(root, layout: dict[str, list[str]], per_class: int = 3) -> None:
+    """``root/<split>/<class>/<i>.png`` for each split and its classes, every image unique."""
+    for s, (split, classes) in enumerate(layout.items()):
+        for c, name in enumerate(classes):
+            for i in range(per_class):
+                write_image(root / split / name / f"{i}.png", (40 * c, 9 * s, i), seed=s * 99 + i)
+
+
+def test_a_training_split_of_one_class_stops_prepare(tmp_path):
+    write_pre_split(tmp_path / "data" / "raw" / "set",
+                    {"train": ["a"], "val": ["a", "b"], "test": ["a", "b"]})
+    write_params(tmp_path, {"data": {"source": "data/raw/set", "min_per_class": 1}})
+    assert one_error_line(run_stage_cli("prepare", tmp_path)) == (
+        "error: data.source 'data/raw/set': one class with a training image ('a'); a classifier "
+        "needs at least two classes (two class folders, or two labels in the manifest)")
+
+
+def test_a_class_without_training_images_is_a_warning(tmp_path, monkeypatch, caplog):
+    import logging
+
+    write_pre_split(tmp_path / "data" / "raw" / "set",
+                    {"train": ["a", "b"], "val": ["a", "b", "c"], "test": ["a", "b", "c"]})
+    write_params(tmp_path, {"data": {"source": "data/raw/set", "min_per_class": 1}})
+    monkeypatch.chdir(tmp_path)
+    with caplog.at_level(logging.INFO):
+        prepare.main()
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == ["no training image for class c: the model can never predict it; add "
+                        "images or lower data.val_size/data.test_size"]
+    report = json.loads((tmp_path / "reports" / "data.json").read_text())
+    assert report["missing_from_split"] == {"train": ["c"]}
+
+
+@pytest.mark.parametrize(("name", "shown", "escape"), [("new\nline", "new\\nline", "\\n"),
+                                                      ("bell\a", "bell\\x07", "\\x07")])
+def test_a_label_with_a_control_character_stops_prepare_in_one_line(tmp_path, name, shown,
+                                                                    escape):
+    root = write_colour_folder(tmp_path / "data" / "raw" / "colours")
+    (root / "red").rename(root / name)
+    write_params(tmp_path, {"data": {"source": "data/raw/colours"}})
+    assert one_error_line(run_stage_cli("prepare", tmp_path)) == (
+        f"error: data.source: class folder 'data/raw/colours/{shown}': the class name "
+        f"'{shown}' holds the control character '{escape}'; rename the folder")
+    assert not (tmp_path / "data" / "prepared").exists()
+
+
+def test_a_link_out_of_the_data_root_stops_prepare_in_one_line(tmp_path):
+    secret = write_image(tmp_path / "secret.png", (0, 0, 0))
+    root = write_colour_folder(tmp_path / "data" / "raw" / "colours")
+    (root / "red" / "link.png").symlink_to(secret)
+    write_params(tmp_path, {"data": {"source": "data/raw/colours"}})
+    assert one_error_line(run_stage_cli("prepare", tmp_path)) == (
+        f"error: data.source: 'data/raw/colours/red/link.png' is a link to '{secret}', outside "
+        "the data root 'data/raw/colours'; copy the file into the data root or remove the link")
+
+
+def test_huge_files_and_devices_are_skipped_unread(tmp_path, monkeypatch):
+    root = write_colour_folder(tmp_path / "data" / "raw" / "colours")
+    with open(root / "red" / "huge.png", "wb") as f:  # sparse: no disk used, nothing read
+        f.truncate(600 * 2**20)
+    os.mkfifo(root / "blue" / "pipe.png")  # listed only as a file; reading it would block
+    write_params(tmp_path, {"data": {"source": "data/raw/colours"}})
+    monkeypatch.chdir(tmp_path)
+    prepare.main()
+    report = json.loads((tmp_path / "reports" / "data.json").read_text())
+    assert report["skipped"] == [{"path": "red/huge.png",
+                                  "reason": "larger than 512 MiB (not read)"}]
+
+
+def test_ctrl_c_leaves_nothing_and_says_so_in_one_line(tmp_path):
+    """Ctrl-C reaches the whole process group, the decode workers too."""
+    from benchmarks.decode_speed import generate
+
+    generate(tmp_path / "data" / "raw" / "photos", 300, size=(800, 600))
+    write_params(tmp_path, {"data": {"source": "data/raw/photos", "min_per_class": 1}})
+    process = subprocess.Popen([sys.executable, "-m", "stages.prepare"], cwd=tmp_path,
+                               env=stage_environment(), stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while not any(p.stat().st_size for p in (tmp_path / "data").glob(".prepared.tmp-*/staging/*")):
+        assert process.poll() is None, process.communicate()[1]
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    os.killpg(process.pid, signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert (process.returncode, stderr) == (130, "interrupted; nothing was written\n")
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["raw"]
+    assert not list((tmp_path / "reports").iterdir())
+
+
+def test_a_killed_runs_scratch_folder_is_removed_by_the_next_run(tmp_path):
+    write_params(tmp_path, {"data": {"source": "digits"}})
+    scratch = tmp_path / "data"
+    kill_stage_midway("prepare", tmp_path,
+                      lambda: len(list(scratch.glob(".prepared.scratch-*/digits/*/*"))) > 100)
+    [left] = scratch.glob(".prepared.scratch-*")  # beside the store, not in /tmp
+    with working_directory(tmp_path):
+        prepare.main()
+    assert not left.exists()
+    assert sorted(p.name for p in scratch.iterdir()) == ["prepared"]

@@ -46,12 +46,19 @@ def test_unicode_class_names_are_kept_as_written(tmp_path):
     assert sorted(labels) == ["Zebra", "café", "日本"]
 
 
-def test_a_link_out_of_the_root_is_reported(image_folder, tmp_path):
+def test_a_link_out_of_the_root_is_refused(image_folder, tmp_path):
     outside = write_image(tmp_path / "secret.png", (0, 0, 0))
     os.symlink(outside, image_folder / "red" / "link.png")
-    listing = list_image_folder(image_folder)
-    assert {"path": "red/link.png", "reason": "links outside the data root"} in listing.skipped
-    assert "red/link.png" not in {image.id for image in listing.images()}
+    with pytest.raises(PipelineError) as err:
+        list_image_folder(image_folder)
+    assert str(err.value) == (f"data.source: '{image_folder}/red/link.png' is a link to "
+                              f"'{outside}', outside the data root '{image_folder}'; copy the "
+                              "file into the data root or remove the link")
+
+
+def test_a_link_inside_the_root_is_read(image_folder):
+    os.symlink(image_folder / "red" / "0.png", image_folder / "red" / "again.png")
+    assert "red/again.png" in {image.id for image in list_image_folder(image_folder).images()}
 
 
 def test_pre_split_root_keeps_its_splits(tmp_path):
@@ -67,7 +74,6 @@ def test_pre_split_root_keeps_its_splits(tmp_path):
 
 
 @pytest.mark.parametrize(("folders", "message"), [
-    (["train", "val", "extra"], "mixes split folders .* with other folders \\(extra\\)"),
     (["train", "val", "validation"], "has two folders for one split"),
     (["val", "test"], "looks pre-split \\(test, val\\) but has no train/ folder"),
 ])
@@ -76,6 +82,51 @@ def test_ambiguous_pre_split_roots_are_refused(tmp_path, folders, message):
         write_image(tmp_path / folder / "cls" / "0.png", (1, 2, 3))
     with pytest.raises(PipelineError, match=message):
         list_image_folder(tmp_path)
+
+
+@pytest.mark.parametrize("names", [["test", "cat", "dog"], ["train", "val", "extra"]])
+def test_classes_named_like_splits_beside_other_classes_are_classes(tmp_path, names, caplog):
+    for i, name in enumerate(names):
+        write_image(tmp_path / name / "0.png", (i, 2, 3))
+    listing = list_image_folder(tmp_path)
+    assert sorted((image.label, image.split) for image in listing.images()) == \
+        sorted((name, None) for name in names)
+    split_named = ", ".join(sorted(n for n in names if n in ("test", "train", "val")))
+    assert f"{split_named} read as classes" in caplog.text
+
+
+def test_a_class_folder_named_test_inside_a_pre_split_root_is_a_class(tmp_path):
+    for split in ("train", "test"):
+        for cls in ("test", "other"):
+            write_image(tmp_path / split / cls / "0.png", (1, 2, 3), seed=hash((split, cls)) % 99)
+    listing = list_image_folder(tmp_path)
+    assert {(image.label, image.split) for image in listing.images()} == {
+        ("test", "train"), ("other", "train"), ("test", "test"), ("other", "test")}
+
+
+@pytest.mark.parametrize(("name", "what"), [
+    ("line\nbreak", "the control character '\\n'"),
+    ("tab\there", "the control character '\\t'"),
+    ("esc\x1b[31m", "the control character '\\x1b'"),
+    ("para\u2029graph", "the control character '\\u2029'"),
+    (os.fsdecode(b"caf\xe9"), "bytes that are not UTF-8"),
+])
+def test_a_class_folder_name_with_a_control_character_is_refused(tmp_path, name, what):
+    write_image(tmp_path / "fine" / "0.png", (1, 2, 3))
+    write_image(tmp_path / name / "0.png", (3, 2, 1))
+    with pytest.raises(PipelineError) as err:
+        list_image_folder(tmp_path)
+    shown = repr(os.fsencode(name).decode("utf-8", "backslashreplace"))
+    assert str(err.value) == (f"data.source: class folder '{tmp_path / name}': the class name "
+                              f"{shown} holds {what}; rename the folder")
+
+
+def test_a_file_name_that_is_not_utf8_is_skipped_and_reported(image_folder):
+    write_image(image_folder / "red" / os.fsdecode(b"caf\xe9.png"), (1, 2, 3))
+    listing = list_image_folder(image_folder)
+    assert listing.skipped == [{"path": "red/caf\\xe9.png", "reason": "the file name is not "
+                                "UTF-8 or holds a control character; rename the file"}]
+    assert len(listing) == 18
 
 
 def test_missing_and_empty_roots_are_named(tmp_path):
@@ -120,6 +171,41 @@ def test_bad_manifests_name_the_line_or_the_columns(tmp_path, text, message):
     write_image(tmp_path / "a.png", (1, 2, 3))
     with pytest.raises(PipelineError, match=message):
         list_manifest(write_manifest(tmp_path, text))
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    (b"path,label\na.png,\"cat\nwith a line break\"\n",
+     "labels.csv line 3: the class name 'cat\\nwith a line break' holds the control "
+     "character '\\n'; edit the label"),
+    (b"path,label\na.png,\x07bell\n",
+     "labels.csv line 2: the class name '\\x07bell' holds the control character '\\x07'; "
+     "edit the label"),
+    ("path,label\na.png,café\n".encode("latin-1"),
+     "labels.csv: not UTF-8 text (byte 0xe9); save it as UTF-8, with or without BOM"),
+    ("path,label\na.png,cat\n".encode("utf-16"),
+     "labels.csv: not UTF-8 text (byte 0xff; the file looks like UTF-16); save it as UTF-8, "
+     "with or without BOM"),
+    (b"path,label\na.png,c\x00t\n", "labels.csv line 2: the class name 'c\\x00t' holds the "
+                                      "control character '\\x00'; edit the label"),
+    (b"path,label\na.png," + b"x" * 200_000 + b"\n",
+     "labels.csv line 2: not a valid CSV row (field larger than field limit (131072))"),
+], ids=["newline", "bell", "latin-1", "utf-16", "nul", "huge field"])
+def test_a_bad_manifest_label_or_encoding_is_one_line(tmp_path, content, message):
+    write_image(tmp_path / "a.png", (1, 2, 3))
+    (tmp_path / "labels.csv").write_bytes(content)
+    with pytest.raises(PipelineError) as err:
+        list_manifest(tmp_path / "labels.csv")
+    assert str(err.value) == f"{tmp_path}/{message}"
+
+
+def test_a_manifest_with_a_byte_order_mark_and_odd_paths_is_read(tmp_path):
+    write_image(tmp_path / "a.png", (1, 2, 3))
+    rows = ["path,label", "a.png,cat", f"{'x' * 300}.png,cat", "b\x01.png,dog"]
+    (tmp_path / "labels.csv").write_bytes("\n".join(rows).encode("utf-8-sig"))
+    listing = list_manifest(tmp_path / "labels.csv")
+    assert [image.id for image in listing.images()] == ["a.png"]
+    assert [item["reason"] for item in listing.skipped] == [
+        "cannot be read (File name too long)", "does not exist"]
 
 
 def test_unknown_torchvision_data_set_suggests_names(tmp_path):

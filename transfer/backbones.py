@@ -13,6 +13,8 @@ import difflib
 import hashlib
 import logging
 import math
+import pickle
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,7 +28,7 @@ from torchvision.transforms import v2
 from tqdm import tqdm
 
 from transfer.embeddings import EmbeddingMeta
-from transfer.errors import PipelineError
+from transfer.errors import PipelineError, first_line
 from transfer.runtime import Runtime, resolve_runtime
 
 log = logging.getLogger(__name__)
@@ -325,18 +327,30 @@ def _load_state_dict_file(model: torch.nn.Module, path: Path, name: str) -> None
             state = load_file(path)
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises pickle, zip and runtime errors for bad files
+    except pickle.UnpicklingError as err:
+        # Never repeat torch's hint to load with weights_only=False: unpickling a file the
+        # pipeline did not write can run any code in it.
+        found = re.search(r"GLOBAL (\S+)", str(err))
+        if not found:
+            raise PipelineError(f"backbone.weights: '{path}' is not a loadable state dict (not "
+                                "a file of tensors written by torch.save)") from err
+        raise PipelineError(f"backbone.weights: '{path}' holds Python objects besides tensors "
+                            f"(such as {found.group(1)}), which are never loaded from a file "
+                            "the pipeline did not write; save the tensors alone: "
+                            "torch.save(model.state_dict(), path) or a .safetensors file"
+                            ) from err
+    except Exception as err:  # torch raises zip and runtime errors for bad files
         raise PipelineError(f"backbone.weights: '{path}' is not a loadable state dict "
-                            f"({type(err).__name__}: {err})") from err
+                            f"({type(err).__name__}: {first_line(err)})") from err
     for key in ("state_dict", "model", "state_dict_ema"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
             break
     try:
         model.load_state_dict(state)
-    except RuntimeError as err:
-        first = str(err).splitlines()[0]
-        raise PipelineError(f"backbone.weights: '{path}' does not fit '{name}': {first}") from err
+    except (RuntimeError, TypeError) as err:  # TypeError: not a mapping of tensors at all
+        raise PipelineError(f"backbone.weights: '{path}' does not fit '{name}': "
+                            f"{first_line(err)}") from err
 
 
 def _load_in_order(model: torch.nn.Module, source: dict[str, torch.Tensor]) -> None:
@@ -410,7 +424,7 @@ def embed_batches(backbone: Backbone, images: Sequence[np.ndarray], batch_size: 
     loader = runtime.loader(PreprocessedImages(images, backbone.preprocessing.eval_transform()),
                             batch_size)
     backbone.to(runtime.device)
-    with tqdm(total=len(images), desc=desc, unit="img", leave=False) as progress, \
+    with tqdm(total=len(images), desc=desc, unit="img", leave=False, disable=None) as progress, \
             torch.inference_mode(), runtime.autocast():
         for batch in loader:
             batch = batch.to(runtime.device, non_blocking=True,
@@ -437,5 +451,9 @@ def backbone_of(meta: EmbeddingMeta) -> Backbone:
     if meta.weights_sha256 and backbone.weights_sha256 != meta.weights_sha256:
         raise PipelineError(f"the weights of {meta.backbone} ({meta.weights}) changed since the "
                             "embeddings were extracted; run `dvc repro` first")
-    backbone.preprocessing = Preprocessing.from_dict(meta.preprocessing)
+    try:
+        backbone.preprocessing = Preprocessing.from_dict(meta.preprocessing)
+    except (KeyError, TypeError, ValueError) as err:
+        raise PipelineError(f"the embedding meta's preprocessing is damaged ({err!r}); re-run "
+                            "the extract stage: dvc repro --force extract") from err
     return backbone

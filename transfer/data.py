@@ -13,6 +13,9 @@ import logging
 import operator
 import os
 import shutil
+import signal
+import stat
+import warnings
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -41,8 +44,31 @@ SMALL_SIDE = 32
 # Transparent pixels are composited over this background so that RGBA, LA and P images with
 # transparency all turn into the same RGB image.
 BACKGROUND_RGB = (255, 255, 255)
+# Larger files are not read as images: 512 MiB holds the largest image Pillow decodes
+# (2 x Image.MAX_IMAGE_PIXELS) as uncompressed 8-bit RGB.
+MAX_IMAGE_BYTES = 512 * 2**20
 # Below this many files, starting worker processes costs more than it saves.
 PARALLEL_MIN_FILES = 64
+
+
+def read_image_file(path: Path, limit: int = MAX_IMAGE_BYTES) -> bytes:
+    """The bytes of the image file at ``path``, read only when it is a regular file of at most
+    ``limit`` bytes (a device such as ``/dev/zero``, a pipe or a huge file is never read).
+
+    Raises ``ValueError`` with a short reason for what is not read, ``OSError`` when reading
+    fails.
+    """
+    info = os.stat(path)
+    if not stat.S_ISREG(info.st_mode):
+        raise ValueError("not a regular file (a folder, device, pipe or socket)")
+    too_large = ValueError(f"larger than {limit // 2**20} MiB (not read)")
+    if info.st_size > limit:
+        raise too_large
+    with open(path, "rb") as f:
+        data = f.read(limit + 1)  # the file may have grown since
+    if len(data) > limit:
+        raise too_large
+    return data
 
 
 def decode_image(data: bytes) -> Image.Image:
@@ -53,16 +79,22 @@ def decode_image(data: bytes) -> Image.Image:
     if not data:
         raise ValueError("empty file")
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            image.load()
-            ImageOps.exif_transpose(image, in_place=True)
-            rgb = _to_rgb(image)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Pillow's notes on damaged metadata: not actionable
+            with Image.open(io.BytesIO(data)) as image:
+                image.load()
+                ImageOps.exif_transpose(image, in_place=True)
+                rgb = _to_rgb(image)
     except UnidentifiedImageError as err:
         raise ValueError("not an image (content not recognised)") from err
     except Image.DecompressionBombError as err:
         raise ValueError(f"too many pixels to decode safely ({err})") from err
     except (OSError, SyntaxError, ValueError) as err:
         raise ValueError(f"truncated or corrupt image ({err})") from err
+    except Exception as err:  # Pillow's decoders raise many types on bad bytes (fuzzing found
+        # NotImplementedError and TypeError): each means the same, a file that is not an image
+
+        raise ValueError(f"truncated or corrupt image ({type(err).__name__}: {err})") from err
     return rgb
 
 
@@ -100,9 +132,11 @@ def decode_file(path: Path, short_side: int, staging_dir: Path) -> DecodedFile:
     entry point of the decoding worker processes.
     """
     try:
-        data = path.read_bytes()
+        data = read_image_file(path)
     except OSError as err:
         return DecodedFile(reason=f"cannot read ({err.strerror})")
+    except ValueError as err:
+        return DecodedFile(reason=str(err))
     byte_sha = hashlib.sha256(data).hexdigest()
     try:
         rgb = decode_image(data)
@@ -141,7 +175,8 @@ def decode_all(paths: Iterable[Path], total: int, short_side: int, staging_dir: 
     number of files (``Executor.map`` would submit them all at once).
     """
     workers = workers or len(os.sched_getaffinity(0))
-    progress = {"desc": "decode", "unit": "img", "total": total, "leave": False}
+    progress = {"desc": "decode", "unit": "img", "total": total, "leave": False,
+                "disable": None}  # no bar, and no cursor escapes, where stderr is not a terminal
     if workers <= 1 or total < PARALLEL_MIN_FILES:
         yield from tqdm(map(decode_file, paths, repeat(short_side), repeat(staging_dir)),
                         **progress)
@@ -150,19 +185,27 @@ def decode_all(paths: Iterable[Path], total: int, short_side: int, staging_dir: 
     paths = iter(paths)
     chunks = iter(lambda: list(islice(paths, chunk_size)), [])
     pending: deque[Future[list[DecodedFile]]] = deque()
-    with ProcessPoolExecutor(max_workers=workers) as pool, tqdm(**progress) as bar:
+    # Ctrl-C reaches every process of the terminal's group: the workers leave it to this one,
+    # which stops them without waiting for the chunks still queued.
+    with ProcessPoolExecutor(max_workers=workers, initializer=signal.signal,
+                             initargs=(signal.SIGINT, signal.SIG_IGN)) as pool, \
+            tqdm(**progress) as bar:
 
         def oldest() -> list[DecodedFile]:
             results = pending.popleft().result()
             bar.update(len(results))
             return results
 
-        for chunk in chunks:
-            pending.append(pool.submit(decode_files, chunk, short_side, staging_dir))
-            while len(pending) > 4 * workers or (pending and pending[0].done()):
+        try:
+            for chunk in chunks:
+                pending.append(pool.submit(decode_files, chunk, short_side, staging_dir))
+                while len(pending) > 4 * workers or (pending and pending[0].done()):
+                    yield from oldest()
+            while pending:
                 yield from oldest()
-        while pending:
-            yield from oldest()
+        except BaseException:
+            pool.shutdown(cancel_futures=True)
+            raise
 
 
 def split_fraction(seed: int, purpose: str, pixel_sha256: str) -> float:
@@ -198,6 +241,7 @@ def prepare_store(catalog: Catalog, out_dir: Path, *, source: str, short_side: i
     ``min_per_class`` images or a split ends up empty.
     """
     classes = catalog.classes()
+    _check_class_count(classes, source, "found")
     with atomic_output(out_dir) as tmp:
         tmp.mkdir()
         staging = tmp / "staging"
@@ -223,10 +267,12 @@ def prepare_store(catalog: Catalog, out_dir: Path, *, source: str, short_side: i
                                     f"usable images, data.val_size={val_size}, "
                                     f"data.test_size={test_size}); add images or give that "
                                     "split a larger share")
+        counts = catalog.split_counts(classes)
+        _check_class_count([name for name, n in counts["train"].items() if n], source,
+                           "with a training image")
         _write_splits(catalog, classes, staging, tmp, totals)
         mean, std = _channel_statistics(*catalog.pixel_sums("train"))
         shutil.rmtree(staging)
-        counts = catalog.split_counts(classes)
         write_json(tmp / "meta.json", {
             "source": source, "classes": classes, "short_side": short_side, "counts": totals,
             "train_mean": mean, "train_std": std,
@@ -247,6 +293,14 @@ def prepare_store(catalog: Catalog, out_dir: Path, *, source: str, short_side: i
         "duplicates": catalog.duplicates(),
         "conflicts": conflicts,
     }
+
+
+def _check_class_count(classes: Sequence[str], source: str, which: str) -> None:
+    """A classifier needs two classes to tell apart: stop early, naming the one there is."""
+    if len(classes) < 2:
+        found = f"one class {which} ('{classes[0]}')" if classes else f"no class {which}"
+        raise PipelineError(f"data.source '{source}': {found}; a classifier needs at least "
+                            "two classes (two class folders, or two labels in the manifest)")
 
 
 def _check_class_sizes(per_class: dict[str, int], classes: Sequence[str],
@@ -315,14 +369,45 @@ class ImageStore:
             raise ValueError(f"unknown split '{split}'; valid: {', '.join(SPLITS)}")
         self.meta = read_json(directory / "meta.json")
         index = load_arrays(directory / f"{split}.npz")
-        self.classes: list[str] = list(self.meta["classes"])
-        self.labels: np.ndarray = index["labels"]
-        self.ids: np.ndarray = index["ids"]
-        self._offsets = index["offsets"]
-        self._shapes = index["shapes"]
+        classes = self.meta.get("classes") if isinstance(self.meta, dict) else None
+        if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
+            raise PipelineError(f"{directory}/meta.json: no list of class names; re-run: dvc "
+                                "repro prepare")
+        self.classes: list[str] = classes
+        self.labels: np.ndarray = index.get("labels")
+        self.ids: np.ndarray = index.get("ids")
+        self._offsets = index.get("offsets")
+        self._shapes = index.get("shapes")
         # Positional reads, not a memory map: reading every image once must not leave the
         # whole store counted in this process's memory.
-        self._fd = os.open(directory / f"{split}.bin", os.O_RDONLY)
+        try:
+            self._fd = os.open(directory / f"{split}.bin", os.O_RDONLY)
+        except FileNotFoundError as err:
+            raise PipelineError(f"{directory}/{split}.bin: missing; run the stage that writes "
+                                "it (dvc repro)") from err
+        if not self._index_fits(os.fstat(self._fd).st_size):
+            raise PipelineError(f"{directory}/{split}.npz does not describe {split}.bin (an "
+                                "array missing, of the wrong shape, or past its end); re-run: "
+                                "dvc repro prepare")
+
+    def _index_fits(self, size: int) -> bool:
+        """Whether the index names, for each image, a label and pixels inside the ``.bin``."""
+        arrays = (self.labels, self.ids, self._offsets, self._shapes)
+        if any(a is None for a in arrays):
+            return False
+        n = len(self.labels) if self.labels.ndim == 1 else -1
+        if self.ids.shape != (n,) or self._offsets.shape != (n,) or \
+                self._shapes.shape != (n, 2) or \
+                any(a.dtype.kind not in "iu" for a in (self.labels, self._offsets, self._shapes)):
+            return False
+        offsets, shapes = self._offsets.astype(np.int64), self._shapes.astype(np.int64)
+        # Bounded before adding up, so no sum can wrap around.
+        if not (np.all((shapes > 0) & (shapes <= min(size, 2**24))) and
+                np.all((offsets >= 0) & (offsets <= size))):
+            return False
+        ends = offsets + np.prod(shapes, axis=1) * 3
+        return bool(np.all(ends <= size) and np.all(self.labels >= 0) and
+                    np.all(self.labels < len(self.classes)))
 
     def __del__(self) -> None:
         if getattr(self, "_fd", None) is not None:

@@ -7,16 +7,19 @@
 
 from __future__ import annotations
 
+import json
 import mmap
 import os
+import types
+import typing
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from transfer.artifacts import load_arrays, read_json, write_npy
+from transfer.artifacts import DAMAGED_ARRAY_FILE, load_arrays, read_json, write_npy
 from transfer.errors import PipelineError
 
 
@@ -43,11 +46,33 @@ class EmbeddingMeta:
     @classmethod
     def read(cls, directory: str | Path) -> EmbeddingMeta:
         raw = read_json(Path(directory) / "meta.json")
-        try:
-            return cls(**raw)
-        except TypeError as err:
-            raise PipelineError(f"{directory}/meta.json: not an embedding meta file ({err}); "
-                                "re-run the extract stage") from err
+        problem = _field_problem(cls, raw)
+        if problem:
+            raise PipelineError(f"{directory}/meta.json: not an embedding meta file ({problem}); "
+                                "re-run the extract stage")
+        return cls(**{f.name: raw[f.name] for f in fields(cls)})  # other keys: left alone
+
+
+def _field_problem(cls: type, raw: Any) -> str:
+    """Why ``raw`` (read from JSON) cannot fill the dataclass ``cls``, or ``""``: each field
+    present, of its annotated kind (``dict``, ``list``, ``str``, ``int``, ``bool``, or null
+    where allowed), counts and sizes not negative."""
+    if not isinstance(raw, dict):
+        return f"a {type(raw).__name__}, not an object"
+    hints = typing.get_type_hints(cls)
+    for f in fields(cls):
+        if f.name not in raw:
+            return f"no '{f.name}'"
+        hint, value = hints[f.name], raw[f.name]
+        kinds = tuple(typing.get_origin(t) or t for t in (typing.get_args(hint)
+                                                          if typing.get_origin(hint) in
+                                                          (typing.Union, types.UnionType)
+                                                          else (hint,)))
+        if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
+            return f"'{f.name}' is {json.dumps(value)[:40]}"
+        if isinstance(value, int) and value < 0:
+            return f"'{f.name}' is negative"
+    return ""
 
 
 def write_split(path: Path, batches: Iterable[np.ndarray], rows: int, dim: int,
@@ -67,17 +92,22 @@ def load_split(directory: str | Path, split: str) -> tuple[np.ndarray, np.ndarra
     rerun = "re-run the extract stage: dvc repro --force extract"
     try:
         features = np.load(path, mmap_mode="r", allow_pickle=False)
+        if not isinstance(features, np.ndarray):
+            raise ValueError("an archive, not one array")
+        dtype = np.dtype(meta.dtype)
     except FileNotFoundError as err:
         raise PipelineError(f"{path}: missing; run the stage that writes it (dvc repro)") from err
-    except ValueError as err:  # a truncated file cannot be mapped, a damaged header not read
+    except (*DAMAGED_ARRAY_FILE, TypeError) as err:  # TypeError: a meta dtype naming no dtype
         raise PipelineError(f"{path}: truncated or damaged ({err}); {rerun}") from err
     expected = (meta.count.get(split), meta.dim)
-    if features.shape != expected or features.dtype != np.dtype(meta.dtype):
+    if features.shape != expected or features.dtype != dtype:
         raise PipelineError(f"{path}: holds {features.shape} {features.dtype}, the meta says "
                             f"{expected} {meta.dtype}; {rerun}")
     index = load_arrays(directory / "index.npz")
-    labels, ids = index[f"{split}_labels"], index[f"{split}_ids"]
-    if len(labels) != len(features) or len(ids) != len(features):
+    labels, ids = index.get(f"{split}_labels"), index.get(f"{split}_ids")
+    if labels is None or ids is None or labels.shape != (len(features),) or \
+            ids.shape != (len(features),) or labels.dtype.kind not in "iu" or \
+            not np.all((labels >= 0) & (labels < len(meta.classes))):
         raise PipelineError(f"{directory}/index.npz does not match {path}; {rerun}")
     return features, labels, ids
 
@@ -101,12 +131,20 @@ def read_rows(features: np.ndarray, rows: slice | np.ndarray) -> np.ndarray:
     Scattered rows are read from the file with ``pread``: touching them through the mapping
     would map the pages around each one as well, most of the file for a few hundred rows.
     """
-    if not isinstance(rows, slice) and isinstance(getattr(features, "base", None), mmap.mmap):
-        return _pread_rows(features, np.asarray(rows)).astype(np.float64)
-    chunk = np.asarray(features[rows], dtype=np.float64)
-    mapping = getattr(features, "_mmap", None)  # np.memmap's mmap object
-    if mapping is not None:
-        mapping.madvise(mmap.MADV_DONTNEED)
+    with np.errstate(invalid="ignore", over="ignore"):  # damaged values: refused just below
+        if not isinstance(rows, slice) and isinstance(getattr(features, "base", None),
+                                                      mmap.mmap):
+            chunk = _pread_rows(features, np.asarray(rows)).astype(np.float64)
+        else:
+            chunk = np.asarray(features[rows], dtype=np.float64)
+            mapping = getattr(features, "_mmap", None)  # np.memmap's mmap object
+            if mapping is not None:
+                mapping.madvise(mmap.MADV_DONTNEED)
+    if not np.isfinite(chunk).all():  # every head would fail on it, deep inside its library
+        where = getattr(features, "filename", None) or "the embeddings"
+        raise PipelineError(f"{where}: holds values that are not finite numbers (a damaged "
+                            "file, or values too large for backbone.embedding_dtype); re-run "
+                            "the extract stage: dvc repro --force extract")
     return chunk
 
 

@@ -2,21 +2,72 @@
 
 from __future__ import annotations
 
+import argparse
 import errno
 import logging
 import sys
+import unicodedata
 from collections.abc import Callable
+from typing import NoReturn
 
 log = logging.getLogger(__name__)
+
+# Unicode categories that break a line or cannot be shown: control characters (newline, tab,
+# escape, DEL, NEL ...), line and paragraph separators, and the lone surrogates Python uses for
+# file-name bytes that are not UTF-8.
+UNPRINTABLE_CATEGORIES = ("Cc", "Zl", "Zp", "Cs")
+# The exit status of a process stopped by Ctrl-C (128 + SIGINT), as shells report it.
+INTERRUPTED_EXIT_CODE = 130
 
 
 class PipelineError(Exception):
     """Bad input or configuration: the message alone tells the user what to fix."""
 
+    exit_code = 1
+
+
+class UsageError(PipelineError):
+    """A command-line argument that is missing or not valid."""
+
+    exit_code = 2
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """``argparse``, except that a bad argument is one ``error:`` line (exit code 2, as
+    argparse's own), like every other bad input."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{self.prog}: {message} (see --help)")
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message (libraries add hints and context below it),
+    or the name of its type when it has none."""
+    return (str(err).splitlines() or [type(err).__name__])[0]
+
+
+def unprintable(text: str) -> list[str]:
+    """The characters of ``text`` that would break its line or cannot be shown, in order."""
+    return [c for c in text if unicodedata.category(c) in UNPRINTABLE_CATEGORIES]
+
+
+def one_line(text: str) -> str:
+    """``text`` with every unprintable character written as its escape (``\\n``, ``\\udcff``)."""
+    bad = set(unprintable(text))
+    return "".join(c.encode("unicode_escape").decode("ascii") if c in bad else c
+                   for c in text) if bad else text
+
 
 def run_stage(main: Callable[[], None]) -> None:
-    """Run a stage's ``main()``; a ``PipelineError`` becomes one ``error:`` line and exit code 1,
-    and so does a full disk (outputs are written atomically: nothing half-written is left).
+    """Run a stage's or command's ``main()``; bad input ends as one ``error:`` line on stderr
+    and a non-zero exit code, without a traceback.
+
+    - ``PipelineError``: its message, exit code 1 (2 for a bad command-line argument).
+    - A full disk: the file being written, exit code 1.
+    - Ctrl-C (``KeyboardInterrupt``): "interrupted; nothing was written", exit code 130.
+      Outputs are written to temporaries and renamed into place together at the end, so an
+      interrupt leaves the previous outputs as they were (one that comes during the renames
+      waits for them, and says so).
 
     Anything else is a bug in the pipeline and keeps its traceback.
     """
@@ -24,14 +75,18 @@ def run_stage(main: Callable[[], None]) -> None:
     try:
         main()
     except PipelineError as err:
-        log.debug("stage failed", exc_info=True)
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(1)
+        _fail(str(err), err.exit_code)
+    except KeyboardInterrupt as err:
+        # An interrupt held back while outputs were renamed into place says so in its message.
+        _fail(str(err) or "interrupted; nothing was written", INTERRUPTED_EXIT_CODE, prefix="")
     except OSError as err:
         if err.errno != errno.ENOSPC:
             raise
-        log.debug("stage failed", exc_info=True)
         where = f" writing {err.filename}" if err.filename else ""
-        print(f"error: no space left on the disk{where}; free space and run the stage again",
-              file=sys.stderr)
-        sys.exit(1)
+        _fail(f"no space left on the disk{where}; free space and run the stage again", 1)
+
+
+def _fail(message: str, code: int, prefix: str = "error: ") -> NoReturn:
+    log.debug("stopped", exc_info=True)
+    print(f"{prefix}{one_line(message)}", file=sys.stderr)
+    sys.exit(code)

@@ -132,8 +132,12 @@ def evaluation_report(evaluations: Sequence[ModelEvaluation], finetune_status: d
 
 
 def summary_markdown(evaluations: Sequence[ModelEvaluation], finetune_status: Mapping,
-                     plots_dir: str) -> str:
-    """``reports/summary.md``: the key numbers of this run and where to look next."""
+                     plots_dir: str, untrained_classes: Sequence[str] = ()) -> str:
+    """``reports/summary.md``: the key numbers of this run and where to look next.
+
+    ``untrained_classes`` (classes without a training image, which no model can predict) get
+    a warning at the top.
+    """
     first = evaluations[0].metrics
     columns = [key for key in SUMMARY_COLUMNS if key in first]
     finetune = finetune_status.get("status", "unknown")
@@ -149,6 +153,9 @@ def summary_markdown(evaluations: Sequence[ModelEvaluation], finetune_status: Ma
         f"{first['n_classes_present']} of {first['n_classes']} classes present. "
         f"Fine-tuning: {finetune}.",
         "",
+        *([f"**Warning:** no training image for class {', '.join(untrained_classes)}: no "
+           "model can predict it. Add training images (`reports/data.json` lists the counts "
+           "per split).", ""] if untrained_classes else []),
         "| model | " + " | ".join(SUMMARY_COLUMNS[key] for key in columns) + " |",
         "|---|" + "---:|" * len(columns),
     ]

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
+import io
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from transfer.artifacts import atomic_output
 from transfer.data import ImageStore
-from transfer.errors import PipelineError
+from transfer.errors import PipelineError, one_line
 from transfer.evaluation import Mistake
 
 TILE = 120          # each image is fitted into a TILE x TILE square
@@ -72,9 +71,10 @@ def images_by_id(store: ImageStore, ids: Sequence[str],
     return lambda image_id: store[position[image_id]]
 
 
-def save_png(image: Image.Image, path: str | Path) -> None:
-    with atomic_output(path) as tmp:
-        image.save(tmp, format="PNG", optimize=True)
+def png_bytes(image: Image.Image) -> bytes:
+    out = io.BytesIO()
+    image.save(out, format="PNG", optimize=True)
+    return out.getvalue()
 
 
 def _fit(image: Image.Image) -> Image.Image:
@@ -86,7 +86,9 @@ def _fit(image: Image.Image) -> Image.Image:
 
 
 def _clip(text: str, draw: ImageDraw.ImageDraw, font: ImageFont.ImageFont) -> str:
-    """Shorten ``text`` with an ellipsis until it fits under its tile."""
+    """``text`` on one line (control characters escaped), shortened with an ellipsis until it
+    fits under its tile."""
+    text = one_line(text)
     if draw.textlength(text, font=font) <= TILE:
         return text
     while text and draw.textlength(text + "…", font=font) > TILE:

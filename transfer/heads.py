@@ -23,7 +23,7 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.utils.class_weight import compute_sample_weight
 
 from transfer.artifacts import load_arrays, save_arrays
-from transfer.embeddings import read_rows, row_chunks
+from transfer.embeddings import EmbeddingMeta, read_rows, row_chunks
 from transfer.errors import PipelineError
 
 log = logging.getLogger(__name__)
@@ -306,13 +306,56 @@ HEAD_KINDS: dict[str, type[Head]] = {"logistic": LogisticHead, "mlp": MLPHead}
 def load_head(path: str | Path) -> tuple[Head, list[str]]:
     """Read a head written by ``Head.save``, of either kind; returns it with its class names."""
     arrays = load_arrays(path)
-    kind = str(arrays["kind"]) if "kind" in arrays else "logistic"  # older heads: logistic
+    kind = arrays.get("kind", np.asarray("logistic"))  # older heads: logistic
+    kind = str(kind) if kind.shape == () else f"an array of shape {kind.shape}"
     if kind not in HEAD_KINDS:
-        raise PipelineError(f"{path}: unknown head kind '{kind}'; known: "
+        raise PipelineError(f"{path}: unknown head kind '{kind[:40]}'; known: "
                             f"{', '.join(HEAD_KINDS)}")
     try:
         head = HEAD_KINDS[kind].from_arrays(arrays)
         class_names = arrays["class_names"]
     except KeyError as err:
         raise PipelineError(f"{path}: not a saved head (missing array {err})") from err
+    except (TypeError, ValueError) as err:  # text where numbers belong
+        raise PipelineError(f"{path}: not a saved head ({err})") from err
+    problem = _head_problem(head, class_names)
+    if problem:
+        raise PipelineError(f"{path}: not a usable head ({problem}); re-run: dvc repro "
+                            "train_head")
     return head, [str(name) for name in class_names]
+
+
+def load_head_for(path: str | Path, meta: EmbeddingMeta) -> tuple[Head, list[str]]:
+    """``load_head``, refused unless the head was trained on embeddings like ``meta``'s
+    (same dimension, same classes)."""
+    head, classes = load_head(path)
+    if len(head.mean_) != meta.dim or classes != meta.classes:
+        raise PipelineError(f"{path} was trained on other embeddings ({len(head.mean_)}-d, "
+                            f"{len(classes)} classes) than the cache holds ({meta.dim}-d, "
+                            f"{len(meta.classes)} classes); run dvc repro")
+    return head, classes
+
+
+def _head_problem(head: Head, class_names: np.ndarray) -> str:
+    """What keeps a loaded head from scoring, or ``""``: checked once, on load, so a damaged
+    file stops with its name instead of failing deep inside NumPy."""
+    if class_names.ndim != 1 or not len(class_names) or class_names.dtype.kind != "U":
+        return "class_names is not a list of names"
+    classes = head.classes_
+    if classes.ndim != 1 or classes.dtype.kind not in "iu" or len(set(classes.tolist())) \
+            != len(classes) or not np.all((classes >= 0) & (classes < len(class_names))):
+        return f"classes is not a set of labels below {len(class_names)}"
+    if head.mean_.ndim != 1 or head.scale_.shape != head.mean_.shape:
+        return "mean and scale are not two vectors of one length"
+    numbers = [head.mean_, head.scale_, *head._arrays().values()]
+    if any(a.ndim == 0 for a in numbers):
+        return "an array is a single number"
+    if not all(np.all(np.isfinite(a)) for a in numbers) or np.any(head.scale_ <= 0):
+        return "its numbers are not all finite, or a scale is not positive"
+    try:
+        scores = head.predict_proba(np.zeros((1, len(head.mean_))))
+    except ValueError as err:  # layer shapes that do not chain
+        return f"its arrays do not fit together: {err}"
+    if scores.shape != (1, len(classes)):
+        return f"it scores {scores.shape[1]} classes, not the {len(classes)} it lists"
+    return ""

@@ -26,8 +26,8 @@ from transfer.backbones import (
     load_backbone,
 )
 from transfer.embeddings import EmbeddingMeta
-from transfer.errors import PipelineError
-from transfer.heads import Head, load_head
+from transfer.errors import PipelineError, first_line
+from transfer.heads import Head, load_head_for
 from transfer.network import FinetuneNet, build_network
 from transfer.runtime import Runtime, inference_runtime, resolve_runtime
 
@@ -89,7 +89,7 @@ def load_predictor(model: str, embeddings_dir: Path, head_path: Path,
 
 def load_classifier(embeddings_dir: Path, head_path: Path) -> Classifier:
     meta = EmbeddingMeta.read(embeddings_dir)
-    head, classes = load_head(head_path)
+    head, classes = load_head_for(head_path, meta)
     return Classifier(backbone_of(meta), head, classes, meta)
 
 
@@ -143,13 +143,17 @@ def load_finetuned(directory: str | Path) -> FinetunedModel:
 
     directory = Path(directory)
     info = read_json(directory / "model.json")
-    backbone = load_backbone(info["backbone"], pretrained=False)  # every tensor comes next
-    net = build_network(backbone, len(info["classes"]))
+    try:
+        backbone = load_backbone(info["backbone"], pretrained=False)  # every tensor comes next
+        net = build_network(backbone, len(info["classes"]))
+        preprocessing = Preprocessing.from_dict(info["preprocessing"])
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        raise PipelineError(f"{directory}/model.json: not a fine-tuned model's description "
+                            f"({type(err).__name__}: {err}); re-run: dvc repro finetune") from err
     try:
         net.load_state_dict(load_file(str(directory / "model.safetensors")))
-    except (OSError, RuntimeError) as err:
-        first = str(err).splitlines()[0]
+    except Exception as err:  # OSError, RuntimeError, safetensors' own error for bad bytes
         raise PipelineError(f"{directory}/model.safetensors: cannot be loaded into "
-                            f"{info['backbone']} ({first}); re-run: dvc repro finetune") from err
-    return FinetunedModel(net.eval(), Preprocessing.from_dict(info["preprocessing"]),
-                          list(info["classes"]), info)
+                            f"{info['backbone']} ({first_line(err)}); re-run: dvc repro "
+                            "finetune") from err
+    return FinetunedModel(net.eval(), preprocessing, list(info["classes"]), info)

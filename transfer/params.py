@@ -1,7 +1,8 @@
 """The typed parameters of the pipeline: defaults in one place, read once from ``params.yaml``.
 
 Every key is validated at load time. An unknown key lists the valid ones, a bad value names
-the key and what it may be, and a YAML syntax error names the line.
+the key and what it may be, and a YAML syntax error names the line. Every number must be
+finite and every integer has an upper bound, so no value reaches a library it would break.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import logging
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -17,7 +19,8 @@ from typing import Any
 
 import yaml
 
-from transfer.errors import PipelineError
+from transfer.artifacts import read_utf8
+from transfer.errors import PipelineError, first_line, unprintable
 from transfer.strategies import STRATEGIES
 
 log = logging.getLogger(__name__)
@@ -28,6 +31,16 @@ _OLD_PRECISIONS = {"32": "float32", "bf16": "bfloat16", "16": "float16"}
 _PRECISION_HELP = ("auto: float32 on CPU, mixed precision on a GPU (float16 to extract, "
                    "bfloat16 where supported to train); float32; bfloat16 or float16 autocast "
                    "(float16 needs a GPU)")
+
+# The most images per class the data keys accept: far beyond any data set, far below the
+# 64-bit integers the catalog stores counts in.
+MAX_IMAGES_PER_CLASS = 10**9
+# The most images in one forward pass any batch-size key (or option) accepts.
+MAX_BATCH_SIZE = 65536
+# The longest text value (a path or a name) accepted: Linux's longest path.
+MAX_TEXT_LENGTH = 4096
+# Longer values are shortened in messages.
+SHOWN_CHARACTERS = 60
 
 
 class ParamsError(PipelineError):
@@ -58,9 +71,9 @@ class DataParams:
                                help="fraction of each class held out for validation")
     test_size: float = _bounded(0.15, 0.0, 0.5, low_open=True,
                                 help="fraction of each class held out for testing")
-    min_per_class: int = _bounded(5, 1, None,
+    min_per_class: int = _bounded(5, 1, MAX_IMAGES_PER_CLASS,
                                   help="a class with fewer usable images fails the stage")
-    max_per_class: int | None = _bounded(None, 1, None,
+    max_per_class: int | None = _bounded(None, 1, MAX_IMAGES_PER_CLASS,
                                          help="cap on images per class (null: no cap)")
     short_side: int = _bounded(256, 32, 4096,
                                help="larger images are downscaled to this shorter side")
@@ -74,14 +87,15 @@ class BackboneParams:
         "help": "null: the model's own pretrained weights; a torchvision weights enum name "
                 "(IMAGENET1K_V2, DEFAULT); or a path to a local state-dict file"})
     batch_size: int | str = field(default="auto", metadata={
-        "range": (1, 65536), "low_open": False, "choices": ("auto",),
+        "range": (1, MAX_BATCH_SIZE), "low_open": False, "choices": ("auto",),
         "help": "images per forward pass, or auto (8 on CPU, the largest that fits on a GPU)"})
     precision: str = _choice("auto", PRECISIONS, help=_PRECISION_HELP)
     flip_average: bool = False
     embedding_dtype: str = _choice("float32", ("float32", "float16"))
     mean: tuple[float, float, float] | None = field(default=None, metadata={
         "help": "override of the weights' normalization mean; refused unless allowed"})
-    std: tuple[float, float, float] | None = None
+    std: tuple[float, float, float] | None = _bounded(None, 0.0, None, low_open=True, help=(
+        "override of the weights' normalization std; refused unless allowed"))
     allow_normalization_override: bool = False
     deterministic: bool = field(default=False, metadata={
         "help": "true: deterministic GPU kernels only (bit-identical reruns on one GPU, slower); "
@@ -119,7 +133,8 @@ class FinetuneParams:
     init_from_head: bool = field(default=True, metadata={
         "help": "start the new head from the trained linear probe (models/head.npz)"})
     epochs: int = _bounded(5, 1, 10_000)
-    batch_size: int = _bounded(32, 1, 65536, help="images per step (per process under torchrun)")
+    batch_size: int = _bounded(32, 1, MAX_BATCH_SIZE,
+                               help="images per step (per process under torchrun)")
     lr: float = _bounded(1e-3, 0.0, 10.0, low_open=True,
                          help="peak learning rate of the head (AdamW)")
     lr_decay: float = _bounded(0.5, 0.0, 1.0, low_open=True,
@@ -162,7 +177,7 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     """Read and validate ``path``; missing keys take their defaults."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = read_utf8(path)
     except OSError as err:
         raise ParamsError(f"{path}: cannot read parameters file ({err.strerror})") from err
     try:
@@ -171,8 +186,10 @@ def load_params(path: str | Path = "params.yaml") -> Params:
         mark = err.problem_mark or err.context_mark
         where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise ParamsError(f"{path}{where}: invalid YAML: {err.problem or err}") from err
-    except yaml.YAMLError as err:
-        raise ParamsError(f"{path}: invalid YAML: {err}") from err
+    except yaml.YAMLError as err:  # a character YAML does not allow: the first line says which
+        raise ParamsError(f"{path}: invalid YAML: {first_line(err)}") from err
+    except RecursionError as err:
+        raise ParamsError(f"{path}: invalid YAML: nested too deeply") from err
     return params_from_dict({} if raw is None else raw, source=str(path))
 
 
@@ -223,16 +240,30 @@ def _check_value(key: str, value: Any, hint: Any, meta: Any, source: str) -> Any
     if "choices" in meta and not numeric and value not in meta["choices"]:
         choices = ", ".join("null" if c is None else str(c) for c in meta["choices"])
         raise ParamsError(f"{source}: {key}={_show(given)} is not valid; choose one of: {choices}")
-    if "range" in meta and numeric:
+    if isinstance(value, str) and (unprintable(value) or len(value) > MAX_TEXT_LENGTH):
+        raise ParamsError(f"{source}: {key}={_show(given)} is not valid; a name or path of at "
+                          f"most {MAX_TEXT_LENGTH} characters, without control characters")
+    numbers = value if isinstance(value, tuple) else (value,) if numeric else ()
+    if not all(math.isfinite(number) for number in numbers if isinstance(number, float)):
+        within = f"; allowed: {_range(meta)}" if "range" in meta else ""
+        raise ParamsError(f"{source}: {key}={_show(given)} is not a finite number{within}")
+    if "range" in meta:
         low, high = meta["range"]
-        too_low = low is not None and (value <= low if meta["low_open"] else value < low)
-        if too_low or (high is not None and value > high):
-            lo_br = "(" if meta["low_open"] else "["
-            lo = "-inf" if low is None else low
-            hi = "inf" if high is None else high
-            raise ParamsError(f"{source}: {key}={_show(given)} is out of range; "
-                              f"allowed: {lo_br}{lo}, {hi}]")
+        for number in numbers:
+            too_low = low is not None and (number <= low if meta["low_open"] else number < low)
+            if too_low or (high is not None and number > high):
+                each = " (each number)" if isinstance(value, tuple) else ""
+                raise ParamsError(f"{source}: {key}={_show(given)} is out of range; "
+                                  f"allowed{each}: {_range(meta)}")
     return value
+
+
+def _range(meta: Any) -> str:
+    """The allowed range in interval notation: ``(0.0, 0.5]``, ``[1, 65536]``, ``(0.0, inf)``."""
+    low, high = meta["range"]
+    lower = f"{'(' if meta['low_open'] or low is None else '['}{'-inf' if low is None else low}"
+    upper = "inf)" if high is None else f"{high}]"
+    return f"{lower}, {upper}"
 
 
 def _coerce(key: str, value: Any, allowed: tuple[Any, ...], source: str) -> Any:
@@ -244,22 +275,30 @@ def _coerce(key: str, value: Any, allowed: tuple[Any, ...], source: str) -> Any:
         if typ is int and isinstance(value, int) and not isinstance(value, bool):
             return value
         if typ is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            return _float(value)
         if typ is str and isinstance(value, str):
             return value
         if typing.get_origin(typ) is tuple and isinstance(value, list):
             size = len(typing.get_args(typ))
             if len(value) == size and all(isinstance(v, (int, float))
                                           and not isinstance(v, bool) for v in value):
-                return tuple(float(v) for v in value)
+                return tuple(_float(v) for v in value)
         if typ is float and isinstance(value, str):
             # PyYAML reads "1e-4" (no dot) as a string; `dvc exp run -S lr=1e-4` writes just that.
             try:
-                return float(value)
+                return _float(value)
             except ValueError:
                 pass
     names = " or ".join(_type_name(t) for t in allowed)
     raise ParamsError(f"{source}: {key}={_show(value)} has the wrong type; expected {names}")
+
+
+def _float(value: int | float | str) -> float:
+    """``float(value)``, with integers too large for a float read as infinite (refused later)."""
+    try:
+        return float(value)
+    except OverflowError:
+        return math.inf if value > 0 else -math.inf
 
 
 def _type_name(typ: Any) -> str:
@@ -271,4 +310,5 @@ def _type_name(typ: Any) -> str:
 
 
 def _show(value: Any) -> str:
-    return "null" if value is None else repr(value)
+    shown = "null" if value is None else repr(value)
+    return shown if len(shown) <= SHOWN_CHARACTERS else f"{shown[:SHOWN_CHARACTERS - 1]}…"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import inspect
+import logging
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -18,9 +19,12 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from transfer.artifacts import open_utf8
 from transfer.catalog import Catalog, SourceImage
-from transfer.errors import PipelineError
+from transfer.errors import PipelineError, unprintable
 from transfer.layout import TORCHVISION_ROOT
+
+log = logging.getLogger(__name__)
 
 # Folder and manifest names for each split; a pre-split root holds some of these folders.
 SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val",
@@ -61,27 +65,33 @@ BUILTIN_SOURCES: dict[str, Callable[[Path], None]] = {"digits": write_digits_ima
 
 
 def list_image_folder(root: Path) -> Catalog:
-    """List ``<root>/<class>/**``, or ``<root>/<split>/<class>/**`` when folders name splits."""
+    """List ``<root>/<class>/**``, or ``<root>/<split>/<class>/**`` when folders name splits.
+
+    The layout decides: a pre-split root holds only split folders (``train/`` and at least
+    one more, or ``train/`` alone); a root that also holds other folders is a class-folder
+    root, whose classes may be called ``train`` or ``test`` like any other.
+    """
     folders = _subfolders(root)
     split_folders = {p.name: SPLIT_ALIASES[p.name.lower()] for p in folders
                      if p.name.lower() in SPLIT_ALIASES}
-    if split_folders and (len(split_folders) >= 2 or "train" in split_folders.values()):
+    pre_split = bool(split_folders) and len(split_folders) == len(folders) and \
+        (len(split_folders) >= 2 or "train" in split_folders.values())
+    catalog = Catalog()
+    if pre_split:
         if "train" not in split_folders.values():
             raise PipelineError(f"data.source: '{root}' looks pre-split "
                                 f"({', '.join(sorted(split_folders))}) but has no train/ folder")
-        others = [p.name for p in folders if p.name not in split_folders]
-        if others:
-            raise PipelineError(f"data.source: '{root}' mixes split folders "
-                                f"({', '.join(sorted(split_folders))}) with other folders "
-                                f"({', '.join(sorted(others))}); move or remove those")
         if len(set(split_folders.values())) < len(split_folders):
             raise PipelineError(f"data.source: '{root}' has two folders for one split: "
                                 f"{', '.join(sorted(split_folders))}")
-        catalog = Catalog()
         for folder in folders:
             _list_class_folders(root, folder, split_folders[folder.name], catalog)
     else:
-        catalog = Catalog()
+        others = sorted(p.name for p in folders if p.name not in split_folders)
+        if split_folders and others:
+            log.warning("data.source '%s': %s read as classes, like the folders beside them "
+                        "(%s); a pre-split root holds nothing but split folders", root,
+                        ", ".join(sorted(split_folders)), ", ".join(others))
         _list_class_folders(root, root, None, catalog)
     if not len(catalog) and not catalog.skipped:
         raise PipelineError(f"data.source: '{root}' holds no files in class sub-folders; "
@@ -125,12 +135,38 @@ def walk_visible_files(folder: Path) -> Iterator[Path]:
 def _list_class_folders(root: Path, parent: Path, split: str | None, catalog: Catalog) -> None:
     resolved_root = root.resolve()
     for class_dir in _subfolders(parent):
+        label = check_label(class_dir.name, f"data.source: class folder '{class_dir}'",
+                            "rename the folder")
         for path in walk_visible_files(class_dir):
-            relative = path.relative_to(root)
+            relative = path.relative_to(root).as_posix()
             if not _is_inside(path, resolved_root):
-                catalog.skip(relative.as_posix(), "links outside the data root")
+                # `dvc add` would follow the link and put the file it points to in the cache
+                # (and `dvc push` would upload it): refuse rather than skip.
+                raise PipelineError(f"data.source: '{path}' is a link to '{path.resolve()}', "
+                                    f"outside the data root '{root}'; copy the file into the "
+                                    "data root or remove the link")
+            if unprintable(relative):
+                catalog.skip(_shown(relative), "the file name is not UTF-8 or holds a control "
+                                               "character; rename the file")
                 continue
-            catalog.add(SourceImage(relative.as_posix(), path, class_dir.name, split))
+            catalog.add(SourceImage(relative, path, label, split))
+
+
+def check_label(label: str, where: str, fix: str) -> str:
+    """``label`` if it can name a class in every report, table and picture; else a one-line
+    error naming ``where`` the label comes from and saying how to ``fix`` it. Every source's
+    labels pass through here."""
+    bad = unprintable(label)
+    if bad:
+        what = "bytes that are not UTF-8" if any(0xD800 <= ord(c) <= 0xDFFF for c in bad) \
+            else f"the control character {bad[0]!r}"
+        raise PipelineError(f"{where}: the class name {_shown(label)!r} holds {what}; {fix}")
+    return label
+
+
+def _shown(name: str) -> str:
+    """``name`` as it can be printed and stored: bytes that are not UTF-8 as ``\\xNN``."""
+    return os.fsencode(name).decode("utf-8", "backslashreplace")
 
 
 def _is_inside(path: Path, resolved_root: Path) -> bool:
@@ -143,28 +179,41 @@ def list_manifest(manifest: Path) -> Catalog:
         raise PipelineError(f"data.source: manifest '{manifest}' does not exist")
     root = manifest.parent.resolve()
     catalog = Catalog()
-    with open(manifest, newline="", encoding="utf-8-sig") as f:
+    with open_utf8(manifest, newline="") as f:
         reader = csv.DictReader(f)
-        columns = [c.strip() for c in reader.fieldnames or []]
-        if "path" not in columns or "label" not in columns:
-            raise PipelineError(f"{manifest}: header must name the columns path,label[,split]; "
-                                f"found: {','.join(columns) or 'nothing'}")
-        reader.fieldnames = columns
-        for line, row in enumerate(reader, start=2):
-            written, label = (row.get("path") or "").strip(), (row.get("label") or "").strip()
-            split = _manifest_split(manifest, line, (row.get("split") or "").strip())
-            if not written or not label:
-                raise PipelineError(f"{manifest} line {line}: every row needs a path and a label")
-            path = root / written
-            if Path(written).is_absolute() or not _is_inside(path, root):
-                catalog.skip(written, "escapes the data root (the manifest's folder)")
-            elif not path.is_file():
-                catalog.skip(written, "does not exist")
-            else:
-                catalog.add(SourceImage(written, path, label, split))
+        try:
+            columns = [c.strip() for c in reader.fieldnames or []]
+            if "path" not in columns or "label" not in columns:
+                raise PipelineError(f"{manifest}: header must name the columns "
+                                    f"path,label[,split]; found: {','.join(columns) or 'nothing'}")
+            reader.fieldnames = columns
+            for row in reader:
+                _list_manifest_row(manifest, reader.line_num, row, root, catalog)
+        except csv.Error as err:
+            line = reader.reader.line_num  # the row that failed; DictReader's counts parsed rows
+            raise PipelineError(f"{manifest} line {line}: not a valid CSV row ({err})") from err
     if not len(catalog) and not catalog.skipped:
         raise PipelineError(f"{manifest}: the manifest lists no images")
     return catalog
+
+
+def _list_manifest_row(manifest: Path, line: int, row: dict[str, str | None], root: Path,
+                       catalog: Catalog) -> None:
+    written, label = (row.get("path") or "").strip(), (row.get("label") or "").strip()
+    split = _manifest_split(manifest, line, (row.get("split") or "").strip())
+    if not written or not label:
+        raise PipelineError(f"{manifest} line {line}: every row needs a path and a label")
+    check_label(label, f"{manifest} line {line}", "edit the label")
+    path = root / written
+    try:
+        if Path(written).is_absolute() or not _is_inside(path, root):
+            catalog.skip(written, "escapes the data root (the manifest's folder)")
+        elif not path.is_file():
+            catalog.skip(written, "does not exist")
+        else:
+            catalog.add(SourceImage(written, path, label, split))
+    except (OSError, ValueError) as err:  # a name too long for the file system, a NUL byte
+        catalog.skip(written, f"cannot be read ({getattr(err, 'strerror', None) or err})")
 
 
 def _manifest_split(manifest: Path, line: int, value: str) -> str | None:
@@ -190,7 +239,8 @@ def write_torchvision_dataset(name: str, root: Path, out: Path) -> None:
         raise PipelineError(f"data.source: torchvision has no data set '{name}'; {hint}")
     for split, dataset in _torchvision_splits(cls, name, root):
         classes = getattr(dataset, "classes", None)
-        for index in tqdm(range(len(dataset)), desc=f"{name} {split}", unit="img", leave=False):
+        for index in tqdm(range(len(dataset)), desc=f"{name} {split}", unit="img", leave=False,
+                          disable=None):
             image, target = dataset[index]
             label = str(classes[target]) if classes is not None else str(target)
             class_dir = out / split / label.replace("/", "_")

@@ -296,7 +296,7 @@ def train(net: FinetuneNet, train_set: LabelledImages, val_set: LabelledImages,
         loss_sum, correct, seen = 0.0, 0, 0
         started = time.perf_counter()
         for images, labels in tqdm(loader, desc=f"finetune epoch {epoch}", unit="batch",
-                                   leave=False, disable=not runtime.is_main):
+                                   leave=False, disable=None if runtime.is_main else True):
             images, labels = _to_device(images, labels, runtime)
             with runtime.autocast():
                 logits = model(images)
