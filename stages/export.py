@@ -21,12 +21,11 @@ import torch
 from transfer.artifacts import atomic_output
 from transfer.errors import ArgumentParser, PipelineError, run_stage
 from transfer.inference import MODEL_CHOICES, Classifier, Predictor, load_predictor
-from transfer.layout import EMBEDDINGS_DIR, FINETUNE_DIR, HEAD_PATH
+from transfer.layout import EMBEDDINGS_DIR, EXPORT_DIR, FINETUNE_DIR, HEAD_PATH
 
 log = logging.getLogger(__name__)
 
-OUTPUTS = {"torchscript": Path("models/export/classifier.pt"),
-           "onnx": Path("models/export/classifier.onnx")}
+OUTPUTS = {"torchscript": EXPORT_DIR / "classifier.pt", "onnx": EXPORT_DIR / "classifier.onnx"}
 METADATA_FILE = "metadata.json"
 
 
@@ -135,7 +134,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = ArgumentParser(prog="python -m stages.export",
                             description=__doc__.splitlines()[0])
     parser.add_argument("--format", choices=sorted(OUTPUTS), default="torchscript")
-    parser.add_argument("--output", type=Path, help="file to write (default: models/export/)")
+    parser.add_argument("--output", type=Path, help=f"file to write (default: {EXPORT_DIR}/)")
     parser.add_argument("--model", choices=MODEL_CHOICES, default="auto",
                         help="auto (default): the fine-tuned model when there is one, else "
                              "the head on the frozen backbone")

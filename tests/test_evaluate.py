@@ -6,6 +6,7 @@ import pytest
 from PIL import Image
 
 from stages import evaluate, finetune, train_head
+from transfer import layout
 from transfer.errors import PipelineError
 from transfer.evaluation import GALLERY_FILE, PLOT_FILES
 
@@ -85,11 +86,12 @@ def test_a_failure_leaves_every_previous_output_as_it_was(project, monkeypatch):
     train_head.main()
     finetune.main()
     evaluate.main()
-    outputs = [evaluate.METRICS, evaluate.REPORT, evaluate.SUMMARY,
-               evaluate.PLOTS_DIR / GALLERY_FILE, *(evaluate.PLOTS_DIR / f for f in PLOT_FILES)]
+    plots = layout.EVALUATE_PLOTS_DIR
+    outputs = [layout.EVALUATE_METRICS, layout.EVALUATE_REPORT, layout.SUMMARY,
+               plots / GALLERY_FILE, *(plots / f for f in PLOT_FILES)]
     before = {path: path.read_bytes() for path in outputs}
     (project / "metrics" / "evaluate.json").write_text('{"head": {}}')  # as if older
-    before[evaluate.METRICS] = evaluate.METRICS.read_bytes()
+    before[layout.EVALUATE_METRICS] = layout.EVALUATE_METRICS.read_bytes()
 
     def gallery_fails(*args, **kwargs):
         raise PipelineError("the gallery could not be drawn")
@@ -112,9 +114,9 @@ def test_a_class_without_training_images_is_a_warning_in_the_log_and_the_summary
     features, labels, _ = load_split("data/embeddings", "train")
     kept = labels != 1  # the head never sees class 1 ("green")
     classes = EmbeddingMeta.read("data/embeddings").classes
-    LogisticHead().fit(np.asarray(features)[kept], labels[kept]).save(evaluate.HEAD_PATH, classes)
+    LogisticHead().fit(np.asarray(features)[kept], labels[kept]).save(layout.HEAD_PATH, classes)
     with caplog.at_level(logging.WARNING):
         evaluate.main()
     assert "no training image for class green: no model can predict it" in caplog.text
-    summary = evaluate.SUMMARY.read_text()
+    summary = layout.SUMMARY.read_text()
     assert "**Warning:** no training image for class green: no model can predict it." in summary

@@ -35,12 +35,6 @@ FINETUNE_CHECKPOINTS = "finetune*.pt"  # in CHECKPOINT_DIR, one per set of param
 CURVES = ("train/loss", "train/accuracy", "val/loss", "val/accuracy", "lr")
 
 
-
-def finetune_checkpoint(key: str) -> str:
-    """The checkpoint's file name in CHECKPOINT_DIR for the run identified by ``key``."""
-    return f"finetune-{key[:16]}.pt"
-
-
 # evaluate
 EVALUATE_METRICS = Path("metrics/evaluate.json")
 EVALUATE_REPORT = Path("reports/evaluate.json")
@@ -50,3 +44,8 @@ EVALUATE_PLOTS_DIR = Path("plots/evaluate")
 # commands outside the DVC graph
 EXPORT_DIR = Path("models/export")
 TRANSFER_STUDY_REPORT = Path("reports/transfer_study.md")
+
+
+def finetune_checkpoint(key: str) -> str:
+    """The checkpoint's file name in CHECKPOINT_DIR for the run identified by ``key``."""
+    return f"finetune-{key[:16]}.pt"
