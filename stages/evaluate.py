@@ -46,12 +46,14 @@ def main() -> None:
     features, y_true, ids = load_split(EMBEDDINGS_DIR, split)
     head, classes = load_head(HEAD_PATH)
     probabilities = {"head": head.predict_proba_all(features, len(classes))}
+    uncalibrated = {"head": head.predict_proba_all(features, len(classes), calibrated=False)}
     finetune = read_json(FINETUNE_STATUS)
     store = ImageStore(PREPARED_DIR, split)
     if finetune["status"] == "trained":
         probabilities["finetune"] = finetuned_probabilities(store, ids)
 
-    evaluations = [evaluate_model(name, y_true, p, classes, ids, split)
+    evaluations = [evaluate_model(name, y_true, p, classes, ids, split,
+                                  uncalibrated=uncalibrated.get(name))
                    for name, p in probabilities.items()]
     write_json(METRICS, {e.name: e.metrics for e in evaluations})
     write_json(REPORT, evaluation_report(evaluations, finetune))
@@ -67,9 +69,13 @@ def main() -> None:
         tmp.write_text(summary_markdown(evaluations, finetune, PLOTS_DIR.as_posix()),
                        encoding="utf-8")
     for e in evaluations:
-        log.info("%s on %s: accuracy %.4f, balanced accuracy %.4f, macro F1 %.4f, ECE %.4f",
-                 e.name, split, e.metrics["accuracy"], e.metrics["balanced_accuracy"],
-                 e.metrics["macro_f1"], e.metrics["ece"])
+        log.info("%s on %s: accuracy %.4f, balanced accuracy %.4f, macro F1 %.4f, ECE %.4f, "
+                 "log loss %.4f", e.name, split, e.metrics["accuracy"],
+                 e.metrics["balanced_accuracy"], e.metrics["macro_f1"], e.metrics["ece"],
+                 e.metrics["log_loss"])
+        if "ece_uncalibrated" in e.metrics:
+            log.info("%s without its temperature: ECE %.4f, log loss %.4f", e.name,
+                     e.metrics["ece_uncalibrated"], e.metrics["log_loss_uncalibrated"])
     log.info("summary: %s; plots: dvc plots show", SUMMARY)
 
 

@@ -2,8 +2,9 @@
 
 Two kinds (``head.kind``): ``logistic``, multinomial logistic regression, the linear probe;
 and ``mlp``, one hidden ReLU layer, stopped early on the validation split. Both standardize
-the embeddings first and, once fitted, keep only arrays, so they save to a plain ``.npz`` and
-predict with NumPy alone.
+the embeddings first, divide their scores by a temperature (1 until one is fitted, see
+``stages.calibration``) and, once fitted, keep only arrays, so they save to a plain ``.npz``
+and predict with NumPy alone.
 """
 
 from __future__ import annotations
@@ -59,13 +60,25 @@ def standardize(X: np.ndarray) -> tuple[StandardScaler, np.ndarray]:
     return scaler, standardized
 
 
+def softmax(scores: np.ndarray) -> np.ndarray:
+    """Probabilities from scores with one column per class, or one for the binary case
+    (scikit-learn keeps one score there, for the second class)."""
+    if scores.shape[1] == 1:
+        scores = np.hstack([np.zeros_like(scores), scores])
+    scores = scores - scores.max(axis=1, keepdims=True)
+    probabilities = np.exp(scores)
+    return probabilities / probabilities.sum(axis=1, keepdims=True)
+
+
 class Head(abc.ABC):
-    """What both kinds share: standardization, probabilities per class, saving."""
+    """What both kinds share: standardization, probabilities per class, temperature, saving."""
 
     kind = ""
     mean_: np.ndarray
     scale_: np.ndarray
     classes_: np.ndarray
+    # Scores are divided by it before the softmax; fitted on held-out data by train_head.
+    temperature_: float = 1.0
 
     @abc.abstractmethod
     def _scores(self, standardized: np.ndarray) -> np.ndarray:
@@ -81,33 +94,42 @@ class Head(abc.ABC):
         """The head saved as ``arrays``; ``KeyError`` names a missing one."""
 
     @abc.abstractmethod
-    def layers(self, n_classes: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    def _layers(self) -> list[tuple[np.ndarray, np.ndarray]]:
         """Weights (out, in) and biases of linear layers with a ReLU between each two, on raw
-        embeddings, whose last layer's logits give the same probabilities, one row for each of
-        ``n_classes`` labels (classes the head never saw get no chance)."""
+        embeddings, whose last layer gives the scores (``_scores``' columns), untempered."""
+
+    def layers(self, n_classes: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        """``_layers`` with the temperature folded into the last, whose logits then give the
+        same probabilities as ``predict_proba``, one row for each of ``n_classes`` labels
+        (classes the head never saw get no chance)."""
+        layers = self._layers()
+        weight, bias = layers[-1]
+        layers[-1] = self._output_layer(weight / self.temperature_, bias / self.temperature_,
+                                        n_classes)
+        return layers
 
     def decision_function(self, X: np.ndarray) -> np.ndarray:
+        """Untempered scores of raw embeddings, as ``_scores`` gives them."""
         parts = [self._scores((chunk - self.mean_) / self.scale_) for _, chunk in row_chunks(X)]
         return np.concatenate(parts) if parts else self._scores(np.zeros((0, len(self.mean_))))
 
-    def predict_proba(self, X: np.ndarray) -> np.ndarray:
+    def predict_proba(self, X: np.ndarray, calibrated: bool = True) -> np.ndarray:
+        """Class probabilities, columns in ``classes_`` order; ``calibrated=False`` leaves the
+        temperature out."""
         scores = self.decision_function(X)
-        if scores.shape[1] == 1:  # binary: scikit-learn keeps one score, for the second class
-            scores = np.hstack([np.zeros_like(scores), scores])
-        scores -= scores.max(axis=1, keepdims=True)
-        probabilities = np.exp(scores)
-        return probabilities / probabilities.sum(axis=1, keepdims=True)
+        return softmax(scores / self.temperature_ if calibrated else scores)
 
     def predict(self, X: np.ndarray) -> np.ndarray:
         return self.classes_[np.argmax(self.predict_proba(X), axis=1)]
 
-    def predict_proba_all(self, X: np.ndarray, n_classes: int) -> np.ndarray:
+    def predict_proba_all(self, X: np.ndarray, n_classes: int,
+                          calibrated: bool = True) -> np.ndarray:
         """Probabilities with a column for each of ``n_classes`` labels, in label order.
 
         The head knows only the classes it saw in training; the others get probability 0.
         """
         full = np.zeros((len(X), n_classes))
-        full[:, self.classes_.astype(int)] = self.predict_proba(X)
+        full[:, self.classes_.astype(int)] = self.predict_proba(X, calibrated)
         return full
 
     def _output_layer(self, weight: np.ndarray, bias: np.ndarray,
@@ -126,7 +148,7 @@ class Head(abc.ABC):
         """Write the fitted arrays and the class names (indexed by label) to ``path``."""
         save_arrays(path, kind=np.asarray(self.kind), mean=self.mean_, scale=self.scale_,
                     classes=self.classes_, class_names=np.asarray(class_names, dtype=str),
-                    **self._arrays())
+                    temperature=np.asarray(self.temperature_), **self._arrays())
 
 
 class LogisticHead(Head):
@@ -181,14 +203,15 @@ class LogisticHead(Head):
     def _arrays(self) -> dict[str, np.ndarray]:
         return {"coef": self.coef_, "intercept": self.intercept_}
 
+    def _layers(self) -> list[tuple[np.ndarray, np.ndarray]]:
+        coef = self.coef_ / self.scale_
+        return [(coef, self.intercept_ - coef @ self.mean_)]
+
     def as_linear(self, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
         """Weight (n_classes, dim) and bias of one linear layer on raw embeddings whose
-        logits give the same probabilities; classes the head never saw get no chance."""
-        coef = self.coef_ / self.scale_
-        return self._output_layer(coef, self.intercept_ - coef @ self.mean_, n_classes)
-
-    def layers(self, n_classes: int) -> list[tuple[np.ndarray, np.ndarray]]:
-        return [self.as_linear(n_classes)]
+        logits are the head's scores, without the temperature (the start fine-tuning takes);
+        classes the head never saw get no chance."""
+        return self._output_layer(*self._layers()[0], n_classes)
 
 
 class MLPHead(Head):
@@ -292,12 +315,11 @@ class MLPHead(Head):
         return {**{f"weight_{i}": w for i, w in enumerate(self.weights_)},
                 **{f"bias_{i}": b for i, b in enumerate(self.biases_)}}
 
-    def layers(self, n_classes: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    def _layers(self) -> list[tuple[np.ndarray, np.ndarray]]:
         first = self.weights_[0].T / self.scale_
         layers = [(first, self.biases_[0] - first @ self.mean_)]
-        layers += [(w.T, b) for w, b in zip(self.weights_[1:], self.biases_[1:], strict=True)]
-        layers[-1] = self._output_layer(*layers[-1], n_classes)
-        return layers
+        return layers + [(w.T, b) for w, b in zip(self.weights_[1:], self.biases_[1:],
+                                                  strict=True)]
 
 
 HEAD_KINDS: dict[str, type[Head]] = {"logistic": LogisticHead, "mlp": MLPHead}
@@ -315,4 +337,6 @@ def load_head(path: str | Path) -> tuple[Head, list[str]]:
         class_names = arrays["class_names"]
     except KeyError as err:
         raise PipelineError(f"{path}: not a saved head (missing array {err})") from err
+    if "temperature" in arrays:  # heads saved before calibration: 1, their scores as they are
+        head.temperature_ = float(arrays["temperature"])
     return head, [str(name) for name in class_names]
