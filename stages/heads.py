@@ -13,6 +13,7 @@ import abc
 import logging
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -155,6 +156,7 @@ class LogisticHead(Head):
     """Standardize embeddings, then multinomial logistic regression (scikit-learn conventions)."""
 
     kind = "logistic"
+    tol = 1e-4  # scikit-learn's: L-BFGS stops when no gradient component is larger
 
     def __init__(self, C: float = 1.0, max_iter: int = 1000, class_weight: str | None = None,
                  random_state: int = 0) -> None:
@@ -167,17 +169,32 @@ class LogisticHead(Head):
         """Fit on ``X`` (rows of embeddings, memory-mapped or not) and labels ``y``; L-BFGS
         works on the standardized float32 copy (scikit-learn keeps float32 for it)."""
         scaler, standardized = standardize(X)
-        model = LogisticRegression(C=self.C, max_iter=self.max_iter,
-                                   class_weight=self.class_weight,
-                                   random_state=self.random_state)
+        model = self.model(self.C)
+        self.fit_model(model, standardized, y)
+        return self.take(model, scaler)
+
+    def model(self, C: float, tol: float | None = None) -> LogisticRegression:
+        """An unfitted scikit-learn model with this head's settings at ``C``; it starts from
+        its last fit when fitted again (``warm_start``)."""
+        return LogisticRegression(C=C, max_iter=self.max_iter, tol=tol or self.tol,
+                                  class_weight=self.class_weight, warm_start=True,
+                                  random_state=self.random_state)
+
+    def fit_model(self, model: LogisticRegression, standardized: np.ndarray, y: np.ndarray,
+                  sample_weight: np.ndarray | None = None) -> None:
+        """Fit ``model`` on standardized rows; records whether L-BFGS converged and how many
+        iterations it took."""
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", ConvergenceWarning)
-            model.fit(standardized, y)
+            model.fit(standardized, y, sample_weight=sample_weight)
         self.converged_ = not any(issubclass(w.category, ConvergenceWarning) for w in caught)
+        self.n_iter_ = int(np.max(model.n_iter_))
+
+    def take(self, model: LogisticRegression, scaler: StandardScaler) -> LogisticHead:
+        """Keep the arrays of ``model`` (fitted on rows standardized by ``scaler``)."""
         if not self.converged_:
             log.warning("logistic regression did not converge in head.max_iter=%d iterations; "
                         "raise head.max_iter or lower head.C", self.max_iter)
-        self.n_iter_ = int(np.max(model.n_iter_))
         self._set_arrays(scaler.mean_, scaler.scale_, model.coef_, model.intercept_,
                          model.classes_)
         return self
@@ -242,47 +259,19 @@ class MLPHead(Head):
     def fit(self, X: np.ndarray, y: np.ndarray, X_val: np.ndarray,
             y_val: np.ndarray) -> MLPHead:
         """Fit on ``X``, ``y``; ``X_val``, ``y_val`` choose the epoch to keep."""
-        scaler = fit_scaler(X)
-        model = MLPClassifier(hidden_layer_sizes=(self.hidden_units,) if self.hidden_units
-                              else (), alpha=self.alpha, random_state=self.random_state)
-        classes = np.unique(y)
-        weights = compute_sample_weight(self.class_weight, y) if self.class_weight else None
-        order = np.random.default_rng(self.random_state)
-        chunks = max(1, -(-len(X) // self.chunk_rows))
-        best_accuracy, best_loss, best_weights, since_best = -1.0, np.inf, [], 0
-        self.curve_: list[dict[str, float]] = []
-        for epoch in range(1, self.max_epochs + 1):
-            train_loss = 0.0
-            for rows in np.array_split(order.permutation(len(X)), chunks):
-                rows.sort()  # reads the file front to back
-                model.partial_fit(scaled(read_rows(X, rows), scaler), y[rows], classes=classes,
-                                  sample_weight=None if weights is None else weights[rows])
-                train_loss += model.loss_ * len(rows) / len(X)
-            probabilities = np.concatenate([model.predict_proba(scaled(chunk, scaler))
-                                            for _, chunk in row_chunks(X_val)])
-            accuracy = float((classes[probabilities.argmax(axis=1)] == y_val).mean())
-            seen = np.isin(y_val, classes)  # a class missing from training counts as wrong
-            loss = float(log_loss(y_val[seen], probabilities[seen], labels=classes)) \
-                if seen.any() else np.inf
-            self.curve_.append({"epoch": epoch, "train_loss": float(train_loss),
-                                "val_accuracy": accuracy, "val_loss": loss})
-            if accuracy > best_accuracy or (accuracy == best_accuracy
-                                            and loss < best_loss - self.tol):
-                best_accuracy, best_loss, since_best = accuracy, loss, 0
-                best_weights = [np.array(w) for w in model.coefs_ + model.intercepts_]
-                self.best_epoch_ = epoch
-            else:
-                since_best += 1
-                if since_best >= self.patience:
-                    break
-        self.n_iter_ = epoch
-        self.converged_ = since_best >= self.patience
+        training = MLPTraining(self, X, y)
+        return self.take(training, training.run(self.alpha, X_val, y_val))
+
+    def take(self, training: MLPTraining, run: MLPRun) -> MLPHead:
+        """Keep the weights ``training`` holds, those of the best epoch of ``run``."""
+        self.curve_, self.best_epoch_, self.n_iter_ = run.curve, run.best_epoch, run.epochs
+        self.converged_ = run.converged
         if not self.converged_:
             log.warning("the MLP head was still improving on validation after "
                         "head.max_iter=%d epochs; raise head.max_iter", self.max_epochs)
-        half = len(best_weights) // 2
-        self._set_arrays(scaler.mean_, scaler.scale_, best_weights[:half], best_weights[half:],
-                         classes)
+        model = training.model
+        self._set_arrays(training.scaler.mean_, training.scaler.scale_, model.coefs_,
+                         model.intercepts_, training.classes)
         return self
 
     def _set_arrays(self, mean: np.ndarray, scale: np.ndarray, weights: Sequence[np.ndarray],
@@ -320,6 +309,73 @@ class MLPHead(Head):
         layers = [(first, self.biases_[0] - first @ self.mean_)]
         return layers + [(w.T, b) for w, b in zip(self.weights_[1:], self.biases_[1:],
                                                   strict=True)]
+
+
+@dataclass
+class MLPRun:
+    """The epochs trained at one ``alpha``: the kept epoch, its validation scores, the curve."""
+
+    best_epoch: int
+    epochs: int
+    converged: bool
+    val_accuracy: float
+    val_loss: float
+    curve: list[dict[str, float]]
+
+
+class MLPTraining:
+    """One scikit-learn MLP trained on the cache a chunk at a time; ``run`` trains it at an
+    ``alpha`` until the validation split stops improving and leaves it at its best epoch, so
+    that a later ``run`` at another ``alpha`` continues from there (the alpha search)."""
+
+    def __init__(self, head: MLPHead, X: np.ndarray, y: np.ndarray) -> None:
+        self.head, self.X, self.y = head, X, y
+        self.scaler = fit_scaler(X)
+        self.model = MLPClassifier(hidden_layer_sizes=(head.hidden_units,) if head.hidden_units
+                                   else (), alpha=head.alpha, random_state=head.random_state)
+        self.classes = np.unique(y)
+        self.weights = compute_sample_weight(head.class_weight, y) if head.class_weight \
+            else None
+        self.order = np.random.default_rng(head.random_state)
+        self.chunks = max(1, -(-len(X) // head.chunk_rows))
+
+    def run(self, alpha: float, X_val: np.ndarray, y_val: np.ndarray,
+            by_loss: bool = False) -> MLPRun:
+        """Train at ``alpha`` until ``patience`` epochs bring no better validation score:
+        accuracy, ties broken by log loss; or, ``by_loss``, log loss alone."""
+        head, model, X, y, classes = self.head, self.model, self.X, self.y, self.classes
+        model.alpha = alpha
+        best_accuracy, best_loss, best_weights, best_epoch, since_best = -1.0, np.inf, [], 0, 0
+        curve: list[dict[str, float]] = []
+        for epoch in range(1, head.max_epochs + 1):
+            train_loss = 0.0
+            for rows in np.array_split(self.order.permutation(len(X)), self.chunks):
+                rows.sort()  # reads the file front to back
+                model.partial_fit(scaled(read_rows(X, rows), self.scaler), y[rows],
+                                  classes=classes, sample_weight=None if self.weights is None
+                                  else self.weights[rows])
+                train_loss += model.loss_ * len(rows) / len(X)
+            probabilities = np.concatenate([model.predict_proba(scaled(chunk, self.scaler))
+                                            for _, chunk in row_chunks(X_val)])
+            accuracy = float((classes[probabilities.argmax(axis=1)] == y_val).mean())
+            seen = np.isin(y_val, classes)  # a class missing from training counts as wrong
+            loss = float(log_loss(y_val[seen], probabilities[seen], labels=classes)) \
+                if seen.any() else np.inf
+            curve.append({"epoch": epoch, "train_loss": float(train_loss),
+                          "val_accuracy": accuracy, "val_loss": loss})
+            lower_loss = loss < best_loss - head.tol
+            if (lower_loss if by_loss else accuracy > best_accuracy
+                    or (accuracy == best_accuracy and lower_loss)):
+                best_accuracy, best_loss, best_epoch, since_best = accuracy, loss, epoch, 0
+                best_weights = [np.array(w) for w in model.coefs_ + model.intercepts_]
+            else:
+                since_best += 1
+                if since_best >= head.patience:
+                    break
+        half = len(best_weights) // 2
+        model.coefs_, model.intercepts_ = best_weights[:half], best_weights[half:]
+        return MLPRun(best_epoch=best_epoch, epochs=epoch, converged=since_best >= head.patience,
+                      val_accuracy=best_accuracy, val_loss=best_loss, curve=curve)
 
 
 HEAD_KINDS: dict[str, type[Head]] = {"logistic": LogisticHead, "mlp": MLPHead}

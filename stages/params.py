@@ -79,14 +79,18 @@ class BackboneParams:
 class HeadParams:
     kind: str = _choice("logistic", ("logistic", "mlp"), help=(
         "logistic: the linear probe; mlp: one hidden ReLU layer, stopped early on validation"))
-    C: float = _bounded(1.0, 0.0, None, low_open=True,
-                        help="inverse regularisation strength of the logistic regression")
+    C: float | str = field(default="auto", metadata={
+        "range": (0.0, None), "low_open": True, "choices": ("auto",),
+        "help": "inverse regularisation strength of the logistic regression; auto: chosen "
+                "on held-out images (stages/head_search.py)"})
     max_iter: int = _bounded(1000, 1, 1_000_000,
                              help="logistic: L-BFGS iterations; mlp: epochs at most")
     class_weight: str | None = _choice(None, (None, "balanced"))
     hidden_units: int = _bounded(256, 0, 65536, help=(
         "mlp: units in the hidden layer; 0: none, a linear softmax layer trained the same way"))
-    alpha: float = _bounded(1e-4, 0.0, 100.0, help="mlp: L2 penalty on the weights")
+    alpha: float | str = field(default="auto", metadata={
+        "range": (0.0, 100.0), "low_open": False, "choices": ("auto",),
+        "help": "mlp: L2 penalty on the weights; auto: chosen on the validation split"})
     patience: int = _bounded(10, 1, 100_000,
                              help="mlp: epochs without a better validation score before stopping")
     init_from_source: bool = field(default=False, metadata={
@@ -199,23 +203,36 @@ def _build(cls: type, raw: Any, prefix: str, source: str) -> Any:
 def _check_value(key: str, value: Any, hint: Any, meta: Any, source: str) -> Any:
     is_union = typing.get_origin(hint) in (typing.Union, types.UnionType)
     allowed = typing.get_args(hint) if is_union else (hint,)
-    if type(value) is int and str in allowed and int not in allowed and "choices" in meta:
+    if type(value) is int and str in allowed and not {int, float} & set(allowed) \
+            and "choices" in meta:
         value = str(value)  # `precision: 32` in YAML means the choice "32"
     given, value = value, _coerce(key, value, allowed, source)
     numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
     if "choices" in meta and not numeric and value not in meta["choices"]:
-        choices = ", ".join("null" if c is None else str(c) for c in meta["choices"])
-        raise ParamsError(f"{source}: {key}={_show(given)} is not valid; choose one of: {choices}")
+        if "range" in meta:  # a word or a number, e.g. head.C: auto or 0.1
+            raise ParamsError(f"{source}: {key}={_show(given)} is not valid; expected "
+                              f"{_allowed(meta)}")
+        raise ParamsError(f"{source}: {key}={_show(given)} is not valid; choose one of: "
+                          f"{_choices(meta)}")
     if "range" in meta and numeric:
         low, high = meta["range"]
         too_low = low is not None and (value <= low if meta["low_open"] else value < low)
-        if too_low or (high is not None and value > high):
-            lo_br = "(" if meta["low_open"] else "["
-            lo = "-inf" if low is None else low
-            hi = "inf" if high is None else high
+        if too_low or (high is not None and value > high) or value != value:  # NaN
             raise ParamsError(f"{source}: {key}={_show(given)} is out of range; "
-                              f"allowed: {lo_br}{lo}, {hi}]")
+                              f"allowed: {_allowed(meta)}")
     return value
+
+
+def _choices(meta: Any) -> str:
+    return ", ".join("null" if c is None else str(c) for c in meta["choices"])
+
+
+def _allowed(meta: Any) -> str:
+    """The range of a numeric field, after its word choices if it has any."""
+    low, high = meta["range"]
+    interval = (f"{'(' if meta['low_open'] else '['}{'-inf' if low is None else low}, "
+                f"{'inf' if high is None else high}]")
+    return f"{_choices(meta)} or a number in {interval}" if "choices" in meta else interval
 
 
 def _coerce(key: str, value: Any, allowed: tuple[Any, ...], source: str) -> Any:

@@ -1,17 +1,31 @@
-"""DVC stage ``train_head``: fit the classifier head on cached training embeddings."""
+"""DVC stage ``train_head``: fit the classifier head on cached training embeddings, choose its
+regularisation (``auto``) and its temperature on held-out images."""
 
 from __future__ import annotations
 
+import abc
 import logging
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
-from stages.artifacts import write_json
+from stages.artifacts import write_csv, write_json
+from stages.calibration import TEMPERATURE_BOUNDS, fit_temperature, label_columns
+from stages.calibration import negative_log_likelihood as nll
 from stages.embeddings import EmbeddingMeta, load_split
 from stages.errors import run_stage
-from stages.heads import Head, LogisticHead, MLPHead
+from stages.head_search import (
+    ALPHA_GRID,
+    C_GRID,
+    Fitted,
+    HeldOut,
+    choose_held_out,
+    search_logistic,
+    search_mlp,
+)
+from stages.heads import LogisticHead, MLPHead, softmax
 from stages.metrics import classification_metrics
 from stages.params import HeadParams, load_params
 
@@ -21,6 +35,62 @@ PARAMS = Path("params.yaml")
 EMBEDDINGS_DIR = Path("data/embeddings")
 HEAD_PATH = Path("models/head.npz")
 METRICS = Path("metrics/train_head.json")
+REGULARISATION_PLOT = Path("plots/train_head/regularisation.csv")
+
+
+class HeadTrainer(abc.ABC):
+    """How one ``head.kind`` is fitted from ``HeadParams``: its regularisation, searched or
+    given, and what its metrics add."""
+
+    parameter = ""  # the regularisation key under head.*
+    unit = ""  # what n_iter counts
+    auto_grid: Sequence[float] = ()  # the values auto tries, strongest regularisation first
+
+    def __init__(self, params: HeadParams, seed: int, class_names: Sequence[str]) -> None:
+        self.params, self.seed, self.class_names = params, seed, class_names
+
+    @abc.abstractmethod
+    def fit(self, train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray,
+            val_y: np.ndarray) -> Fitted:
+        """The head fitted at its given or chosen regularisation, with its search."""
+
+    def extra_metrics(self, head) -> dict:
+        return {}
+
+    def grid(self) -> tuple[Sequence[float], bool]:
+        """The values to try: the whole grid for ``auto``, else the one given; and whether
+        auto."""
+        value = getattr(self.params, self.parameter)
+        return (self.auto_grid, True) if value == "auto" else ((float(value),), False)
+
+
+class LogisticTrainer(HeadTrainer):
+    parameter, unit, auto_grid = "C", "iterations", C_GRID
+
+    def fit(self, train_x, train_y, val_x, val_y) -> Fitted:
+        grid, auto = self.grid()
+        head = LogisticHead(C=grid[0], max_iter=self.params.max_iter,
+                            class_weight=self.params.class_weight, random_state=self.seed)
+        held_out = choose_held_out(train_y, len(val_y), self.class_names, "head.C")
+        return search_logistic(head, train_x, train_y, val_x, val_y, grid, held_out, auto)
+
+
+class MLPTrainer(HeadTrainer):
+    parameter, unit, auto_grid = "alpha", "epochs", ALPHA_GRID
+
+    def fit(self, train_x, train_y, val_x, val_y) -> Fitted:
+        grid, auto = self.grid()
+        head = MLPHead(hidden_units=self.params.hidden_units, alpha=grid[0],
+                       max_epochs=self.params.max_iter, patience=self.params.patience,
+                       class_weight=self.params.class_weight, random_state=self.seed)
+        return search_mlp(head, train_x, train_y, val_x, val_y, grid, auto)
+
+    def extra_metrics(self, head) -> dict:
+        return {"best_epoch": head.best_epoch_}
+
+
+# One trainer per head kind (the kinds a saved head can have are stages.heads.HEAD_KINDS).
+HEAD_TRAINERS: dict[str, type[HeadTrainer]] = {"logistic": LogisticTrainer, "mlp": MLPTrainer}
 
 
 def main() -> None:
@@ -28,33 +98,66 @@ def main() -> None:
     classes = EmbeddingMeta.read(EMBEDDINGS_DIR).classes
     train_x, train_y, _ = load_split(EMBEDDINGS_DIR, "train")
     val_x, val_y, _ = load_split(EMBEDDINGS_DIR, "val")
+    trainer = HEAD_TRAINERS[params.head.kind](params.head, params.seed, classes)
     started = time.perf_counter()
-    head = fit_head(params.head, params.seed, train_x, train_y, val_x, val_y)
+    fitted = trainer.fit(train_x, train_y, val_x, val_y)
+    log_search(trainer, fitted)
+    calibration = calibrate(fitted)
     seconds = time.perf_counter() - started
+    head, search = fitted.head, fitted.search
     head.save(HEAD_PATH, classes)
+    write_csv(REGULARISATION_PLOT, search.plot_rows())
     val_metrics = classification_metrics(val_y, head.predict(val_x), len(classes))
     train_accuracy = float((head.predict(train_x) == train_y).mean())
-    extra = {"best_epoch": head.best_epoch_} if isinstance(head, MLPHead) else {}
     write_json(METRICS, {"train_accuracy": train_accuracy,
                          "val": val_metrics,
                          "converged": head.converged_,
                          "n_iter": head.n_iter_,
-                         **extra})  # no timings: same params, same file
-    unit = "epochs" if isinstance(head, MLPHead) else "iterations"
+                         **trainer.extra_metrics(head),
+                         "regularisation": search.metrics(),
+                         "calibration": calibration})  # no timings: same params, same file
     log.info("%s head: train accuracy %.4f, val accuracy %.4f (%d %s, %.2fs)", head.kind,
-             train_accuracy, val_metrics["accuracy"], head.n_iter_, unit, seconds)
+             train_accuracy, val_metrics["accuracy"], head.n_iter_, trainer.unit, seconds)
 
 
-def fit_head(params: HeadParams, seed: int, train_x: np.ndarray, train_y: np.ndarray,
-             val_x: np.ndarray, val_y: np.ndarray) -> Head:
-    """The head ``head.kind`` names, fitted; the MLP picks its epoch on validation."""
-    if params.kind == "mlp":
-        return MLPHead(hidden_units=params.hidden_units, alpha=params.alpha,
-                       max_epochs=params.max_iter, patience=params.patience,
-                       class_weight=params.class_weight,
-                       random_state=seed).fit(train_x, train_y, val_x, val_y)
-    return LogisticHead(C=params.C, max_iter=params.max_iter, class_weight=params.class_weight,
-                        random_state=seed).fit(train_x, train_y)
+def log_search(trainer: HeadTrainer, fitted: Fitted) -> None:
+    search, key = fitted.search, f"head.{trainer.parameter}"
+    held_out: HeldOut = search.held_out
+    (log.warning if held_out.fallback else log.info)(
+        "%s scored on the %s: %s", key, held_out.description, held_out.reason)
+    if not search.auto:
+        return
+    chosen = search.points[[p.value for p in search.points].index(search.chosen)]
+    log.info("%s: auto chose %g of %d values tried (held-out log loss %.4f, accuracy %.4f)%s",
+             key, search.chosen, len(search.points), chosen.val_log_loss, chosen.val_accuracy,
+             "; stopped once the loss had risen" if search.stopped_early else "")
+    if search.chosen in (trainer.auto_grid[0], trainer.auto_grid[-1]):
+        log.warning("%s: auto chose %g, an end of its grid; a value beyond it may be better "
+                    "(set %s to a number to try one)", key, search.chosen, key)
+
+
+def calibrate(fitted: Fitted) -> dict:
+    """Fit the head's temperature on the held-out scores its search kept; returns what the
+    metrics record of it."""
+    head = fitted.head
+    seen, columns = label_columns(head.classes_, fitted.held_out_labels)
+    scores = fitted.held_out_scores[seen]
+    if not len(columns):
+        log.warning("no held-out image of a class the head knows: temperature left at 1")
+        return {"temperature": 1.0, "held_out": fitted.search.held_out.description}
+    head.temperature_ = fit_temperature(scores, columns)
+    if np.all(np.argmax(softmax(scores), axis=1) == columns):
+        log.warning("every held-out image is classified right, so the temperature (%.3g) "
+                    "can only sharpen the probabilities; it is no measured calibration",
+                    head.temperature_)
+    elif not TEMPERATURE_BOUNDS[0] * 1.01 < head.temperature_ < TEMPERATURE_BOUNDS[1] * 0.99:
+        log.warning("temperature %.3g is at the end of its range %s", head.temperature_,
+                    TEMPERATURE_BOUNDS)
+    before, after = nll(scores, columns), nll(scores, columns, head.temperature_)
+    log.info("temperature %.3f fitted on the %s: held-out log loss %.4f -> %.4f",
+             head.temperature_, fitted.search.held_out.description, before, after)
+    return {"temperature": head.temperature_, "held_out": fitted.search.held_out.description,
+            "log_loss_uncalibrated": before, "log_loss": after}
 
 
 if __name__ == "__main__":
