@@ -7,6 +7,8 @@ class never changes.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 from scipy.optimize import minimize_scalar
 from scipy.special import log_softmax
@@ -52,3 +54,33 @@ def label_columns(classes: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.nd
     (``classes`` sorted, as scikit-learn keeps them)."""
     seen = np.isin(y, classes)
     return seen, np.searchsorted(classes, y[seen])
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """A temperature fitted on held-out scores, and what it did to their log loss."""
+
+    temperature: float
+    log_loss_uncalibrated: float
+    log_loss: float
+    all_right: bool  # every held-out image classified right: T can only sharpen
+
+    @property
+    def at_bound(self) -> bool:
+        low, high = TEMPERATURE_BOUNDS
+        return not low * 1.01 < self.temperature < high * 0.99
+
+
+def calibrate(scores: np.ndarray, classes: np.ndarray, labels: np.ndarray) -> Calibration | None:
+    """The temperature for untempered held-out ``scores`` (columns in ``classes`` order) of
+    images labelled ``labels``; images of classes the model never saw are left out. None when
+    no image is left."""
+    seen, columns = label_columns(classes, labels)
+    if not len(columns):
+        return None
+    scores = scores[seen]
+    temperature = fit_temperature(scores, columns)
+    predicted = np.argmax(scores, axis=1) if scores.shape[1] > 1 else (scores[:, 0] > 0)
+    return Calibration(temperature, negative_log_likelihood(scores, columns),
+                       negative_log_likelihood(scores, columns, temperature),
+                       bool(np.all(predicted == columns)))

@@ -23,7 +23,7 @@ from sklearn.model_selection import StratifiedKFold
 from stages.calibration import label_columns, negative_log_likelihood
 from stages.embeddings import row_chunks
 from stages.errors import PipelineError
-from stages.heads import LogisticHead, MLPHead, MLPRun, MLPTraining, scaled, softmax, standardize
+from stages.heads import LogisticHead, MLPHead, MLPTraining, scaled, softmax, standardize
 
 log = logging.getLogger(__name__)
 
@@ -141,10 +141,11 @@ def score(scores: np.ndarray, classes: np.ndarray, y: np.ndarray) -> tuple[float
 
 
 def walk(grid: Sequence[float], fit_at: Callable[[float], tuple[float, float, int]],
-         keep: Callable[[], None]) -> tuple[list[GridPoint], int, bool]:
+         keep: Callable[[], None]) -> tuple[list[GridPoint], bool]:
     """Fit and score each value of ``grid`` in order (``fit_at`` returns log loss, accuracy
-    and cost); ``keep`` is called whenever a point is the best so far. Returns the points, the
-    index of the best and whether the walk stopped before the end."""
+    and cost); ``keep`` is called whenever a point is the best so far, so that the caller can
+    keep what it fitted there. Returns the points and whether the walk stopped before the
+    end."""
     points: list[GridPoint] = []
     best, since_best = 0, 0
     for value in grid:
@@ -156,8 +157,8 @@ def walk(grid: Sequence[float], fit_at: Callable[[float], tuple[float, float, in
         else:
             since_best += 1
             if since_best >= PATIENCE and len(points) < len(grid):
-                return points, best, True
-    return points, best, False
+                return points, True
+    return points, False
 
 
 def linear_scores(model: LogisticRegression, rows: np.ndarray) -> np.ndarray:
@@ -192,7 +193,7 @@ def search_logistic(head: LogisticHead, X: np.ndarray, y: np.ndarray, X_val: np.
         kept.update(C=model.C, coef=model.coef_.copy(), intercept=model.intercept_.copy(),
                     n_iter=head.n_iter_)
 
-    points, best, stopped = walk(grid, fit_at, keep)
+    points, stopped = walk(grid, fit_at, keep)
     model.C, model.coef_, model.intercept_ = kept["C"], kept["coef"], kept["intercept"]
     model.tol = head.tol
     head.fit_model(model, standardized, y)  # finishes the kept solution, warm
@@ -237,7 +238,7 @@ def _cross_validated(head: LogisticHead, standardized: np.ndarray, y: np.ndarray
     def keep() -> None:
         kept.update(C=models[0].C, scores=out_of_fold.copy())
 
-    points, best, stopped = walk(grid, fit_at, keep)
+    points, stopped = walk(grid, fit_at, keep)
     head.C = kept["C"]
     model = head.model(head.C)
     head.fit_model(model, standardized, y)
@@ -255,20 +256,19 @@ def search_mlp(head: MLPHead, X: np.ndarray, y: np.ndarray, X_val: np.ndarray,
     training = MLPTraining(head, X, y)
     held_out = HeldOut(0, f"validation split ({len(y_val)} images)",
                        "the MLP stops early on the validation split, so it is scored there")
-    kept = {}
-    last: list[MLPRun] = []
+    kept, last = {}, {}
 
     def fit_at(alpha: float) -> tuple[float, float, int]:
-        last[:] = [training.run(alpha, X_val, y_val, by_loss=auto)]
-        return last[0].val_loss, last[0].val_accuracy, last[0].epochs
+        run = last["run"] = training.run(alpha, X_val, y_val, by_loss=auto)
+        return run.val_loss, run.val_accuracy, run.epochs
 
     def keep() -> None:
         model = training.model
-        kept.update(alpha=model.alpha, run=last[0],
+        kept.update(alpha=model.alpha, run=last["run"],
                     weights=[np.array(w) for w in model.coefs_],
                     biases=[np.array(b) for b in model.intercepts_])
 
-    points, best, stopped = walk(grid, fit_at, keep)
+    points, stopped = walk(grid, fit_at, keep)
     training.model.coefs_, training.model.intercepts_ = kept["weights"], kept["biases"]
     head.alpha = kept["alpha"]
     head.take(training, kept["run"])

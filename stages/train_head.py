@@ -12,8 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from stages.artifacts import write_csv, write_json
-from stages.calibration import TEMPERATURE_BOUNDS, fit_temperature, label_columns
-from stages.calibration import negative_log_likelihood as nll
+from stages.calibration import TEMPERATURE_BOUNDS, calibrate
 from stages.embeddings import EmbeddingMeta, load_split
 from stages.errors import run_stage
 from stages.head_search import (
@@ -25,7 +24,7 @@ from stages.head_search import (
     search_logistic,
     search_mlp,
 )
-from stages.heads import LogisticHead, MLPHead, softmax
+from stages.heads import Head, LogisticHead, MLPHead
 from stages.metrics import classification_metrics
 from stages.params import HeadParams, load_params
 
@@ -54,7 +53,7 @@ class HeadTrainer(abc.ABC):
             val_y: np.ndarray) -> Fitted:
         """The head fitted at its given or chosen regularisation, with its search."""
 
-    def extra_metrics(self, head) -> dict:
+    def extra_metrics(self, head: Head) -> dict:
         return {}
 
     def grid(self) -> tuple[Sequence[float], bool]:
@@ -85,7 +84,7 @@ class MLPTrainer(HeadTrainer):
                        class_weight=self.params.class_weight, random_state=self.seed)
         return search_mlp(head, train_x, train_y, val_x, val_y, grid, auto)
 
-    def extra_metrics(self, head) -> dict:
+    def extra_metrics(self, head: MLPHead) -> dict:
         return {"best_epoch": head.best_epoch_}
 
 
@@ -102,7 +101,7 @@ def main() -> None:
     started = time.perf_counter()
     fitted = trainer.fit(train_x, train_y, val_x, val_y)
     log_search(trainer, fitted)
-    calibration = calibrate(fitted)
+    calibration = calibrate_head(fitted)
     seconds = time.perf_counter() - started
     head, search = fitted.head, fitted.search
     head.save(HEAD_PATH, classes)
@@ -136,28 +135,28 @@ def log_search(trainer: HeadTrainer, fitted: Fitted) -> None:
                     "(set %s to a number to try one)", key, search.chosen, key)
 
 
-def calibrate(fitted: Fitted) -> dict:
+def calibrate_head(fitted: Fitted) -> dict:
     """Fit the head's temperature on the held-out scores its search kept; returns what the
     metrics record of it."""
-    head = fitted.head
-    seen, columns = label_columns(head.classes_, fitted.held_out_labels)
-    scores = fitted.held_out_scores[seen]
-    if not len(columns):
+    head, held_out = fitted.head, fitted.search.held_out.description
+    calibration = calibrate(fitted.held_out_scores, head.classes_, fitted.held_out_labels)
+    if calibration is None:
         log.warning("no held-out image of a class the head knows: temperature left at 1")
-        return {"temperature": 1.0, "held_out": fitted.search.held_out.description}
-    head.temperature_ = fit_temperature(scores, columns)
-    if np.all(np.argmax(softmax(scores), axis=1) == columns):
+        return {"temperature": 1.0, "held_out": held_out}
+    head.temperature_ = calibration.temperature
+    if calibration.all_right:
         log.warning("every held-out image is classified right, so the temperature (%.3g) "
                     "can only sharpen the probabilities; it is no measured calibration",
                     head.temperature_)
-    elif not TEMPERATURE_BOUNDS[0] * 1.01 < head.temperature_ < TEMPERATURE_BOUNDS[1] * 0.99:
+    elif calibration.at_bound:
         log.warning("temperature %.3g is at the end of its range %s", head.temperature_,
                     TEMPERATURE_BOUNDS)
-    before, after = nll(scores, columns), nll(scores, columns, head.temperature_)
     log.info("temperature %.3f fitted on the %s: held-out log loss %.4f -> %.4f",
-             head.temperature_, fitted.search.held_out.description, before, after)
-    return {"temperature": head.temperature_, "held_out": fitted.search.held_out.description,
-            "log_loss_uncalibrated": before, "log_loss": after}
+             head.temperature_, held_out, calibration.log_loss_uncalibrated,
+             calibration.log_loss)
+    return {"temperature": head.temperature_, "held_out": held_out,
+            "log_loss_uncalibrated": calibration.log_loss_uncalibrated,
+            "log_loss": calibration.log_loss}
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ import pytest
 
 from stages.calibration import (
     TEMPERATURE_BOUNDS,
+    calibrate,
     fit_temperature,
     label_columns,
     negative_log_likelihood,
@@ -58,3 +59,19 @@ def test_label_columns_skip_labels_the_model_never_saw():
     seen, columns = label_columns(np.array([1, 4, 7]), np.array([4, 2, 7, 1]))
     assert seen.tolist() == [True, False, True, True]
     assert columns.tolist() == [1, 2, 0]
+
+
+def test_calibrate_skips_unknown_classes_and_says_when_every_image_was_right():
+    scores, labels = calibrated_scores(seed=3)
+    classes = np.array([0, 2, 5, 7])  # the model's labels for the four score columns
+    given = classes[labels]
+    given[:50] = 9  # a class the model never saw: left out
+    calibration = calibrate(scores * 2.0, classes, given)
+    assert calibration.temperature == pytest.approx(2.0, rel=0.1)
+    assert calibration.log_loss < calibration.log_loss_uncalibrated
+    assert calibration.log_loss == pytest.approx(
+        negative_log_likelihood(scores[50:] * 2.0, labels[50:], calibration.temperature))
+    assert not calibration.all_right and not calibration.at_bound
+    right = calibrate(np.array([[3.0], [-2.0]]), np.array([0, 1]), np.array([1, 0]))
+    assert right.all_right
+    assert calibrate(scores, classes, np.full(len(scores), 9)) is None
