@@ -63,7 +63,7 @@ class Calibration:
     temperature: float
     log_loss_uncalibrated: float
     log_loss: float
-    all_right: bool  # every held-out image classified right: T can only sharpen
+    all_right: bool  # every held-out image classified right: no temperature fitted
 
     @property
     def at_bound(self) -> bool:
@@ -74,13 +74,19 @@ class Calibration:
 def calibrate(scores: np.ndarray, classes: np.ndarray, labels: np.ndarray) -> Calibration | None:
     """The temperature for untempered held-out ``scores`` (columns in ``classes`` order) of
     images labelled ``labels``; images of classes the model never saw are left out. None when
-    no image is left."""
+    no image is left.
+
+    When every image is classified right their log loss only falls as T shrinks, so they say
+    nothing about how confident the model should be: T stays 1. (Sharpened to the bound, a
+    head that got its 238 validation images right scored a test log loss of 0.29 instead of
+    0.05 on the cats-and-dogs photos of docs/defaults.md.)
+    """
     seen, columns = label_columns(classes, labels)
     if not len(columns):
         return None
     scores = scores[seen]
-    temperature = fit_temperature(scores, columns)
     predicted = np.argmax(scores, axis=1) if scores.shape[1] > 1 else (scores[:, 0] > 0)
+    all_right = bool(np.all(predicted == columns))
+    temperature = 1.0 if all_right else fit_temperature(scores, columns)
     return Calibration(temperature, negative_log_likelihood(scores, columns),
-                       negative_log_likelihood(scores, columns, temperature),
-                       bool(np.all(predicted == columns)))
+                       negative_log_likelihood(scores, columns, temperature), all_right)

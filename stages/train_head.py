@@ -145,9 +145,8 @@ def calibrate_head(fitted: Fitted) -> dict:
         return {"temperature": 1.0, "held_out": held_out}
     head.temperature_ = calibration.temperature
     if calibration.all_right:
-        log.warning("every held-out image is classified right, so the temperature (%.3g) "
-                    "can only sharpen the probabilities; it is no measured calibration",
-                    head.temperature_)
+        log.warning("every held-out image is classified right: they cannot tell how "
+                    "confident the head should be, so its temperature stays 1")
     elif calibration.at_bound:
         log.warning("temperature %.3g is at the end of its range %s", head.temperature_,
                     TEMPERATURE_BOUNDS)

@@ -73,5 +73,5 @@ def test_calibrate_skips_unknown_classes_and_says_when_every_image_was_right():
         negative_log_likelihood(scores[50:] * 2.0, labels[50:], calibration.temperature))
     assert not calibration.all_right and not calibration.at_bound
     right = calibrate(np.array([[3.0], [-2.0]]), np.array([0, 1]), np.array([1, 0]))
-    assert right.all_right
+    assert right.all_right and right.temperature == 1.0  # nothing to calibrate on
     assert calibrate(scores, classes, np.full(len(scores), 9)) is None

@@ -44,8 +44,9 @@ def test_head_is_saved_with_its_search_temperature_and_metrics(project):
     assert [float(row["value"]) for row in rows] == values
     assert [row["chosen"] for row in rows].count("True") == 1
     calibration = metrics["calibration"]
-    assert calibration["temperature"] == head.temperature_ != 1.0
-    assert calibration["log_loss"] <= calibration["log_loss_uncalibrated"]
+    # Every out-of-fold colour is right: nothing to calibrate on, the temperature stays 1.
+    assert calibration["temperature"] == head.temperature_ == 1.0
+    assert calibration["log_loss"] == calibration["log_loss_uncalibrated"]
 
 
 def test_head_params_change_the_model(project):
@@ -134,3 +135,20 @@ def test_a_misspelt_auto_names_the_key_and_what_it_may_be(project, key, value):
     [line] = result.stderr.strip().splitlines()
     assert line.startswith(f"error: params.yaml: head.{key}='{value}' ")
     assert "auto or a number in" in line
+
+
+def test_the_temperature_is_fitted_on_the_scores_the_search_held_out():
+    from sklearn.datasets import make_classification
+
+    from stages.head_search import choose_held_out, search_logistic
+
+    X, y = make_classification(n_samples=700, n_features=100, n_informative=5, n_classes=3,
+                               flip_y=0.1, random_state=0)
+    held_out = choose_held_out(y[:300], 400, ["a", "b", "c"])
+    fitted = search_logistic(LogisticHead(), X[:300], y[:300], X[300:], y[300:], (100.0,),
+                             held_out)  # barely regularised, on few rows: over-confident
+    calibration = train_head.calibrate_head(fitted)
+    assert fitted.head.temperature_ == calibration["temperature"] > 2
+    assert calibration["log_loss"] < calibration["log_loss_uncalibrated"] - 0.1
+    np.testing.assert_allclose(fitted.held_out_scores, fitted.head.decision_function(X[300:]),
+                               rtol=1e-5, atol=1e-5)  # float32 standardized rows
