@@ -28,7 +28,7 @@ from threadpoolctl import threadpool_limits
 from benchmarks.head_memory import write_cache
 from stages.embeddings import EmbeddingMeta, load_split
 from stages.heads import LogisticHead, MLPHead
-from stages.params import HeadParams
+from stages.params import HeadParams, Params
 from stages.train_head import LogisticTrainer, MLPTrainer
 
 # Class centres this far from the origin, in unit noise: classes that overlap, with room
@@ -49,15 +49,16 @@ def compare(name: str, directory: Path, small_val: int | None, mlp: bool) -> Non
     X_test, y_test, _ = load_split(directory, "test")
     if small_val:
         X_val, y_val = X_val[:small_val], y_val[:small_val]
+    seed = Params().seed  # the pipeline's default, as train_head would run
     if mlp:
-        trainer, parameter, unit = MLPTrainer(HeadParams(), 0, classes), "alpha", "epochs"
+        trainer, parameter, unit = MLPTrainer(HeadParams(), seed, classes), "alpha", "epochs"
     else:
-        trainer, parameter, unit = LogisticTrainer(HeadParams(), 0, classes), "C", "iterations"
+        trainer, parameter, unit = LogisticTrainer(HeadParams(), seed, classes), "C", "iterations"
     fitted, search_wall, search_cpu = timed(lambda: trainer.fit(X, y, X_val, y_val))
     search = fitted.search
     chosen = search.chosen
     if mlp:
-        once = MLPHead(alpha=chosen)
+        once = MLPHead(alpha=chosen, random_state=seed)
         _, fit_wall, fit_cpu = timed(lambda: once.fit(X, y, X_val, y_val))
     else:
         once = LogisticHead(C=chosen)

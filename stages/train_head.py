@@ -145,14 +145,15 @@ def calibrate_head(fitted: Fitted) -> dict:
         return {"temperature": 1.0, "held_out": held_out}
     head.temperature_ = calibration.temperature
     if calibration.all_right:
-        log.warning("every held-out image is classified right: they cannot tell how "
-                    "confident the head should be, so its temperature stays 1")
-    elif calibration.at_bound:
-        log.warning("temperature %.3g is at the end of its range %s", head.temperature_,
-                    TEMPERATURE_BOUNDS)
-    log.info("temperature %.3f fitted on the %s: held-out log loss %.4f -> %.4f",
-             head.temperature_, held_out, calibration.log_loss_uncalibrated,
-             calibration.log_loss)
+        log.warning("every image of the %s is classified right: they cannot tell how "
+                    "confident the head should be, so its temperature stays 1", held_out)
+    else:
+        if calibration.at_bound:
+            log.warning("temperature %.3g is at the end of its range %s", head.temperature_,
+                        TEMPERATURE_BOUNDS)
+        log.info("temperature %.3f fitted on the %s: held-out log loss %.4f -> %.4f",
+                 head.temperature_, held_out, calibration.log_loss_uncalibrated,
+                 calibration.log_loss)
     return {"temperature": head.temperature_, "held_out": held_out,
             "log_loss_uncalibrated": calibration.log_loss_uncalibrated,
             "log_loss": calibration.log_loss}
