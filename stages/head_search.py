@@ -5,9 +5,10 @@ one's solution (warm start) on the training matrix standardized once. Every poin
 log loss on held-out images: the validation split when it has at least
 ``MIN_VALIDATION_IMAGES``, else, for the logistic head, stratified k-fold cross-validation on
 the training split (the MLP always uses the validation split: it stops early on it). The walk
-stops once ``PATIENCE`` points in a row score no better than the best so far. A number instead
-of ``auto`` is a grid of one point, scored the same way, so that the temperature is fitted on
-the same held-out images either way.
+stops once ``PATIENCE`` points in a row score no better than the best so far; the logistic head
+is then fitted at the chosen C from scratch, as that number would fit it. A number instead of
+``auto`` is a grid of one point, scored the same way, so that the temperature is fitted on the
+same held-out images either way.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ CV_FOLDS = 5
 # loss only grows as the regularisation weakens.
 PATIENCE = 3
 # The walk's L-BFGS tolerance, in multiples of the head's own: enough to rank the points; the
-# chosen one is then finished to the head's tolerance.
+# head is then fitted at the chosen one from scratch, to its own tolerance.
 WALK_TOLERANCE = 10.0
 CHUNK_ROWS = 512
 
@@ -170,48 +171,60 @@ def search_logistic(head: LogisticHead, X: np.ndarray, y: np.ndarray, X_val: np.
                     y_val: np.ndarray, grid: Sequence[float], held_out: HeldOut,
                     auto: bool = True) -> Fitted:
     """``head`` fitted on ``X``, ``y`` at the value of ``grid`` that scores best on
-    ``held_out``. ``X`` is standardized once, into the one float32 matrix every fit shares;
-    the validation rows are read and standardized a chunk at a time."""
+    ``held_out``. ``X`` is standardized once, into the one float32 matrix every fit shares.
+
+    The walk only ranks the values; the head is then fitted at the chosen C from scratch, to
+    its own tolerance: the head that number given as ``head.C`` trains, whatever the walk's
+    path (a warm-started path ends a little differently with every BLAS thread count).
+    """
     scaler, standardized = standardize(X)
     tolerance = head.tol * (WALK_TOLERANCE if len(grid) > 1 else 1.0)
     if held_out.folds:
-        return _cross_validated(head, standardized, y, scaler, grid, held_out, tolerance, auto)
-    model = head.model(grid[0], tolerance)
-    kept = {}
+        points, stopped, out_of_fold = _walk_folds(head, standardized, y, grid, held_out,
+                                                   tolerance)
+    elif len(grid) > 1:
+        points, stopped = _walk_validation(head, standardized, y, scaler, X_val, y_val, grid,
+                                           tolerance)
+    else:  # a number on the validation split: its one point is the head itself
+        points, stopped = [], False
+    head.C = grid[0] if not points else min(points, key=lambda p: p.val_log_loss).value
+    model = head.model(head.C)
+    head.fit_model(model, standardized, y)
+    head.take(model, scaler)
+    cost = sum(p.cost for p in points) + head.n_iter_
+    if held_out.folds:
+        return Fitted(head, Search("C", auto, points, head.C, held_out, stopped, cost),
+                      out_of_fold, y)
+    scores = head.decision_function(X_val)
+    points = points or [GridPoint(head.C, *score(scores, head.classes_, y_val), head.n_iter_)]
+    return Fitted(head, Search("C", auto, points, head.C, held_out, stopped, cost), scores,
+                  y_val)
 
-    def validation_scores() -> np.ndarray:
-        return np.concatenate([linear_scores(model, scaled(chunk, scaler))
-                               for _, chunk in row_chunks(X_val)] or
-                              [np.zeros((0, model.coef_.shape[0]))])
+
+def _walk_validation(head: LogisticHead, standardized: np.ndarray, y: np.ndarray, scaler,
+                     X_val: np.ndarray, y_val: np.ndarray, grid: Sequence[float],
+                     tolerance: float) -> tuple[list[GridPoint], bool]:
+    """The walk scored on the validation split, read and standardized a chunk at a time."""
+    model = head.model(grid[0], tolerance)
 
     def fit_at(C: float) -> tuple[float, float, int]:
         model.C = C
         head.fit_model(model, standardized, y)
-        return *score(validation_scores(), model.classes_, y_val), head.n_iter_
+        scores = np.concatenate([linear_scores(model, scaled(chunk, scaler))
+                                 for _, chunk in row_chunks(X_val)] or
+                                [np.zeros((0, model.coef_.shape[0]))])
+        return *score(scores, model.classes_, y_val), head.n_iter_
 
-    def keep() -> None:
-        kept.update(C=model.C, coef=model.coef_.copy(), intercept=model.intercept_.copy(),
-                    n_iter=head.n_iter_)
-
-    points, stopped = walk(grid, fit_at, keep)
-    model.C, model.coef_, model.intercept_ = kept["C"], kept["coef"], kept["intercept"]
-    model.tol = head.tol
-    head.fit_model(model, standardized, y)  # finishes the kept solution, warm
-    cost = sum(p.cost for p in points) + head.n_iter_
-    head.n_iter_ += kept["n_iter"]  # the iterations spent at the chosen C
-    head.C = kept["C"]
-    head.take(model, scaler)
-    search = Search("C", auto, points, head.C, held_out, stopped, cost)
-    return Fitted(head, search, validation_scores(), y_val)
+    return walk(grid, fit_at, lambda: None)
 
 
-def _cross_validated(head: LogisticHead, standardized: np.ndarray, y: np.ndarray, scaler,
-                     grid: Sequence[float], held_out: HeldOut, tolerance: float,
-                     auto: bool) -> Fitted:
+def _walk_folds(head: LogisticHead, standardized: np.ndarray, y: np.ndarray,
+                grid: Sequence[float], held_out: HeldOut,
+                tolerance: float) -> tuple[list[GridPoint], bool, np.ndarray]:
     """The walk with every point scored on k stratified folds; each fold's model is fitted
     on the shared matrix with zero weight on its held-out rows (no copy of the rows), and
-    scores them a chunk at a time. The head is then fitted on every training row at the
-    chosen value, from scratch: the same head as that number given as ``head.C``."""
+    scores them a chunk at a time. Returns the points, whether the walk stopped early and the
+    out-of-fold scores of every training row at the best point."""
     splitter = StratifiedKFold(held_out.folds, shuffle=True, random_state=head.random_state)
     held_rows = [rows for _, rows in splitter.split(np.zeros(len(y)), y)]
     weights = []
@@ -236,16 +249,10 @@ def _cross_validated(head: LogisticHead, standardized: np.ndarray, y: np.ndarray
         return *score(out_of_fold, classes, y), iterations
 
     def keep() -> None:
-        kept.update(C=models[0].C, scores=out_of_fold.copy())
+        kept["scores"] = out_of_fold.copy()
 
     points, stopped = walk(grid, fit_at, keep)
-    head.C = kept["C"]
-    model = head.model(head.C)
-    head.fit_model(model, standardized, y)
-    head.take(model, scaler)
-    search = Search("C", auto, points, head.C, held_out, stopped,
-                    sum(p.cost for p in points) + head.n_iter_)
-    return Fitted(head, search, kept["scores"], y)
+    return points, stopped, kept["scores"]
 
 
 def search_mlp(head: MLPHead, X: np.ndarray, y: np.ndarray, X_val: np.ndarray,

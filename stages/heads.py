@@ -240,6 +240,8 @@ class MLPHead(Head):
     the number of rows. After each epoch the validation split scores it; the epoch with the
     best validation accuracy (ties: a validation log loss lower by more than ``tol``,
     scikit-learn's own tolerance) is kept, and training stops ``patience`` epochs after it.
+    (The alpha search of ``head.alpha: auto`` keeps, for each alpha, the epoch of lowest
+    validation log loss instead: ``MLPTraining.run``.)
     """
 
     kind = "mlp"
