@@ -13,7 +13,6 @@ same held-out images either way.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -25,8 +24,6 @@ from stages.calibration import label_columns, negative_log_likelihood
 from stages.embeddings import row_chunks
 from stages.errors import PipelineError
 from stages.heads import LogisticHead, MLPHead, MLPTraining, scaled, softmax, standardize
-
-log = logging.getLogger(__name__)
 
 # Strongest regularisation first (small C, large alpha); half-decade steps for C, decades for
 # the MLP's alpha, whose every step costs at least head.patience epochs.
