@@ -35,10 +35,11 @@ HEADS = {"logistic": {"kind": "logistic"},
                                   "patience": 100}}
 
 
-def write_cache(directory: Path, rows: int, seed: int = 0) -> None:
-    """A cache of ``rows`` embeddings: class centres one unit apart, unit noise."""
+def write_cache(directory: Path, rows: int, seed: int = 0, spread: float = 40.0) -> None:
+    """A cache of ``rows`` embeddings: Gaussian class centres, each about ``spread`` units
+    from the origin, and unit noise."""
     rng = np.random.default_rng(seed)
-    centres = rng.normal(0.0, 1.0 / np.sqrt(DIM), size=(CLASSES, DIM)).astype(np.float32) * 40
+    centres = rng.normal(0.0, 1.0 / np.sqrt(DIM), size=(CLASSES, DIM)).astype(np.float32) * spread
     counts = {"train": rows * 70 // 100, "val": rows * 15 // 100}
     counts["test"] = rows - counts["train"] - counts["val"]
     directory.mkdir(parents=True)

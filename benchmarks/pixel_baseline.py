@@ -1,8 +1,9 @@
 """The honest baseline: the same logistic-regression head on raw pixels instead of embeddings.
 
-Uses the prepared store's own train/test split and the head parameters of ``params.yaml``,
-and prints it next to the transfer result in ``metrics/evaluate.json``. Needs images of one
-size (the built-in digits are all 8x8).
+Uses the prepared store's own train/val/test split and the head parameters of ``params.yaml``
+(``head.C: auto`` searches C on the pixels as train_head does on the embeddings), and prints it
+next to the transfer result in ``metrics/evaluate.json``. Needs images of one size (the
+built-in digits are all 8x8).
 
     python -m benchmarks.pixel_baseline
 """
@@ -13,7 +14,7 @@ import numpy as np
 
 from transfer.artifacts import read_json
 from transfer.data import ImageStore
-from transfer.heads import LogisticHead
+from transfer.head_training import LogisticTrainer
 from transfer.metrics import classification_metrics
 from transfer.params import load_params
 
@@ -27,10 +28,9 @@ def pixels(store: ImageStore) -> np.ndarray:
 
 def main() -> None:
     params = load_params("params.yaml")
-    train, test = ImageStore("data/prepared", "train"), ImageStore("data/prepared", "test")
-    head = LogisticHead(C=params.head.C, max_iter=params.head.max_iter,
-                        class_weight=params.head.class_weight, random_state=params.seed)
-    head.fit(pixels(train), train.labels)
+    train, val, test = (ImageStore("data/prepared", split) for split in ("train", "val", "test"))
+    head = LogisticTrainer(params.head, params.seed, train.classes).fit(
+        pixels(train), train.labels, pixels(val), val.labels).head
     baseline = classification_metrics(test.labels, head.predict(pixels(test)), len(test.classes))
     transfer = read_json("metrics/evaluate.json")["head"]
     print(f"{'test split, ' + str(len(test)) + ' images':32s} accuracy  balanced  macro_f1")

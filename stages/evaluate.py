@@ -46,6 +46,7 @@ def main() -> None:
     features, y_true, ids = load_split(EMBEDDINGS_DIR, split)
     head, classes = load_head_for(HEAD_PATH, EmbeddingMeta.read(EMBEDDINGS_DIR))
     probabilities = {"head": head.predict_proba_all(features, len(classes))}
+    uncalibrated = {"head": head.predict_proba_all(features, len(classes), calibrated=False)}
     finetune = read_json(FINETUNE_STATUS)
     if not isinstance(finetune, dict):
         raise PipelineError(f"{FINETUNE_STATUS}: not a status object; re-run: dvc repro finetune")
@@ -59,7 +60,8 @@ def main() -> None:
 
     # Everything is computed before anything is written: a failure leaves the previous
     # outputs as they were, never some new and some old.
-    evaluations = [evaluate_model(name, y_true, p, classes, ids, split)
+    evaluations = [evaluate_model(name, y_true, p, classes, ids, split,
+                                  uncalibrated=uncalibrated.get(name))
                    for name, p in probabilities.items()]
     image_of = images_by_id(store, ids, f"{PREPARED_DIR}/{split}")
     gallery = draw_gallery(
@@ -75,9 +77,13 @@ def main() -> None:
         SUMMARY: summary_markdown(evaluations, finetune, EVALUATE_PLOTS_DIR.as_posix(), untrained),
     })
     for e in evaluations:
-        log.info("%s on %s: accuracy %.4f, balanced accuracy %.4f, macro F1 %.4f, ECE %.4f",
-                 e.name, split, e.metrics["accuracy"], e.metrics["balanced_accuracy"],
-                 e.metrics["macro_f1"], e.metrics["ece"])
+        log.info("%s on %s: accuracy %.4f, balanced accuracy %.4f, macro F1 %.4f, ECE %.4f, "
+                 "log loss %.4f", e.name, split, e.metrics["accuracy"],
+                 e.metrics["balanced_accuracy"], e.metrics["macro_f1"], e.metrics["ece"],
+                 e.metrics["log_loss"])
+        if "ece_uncalibrated" in e.metrics:
+            log.info("%s without its temperature: ECE %.4f, log loss %.4f", e.name,
+                     e.metrics["ece_uncalibrated"], e.metrics["log_loss_uncalibrated"])
     log.info("summary: %s; plots: dvc plots show", SUMMARY)
 
 

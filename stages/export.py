@@ -1,10 +1,10 @@
 """Export the trained classifier to one file: ``python -m stages.export --format torchscript|onnx``.
 
 The file holds the fine-tuned network when fine-tuning ran (``--model auto``, the default),
-else the frozen backbone and the head (its linear layers, standardization folded in); a softmax;
-and, as metadata, the preprocessing and class names a server needs. Its input is a batch of images
-already resized, cropped and normalized as the metadata says; its output, class
-probabilities in the metadata's class order.
+else the frozen backbone and the head (its linear layers, standardization and temperature
+folded in); a softmax; and, as metadata, the preprocessing and class names a server needs. Its
+input is a batch of images already resized, cropped and normalized as the metadata says; its
+output, class probabilities in the metadata's class order.
 """
 
 from __future__ import annotations
@@ -42,8 +42,8 @@ class SoftmaxClassifier(torch.nn.Module):
 
 def head_network(classifier: Classifier) -> torch.nn.Module:
     """The frozen encoder, then the head's linear layers with ReLUs between (standardization
-    folded into the first), the last with a row per class the head knows, in
-    ``head.classes_`` order."""
+    folded into the first, the temperature into the last), the last with a row per class the
+    head knows, in ``head.classes_`` order."""
     head = classifier.head
     layers = head.layers(len(classifier.classes))
     rows = head.classes_.astype(int)
@@ -68,6 +68,7 @@ def export_metadata(classifier: Classifier) -> dict[str, Any]:
     meta = classifier.meta
     classes = [classifier.classes[int(i)] for i in classifier.head.classes_]
     return {"model": "head", "classes": classes,
+            "temperature": classifier.head.temperature_,
             "preprocessing": meta.preprocessing, "short_side": meta.short_side,
             "backbone": meta.backbone, "weights": meta.weights,
             "weights_sha256": meta.weights_sha256, **IO_NOTE}

@@ -1,8 +1,10 @@
 """Classify image files with the trained model: ``python -m stages.predict PATH... [options]``.
 
 Paths may be files or folders (searched recursively). Prints the top-k classes with their
-probabilities as a table, CSV or JSON. A file that cannot be read gets an error row and the
-others still run; the exit status is non-zero only when nothing could be predicted.
+probabilities as a table, CSV or JSON. With ``--min-confidence P`` a file whose top probability
+is below P is marked ``uncertain`` instead of given a class. A file that cannot be read gets an
+error row and the others still run; the exit status is non-zero only when nothing could be
+predicted.
 """
 
 from __future__ import annotations
@@ -30,13 +32,25 @@ log = logging.getLogger(__name__)
 CHUNK = 256  # files decoded and held in memory at a time
 
 
+UNCERTAIN = "uncertain"
+
+
 @dataclass
 class Prediction:
-    """One input file: its top classes with probabilities, or why it could not be classified."""
+    """One input file: its top classes with probabilities, or why it could not be classified;
+    ``uncertain`` when the top probability is below the threshold asked for."""
 
     path: str
     top: list[tuple[str, float]] = field(default_factory=list)
     error: str = ""
+    uncertain: bool = False
+
+    @property
+    def label(self) -> str:
+        """The answer: the top class, ``uncertain``, or empty for a file that failed."""
+        if self.error:
+            return ""
+        return UNCERTAIN if self.uncertain else self.top[0][0]
 
 
 def list_inputs(paths: Iterable[str]) -> list[Path]:
@@ -51,9 +65,10 @@ def list_inputs(paths: Iterable[str]) -> list[Path]:
     return found
 
 
-def predict_files(classifier: Predictor, files: list[Path], top_k: int,
-                  batch_size: int) -> Iterator[Prediction]:
-    """Decode and classify ``files`` chunk by chunk, in input order."""
+def predict_files(classifier: Predictor, files: list[Path], top_k: int, batch_size: int,
+                  min_confidence: float = 0.0) -> Iterator[Prediction]:
+    """Decode and classify ``files`` chunk by chunk, in input order; a file whose top
+    probability is below ``min_confidence`` is marked uncertain."""
     short_side = classifier.short_side
     k = min(top_k, len(classifier.classes))
     # No bar where stderr is not a terminal (a log file, CI): no cursor escapes end up there.
@@ -75,6 +90,7 @@ def predict_files(classifier: Predictor, files: list[Path], top_k: int,
             for result, probabilities in zip(readable, rows, strict=True):
                 order = np.argsort(-probabilities, kind="stable")[:k]
                 result.top = [(classifier.classes[i], float(probabilities[i])) for i in order]
+                result.uncertain = result.top[0][1] < min_confidence
             progress.update(len(chunk))
             yield from results
 
@@ -86,20 +102,24 @@ def write_table(predictions: list[Prediction], out) -> None:
             cells = f"error: {p.error}"
         else:
             cells = "  ".join(f"{name} {probability:.3f}" for name, probability in p.top)
+            if p.uncertain:
+                cells = f"{UNCERTAIN}: {cells}"
         out.write(f"{p.path:<{width}}  {cells}\n")
 
 
 def write_csv(predictions: list[Prediction], out, top_k: int) -> None:
     writer = csv.writer(out)
     writer.writerow(["path", *[f"{kind}_{i}" for i in range(1, top_k + 1)
-                               for kind in ("class", "probability")], "error"])
+                               for kind in ("class", "probability")], "error", "prediction"])
     for p in predictions:
         cells = [value for name, probability in p.top for value in (name, f"{probability:.6f}")]
-        writer.writerow([p.path, *cells, *[""] * (2 * top_k - len(cells)), p.error])
+        writer.writerow([p.path, *cells, *[""] * (2 * top_k - len(cells)), p.error, p.label])
 
 
 def write_json(predictions: list[Prediction], out) -> None:
     json.dump([{"path": p.path,
+                "prediction": p.label or None,
+                "uncertain": p.uncertain,
                 "predictions": [{"class": name, "probability": probability}
                                 for name, probability in p.top],
                 "error": p.error or None} for p in predictions], out, indent=2,
@@ -117,16 +137,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", choices=MODEL_CHOICES, default="auto",
                         help="auto (default): the fine-tuned model when there is one, else "
                              "the head on the frozen backbone")
+    parser.add_argument("--min-confidence", type=float, default=0.0, metavar="P",
+                        help="mark a file whose top probability is below P (0 to 1) "
+                             f"'{UNCERTAIN}' instead of giving it a class (default 0: never)")
     args = parser.parse_args(argv)
     if args.top_k < 1:
         parser.error("--top-k must be 1 or more")
     if not 1 <= args.batch_size <= MAX_BATCH_SIZE:
         parser.error(f"--batch-size must be from 1 to {MAX_BATCH_SIZE}")
+    if not 0.0 <= args.min_confidence <= 1.0:  # NaN too
+        raise PipelineError(f"--min-confidence must be a probability between 0 and 1, got "
+                            f"{args.min_confidence:g}")
     files = list_inputs(args.paths)
     if not files:
         raise PipelineError(f"no files found in {', '.join(args.paths)}")
     classifier = load_predictor(args.model, EMBEDDINGS_DIR, HEAD_PATH, FINETUNE_DIR)
-    predictions = list(predict_files(classifier, files, args.top_k, args.batch_size))
+    predictions = list(predict_files(classifier, files, args.top_k, args.batch_size,
+                                     args.min_confidence))
     if args.format == "csv":
         write_csv(predictions, sys.stdout, min(args.top_k, len(classifier.classes)))
     elif args.format == "json":
@@ -134,6 +161,10 @@ def main(argv: list[str] | None = None) -> None:
     else:
         write_table(predictions, sys.stdout)
     failed = sum(1 for p in predictions if p.error)
+    uncertain = sum(1 for p in predictions if p.uncertain)
+    if uncertain:
+        log.info("%d of %d files uncertain (top probability below %g)", uncertain,
+                 len(predictions), args.min_confidence)
     if failed == len(predictions):
         raise PipelineError(f"none of the {len(predictions)} files could be classified "
                             f"(first: {predictions[0].path}: {predictions[0].error})")

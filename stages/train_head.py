@@ -1,19 +1,24 @@
-"""DVC stage ``train_head``: fit the classifier head on cached training embeddings."""
+"""DVC stage ``train_head``: fit the classifier head on cached training embeddings, choose its
+regularisation (``auto``) and its temperature on held-out images."""
 
 from __future__ import annotations
 
 import logging
 import time
 
-import numpy as np
-
-from transfer.artifacts import atomic_outputs, write_json
+from transfer.artifacts import atomic_outputs, write_csv, write_json
 from transfer.embeddings import EmbeddingMeta, load_split
 from transfer.errors import run_stage
-from transfer.heads import Head, LogisticHead, MLPHead
-from transfer.layout import EMBEDDINGS_DIR, HEAD_PATH, PARAMS, TRAIN_HEAD_METRICS
+from transfer.head_training import HEAD_TRAINERS, calibrate_head, log_search
+from transfer.layout import (
+    EMBEDDINGS_DIR,
+    HEAD_PATH,
+    PARAMS,
+    REGULARISATION_PLOT,
+    TRAIN_HEAD_METRICS,
+)
 from transfer.metrics import classification_metrics
-from transfer.params import HeadParams, load_params
+from transfer.params import load_params
 
 log = logging.getLogger(__name__)
 
@@ -23,34 +28,29 @@ def main() -> None:
     classes = EmbeddingMeta.read(EMBEDDINGS_DIR).classes
     train_x, train_y, _ = load_split(EMBEDDINGS_DIR, "train")
     val_x, val_y, _ = load_split(EMBEDDINGS_DIR, "val")
+    trainer = HEAD_TRAINERS[params.head.kind](params.head, params.seed, classes)
     started = time.perf_counter()
-    head = fit_head(params.head, params.seed, train_x, train_y, val_x, val_y)
+    fitted = trainer.fit(train_x, train_y, val_x, val_y)
+    log_search(trainer, fitted)
+    calibration = calibrate_head(fitted)
     seconds = time.perf_counter() - started
+    head, search = fitted.head, fitted.search
     val_metrics = classification_metrics(val_y, head.predict(val_x), len(classes))
     train_accuracy = float((head.predict(train_x) == train_y).mean())
-    extra = {"best_epoch": head.best_epoch_} if isinstance(head, MLPHead) else {}
-    with atomic_outputs(HEAD_PATH, TRAIN_HEAD_METRICS) as (head_tmp, metrics_tmp):
+    # The head, its metrics and its search curve are replaced together, or not at all.
+    with atomic_outputs(HEAD_PATH, TRAIN_HEAD_METRICS, REGULARISATION_PLOT) as (
+            head_tmp, metrics_tmp, plot_tmp):
         head.save(head_tmp, classes)
         write_json(metrics_tmp, {"train_accuracy": train_accuracy,
                                  "val": val_metrics,
                                  "converged": head.converged_,
                                  "n_iter": head.n_iter_,
-                                 **extra})  # no timings: same params, same file
-    unit = "epochs" if isinstance(head, MLPHead) else "iterations"
+                                 **trainer.extra_metrics(head),
+                                 "regularisation": search.metrics(),
+                                 "calibration": calibration})  # no timings: same params, same file
+        write_csv(plot_tmp, search.plot_rows())
     log.info("%s head: train accuracy %.4f, val accuracy %.4f (%d %s, %.2fs)", head.kind,
-             train_accuracy, val_metrics["accuracy"], head.n_iter_, unit, seconds)
-
-
-def fit_head(params: HeadParams, seed: int, train_x: np.ndarray, train_y: np.ndarray,
-             val_x: np.ndarray, val_y: np.ndarray) -> Head:
-    """The head ``head.kind`` names, fitted; the MLP picks its epoch on validation."""
-    if params.kind == "mlp":
-        return MLPHead(hidden_units=params.hidden_units, alpha=params.alpha,
-                       max_epochs=params.max_iter, patience=params.patience,
-                       class_weight=params.class_weight,
-                       random_state=seed).fit(train_x, train_y, val_x, val_y)
-    return LogisticHead(C=params.C, max_iter=params.max_iter, class_weight=params.class_weight,
-                        random_state=seed).fit(train_x, train_y)
+             train_accuracy, val_metrics["accuracy"], head.n_iter_, trainer.unit, seconds)
 
 
 if __name__ == "__main__":

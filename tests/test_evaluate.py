@@ -21,6 +21,7 @@ def test_metrics_report_plots_gallery_and_summary(project):
     assert head["split"] == "test"
     assert head["accuracy"] == head["balanced_accuracy"] == head["macro_f1"] == 1.0
     assert head["ece"] < 0.5 and head["log_loss"] > 0
+    assert head["ece_uncalibrated"] < 0.5 and head["log_loss_uncalibrated"] > 0
     assert "top5_accuracy" not in head  # three classes
     assert set(head["per_class"]) == {"blue", "green", "red"}
     report = json.loads((project / "reports" / "evaluate.json").read_text())
@@ -51,7 +52,7 @@ def test_the_gallery_shows_the_evaluation_images(project, monkeypatch):
     train_head.main()
     finetune.main()
 
-    def always_wrong(self, X, n_classes):
+    def always_wrong(self, X, n_classes, calibrated=True):
         return np.roll(np.eye(n_classes)[np.zeros(len(X), dtype=int)], 1, axis=1)
 
     monkeypatch.setattr(LogisticHead, "predict_proba_all", always_wrong)
@@ -65,6 +66,33 @@ def test_the_gallery_shows_the_evaluation_images(project, monkeypatch):
     image = store[list(store.ids).index(first["id"])]
     colour = np.median(image.reshape(-1, 3), axis=0)
     assert (np.abs(pixels.astype(int) - colour).max(axis=1) <= 4).sum() > 1000
+
+
+def test_the_stored_temperature_is_what_evaluate_scores_and_both_are_reported(project):
+    from sklearn.metrics import log_loss
+
+    from transfer.embeddings import load_split
+    from transfer.heads import load_head
+    from transfer.metrics import expected_calibration_error
+
+    train_head.main()
+    finetune.main()
+    path = project / "models" / "head.npz"
+    head, classes = load_head(path)
+    head.temperature_ = 3.0  # far softer than fitted: log loss and ECE must show it
+    head.save(path, classes)
+    evaluate.main()
+    metrics = json.loads((project / "metrics" / "evaluate.json").read_text())["head"]
+    features, labels, _ = load_split(project / "data" / "embeddings", "test")
+    softened = head.predict_proba_all(features, 3)
+    untempered = head.predict_proba_all(features, 3, calibrated=False)
+    assert metrics["log_loss"] == pytest.approx(log_loss(labels, softened, labels=[0, 1, 2]))
+    assert metrics["ece"] == pytest.approx(expected_calibration_error(labels, softened))
+    assert metrics["log_loss_uncalibrated"] == pytest.approx(
+        log_loss(labels, untempered, labels=[0, 1, 2]))
+    assert metrics["ece_uncalibrated"] == pytest.approx(
+        expected_calibration_error(labels, untempered))
+    assert metrics["log_loss"] > metrics["log_loss_uncalibrated"] + 0.05
 
 
 def test_missing_head_says_to_run_the_pipeline(project):

@@ -41,6 +41,34 @@ def test_torchscript_file_matches_the_pytorch_model(trained, images_and_referenc
     assert sorted(p.name for p in path.parent.iterdir()) == ["classifier.pt"]  # no temp left
 
 
+@pytest.mark.parametrize("kind", ["logistic", "mlp"])
+def test_the_exported_probabilities_are_the_heads_with_its_temperature(trained, kind):
+    from stages import train_head
+    from tests.conftest import write_params
+    from transfer.heads import load_head
+
+    if kind == "mlp":
+        params = yaml.safe_load((trained / "params.yaml").read_text())
+        params["head"] = {"kind": "mlp", "hidden_units": 16, "patience": 2}
+        write_params(trained, params)
+        train_head.main()
+    head, names = load_head(export.HEAD_PATH)
+    head.temperature_ = 7.0  # soft enough that it shows in every probability
+    head.save(export.HEAD_PATH, names)
+    batch, reference, _ = _images_and_reference()
+    metadata = export.export(load_classifier(export.EMBEDDINGS_DIR, export.HEAD_PATH),
+                             "torchscript", trained / "tempered.pt")
+    assert metadata["temperature"] == 7.0
+    model = torch.jit.load(str(trained / "tempered.pt"))
+    with torch.inference_mode():
+        probabilities = model(batch).numpy()
+    assert np.abs(probabilities - reference).max() < 1e-4
+    head.temperature_ = 1.0
+    head.save(export.HEAD_PATH, names)
+    _, untempered, _ = _images_and_reference()
+    assert np.abs(probabilities - untempered).max() > 0.05
+
+
 def test_an_mlp_head_is_exported_with_its_hidden_layer(trained):
     from stages import train_head
     from tests.conftest import write_params

@@ -54,7 +54,7 @@ def test_saved_head_loads_without_pickle_and_predicts_the_same(tmp_path):
     head.save(path, ["cat", "dog", "émeu"])
     with np.load(path, allow_pickle=False) as arrays:  # plain arrays only
         assert set(arrays.files) == {"kind", "mean", "scale", "coef", "intercept", "classes",
-                                     "class_names"}
+                                     "class_names", "temperature"}
     loaded, names = load_head(path)
     assert isinstance(loaded, LogisticHead)
     assert names == ["cat", "dog", "émeu"]
@@ -179,3 +179,51 @@ def test_a_validation_class_missing_from_training_counts_as_wrong_not_as_an_erro
     head = MLPHead(hidden_units=8, max_epochs=5, patience=2).fit(X[keep], y[keep], X_val, y_val)
     assert list(head.classes_) == [0, 1]
     assert all(e["val_accuracy"] <= (y_val != 2).mean() for e in head.curve_)
+
+
+def test_the_temperature_divides_the_scores_is_saved_and_folded_into_the_layers(tmp_path):
+    X, y, X_val, y_val = _mlp_data(3)
+    for head in (LogisticHead().fit(X, y),
+                 MLPHead(hidden_units=8, max_epochs=5, patience=2).fit(X, y, X_val, y_val)):
+        plain = head.predict_proba(X_val)
+        head.temperature_ = 2.5
+        softened = head.predict_proba(X_val)
+        np.testing.assert_allclose(head.predict_proba(X_val, calibrated=False), plain)
+        expected = np.exp(head.decision_function(X_val) / 2.5)
+        np.testing.assert_allclose(softened, expected / expected.sum(axis=1, keepdims=True))
+        assert softened.max(axis=1).mean() < plain.max(axis=1).mean() - 0.01
+        assert np.array_equal(head.predict(X_val), head.classes_[plain.argmax(axis=1)])
+        head.save(tmp_path / "head.npz", ["a", "b", "c"])
+        loaded, _ = load_head(tmp_path / "head.npz")
+        assert loaded.temperature_ == 2.5
+        np.testing.assert_allclose(loaded.predict_proba(X_val), softened)
+        *hidden, (weight, bias) = loaded.layers(n_classes=4)
+        values = X_val
+        for hidden_weight, hidden_bias in hidden:
+            values = np.maximum(values @ hidden_weight.T + hidden_bias, 0)
+        values = values @ weight.T + bias
+        exported = np.exp(values - values.max(axis=1, keepdims=True))
+        np.testing.assert_allclose((exported / exported.sum(axis=1, keepdims=True))[:, :3],
+                                   softened, atol=1e-10)
+
+
+def test_a_head_saved_before_calibration_loads_with_temperature_one(tmp_path):
+    X, y = make_classification(n_samples=150, n_features=8, n_informative=5, n_classes=3,
+                               random_state=1)
+    head = LogisticHead().fit(X, y)
+    np.savez(tmp_path / "old.npz", kind=np.asarray("logistic"), mean=head.mean_,
+             scale=head.scale_, coef=head.coef_, intercept=head.intercept_,
+             classes=head.classes_, class_names=np.asarray(["a", "b", "c"]))
+    loaded, _ = load_head(tmp_path / "old.npz")
+    assert loaded.temperature_ == 1.0
+    np.testing.assert_array_equal(loaded.predict_proba(X), head.predict_proba(X))
+
+
+def test_fine_tuning_starts_from_the_untempered_probe():
+    X, y = make_classification(n_samples=150, n_features=8, n_informative=5, n_classes=3,
+                               random_state=1)
+    head = LogisticHead().fit(X, y)
+    before = head.as_linear(n_classes=3)
+    head.temperature_ = 4.0
+    for a, b in zip(head.as_linear(n_classes=3), before, strict=True):
+        np.testing.assert_array_equal(a, b)

@@ -62,11 +62,18 @@ def test_unknown_section_lists_top_level_keys():
 
 
 @pytest.mark.parametrize(("raw", "expected"), [
-    ({"head": {"C": 0}}, r"head.C=0 is out of range; allowed: \(0.0, inf\)"),
+    ({"head": {"C": 0}}, r"head.C=0 is out of range; allowed: auto or a number in \(0.0, inf\)"),
     ({"head": {"C": -1.5}}, r"head.C=-1.5 is out of range"),
     ({"data": {"test_size": 0.9}}, r"data.test_size=0.9 is out of range; allowed: \(0.0, 0.5\]"),
-    ({"backbone": {"batch_size": 0}}, r"batch_size=0 is out of range; allowed: \[1, 65536\]"),
-    ({"backbone": {"batch_size": "max"}}, r"batch_size='max' is not valid; choose one of: auto"),
+    ({"backbone": {"batch_size": 0}}, r"batch_size=0 is out of range; allowed: auto or a number "
+                                      r"in \[1, 65536\]"),
+    ({"backbone": {"batch_size": "max"}}, r"batch_size='max' is not valid; expected auto or a "
+                                          r"number in \[1, 65536\]"),
+    ({"head": {"C": "autoo"}}, r"^params: head.C='autoo' is not valid; expected auto or a number "
+                               r"in \(0.0, inf\)$"),
+    ({"head": {"C": "nan"}}, r"head.C='nan' is not a finite number"),
+    ({"head": {"alpha": "none"}}, r"head.alpha='none' is not valid; expected auto or a number in "
+                                  r"\[0.0, 100.0\]"),
     ({"backbone": {"mean": [0.5, 0.5]}}, r"backbone.mean=\[0.5, 0.5\] has the wrong type; "
                                          r"expected a list of 3 numbers or null"),
     ({"finetune": {"strategy": "some"}}, r"finetune.strategy='some' is not valid; choose one of: "
@@ -100,6 +107,13 @@ def test_exponent_without_dot_is_read_as_a_float():
         params_from_dict({"finetune": {"lr": "fast"}})
 
 
+def test_the_head_chooses_its_regularisation_unless_given_a_number():
+    assert Params().head.C == "auto" and Params().head.alpha == "auto"
+    assert params_from_dict({"head": {"C": "1e-3", "alpha": 0}}).head == dataclasses.replace(
+        Params().head, C=0.001, alpha=0.0)
+    assert params_from_dict({"head": {"C": 2}}).head.C == 2.0
+
+
 def test_lists_and_auto_values_are_typed():
     params = params_from_dict({"backbone": {"mean": [0, 0.5, 1], "batch_size": 16}})
     assert params.backbone.mean == (0.0, 0.5, 1.0)
@@ -120,8 +134,6 @@ def test_empty_file_gives_defaults(tmp_path):
 
 def every_key():
     """(section, field) for every parameter, section None for top-level keys."""
-    import dataclasses
-
     for f in dataclasses.fields(Params):
         value = getattr(Params(), f.name)
         if dataclasses.is_dataclass(value):
@@ -196,7 +208,7 @@ def test_a_zero_std_is_refused():
 
 def test_nan_in_yaml_names_the_key(tmp_path):
     with pytest.raises(ParamsError, match=r"head.C=nan is not a finite number; "
-                                          r"allowed: \(0.0, inf\)"):
+                                          r"allowed: auto or a number in \(0.0, inf\)"):
         load_params(write(tmp_path, "head:\n  C: .nan\n"))
 
 
@@ -250,5 +262,7 @@ def test_every_text_key_refuses_control_characters_and_overlong_values(name, val
     with pytest.raises(ParamsError) as err:
         params_from_dict(nested(name, value))
     assert f"{name}=" in str(err.value)
+    # A free text key says what text it takes; a key of words (or a word or a number) lists them.
     assert ("is not valid; a name or path of at most 4096 characters, without control "
-            "characters") in str(err.value) or "choose one of" in str(err.value)
+            "characters") in str(err.value) or "choose one of" in str(err.value) \
+        or "is not valid; expected auto or a number in" in str(err.value)

@@ -140,7 +140,8 @@ def test_two_commits_differ_in_params_metrics_and_plots_diff(repo):
     plots = json.loads(run(["dvc", "plots", "diff", "HEAD~1", "--json"], repo))["data"]
     # Fine-tuning is off: its curve plots are declared but hold no epochs.
     assert set(plots) == {f"plots/evaluate/{name}" for name in EVALUATE_PLOTS} | {
-        "finetune_loss", "finetune_accuracy", "finetune_learning_rate"}
+        "plots/train_head/regularisation.csv", "finetune_loss", "finetune_accuracy",
+        "finetune_learning_rate"}
     assert all(plots[name] == [] for name in plots if name.startswith("finetune_"))
     calibration = plots["plots/evaluate/calibration.csv"][0]
     assert sorted(calibration["revisions"]) == ["HEAD~1", "workspace"]

@@ -116,3 +116,73 @@ def test_progress_bars_leave_no_cursor_escapes_in_a_log(trained):
     assert result.stderr.splitlines() == [
         "INFO __main__: classified 3 files with the head model",
         "WARNING __main__: 1 of 4 files could not be classified"]
+
+
+def soften_head(project, temperature):
+    """Give the trained head another temperature, as if train_head had fitted it."""
+    from transfer.heads import load_head
+
+    path = project / "models" / "head.npz"
+    head, classes = load_head(path)
+    head.temperature_ = temperature
+    head.save(path, classes)
+
+
+def json_predictions(capsys, *args):
+    predict.main(["inputs/a-red.png", "inputs/more/b-green.jpg", "--format", "json", *args])
+    return json.loads(capsys.readouterr().out)
+
+
+def test_predict_uses_the_temperature_stored_with_the_head(trained, capsys):
+    import numpy as np
+
+    soften_head(trained, 1.0)
+    plain = json_predictions(capsys)
+    soften_head(trained, 20.0)
+    softened = json_predictions(capsys)
+    for a, b in zip(plain, softened, strict=True):
+        p = {c["class"]: c["probability"] for c in a["predictions"]}
+        q = {c["class"]: c["probability"] for c in b["predictions"]}
+        expected = {name: value ** (1 / 20) for name, value in p.items()}  # softmax(s / 20)
+        total = sum(expected.values())
+        assert q == pytest.approx({name: v / total for name, v in expected.items()}, rel=1e-6)
+        assert a["prediction"] == b["prediction"] and max(q.values()) < max(p.values()) - 0.01
+        assert np.isclose(sum(q.values()), 1.0)
+
+
+def test_min_confidence_marks_unsure_files_uncertain_in_every_format(trained, capsys):
+    soften_head(trained, 1000.0)  # three classes, all near 1/3
+    predict.main(["inputs", "--min-confidence", "0.5"])
+    lines = capsys.readouterr().out.splitlines()
+    rows = {line.split()[0]: line for line in lines}
+    assert rows["inputs/a-red.png"].split()[1:3] == ["uncertain:", "red"]
+    assert "error: not an image" in rows["inputs/notes.txt"]
+
+    predict.main(["inputs/a-red.png", "inputs/notes.txt", "--format", "csv",
+                  "--min-confidence", "0.5"])
+    rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert [r["prediction"] for r in rows] == ["uncertain", ""]
+    assert rows[0]["class_1"] == "red" and float(rows[0]["probability_1"]) < 0.5
+
+    entries = json_predictions(capsys, "--min-confidence", "0.5")
+    assert [(e["prediction"], e["uncertain"]) for e in entries] == [("uncertain", True)] * 2
+
+    soften_head(trained, 1.0)
+    entries = json_predictions(capsys, "--min-confidence", "0.5")
+    assert [(e["prediction"], e["uncertain"]) for e in entries] == [("red", False),
+                                                                   ("green", False)]
+
+
+@pytest.mark.parametrize("value", ["1.5", "-0.1", "nan"])
+def test_a_min_confidence_outside_zero_to_one_is_one_error_line(trained, value):
+    import subprocess
+    import sys
+
+    from tests.conftest import stage_environment
+
+    result = subprocess.run([sys.executable, "-m", "stages.predict", "inputs",
+                             "--min-confidence", value], cwd=trained, env=stage_environment(),
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr.strip().splitlines() == [
+        f"error: --min-confidence must be a probability between 0 and 1, got {float(value):g}"]

@@ -72,8 +72,11 @@ class ModelEvaluation:
 
 def evaluate_model(name: str, y_true: np.ndarray, probabilities: np.ndarray,
                    class_names: Sequence[str], ids: Sequence[str], split: str,
-                   gallery_size: int = GALLERY_SIZE) -> ModelEvaluation:
-    """Score ``probabilities`` (images x classes, label order) against ``y_true``.
+                   gallery_size: int = GALLERY_SIZE,
+                   uncalibrated: np.ndarray | None = None) -> ModelEvaluation:
+    """Score ``probabilities`` (images x classes, label order) against ``y_true``; the
+    model's probabilities before its temperature, when given as ``uncalibrated``, add their
+    log loss and calibration error.
 
     Raises ``PipelineError`` when the shapes do not fit the split and the class list.
     """
@@ -94,7 +97,8 @@ def evaluate_model(name: str, y_true: np.ndarray, probabilities: np.ndarray,
                         float(confidence[i])) for i in order[:gallery_size]]
     return ModelEvaluation(
         name=name,
-        metrics={"split": split, **probability_metrics(y_true, probabilities, class_names)},
+        metrics={"split": split, **probability_metrics(y_true, probabilities, class_names,
+                                                       uncalibrated)},
         confusion=confusion_rows(y_true, y_pred, class_names),
         calibration=calibration_bins(y_true, probabilities),
         roc=micro_roc_curve(y_true, probabilities),

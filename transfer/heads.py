@@ -2,8 +2,9 @@
 
 Two kinds (``head.kind``): ``logistic``, multinomial logistic regression, the linear probe;
 and ``mlp``, one hidden ReLU layer, stopped early on the validation split. Both standardize
-the embeddings first and, once fitted, keep only arrays, so they save to a plain ``.npz`` and
-predict with NumPy alone.
+the embeddings first, divide their scores by a temperature (1 until one is fitted, see
+``transfer.calibration``) and, once fitted, keep only arrays, so they save to a plain ``.npz``
+and predict with NumPy alone.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import abc
 import logging
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -59,13 +61,25 @@ def standardize(X: np.ndarray) -> tuple[StandardScaler, np.ndarray]:
     return scaler, standardized
 
 
+def softmax(scores: np.ndarray) -> np.ndarray:
+    """Probabilities from scores with one column per class, or one for the binary case
+    (scikit-learn keeps one score there, for the second class)."""
+    if scores.shape[1] == 1:
+        scores = np.hstack([np.zeros_like(scores), scores])
+    scores = scores - scores.max(axis=1, keepdims=True)
+    probabilities = np.exp(scores)
+    return probabilities / probabilities.sum(axis=1, keepdims=True)
+
+
 class Head(abc.ABC):
-    """What both kinds share: standardization, probabilities per class, saving."""
+    """What both kinds share: standardization, probabilities per class, temperature, saving."""
 
     kind = ""
     mean_: np.ndarray
     scale_: np.ndarray
     classes_: np.ndarray
+    # Scores are divided by it before the softmax; fitted on held-out data by train_head.
+    temperature_: float = 1.0
 
     @abc.abstractmethod
     def _scores(self, standardized: np.ndarray) -> np.ndarray:
@@ -81,33 +95,42 @@ class Head(abc.ABC):
         """The head saved as ``arrays``; ``KeyError`` names a missing one."""
 
     @abc.abstractmethod
-    def layers(self, n_classes: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    def _layers(self) -> list[tuple[np.ndarray, np.ndarray]]:
         """Weights (out, in) and biases of linear layers with a ReLU between each two, on raw
-        embeddings, whose last layer's logits give the same probabilities, one row for each of
-        ``n_classes`` labels (classes the head never saw get no chance)."""
+        embeddings, whose last layer gives the scores (``_scores``' columns), untempered."""
+
+    def layers(self, n_classes: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        """``_layers`` with the temperature folded into the last, whose logits then give the
+        same probabilities as ``predict_proba``, one row for each of ``n_classes`` labels
+        (classes the head never saw get no chance)."""
+        layers = self._layers()
+        weight, bias = layers[-1]
+        layers[-1] = self._output_layer(weight / self.temperature_, bias / self.temperature_,
+                                        n_classes)
+        return layers
 
     def decision_function(self, X: np.ndarray) -> np.ndarray:
+        """Untempered scores of raw embeddings, as ``_scores`` gives them."""
         parts = [self._scores((chunk - self.mean_) / self.scale_) for _, chunk in row_chunks(X)]
         return np.concatenate(parts) if parts else self._scores(np.zeros((0, len(self.mean_))))
 
-    def predict_proba(self, X: np.ndarray) -> np.ndarray:
+    def predict_proba(self, X: np.ndarray, calibrated: bool = True) -> np.ndarray:
+        """Class probabilities, columns in ``classes_`` order; ``calibrated=False`` leaves the
+        temperature out."""
         scores = self.decision_function(X)
-        if scores.shape[1] == 1:  # binary: scikit-learn keeps one score, for the second class
-            scores = np.hstack([np.zeros_like(scores), scores])
-        scores -= scores.max(axis=1, keepdims=True)
-        probabilities = np.exp(scores)
-        return probabilities / probabilities.sum(axis=1, keepdims=True)
+        return softmax(scores / self.temperature_ if calibrated else scores)
 
     def predict(self, X: np.ndarray) -> np.ndarray:
         return self.classes_[np.argmax(self.predict_proba(X), axis=1)]
 
-    def predict_proba_all(self, X: np.ndarray, n_classes: int) -> np.ndarray:
+    def predict_proba_all(self, X: np.ndarray, n_classes: int,
+                          calibrated: bool = True) -> np.ndarray:
         """Probabilities with a column for each of ``n_classes`` labels, in label order.
 
         The head knows only the classes it saw in training; the others get probability 0.
         """
         full = np.zeros((len(X), n_classes))
-        full[:, self.classes_.astype(int)] = self.predict_proba(X)
+        full[:, self.classes_.astype(int)] = self.predict_proba(X, calibrated)
         return full
 
     def _output_layer(self, weight: np.ndarray, bias: np.ndarray,
@@ -126,13 +149,14 @@ class Head(abc.ABC):
         """Write the fitted arrays and the class names (indexed by label) to ``path``."""
         save_arrays(path, kind=np.asarray(self.kind), mean=self.mean_, scale=self.scale_,
                     classes=self.classes_, class_names=np.asarray(class_names, dtype=str),
-                    **self._arrays())
+                    temperature=np.asarray(self.temperature_), **self._arrays())
 
 
 class LogisticHead(Head):
     """Standardize embeddings, then multinomial logistic regression (scikit-learn conventions)."""
 
     kind = "logistic"
+    tol = 1e-4  # scikit-learn's: L-BFGS stops when no gradient component is larger
 
     def __init__(self, C: float = 1.0, max_iter: int = 1000, class_weight: str | None = None,
                  random_state: int = 0) -> None:
@@ -145,17 +169,32 @@ class LogisticHead(Head):
         """Fit on ``X`` (rows of embeddings, memory-mapped or not) and labels ``y``; L-BFGS
         works on the standardized float32 copy (scikit-learn keeps float32 for it)."""
         scaler, standardized = standardize(X)
-        model = LogisticRegression(C=self.C, max_iter=self.max_iter,
-                                   class_weight=self.class_weight,
-                                   random_state=self.random_state)
+        model = self.model(self.C)
+        self.fit_model(model, standardized, y)
+        return self.take(model, scaler)
+
+    def model(self, C: float, tol: float | None = None) -> LogisticRegression:
+        """An unfitted scikit-learn model with this head's settings at ``C``; it starts from
+        its last fit when fitted again (``warm_start``)."""
+        return LogisticRegression(C=C, max_iter=self.max_iter, tol=tol or self.tol,
+                                  class_weight=self.class_weight, warm_start=True,
+                                  random_state=self.random_state)
+
+    def fit_model(self, model: LogisticRegression, standardized: np.ndarray, y: np.ndarray,
+                  sample_weight: np.ndarray | None = None) -> None:
+        """Fit ``model`` on standardized rows; records whether L-BFGS converged and how many
+        iterations it took."""
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", ConvergenceWarning)
-            model.fit(standardized, y)
+            model.fit(standardized, y, sample_weight=sample_weight)
         self.converged_ = not any(issubclass(w.category, ConvergenceWarning) for w in caught)
+        self.n_iter_ = int(np.max(model.n_iter_))
+
+    def take(self, model: LogisticRegression, scaler: StandardScaler) -> LogisticHead:
+        """Keep the arrays of ``model`` (fitted on rows standardized by ``scaler``)."""
         if not self.converged_:
             log.warning("logistic regression did not converge in head.max_iter=%d iterations; "
                         "raise head.max_iter or lower head.C", self.max_iter)
-        self.n_iter_ = int(np.max(model.n_iter_))
         self._set_arrays(scaler.mean_, scaler.scale_, model.coef_, model.intercept_,
                          model.classes_)
         return self
@@ -181,14 +220,15 @@ class LogisticHead(Head):
     def _arrays(self) -> dict[str, np.ndarray]:
         return {"coef": self.coef_, "intercept": self.intercept_}
 
+    def _layers(self) -> list[tuple[np.ndarray, np.ndarray]]:
+        coef = self.coef_ / self.scale_
+        return [(coef, self.intercept_ - coef @ self.mean_)]
+
     def as_linear(self, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
         """Weight (n_classes, dim) and bias of one linear layer on raw embeddings whose
-        logits give the same probabilities; classes the head never saw get no chance."""
-        coef = self.coef_ / self.scale_
-        return self._output_layer(coef, self.intercept_ - coef @ self.mean_, n_classes)
-
-    def layers(self, n_classes: int) -> list[tuple[np.ndarray, np.ndarray]]:
-        return [self.as_linear(n_classes)]
+        logits are the head's scores, without the temperature (the start fine-tuning takes);
+        classes the head never saw get no chance."""
+        return self._output_layer(*self._layers()[0], n_classes)
 
 
 class MLPHead(Head):
@@ -200,6 +240,8 @@ class MLPHead(Head):
     the number of rows. After each epoch the validation split scores it; the epoch with the
     best validation accuracy (ties: a validation log loss lower by more than ``tol``,
     scikit-learn's own tolerance) is kept, and training stops ``patience`` epochs after it.
+    (The alpha search of ``head.alpha: auto`` keeps, for each alpha, the epoch of lowest
+    validation log loss instead: ``MLPTraining.run``.)
     """
 
     kind = "mlp"
@@ -219,47 +261,19 @@ class MLPHead(Head):
     def fit(self, X: np.ndarray, y: np.ndarray, X_val: np.ndarray,
             y_val: np.ndarray) -> MLPHead:
         """Fit on ``X``, ``y``; ``X_val``, ``y_val`` choose the epoch to keep."""
-        scaler = fit_scaler(X)
-        model = MLPClassifier(hidden_layer_sizes=(self.hidden_units,) if self.hidden_units
-                              else (), alpha=self.alpha, random_state=self.random_state)
-        classes = np.unique(y)
-        weights = compute_sample_weight(self.class_weight, y) if self.class_weight else None
-        order = np.random.default_rng(self.random_state)
-        chunks = max(1, -(-len(X) // self.chunk_rows))
-        best_accuracy, best_loss, best_weights, since_best = -1.0, np.inf, [], 0
-        self.curve_: list[dict[str, float]] = []
-        for epoch in range(1, self.max_epochs + 1):
-            train_loss = 0.0
-            for rows in np.array_split(order.permutation(len(X)), chunks):
-                rows.sort()  # reads the file front to back
-                model.partial_fit(scaled(read_rows(X, rows), scaler), y[rows], classes=classes,
-                                  sample_weight=None if weights is None else weights[rows])
-                train_loss += model.loss_ * len(rows) / len(X)
-            probabilities = np.concatenate([model.predict_proba(scaled(chunk, scaler))
-                                            for _, chunk in row_chunks(X_val)])
-            accuracy = float((classes[probabilities.argmax(axis=1)] == y_val).mean())
-            seen = np.isin(y_val, classes)  # a class missing from training counts as wrong
-            loss = float(log_loss(y_val[seen], probabilities[seen], labels=classes)) \
-                if seen.any() else np.inf
-            self.curve_.append({"epoch": epoch, "train_loss": float(train_loss),
-                                "val_accuracy": accuracy, "val_loss": loss})
-            if accuracy > best_accuracy or (accuracy == best_accuracy
-                                            and loss < best_loss - self.tol):
-                best_accuracy, best_loss, since_best = accuracy, loss, 0
-                best_weights = [np.array(w) for w in model.coefs_ + model.intercepts_]
-                self.best_epoch_ = epoch
-            else:
-                since_best += 1
-                if since_best >= self.patience:
-                    break
-        self.n_iter_ = epoch
-        self.converged_ = since_best >= self.patience
+        training = MLPTraining(self, X, y)
+        return self.take(training, training.run(self.alpha, X_val, y_val))
+
+    def take(self, training: MLPTraining, run: MLPRun) -> MLPHead:
+        """Keep the weights ``training`` holds, those of the best epoch of ``run``."""
+        self.curve_, self.best_epoch_, self.n_iter_ = run.curve, run.best_epoch, run.epochs
+        self.converged_ = run.converged
         if not self.converged_:
             log.warning("the MLP head was still improving on validation after "
                         "head.max_iter=%d epochs; raise head.max_iter", self.max_epochs)
-        half = len(best_weights) // 2
-        self._set_arrays(scaler.mean_, scaler.scale_, best_weights[:half], best_weights[half:],
-                         classes)
+        model = training.model
+        self._set_arrays(training.scaler.mean_, training.scaler.scale_, model.coefs_,
+                         model.intercepts_, training.classes)
         return self
 
     def _set_arrays(self, mean: np.ndarray, scale: np.ndarray, weights: Sequence[np.ndarray],
@@ -292,12 +306,78 @@ class MLPHead(Head):
         return {**{f"weight_{i}": w for i, w in enumerate(self.weights_)},
                 **{f"bias_{i}": b for i, b in enumerate(self.biases_)}}
 
-    def layers(self, n_classes: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    def _layers(self) -> list[tuple[np.ndarray, np.ndarray]]:
         first = self.weights_[0].T / self.scale_
         layers = [(first, self.biases_[0] - first @ self.mean_)]
-        layers += [(w.T, b) for w, b in zip(self.weights_[1:], self.biases_[1:], strict=True)]
-        layers[-1] = self._output_layer(*layers[-1], n_classes)
-        return layers
+        return layers + [(w.T, b) for w, b in zip(self.weights_[1:], self.biases_[1:],
+                                                  strict=True)]
+
+
+@dataclass
+class MLPRun:
+    """The epochs trained at one ``alpha``: the kept epoch, its validation scores, the curve."""
+
+    best_epoch: int
+    epochs: int
+    converged: bool
+    val_accuracy: float
+    val_loss: float
+    curve: list[dict[str, float]]
+
+
+class MLPTraining:
+    """One scikit-learn MLP trained on the cache a chunk at a time; ``run`` trains it at an
+    ``alpha`` until the validation split stops improving and leaves it at its best epoch, so
+    that a later ``run`` at another ``alpha`` continues from there (the alpha search)."""
+
+    def __init__(self, head: MLPHead, X: np.ndarray, y: np.ndarray) -> None:
+        self.head, self.X, self.y = head, X, y
+        self.scaler = fit_scaler(X)
+        self.model = MLPClassifier(hidden_layer_sizes=(head.hidden_units,) if head.hidden_units
+                                   else (), alpha=head.alpha, random_state=head.random_state)
+        self.classes = np.unique(y)
+        self.weights = compute_sample_weight(head.class_weight, y) if head.class_weight \
+            else None
+        self.order = np.random.default_rng(head.random_state)
+        self.chunks = max(1, -(-len(X) // head.chunk_rows))
+
+    def run(self, alpha: float, X_val: np.ndarray, y_val: np.ndarray,
+            by_loss: bool = False) -> MLPRun:
+        """Train at ``alpha`` until ``patience`` epochs bring no better validation score:
+        accuracy, ties broken by log loss; or, ``by_loss``, log loss alone."""
+        head, model, X, y, classes = self.head, self.model, self.X, self.y, self.classes
+        model.alpha = alpha
+        best_accuracy, best_loss, best_weights, best_epoch, since_best = -1.0, np.inf, [], 0, 0
+        curve: list[dict[str, float]] = []
+        for epoch in range(1, head.max_epochs + 1):
+            train_loss = 0.0
+            for rows in np.array_split(self.order.permutation(len(X)), self.chunks):
+                rows.sort()  # reads the file front to back
+                model.partial_fit(scaled(read_rows(X, rows), self.scaler), y[rows],
+                                  classes=classes, sample_weight=None if self.weights is None
+                                  else self.weights[rows])
+                train_loss += model.loss_ * len(rows) / len(X)
+            probabilities = np.concatenate([model.predict_proba(scaled(chunk, self.scaler))
+                                            for _, chunk in row_chunks(X_val)])
+            accuracy = float((classes[probabilities.argmax(axis=1)] == y_val).mean())
+            seen = np.isin(y_val, classes)  # a class missing from training counts as wrong
+            loss = float(log_loss(y_val[seen], probabilities[seen], labels=classes)) \
+                if seen.any() else np.inf
+            curve.append({"epoch": epoch, "train_loss": float(train_loss),
+                          "val_accuracy": accuracy, "val_loss": loss})
+            lower_loss = loss < best_loss - head.tol
+            if (lower_loss if by_loss else accuracy > best_accuracy
+                    or (accuracy == best_accuracy and lower_loss)):
+                best_accuracy, best_loss, best_epoch, since_best = accuracy, loss, epoch, 0
+                best_weights = [np.array(w) for w in model.coefs_ + model.intercepts_]
+            else:
+                since_best += 1
+                if since_best >= head.patience:
+                    break
+        half = len(best_weights) // 2
+        model.coefs_, model.intercepts_ = best_weights[:half], best_weights[half:]
+        return MLPRun(best_epoch=best_epoch, epochs=epoch, converged=since_best >= head.patience,
+                      val_accuracy=best_accuracy, val_loss=best_loss, curve=curve)
 
 
 HEAD_KINDS: dict[str, type[Head]] = {"logistic": LogisticHead, "mlp": MLPHead}
@@ -314,6 +394,8 @@ def load_head(path: str | Path) -> tuple[Head, list[str]]:
     try:
         head = HEAD_KINDS[kind].from_arrays(arrays)
         class_names = arrays["class_names"]
+        if "temperature" in arrays:  # heads saved before calibration: 1, scores as they are
+            head.temperature_ = float(arrays["temperature"])
     except KeyError as err:
         raise PipelineError(f"{path}: not a saved head (missing array {err})") from err
     except (TypeError, ValueError) as err:  # text where numbers belong
@@ -352,6 +434,8 @@ def _head_problem(head: Head, class_names: np.ndarray) -> str:
         return "an array is a single number"
     if not all(np.all(np.isfinite(a)) for a in numbers) or np.any(head.scale_ <= 0):
         return "its numbers are not all finite, or a scale is not positive"
+    if not (np.isfinite(head.temperature_) and head.temperature_ > 0):
+        return f"its temperature {head.temperature_} is not a positive number"
     try:
         scores = head.predict_proba(np.zeros((1, len(head.mean_))))
     except ValueError as err:  # layer shapes that do not chain

@@ -22,6 +22,7 @@ EMBEDDINGS_DIR = Path("data/embeddings")
 # train_head
 HEAD_PATH = Path("models/head.npz")
 TRAIN_HEAD_METRICS = Path("metrics/train_head.json")
+REGULARISATION_PLOT = Path("plots/train_head/regularisation.csv")  # head.C or head.alpha search
 
 # finetune
 FINETUNE_DIR = Path("models/finetune")

@@ -53,11 +53,14 @@ def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray,
 
 
 def probability_metrics(y_true: np.ndarray, probabilities: np.ndarray,
-                        class_names: Sequence[str]) -> dict:
+                        class_names: Sequence[str],
+                        uncalibrated: np.ndarray | None = None) -> dict:
     """``classification_metrics`` of the top class, then what needs the probabilities.
 
-    Top-5 accuracy (from 10 classes on), log loss, expected calibration error, one-vs-rest
-    ROC AUC and micro average precision, and per-class scores under ``per_class``.
+    Top-5 accuracy (from 10 classes on), log loss, expected calibration error (and both of
+    the ``uncalibrated`` probabilities, when given, as ``log_loss_uncalibrated`` and
+    ``ece_uncalibrated``), one-vs-rest ROC AUC and micro average precision, and per-class
+    scores under ``per_class``.
     """
     n_classes = len(class_names)
     labels = np.arange(n_classes)
@@ -66,8 +69,10 @@ def probability_metrics(y_true: np.ndarray, probabilities: np.ndarray,
     if n_classes >= TOP5_MIN_CLASSES:
         metrics["top5_accuracy"] = float(top_k_accuracy_score(y_true, probabilities, k=5,
                                                               labels=labels))
-    metrics["log_loss"] = float(log_loss(y_true, probabilities, labels=labels))
-    metrics["ece"] = expected_calibration_error(y_true, probabilities)
+    metrics.update(calibration_metrics(y_true, probabilities))
+    if uncalibrated is not None:
+        metrics.update({f"{name}_uncalibrated": value for name, value
+                        in calibration_metrics(y_true, uncalibrated).items()})
     auc = macro_roc_auc(y_true, probabilities)
     if auc is not None:
         metrics["roc_auc_macro"] = auc
@@ -75,6 +80,13 @@ def probability_metrics(y_true: np.ndarray, probabilities: np.ndarray,
         _one_hot(y_true, n_classes).ravel(), probabilities.ravel()))
     metrics["per_class"] = per_class_metrics(y_true, y_pred, class_names)
     return metrics
+
+
+def calibration_metrics(y_true: np.ndarray, probabilities: np.ndarray) -> dict[str, float]:
+    """Log loss and expected calibration error: how much the probabilities can be trusted."""
+    labels = np.arange(probabilities.shape[1])
+    return {"log_loss": float(log_loss(y_true, probabilities, labels=labels)),
+            "ece": expected_calibration_error(y_true, probabilities)}
 
 
 def per_class_metrics(y_true: np.ndarray, y_pred: np.ndarray,

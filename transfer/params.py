@@ -106,14 +106,18 @@ class BackboneParams:
 class HeadParams:
     kind: str = _choice("logistic", ("logistic", "mlp"), help=(
         "logistic: the linear probe; mlp: one hidden ReLU layer, stopped early on validation"))
-    C: float = _bounded(1.0, 0.0, None, low_open=True,
-                        help="inverse regularisation strength of the logistic regression")
+    C: float | str = field(default="auto", metadata={
+        "range": (0.0, None), "low_open": True, "choices": ("auto",),
+        "help": "inverse regularisation strength of the logistic regression; auto: chosen "
+                "on held-out images (transfer/head_search.py)"})
     max_iter: int = _bounded(1000, 1, 1_000_000,
                              help="logistic: L-BFGS iterations; mlp: epochs at most")
     class_weight: str | None = _choice(None, (None, "balanced"))
     hidden_units: int = _bounded(256, 0, 65536, help=(
         "mlp: units in the hidden layer; 0: none, a linear softmax layer trained the same way"))
-    alpha: float = _bounded(1e-4, 0.0, 100.0, help="mlp: L2 penalty on the weights")
+    alpha: float | str = field(default="auto", metadata={
+        "range": (0.0, 100.0), "low_open": False, "choices": ("auto",),
+        "help": "mlp: L2 penalty on the weights; auto: chosen on the validation split"})
     patience: int = _bounded(10, 1, 100_000,
                              help="mlp: epochs without a better validation score before stopping")
     init_from_source: bool = field(default=False, metadata={
@@ -229,7 +233,8 @@ def _build(cls: type, raw: Any, prefix: str, source: str) -> Any:
 def _check_value(key: str, value: Any, hint: Any, meta: Any, source: str) -> Any:
     is_union = typing.get_origin(hint) in (typing.Union, types.UnionType)
     allowed = typing.get_args(hint) if is_union else (hint,)
-    if type(value) is int and str in allowed and int not in allowed and "choices" in meta:
+    if type(value) is int and str in allowed and not {int, float} & set(allowed) \
+            and "choices" in meta:
         value = str(value)  # `precision: 32` in YAML means the choice "32"
     given, value = value, _coerce(key, value, allowed, source)
     if value in meta.get("old_spellings", {}):
@@ -238,14 +243,17 @@ def _check_value(key: str, value: Any, hint: Any, meta: Any, source: str) -> Any
                     given, value)
     numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
     if "choices" in meta and not numeric and value not in meta["choices"]:
-        choices = ", ".join("null" if c is None else str(c) for c in meta["choices"])
-        raise ParamsError(f"{source}: {key}={_show(given)} is not valid; choose one of: {choices}")
+        if "range" in meta:  # a word or a number, e.g. head.C: auto or 0.1
+            raise ParamsError(f"{source}: {key}={_show(given)} is not valid; expected "
+                              f"{_allowed(meta)}")
+        raise ParamsError(f"{source}: {key}={_show(given)} is not valid; choose one of: "
+                          f"{_choices(meta)}")
     if isinstance(value, str) and (unprintable(value) or len(value) > MAX_TEXT_LENGTH):
         raise ParamsError(f"{source}: {key}={_show(given)} is not valid; a name or path of at "
                           f"most {MAX_TEXT_LENGTH} characters, without control characters")
     numbers = value if isinstance(value, tuple) else (value,) if numeric else ()
     if not all(math.isfinite(number) for number in numbers if isinstance(number, float)):
-        within = f"; allowed: {_range(meta)}" if "range" in meta else ""
+        within = f"; allowed: {_allowed(meta)}" if "range" in meta else ""
         raise ParamsError(f"{source}: {key}={_show(given)} is not a finite number{within}")
     if "range" in meta:
         low, high = meta["range"]
@@ -254,7 +262,7 @@ def _check_value(key: str, value: Any, hint: Any, meta: Any, source: str) -> Any
             if too_low or (high is not None and number > high):
                 each = " (each number)" if isinstance(value, tuple) else ""
                 raise ParamsError(f"{source}: {key}={_show(given)} is out of range; "
-                                  f"allowed{each}: {_range(meta)}")
+                                  f"allowed{each}: {_allowed(meta)}")
     return value
 
 
@@ -264,6 +272,16 @@ def _range(meta: Any) -> str:
     lower = f"{'(' if meta['low_open'] or low is None else '['}{'-inf' if low is None else low}"
     upper = "inf)" if high is None else f"{high}]"
     return f"{lower}, {upper}"
+
+
+def _choices(meta: Any) -> str:
+    return ", ".join("null" if c is None else str(c) for c in meta["choices"])
+
+
+def _allowed(meta: Any) -> str:
+    """The range of a numeric field, after its word choices if it has any."""
+    return f"{_choices(meta)} or a number in {_range(meta)}" if "choices" in meta \
+        else _range(meta)
 
 
 def _coerce(key: str, value: Any, allowed: tuple[Any, ...], source: str) -> Any:

@@ -1,0 +1,123 @@
+"""Fitting the head ``head.kind`` names: its regularisation, given or chosen on held-out
+images (``auto``), then its temperature on the same held-out images.
+
+Each kind is one ``HeadTrainer`` subclass and one entry in ``HEAD_TRAINERS``.
+"""
+
+from __future__ import annotations
+
+import abc
+import logging
+from collections.abc import Sequence
+
+import numpy as np
+
+from transfer.calibration import TEMPERATURE_BOUNDS, calibrate
+from transfer.head_search import (
+    ALPHA_GRID,
+    C_GRID,
+    Fitted,
+    HeldOut,
+    choose_held_out,
+    search_logistic,
+    search_mlp,
+)
+from transfer.heads import Head, LogisticHead, MLPHead
+from transfer.params import HeadParams
+
+log = logging.getLogger(__name__)
+
+
+class HeadTrainer(abc.ABC):
+    """How one ``head.kind`` is fitted from ``HeadParams``: its regularisation, searched or
+    given, and what its metrics add."""
+
+    parameter = ""  # the regularisation key under head.*
+    unit = ""  # what n_iter counts
+    auto_grid: Sequence[float] = ()  # the values auto tries, strongest regularisation first
+
+    def __init__(self, params: HeadParams, seed: int, class_names: Sequence[str]) -> None:
+        self.params, self.seed, self.class_names = params, seed, class_names
+
+    @abc.abstractmethod
+    def fit(self, train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray,
+            val_y: np.ndarray) -> Fitted:
+        """The head fitted at its given or chosen regularisation, with its search."""
+
+    def extra_metrics(self, head: Head) -> dict:
+        return {}
+
+    def grid(self) -> tuple[Sequence[float], bool]:
+        """The values to try: the whole grid for ``auto``, else the one given; and whether
+        auto."""
+        value = getattr(self.params, self.parameter)
+        return (self.auto_grid, True) if value == "auto" else ((float(value),), False)
+
+
+class LogisticTrainer(HeadTrainer):
+    parameter, unit, auto_grid = "C", "iterations", C_GRID
+
+    def fit(self, train_x, train_y, val_x, val_y) -> Fitted:
+        grid, auto = self.grid()
+        head = LogisticHead(C=grid[0], max_iter=self.params.max_iter,
+                            class_weight=self.params.class_weight, random_state=self.seed)
+        held_out = choose_held_out(train_y, len(val_y), self.class_names, "head.C")
+        return search_logistic(head, train_x, train_y, val_x, val_y, grid, held_out, auto)
+
+
+class MLPTrainer(HeadTrainer):
+    parameter, unit, auto_grid = "alpha", "epochs", ALPHA_GRID
+
+    def fit(self, train_x, train_y, val_x, val_y) -> Fitted:
+        grid, auto = self.grid()
+        head = MLPHead(hidden_units=self.params.hidden_units, alpha=grid[0],
+                       max_epochs=self.params.max_iter, patience=self.params.patience,
+                       class_weight=self.params.class_weight, random_state=self.seed)
+        return search_mlp(head, train_x, train_y, val_x, val_y, grid, auto)
+
+    def extra_metrics(self, head: MLPHead) -> dict:
+        return {"best_epoch": head.best_epoch_}
+
+
+# One trainer per head kind (the kinds a saved head can have are transfer.heads.HEAD_KINDS).
+HEAD_TRAINERS: dict[str, type[HeadTrainer]] = {"logistic": LogisticTrainer, "mlp": MLPTrainer}
+
+
+def log_search(trainer: HeadTrainer, fitted: Fitted) -> None:
+    search, key = fitted.search, f"head.{trainer.parameter}"
+    held_out: HeldOut = search.held_out
+    (log.warning if held_out.fallback else log.info)(
+        "%s scored on the %s: %s", key, held_out.description, held_out.reason)
+    if not search.auto:
+        return
+    chosen = search.points[[p.value for p in search.points].index(search.chosen)]
+    log.info("%s: auto chose %g of %d values tried (held-out log loss %.4f, accuracy %.4f)%s",
+             key, search.chosen, len(search.points), chosen.val_log_loss, chosen.val_accuracy,
+             "; stopped once the loss had risen" if search.stopped_early else "")
+    if search.chosen in (trainer.auto_grid[0], trainer.auto_grid[-1]):
+        log.warning("%s: auto chose %g, an end of its grid; a value beyond it may be better "
+                    "(set %s to a number to try one)", key, search.chosen, key)
+
+
+def calibrate_head(fitted: Fitted) -> dict:
+    """Fit the head's temperature on the held-out scores its search kept; returns what the
+    metrics record of it."""
+    head, held_out = fitted.head, fitted.search.held_out.description
+    calibration = calibrate(fitted.held_out_scores, head.classes_, fitted.held_out_labels)
+    if calibration is None:
+        log.warning("no held-out image of a class the head knows: temperature left at 1")
+        return {"temperature": 1.0, "held_out": held_out}
+    head.temperature_ = calibration.temperature
+    if calibration.all_right:
+        log.warning("every image of the %s is classified right: they cannot tell how "
+                    "confident the head should be, so its temperature stays 1", held_out)
+    else:
+        if calibration.at_bound:
+            log.warning("temperature %.3g is at the end of its range %s", head.temperature_,
+                        TEMPERATURE_BOUNDS)
+        log.info("temperature %.3f fitted on the %s: held-out log loss %.4f -> %.4f",
+                 head.temperature_, held_out, calibration.log_loss_uncalibrated,
+                 calibration.log_loss)
+    return {"temperature": head.temperature_, "held_out": held_out,
+            "log_loss_uncalibrated": calibration.log_loss_uncalibrated,
+            "log_loss": calibration.log_loss}
