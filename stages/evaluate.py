@@ -52,7 +52,7 @@ def main() -> None:
         raise PipelineError(f"{FINETUNE_STATUS}: not a status object; re-run: dvc repro finetune")
     store = ImageStore(PREPARED_DIR, split)
     if finetune.get("status") == "trained":
-        probabilities["finetune"] = finetuned_probabilities(store, ids)
+        probabilities["finetune"], uncalibrated["finetune"] = finetuned_probabilities(store, ids)
     untrained = [name for i, name in enumerate(classes) if i not in head.classes_]
     if untrained:
         log.warning("no training image for class %s: no model can predict it",
@@ -87,14 +87,18 @@ def main() -> None:
     log.info("summary: %s; plots: dvc plots show", SUMMARY)
 
 
-def finetuned_probabilities(store: ImageStore, ids: np.ndarray) -> np.ndarray:
-    """The fine-tuned network's class probabilities on the store's images, in ``ids`` order."""
+def finetuned_probabilities(store: ImageStore, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The fine-tuned network's class probabilities on the store's images, in ``ids`` order:
+    with its temperature and without."""
+    from transfer.heads import softmax
     from transfer.inference import load_finetuned
 
     if not np.array_equal(store.ids, ids):
         raise PipelineError(f"{PREPARED_DIR} and {EMBEDDINGS_DIR} list different images; "
                             "run `dvc repro`")
-    return np.concatenate(list(load_finetuned(FINETUNE_DIR).predict_proba(store)))
+    model = load_finetuned(FINETUNE_DIR)
+    scores = np.concatenate(list(model.scores(store)))
+    return softmax(scores / model.temperature), softmax(scores)
 
 
 if __name__ == "__main__":

@@ -30,14 +30,15 @@ METADATA_FILE = "metadata.json"
 
 
 class SoftmaxClassifier(torch.nn.Module):
-    """A network that gives class scores, with a softmax at the end."""
+    """A network that gives class scores, divided by a temperature, then a softmax."""
 
-    def __init__(self, net: torch.nn.Module) -> None:
+    def __init__(self, net: torch.nn.Module, temperature: float = 1.0) -> None:
         super().__init__()
         self.net = net
+        self.temperature = temperature
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(self.net(images), dim=1)
+        return torch.softmax(self.net(images) / self.temperature, dim=1)
 
 
 def head_network(classifier: Classifier) -> torch.nn.Module:
@@ -79,8 +80,9 @@ def exportable(model: Predictor) -> tuple[torch.nn.Module, dict[str, Any]]:
     if isinstance(model, Classifier):
         return SoftmaxClassifier(head_network(model)), export_metadata(model)
     info = model.info
-    return SoftmaxClassifier(model.net), {
-        "model": "finetune", "classes": model.classes, "preprocessing": info["preprocessing"],
+    return SoftmaxClassifier(model.net, model.temperature), {
+        "model": "finetune", "classes": model.classes, "temperature": model.temperature,
+        "preprocessing": info["preprocessing"],
         "short_side": info["short_side"], "backbone": info["backbone"],
         "weights": f"fine-tuned from {info['weights']} ({info['strategy']})", **IO_NOTE}
 

@@ -80,6 +80,9 @@ def test_finetune_writes_the_best_model_its_curves_and_a_loadable_classifier(pro
     metrics = json.loads((project / "metrics" / "evaluate.json").read_text())
     assert set(metrics) == {"head", "finetune"}
     assert metrics["finetune"]["n_images"] == metrics["head"]["n_images"]
+    # The temperature fitted on validation is stored with the model and used by evaluate.
+    assert model.temperature == status["calibration"]["temperature"] > 0
+    assert {"ece_uncalibrated", "log_loss_uncalibrated"} <= set(metrics["finetune"])
     assert 0.0 <= metrics["finetune"]["accuracy"] <= 1.0
     summary = (project / "reports" / "summary.md").read_text()
     assert "Fine-tuning: trained (last_k, best epoch" in summary and "| finetune |" in summary

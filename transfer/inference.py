@@ -27,7 +27,7 @@ from transfer.backbones import (
 )
 from transfer.embeddings import EmbeddingMeta
 from transfer.errors import PipelineError, first_line
-from transfer.heads import Head, load_head_for
+from transfer.heads import Head, load_head_for, softmax
 from transfer.network import FinetuneNet, build_network
 from transfer.runtime import Runtime, inference_runtime, resolve_runtime
 
@@ -108,16 +108,32 @@ class FinetunedModel:
         """New images are first downscaled like the training images were."""
         return int(self.info["short_side"])
 
+    @property
+    def temperature(self) -> float:
+        """What the scores are divided by before the softmax (fitted on the validation split;
+        models saved without one: 1)."""
+        return float(self.info.get("temperature", 1.0))
+
+    def scores(self, images: Sequence[np.ndarray], batch_size: int = 32,
+               runtime: Runtime | None = None) -> Iterator[np.ndarray]:
+        """Untempered class scores (logits), batch by batch."""
+        return network_scores(self.net, images, self.preprocessing, batch_size,
+                              runtime or resolve_runtime())
+
     def predict_proba(self, images: Sequence[np.ndarray], batch_size: int = 32,
-                      runtime: Runtime | None = None) -> Iterator[np.ndarray]:
-        runtime = runtime or resolve_runtime()
-        return network_probabilities(self.net, images, self.preprocessing, batch_size, runtime)
+                      runtime: Runtime | None = None,
+                      calibrated: bool = True) -> Iterator[np.ndarray]:
+        """Class probabilities batch by batch; ``calibrated``: with the temperature."""
+        temperature = self.temperature if calibrated else 1.0
+        for scores in self.scores(images, batch_size, runtime):
+            yield softmax(scores / temperature)
 
 
-def network_probabilities(net: FinetuneNet, images: Sequence[np.ndarray],
-                          preprocessing: Preprocessing, batch_size: int,
-                          runtime: Runtime) -> Iterator[np.ndarray]:
-    """Class probabilities batch by batch, with the backbone's own eval preprocessing."""
+def network_scores(net: FinetuneNet, images: Sequence[np.ndarray],
+                   preprocessing: Preprocessing, batch_size: int,
+                   runtime: Runtime) -> Iterator[np.ndarray]:
+    """Class scores (float64 logits) batch by batch, with the backbone's own eval
+    preprocessing."""
     dataset = PreprocessedImages(images, preprocessing.eval_transform())
     net.eval().to(runtime.device, memory_format=torch.channels_last)
     with torch.inference_mode():
@@ -125,7 +141,7 @@ def network_probabilities(net: FinetuneNet, images: Sequence[np.ndarray],
             batch = batch.to(runtime.device, memory_format=torch.channels_last)
             with runtime.autocast():
                 logits = net(batch)
-            yield torch.softmax(logits.double(), dim=1).cpu().numpy()  # sums to 1 in float64
+            yield logits.double().cpu().numpy()
 
 
 def save_finetuned(directory: Path, state: dict[str, torch.Tensor], info: dict[str, Any]) -> None:

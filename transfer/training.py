@@ -29,10 +29,11 @@ from tqdm import tqdm
 
 from transfer.artifacts import atomic_output, write_json
 from transfer.backbones import PreprocessedImages, Preprocessing, sha256_file
+from transfer.calibration import calibrate
 from transfer.data import ImageStore
 from transfer.embeddings import EmbeddingMeta
 from transfer.errors import PipelineError
-from transfer.inference import save_finetuned
+from transfer.inference import network_scores, save_finetuned
 from transfer.layout import FINETUNE_CHECKPOINTS, finetune_checkpoint
 from transfer.network import (
     FinetuneNet,
@@ -407,6 +408,9 @@ def run_finetune(params: Params, *, prepared_dir: Path, embeddings_dir: Path, he
         if tmp is not None:
             curves.close()
             best = result.state.best
+            net.load_state_dict(result.state.best_state)
+            calibration = fit_temperature_on(net, stores["val"], preprocessing,
+                                             min(ft.batch_size, 64), runtime, len(classes))
             save_finetuned(tmp, result.state.best_state, {
                 "backbone": meta.backbone,
                 "weights": meta.weights if strategy.pretrained else "random-init",
@@ -415,7 +419,8 @@ def run_finetune(params: Params, *, prepared_dir: Path, embeddings_dir: Path, he
                 "classes": classes, "strategy": ft.strategy,
                 "unfreeze_k": ft.unfreeze_k if strategy.uses_unfreeze_k() else None,
                 "best_epoch": result.state.best_epoch,
-                "val_accuracy": best.val_accuracy, "val_loss": best.val_loss})
+                "val_accuracy": best.val_accuracy, "val_loss": best.val_loss,
+                "temperature": calibration["temperature"]})
             # No timings and nothing about how the run went (resumed or not): the same
             # parameters give the same bytes, so DVC's run cache and teammates' pushes match.
             write_json(tmp / "status.json", {
@@ -426,7 +431,7 @@ def run_finetune(params: Params, *, prepared_dir: Path, embeddings_dir: Path, he
                 "stopped_early": result.stopped_early,
                 "trainable_parameters": trainable, "total_parameters": total,
                 "device": runtime.device.type, "precision": runtime.precision,
-                "processes": runtime.world_size, "bn": bn})
+                "processes": runtime.world_size, "bn": bn, "calibration": calibration})
     end_process_group(runtime)
     if runtime.is_main:  # finished: a later run with these parameters starts afresh
         checkpoint.unlink(missing_ok=True)
@@ -438,6 +443,27 @@ def run_finetune(params: Params, *, prepared_dir: Path, embeddings_dir: Path, he
              result.state.history[0].val_accuracy, result.train_images_per_second,
              time.perf_counter() - started, resumed)
     return result
+
+
+def fit_temperature_on(net: FinetuneNet, store: ImageStore, preprocessing: Preprocessing,
+                       batch_size: int, runtime: Runtime, n_classes: int) -> dict[str, Any]:
+    """The temperature of ``net``'s scores on the validation ``store`` (as the head's is
+    fitted); returns what status.json records of it."""
+    scores = np.concatenate(list(network_scores(net, store, preprocessing, batch_size, runtime)))
+    calibration = calibrate(scores, np.arange(n_classes), store.labels)
+    if calibration is None:
+        log.warning("no validation image: the fine-tuned model's temperature is left at 1")
+        return {"temperature": 1.0}
+    if calibration.all_right:
+        log.warning("every validation image is classified right: they cannot tell how "
+                    "confident the fine-tuned model should be, so its temperature stays 1")
+    else:
+        log.info("fine-tuned model: temperature %.3f, validation log loss %.4f -> %.4f",
+                 calibration.temperature, calibration.log_loss_uncalibrated,
+                 calibration.log_loss)
+    return {"temperature": calibration.temperature,
+            "val_log_loss_uncalibrated": calibration.log_loss_uncalibrated,
+            "val_log_loss": calibration.log_loss}
 
 
 class _CurveWriter:

@@ -1,0 +1,77 @@
+"""The models for new images: the fine-tuned network's scores, its temperature, probabilities."""
+
+import numpy as np
+import pytest
+import torch
+
+from transfer.backbones import Preprocessing
+from transfer.heads import softmax
+from transfer.inference import FinetunedModel
+from transfer.network import FinetuneNet
+from transfer.runtime import Runtime
+
+CPU = Runtime(torch.device("cpu"), "float32")
+TINY = Preprocessing((3, 8, 8), 8, "bilinear", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "test")
+
+
+def tiny_model(info: dict) -> FinetunedModel:
+    torch.manual_seed(0)
+    net = FinetuneNet(torch.nn.Flatten(), 8 * 8 * 3, 3)
+    return FinetunedModel(net, TINY, ["a", "b", "c"], {"short_side": 8, **info})
+
+
+def images(n: int) -> list[np.ndarray]:
+    rng = np.random.default_rng(0)
+    return [rng.integers(0, 256, (8, 8, 3), dtype=np.uint8) for _ in range(n)]
+
+
+def test_probabilities_are_the_softmax_of_the_scores_over_the_temperature():
+    model = tiny_model({"temperature": 2.5})
+    scores = np.concatenate(list(model.scores(images(5), runtime=CPU)))
+    calibrated = np.concatenate(list(model.predict_proba(images(5), runtime=CPU)))
+    plain = np.concatenate(list(model.predict_proba(images(5), runtime=CPU, calibrated=False)))
+    np.testing.assert_allclose(calibrated, softmax(scores / 2.5), rtol=1e-12)
+    np.testing.assert_allclose(plain, softmax(scores), rtol=1e-12)
+    assert (calibrated.max(axis=1) < plain.max(axis=1)).all()  # softer, same classes
+    assert (calibrated.argmax(axis=1) == plain.argmax(axis=1)).all()
+
+
+def test_a_model_saved_without_a_temperature_scores_as_it_did():
+    assert tiny_model({}).temperature == 1.0
+    with_one = np.concatenate(list(tiny_model({}).predict_proba(images(3), runtime=CPU)))
+    without = np.concatenate(list(tiny_model({}).predict_proba(images(3), runtime=CPU,
+                                                               calibrated=False)))
+    assert np.array_equal(with_one, without)
+
+
+class Store(list):
+    """What the temperature fit reads of a prepared store: images in order, and labels."""
+
+    def __init__(self, items, labels):
+        super().__init__(items)
+        self.labels = np.asarray(labels)
+
+
+def test_the_fine_tuned_temperature_softens_an_over_confident_network():
+    from transfer.training import fit_temperature_on
+
+    model = tiny_model({})
+    with torch.no_grad():
+        model.net.head.weight.mul_(50)  # very sure of itself
+    pictures = images(30)
+    scores = np.concatenate(list(model.scores(pictures, runtime=CPU)))
+    predicted = scores.argmax(axis=1)
+    labels = np.where(np.arange(30) % 3 == 0, (predicted + 1) % 3, predicted)  # a third wrong
+    result = fit_temperature_on(model.net, Store(pictures, labels), TINY, 8, CPU, 3)
+    assert result["temperature"] > 1.5
+    assert result["val_log_loss"] < result["val_log_loss_uncalibrated"]
+
+
+def test_all_right_validation_images_leave_the_temperature_at_one():
+    from transfer.training import fit_temperature_on
+
+    model = tiny_model({})
+    pictures = images(12)
+    predicted = np.concatenate(list(model.scores(pictures, runtime=CPU))).argmax(axis=1)
+    result = fit_temperature_on(model.net, Store(pictures, predicted), TINY, 4, CPU, 3)
+    assert result["temperature"] == pytest.approx(1.0)
