@@ -1,6 +1,7 @@
 import csv
 import io
 import json
+from pathlib import Path
 
 import pytest
 
@@ -116,3 +117,23 @@ def test_progress_bars_leave_no_cursor_escapes_in_a_log(trained):
     assert result.stderr.splitlines() == [
         "INFO __main__: classified 3 files with the head model",
         "WARNING __main__: 1 of 4 files could not be classified"]
+
+
+def _probabilities(rows: list[dict]) -> dict[str, list[float]]:
+    return {Path(row["path"]).name: [p["probability"] for p in sorted(
+        row["predictions"], key=lambda p: p["class"])] for row in rows}
+
+
+def test_flip_averaging_gives_an_image_and_its_mirror_equal_probabilities(flip_finetuned,
+                                                                          capsys):
+    predict.main(["mirrored", "--format", "json", "--model", "finetune"])
+    averaged = _probabilities(json.loads(capsys.readouterr().out))
+    # relative: the small probabilities tell the images apart where the large ones round to 1
+    assert averaged["a.png"] == pytest.approx(averaged["b.png"], rel=1e-5, abs=0)
+    # the same network without the averaging tells them apart
+    model_json = flip_finetuned / "models" / "finetune" / "model.json"
+    model_json.write_text(model_json.read_text().replace('"flip_average": true',
+                                                         '"flip_average": false'))
+    predict.main(["mirrored", "--format", "json", "--model", "finetune"])
+    plain = _probabilities(json.loads(capsys.readouterr().out))
+    assert plain["a.png"] != pytest.approx(plain["b.png"], rel=1e-3, abs=0)

@@ -28,7 +28,7 @@ from transfer.backbones import (
 from transfer.embeddings import EmbeddingMeta
 from transfer.errors import PipelineError, first_line
 from transfer.heads import Head, load_head_for
-from transfer.network import FinetuneNet, build_network
+from transfer.network import FinetuneNet, FlipAveraged, build_network
 from transfer.runtime import Runtime, inference_runtime, resolve_runtime
 
 
@@ -108,13 +108,20 @@ class FinetunedModel:
         """New images are first downscaled like the training images were."""
         return int(self.info["short_side"])
 
+    @property
+    def scorer(self) -> torch.nn.Module:
+        """The network that gives the class scores: averaged over each image and its mirror
+        when it was fine-tuned with ``finetune.flip_average``."""
+        return FlipAveraged(self.net) if self.info.get("flip_average") else self.net
+
     def predict_proba(self, images: Sequence[np.ndarray], batch_size: int = 32,
                       runtime: Runtime | None = None) -> Iterator[np.ndarray]:
         runtime = runtime or resolve_runtime()
-        return network_probabilities(self.net, images, self.preprocessing, batch_size, runtime)
+        return network_probabilities(self.scorer, images, self.preprocessing, batch_size,
+                                     runtime)
 
 
-def network_probabilities(net: FinetuneNet, images: Sequence[np.ndarray],
+def network_probabilities(net: torch.nn.Module, images: Sequence[np.ndarray],
                           preprocessing: Preprocessing, batch_size: int,
                           runtime: Runtime) -> Iterator[np.ndarray]:
     """Class probabilities batch by batch, with the backbone's own eval preprocessing."""

@@ -21,6 +21,7 @@ import yaml
 
 from transfer.artifacts import read_utf8
 from transfer.errors import PipelineError, first_line, unprintable
+from transfer.selection import SELECT_BY
 from transfer.strategies import STRATEGIES
 
 log = logging.getLogger(__name__)
@@ -135,8 +136,10 @@ class FinetuneParams:
     epochs: int = _bounded(5, 1, 10_000)
     batch_size: int = _bounded(32, 1, MAX_BATCH_SIZE,
                                help="images per step (per process under torchrun)")
-    lr: float = _bounded(1e-3, 0.0, 10.0, low_open=True,
-                         help="peak learning rate of the head (AdamW)")
+    lr: float | str = field(default=1e-3, metadata={
+        "range": (0.0, 10.0), "low_open": True, "choices": ("auto",),
+        "help": "peak learning rate of the head (AdamW), or auto: chosen by a learning-rate "
+                "range test before training"})
     lr_decay: float = _bounded(0.5, 0.0, 1.0, low_open=True,
                                help="each block down from the head trains at this factor "
                                     "times the learning rate of the block above it")
@@ -147,7 +150,22 @@ class FinetuneParams:
                                        help="maximum gradient norm (null: no clipping)")
     label_smoothing: float = _bounded(0.1, 0.0, 0.99)
     patience: int | None = _bounded(3, 1, 10_000, help=(
-        "stop after this many epochs without a better validation accuracy (null: never)"))
+        "stop after this many epochs without a better validation score (null: never)"))
+    select_by: str = _choice("accuracy", tuple(SELECT_BY), help=(
+        "the validation score that chooses the epoch kept and stops training early"))
+    class_weight: str | None = _choice(None, (None, "balanced"), help=(
+        "balanced: each class weighs in the loss inversely to its training images"))
+    sampler: str = _choice("random", ("random", "balanced"), help=(
+        "random: every training image once per epoch; balanced: drawn with replacement so "
+        "that every class is drawn equally often"))
+    ema_decay: float | None = _bounded(None, 0.0, 0.99999, low_open=True, help=(
+        "keep an exponential moving average of the weights (timm ModelEmaV3, with warm-up) "
+        "and keep it when it scores better on validation (null: off)"))
+    mixup_alpha: float = _bounded(0.0, 0.0, 10.0, help="Mixup's Beta(alpha, alpha) (0: off)")
+    cutmix_alpha: float = _bounded(0.0, 0.0, 10.0, help="CutMix's Beta(alpha, alpha) (0: off)")
+    flip_average: bool = field(default=False, metadata={
+        "help": "average the fine-tuned network's output on each image and its mirror image, "
+                "in validation, evaluate, predict and the exported model"})
     bn: str = _choice("frozen", ("frozen", "train"), help=(
         "frozen: batch-norm running statistics kept as pretrained; train: updated in "
         "trainable blocks"))
@@ -239,7 +257,9 @@ def _check_value(key: str, value: Any, hint: Any, meta: Any, source: str) -> Any
     numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
     if "choices" in meta and not numeric and value not in meta["choices"]:
         choices = ", ".join("null" if c is None else str(c) for c in meta["choices"])
-        raise ParamsError(f"{source}: {key}={_show(given)} is not valid; choose one of: {choices}")
+        number = f", or a number in {_range(meta)}" if "range" in meta else ""
+        raise ParamsError(f"{source}: {key}={_show(given)} is not valid; choose one of: "
+                          f"{choices}{number}")
     if isinstance(value, str) and (unprintable(value) or len(value) > MAX_TEXT_LENGTH):
         raise ParamsError(f"{source}: {key}={_show(given)} is not valid; a name or path of at "
                           f"most {MAX_TEXT_LENGTH} characters, without control characters")
