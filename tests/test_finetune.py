@@ -96,10 +96,14 @@ def _files(directory: Path) -> dict[str, bytes]:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("keys", [
+    {}, {"lr": "auto", "ema_decay": 0.9, "sampler": "balanced"},
+    {"ema_decay": 0.9, "mixup_alpha": 0.4, "cutmix_alpha": 1.0, "class_weight": "balanced"}],
+    ids=["defaults", "range-test-ema-sampler", "ema-mixup-cutmix-weights"])
 def test_a_killed_finetune_resumes_and_ends_byte_identical_to_an_uninterrupted_run(
-        project, tmp_path):
+        project, tmp_path, keys):
     train_head.main()
-    _enable(project)
+    _enable(project, **keys)
     twin = tmp_path / "twin"
     shutil.copytree(project, twin)
     checkpoints = project / "checkpoints"
