@@ -130,10 +130,10 @@ class FinetuneParams:
         "head: backbone frozen, head trained with augmentation; last_k: the top unfreeze_k "
         "blocks and the head; full: every layer; scratch: same architecture, random "
         "initialisation (the baseline that shows what pretraining is worth)"))
-    unfreeze_k: int = _bounded(2, 1, 10_000, help="blocks trained from the top under last_k")
+    unfreeze_k: int = _bounded(1, 1, 10_000, help="blocks trained from the top under last_k")
     init_from_head: bool = field(default=True, metadata={
         "help": "start the new head from the trained linear probe (models/head.npz)"})
-    epochs: int = _bounded(5, 1, 10_000)
+    epochs: int = _bounded(3, 1, 10_000)
     batch_size: int = _bounded(32, 1, MAX_BATCH_SIZE,
                                help="images per step (per process under torchrun)")
     lr: float | str = field(default=1e-3, metadata={
