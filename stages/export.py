@@ -22,6 +22,7 @@ from transfer.artifacts import atomic_output
 from transfer.errors import ArgumentParser, PipelineError, run_stage
 from transfer.inference import MODEL_CHOICES, Classifier, Predictor, load_predictor
 from transfer.layout import EMBEDDINGS_DIR, EXPORT_DIR, FINETUNE_DIR, HEAD_PATH
+from transfer.network import FlipAveraged
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,10 @@ def head_network(classifier: Classifier) -> torch.nn.Module:
     head = classifier.head
     layers = head.layers(len(classifier.classes))
     rows = head.classes_.astype(int)
-    modules: list[torch.nn.Module] = [classifier.backbone.encoder]
+    encoder = classifier.backbone.encoder
+    # backbone.flip_average: the embedding of each image and its mirror image, averaged
+    modules: list[torch.nn.Module] = [FlipAveraged(encoder) if classifier.meta.flip_average
+                                      else encoder]
     for i, (weight, bias) in enumerate(layers):
         last = i == len(layers) - 1
         weight, bias = (weight[rows], bias[rows]) if last else (weight, bias)
@@ -68,7 +72,7 @@ IO_NOTE = {"input": "float32 (N, 3, H, W), RGB resized, centre-cropped and norma
 def export_metadata(classifier: Classifier) -> dict[str, Any]:
     meta = classifier.meta
     classes = [classifier.classes[int(i)] for i in classifier.head.classes_]
-    return {"model": "head", "classes": classes,
+    return {"model": "head", "classes": classes, "flip_average": meta.flip_average,
             "temperature": classifier.head.temperature_,
             "preprocessing": meta.preprocessing, "short_side": meta.short_side,
             "backbone": meta.backbone, "weights": meta.weights,
@@ -80,9 +84,9 @@ def exportable(model: Predictor) -> tuple[torch.nn.Module, dict[str, Any]]:
     if isinstance(model, Classifier):
         return SoftmaxClassifier(head_network(model)), export_metadata(model)
     info = model.info
-    return SoftmaxClassifier(model.net, model.temperature), {
+    return SoftmaxClassifier(model.scorer, model.temperature), {
         "model": "finetune", "classes": model.classes, "temperature": model.temperature,
-        "preprocessing": info["preprocessing"],
+        "flip_average": bool(info.get("flip_average")), "preprocessing": info["preprocessing"],
         "short_side": info["short_side"], "backbone": info["backbone"],
         "weights": f"fine-tuned from {info['weights']} ({info['strategy']})", **IO_NOTE}
 

@@ -1,8 +1,9 @@
 """DVC stage ``finetune``: fine-tune the backbone with a new head; when disabled, only say so.
 
-``models/finetune/`` holds ``model.safetensors`` (the best epoch by validation accuracy),
-``model.json`` (how to rebuild and feed it), ``status.json`` and ``curves/`` (per-epoch
-loss, accuracy and learning rate, written by dvclive). Runs on several GPUs or hosts
+``models/finetune/`` holds ``model.safetensors`` (the best epoch by ``finetune.select_by``
+on validation), ``model.json`` (how to rebuild and feed it), ``status.json``, ``curves/``
+(per-epoch loss, accuracy and learning rate, written by dvclive) and ``lr_range.csv`` (the
+range test of ``finetune.lr: auto``). Runs on several GPUs or hosts
 under ``torchrun --nproc_per_node=N -m stages.finetune``. The disabled stage imports
 nothing heavy and costs a fraction of a second.
 """
@@ -20,10 +21,12 @@ from transfer.layout import (
     FINETUNE_CHECKPOINTS,
     FINETUNE_CURVES,
     FINETUNE_DIR,
+    FINETUNE_LR_RANGE,
     HEAD_PATH,
     PARAMS,
     PREPARED_DIR,
 )
+from transfer.lr_range import curve_text
 from transfer.params import load_params
 
 log = logging.getLogger(__name__)
@@ -36,11 +39,14 @@ def main() -> None:
             tmp.mkdir()
             write_json(tmp / "status.json", {"enabled": False, "status": "skipped",
                                              "reason": "finetune.enabled is false"})
-            for curve in CURVES:  # a header and no epochs: the plots show nothing, no error
+            # Headers and no rows: the plots show nothing, and no error.
+            for curve in CURVES:
                 path = tmp / FINETUNE_CURVES.relative_to(FINETUNE_DIR) / "plots" / "metrics" / \
                     f"{curve}.tsv"
                 path.parent.mkdir(parents=True, exist_ok=True)
                 path.write_text(f"step\t{curve.rpartition('/')[2]}\n", encoding="utf-8")
+            (tmp / FINETUNE_LR_RANGE.relative_to(FINETUNE_DIR)).write_text(
+                curve_text(None), encoding="utf-8")
         for checkpoint in CHECKPOINT_DIR.glob(FINETUNE_CHECKPOINTS):
             checkpoint.unlink()  # nothing will resume it
         log.info("fine-tuning skipped (finetune.enabled is false)")

@@ -127,6 +127,34 @@ def trained(project: Path) -> Path:
     return project
 
 
+def write_halves(path: Path, left: tuple[int, int, int], right: tuple[int, int, int],
+                 size: tuple[int, int] = (64, 64)) -> Path:
+    """An image whose left half is one colour and right half another: unlike its mirror. Square,
+    so the centre crop of its mirror is the mirror of its centre crop."""
+    pixels = np.empty((size[1], size[0], 3), dtype=np.uint8)
+    pixels[:, :size[0] // 2], pixels[:, size[0] // 2:] = left, right
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+@pytest.fixture
+def flip_finetuned(trained: Path) -> Path:
+    """``trained`` fine-tuned for an epoch with ``finetune.flip_average: true``, and an image
+    and its mirror image under ``mirrored/``."""
+    from stages import finetune
+
+    params = yaml.safe_load((trained / "params.yaml").read_text())
+    params["finetune"] = {"enabled": True, "strategy": "head", "epochs": 1, "batch_size": 8,
+                          "augment": "none", "flip_average": True, "lr": 0.01}
+    write_params(trained, params)
+    finetune.main()
+    image = write_halves(trained / "mirrored" / "a.png", (220, 30, 30), (30, 40, 210))
+    with Image.open(image) as opened:
+        opened.transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(image.with_name("b.png"))
+    return trained
+
+
 @pytest.fixture
 def project(embedded_project: Path, tmp_path: Path) -> Iterator[Path]:
     """A private copy of ``embedded_project``, entered as the working directory."""

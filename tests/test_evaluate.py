@@ -148,3 +148,21 @@ def test_a_class_without_training_images_is_a_warning_in_the_log_and_the_summary
     assert "no training image for class green: no model can predict it" in caplog.text
     summary = layout.SUMMARY.read_text()
     assert "**Warning:** no training image for class green: no model can predict it." in summary
+
+
+class _Store(list):
+    """Images in a list, with the ids the evaluate stage checks."""
+
+    def __init__(self, images, ids):
+        super().__init__(images)
+        self.ids = ids
+
+
+def test_flip_averaging_gives_an_image_and_its_mirror_equal_probabilities(flip_finetuned):
+    images = [np.asarray(Image.open(flip_finetuned / "mirrored" / name).convert("RGB"))
+              for name in ("a.png", "b.png")]
+    ids = np.array([0, 1])
+    probabilities = evaluate.finetuned_probabilities(_Store(images, ids), ids)
+    assert np.abs(probabilities[0] - probabilities[1]).max() < 1e-7
+    evaluate.main()  # and the stage scores the fine-tuned model through the same call
+    assert "finetune" in json.loads((flip_finetuned / "metrics" / "evaluate.json").read_text())

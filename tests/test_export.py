@@ -148,3 +148,56 @@ def test_exports_and_temporaries_are_ignored_by_git(path):
 
     ignored = subprocess.run(["git", "check-ignore", "-q", "--no-index", path], cwd=REPO_ROOT)
     assert ignored.returncode == 0
+
+
+def _mirrored_batch(project, preprocessing) -> torch.Tensor:
+    transform = preprocessing.eval_transform()
+    return torch.stack([transform(Image.open(project / "mirrored" / name).convert("RGB"))
+                        for name in ("a.png", "b.png")])
+
+
+def test_a_flip_averaged_fine_tuned_model_averages_inside_the_exported_network(flip_finetuned):
+    from transfer.inference import load_finetuned
+
+    model = load_finetuned(flip_finetuned / "models" / "finetune")
+    images = [np.asarray(Image.open(flip_finetuned / "mirrored" / name).convert("RGB"))
+              for name in ("a.png", "b.png")]
+    reference = np.concatenate(list(model.predict_proba(images)))
+    export.main(["--format", "torchscript"])
+    extra = {"metadata.json": ""}
+    exported = torch.jit.load(str(flip_finetuned / "models" / "export" / "classifier.pt"),
+                              _extra_files=extra)
+    assert json.loads(extra["metadata.json"])["flip_average"] is True
+    with torch.inference_mode():
+        probabilities = exported(_mirrored_batch(flip_finetuned, model.preprocessing)).numpy()
+    _assert_mirror_equal(probabilities, reference)
+
+
+def _assert_mirror_equal(probabilities: np.ndarray, reference: np.ndarray) -> None:
+    """As the PyTorch model, and the same for both images, in log space: the small
+    probabilities tell two images apart where the large ones round to 1."""
+    log = np.log(probabilities.astype(np.float64))
+    assert np.abs(log - np.log(reference)).max() < 1e-3
+    assert np.abs(log[0] - log[1]).max() < 1e-4
+
+
+def test_a_head_on_flip_averaged_embeddings_is_exported_with_the_averaging(trained):
+    meta_path = trained / "data" / "embeddings" / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta_path.write_text(json.dumps({**meta, "flip_average": True}))
+    from tests.conftest import write_halves
+
+    image = write_halves(trained / "mirrored" / "a.png", (220, 30, 30), (30, 40, 210))
+    Image.open(image).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(image.with_name("b.png"))
+    classifier = load_classifier(export.EMBEDDINGS_DIR, export.HEAD_PATH)
+    images = [np.asarray(Image.open(trained / "mirrored" / n).convert("RGB"))
+              for n in ("a.png", "b.png")]
+    reference = np.concatenate(list(classifier.predict_proba(images)))
+    export.main(["--format", "torchscript", "--model", "head"])
+    extra = {"metadata.json": ""}
+    exported = torch.jit.load(str(trained / "models" / "export" / "classifier.pt"),
+                              _extra_files=extra)
+    assert json.loads(extra["metadata.json"])["flip_average"] is True
+    with torch.inference_mode():
+        probabilities = exported(_mirrored_batch(trained, classifier.backbone.preprocessing))
+    _assert_mirror_equal(probabilities.numpy(), reference)

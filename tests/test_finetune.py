@@ -15,6 +15,7 @@ from tests.conftest import kill_stage_midway, run_stage_cli, stage_environment, 
 from transfer.data import ImageStore
 from transfer.inference import load_finetuned
 from transfer.layout import CURVES
+from transfer.layout import FINETUNE_LR_RANGE as LR_RANGE
 
 
 def test_disabled_finetune_is_recorded_as_skipped_without_loading_torch(tmp_path):
@@ -34,6 +35,7 @@ def test_disabled_finetune_is_recorded_as_skipped_without_loading_torch(tmp_path
     curves = sorted((tmp_path / "models" / "finetune" / "curves").rglob("*.tsv"))
     assert len(curves) == len(CURVES)
     assert all(len(path.read_text().splitlines()) == 1 for path in curves)  # no epochs
+    assert (tmp_path / LR_RANGE).read_text() == "lr,loss\n"  # and no range test
     assert not stale.exists()  # nothing will resume it
 
 
@@ -66,6 +68,9 @@ def test_finetune_writes_the_best_model_its_curves_and_a_loadable_classifier(pro
     written = {p.relative_to(curves).with_suffix("").as_posix(): p.read_text().splitlines()[0]
                for p in curves.rglob("*.tsv")}
     assert written == {c: f"step\t{c.rpartition('/')[2]}" for c in CURVES}
+    assert (project / LR_RANGE).read_text() == "lr,loss\n"  # a fixed rate: no range test
+    assert status["lr"] == 0.001 and status["lr_range_test"] is False
+    assert status["select_by"] == "accuracy" and status["best_weights"] == "raw"
     model = load_finetuned(out)
     assert model.classes == ["blue", "green", "red"]
     store = ImageStore(project / "data" / "prepared", "val")
@@ -94,10 +99,14 @@ def _files(directory: Path) -> dict[str, bytes]:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("keys", [
+    {}, {"lr": "auto", "ema_decay": 0.9, "sampler": "balanced"},
+    {"ema_decay": 0.9, "mixup_alpha": 0.4, "cutmix_alpha": 1.0, "class_weight": "balanced"}],
+    ids=["defaults", "range-test-ema-sampler", "ema-mixup-cutmix-weights"])
 def test_a_killed_finetune_resumes_and_ends_byte_identical_to_an_uninterrupted_run(
-        project, tmp_path):
+        project, tmp_path, keys):
     train_head.main()
-    _enable(project)
+    _enable(project, **keys)
     twin = tmp_path / "twin"
     shutil.copytree(project, twin)
     checkpoints = project / "checkpoints"
@@ -171,3 +180,72 @@ def test_torchrun_trains_with_two_cpu_processes_over_gloo(project):
     status = json.loads((project / "models" / "finetune" / "status.json").read_text())
     assert status["processes"] == 2 and status["status"] == "trained"
     assert load_finetuned(project / "models" / "finetune").classes == ["blue", "green", "red"]
+
+
+@pytest.mark.slow
+def test_lr_auto_writes_the_range_test_curve_and_the_rate_it_chose(project):
+    train_head.main()
+    _enable(project, strategy="head", epochs=1, augment="none", lr="auto")
+    finetune.main()
+    status = json.loads((project / "models" / "finetune" / "status.json").read_text())
+    assert status["lr_range_test"] is True
+    lines = (project / LR_RANGE).read_text().splitlines()
+    assert lines[0] == "lr,loss" and 30 <= len(lines) - 1 <= 100
+    curve = np.array([[float(x) for x in line.split(",")] for line in lines[1:]])
+    lowest = curve[curve[:, 1].argmin(), 0]
+    assert status["lr"] == pytest.approx(lowest / 10)
+    assert np.all(np.diff(curve[:, 0]) > 0)
+    rates = (project / "models" / "finetune" / "curves" / "plots" / "metrics" / "lr.tsv")
+    # the rate the epoch trained at: one epoch of warm-up ends at the rate chosen
+    assert float(rates.read_text().split()[-1]) == pytest.approx(status["lr"])
+
+
+def test_a_range_test_that_diverges_at_once_is_one_line_and_writes_nothing(project):
+    from transfer.artifacts import load_arrays, save_arrays
+
+    train_head.main()
+    head = load_arrays(project / "models" / "head.npz")
+    # logits beyond float32: the loss is not a number from the first step
+    save_arrays(project / "models" / "head.npz", **{**head, "coef": head["coef"] * 1e38})
+    _enable(project, strategy="head", epochs=1, augment="none", lr="auto")
+    result = run_stage_cli("finetune", project)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: finetune.lr: auto: the learning-rate range test found no usable rate: the loss "
+        "diverged at 1e-07, at its first step; set finetune.lr to a number")
+    assert not (project / "models" / "finetune").exists()
+    assert not list((project / "checkpoints").glob("*"))
+
+
+@pytest.mark.slow
+def test_class_imbalance_keys_on_a_skewed_subset(tmp_path):
+    from stages import extract, prepare
+    from tests.conftest import working_directory, write_colour_folder
+
+    root = tmp_path / "skewed"
+    write_colour_folder(root / "data" / "raw" / "colours", per_class=14)
+    for name in ("green", "blue"):  # 14 red, 5 green, 5 blue
+        for path in sorted((root / "data" / "raw" / "colours" / name).iterdir())[5:]:
+            path.unlink()
+    params = {"seed": 0, "data": {"source": "data/raw/colours", "short_side": 64,
+                                  "val_size": 0.3, "test_size": 0.2},
+              "backbone": {"batch_size": 8}}
+    write_params(root, params)
+    losses = {}
+    with working_directory(root):
+        prepare.main()
+        extract.main()
+        train_head.main()
+        counts = json.loads((root / "reports" / "data.json").read_text())["counts"]["train"]
+        assert counts["red"] > 2 * counts["green"]
+        for name, imbalance in {"plain": {}, "balanced": {
+                "class_weight": "balanced", "sampler": "balanced",
+                "select_by": "balanced_accuracy"}}.items():
+            _enable(root, strategy="head", epochs=1, augment="none", lr=0.01, **imbalance)
+            finetune.main()
+            status = json.loads((root / "models" / "finetune" / "status.json").read_text())
+            assert status["select_by"] == imbalance.get("select_by", "accuracy")
+            assert 0.0 <= status["val_balanced_accuracy"] <= 1.0
+            losses[name] = (root / "models" / "finetune" / "curves" / "plots" / "metrics" /
+                            "train" / "loss.tsv").read_text()
+    assert losses["plain"] != losses["balanced"]  # weighted loss, other draws

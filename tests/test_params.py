@@ -83,6 +83,19 @@ def test_unknown_section_lists_top_level_keys():
     ({"finetune": {"enabled": "yes please"}}, r"finetune.enabled='yes please' has the wrong type"),
     ({"seed": True}, r"seed=True has the wrong type"),
     ({"head": [1, 2]}, r"'head' must be a mapping"),
+    ({"finetune": {"lr": "nan"}}, r"finetune.lr='nan' is not a finite number; allowed: "
+                                  r"\(0.0, 10.0\]"),
+    ({"finetune": {"select_by": "f1"}}, r"finetune.select_by='f1' is not valid; choose one of: "
+                                        r"accuracy, balanced_accuracy, log_loss"),
+    ({"finetune": {"class_weight": "inverse"}}, r"choose one of: null, balanced"),
+    ({"finetune": {"sampler": "stratified"}}, r"choose one of: random, balanced"),
+    ({"finetune": {"ema_decay": 1.0}}, r"finetune.ema_decay=1.0 is out of range; allowed: "
+                                       r"\(0.0, 0.99999\]"),
+    ({"finetune": {"ema_decay": float("nan")}}, r"finetune.ema_decay=nan is not a finite number"),
+    ({"finetune": {"mixup_alpha": -0.2}}, r"finetune.mixup_alpha=-0.2 is out of range; "
+                                          r"allowed: \[0.0, 10.0\]"),
+    ({"finetune": {"cutmix_alpha": 11}}, r"finetune.cutmix_alpha=11 is out of range"),
+    ({"finetune": {"flip_average": "yes"}}, r"finetune.flip_average='yes' has the wrong type"),
 ])
 def test_bad_values_name_the_key_and_what_is_allowed(raw, expected):
     with pytest.raises(ParamsError, match=expected):
@@ -103,7 +116,8 @@ def test_missing_file_is_named(tmp_path):
 def test_exponent_without_dot_is_read_as_a_float():
     # PyYAML reads 1e-4 as a string; `dvc exp run -S finetune.lr=1e-4` writes exactly that.
     assert params_from_dict({"finetune": {"lr": "1e-4"}}).finetune.lr == pytest.approx(1e-4)
-    with pytest.raises(ParamsError, match="finetune.lr='fast' has the wrong type"):
+    with pytest.raises(ParamsError, match=r"finetune.lr='fast' is not valid; choose one of: "
+                                          r"auto, or a number in \(0.0, 10.0\]"):
         params_from_dict({"finetune": {"lr": "fast"}})
 
 
@@ -119,6 +133,8 @@ def test_lists_and_auto_values_are_typed():
     assert params.backbone.mean == (0.0, 0.5, 1.0)
     assert params.backbone.batch_size == 16
     assert Params().backbone.batch_size == "auto"
+    assert params_from_dict({"finetune": {"lr": "auto"}}).finetune.lr == "auto"
+    assert params_from_dict({"finetune": {"ema_decay": 0.999}}).finetune.ema_decay == 0.999
 
 
 def test_determinism_is_off_by_default_and_read_as_a_bool():

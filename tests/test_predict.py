@@ -1,6 +1,7 @@
 import csv
 import io
 import json
+from pathlib import Path
 
 import pytest
 
@@ -186,3 +187,23 @@ def test_a_min_confidence_outside_zero_to_one_is_one_error_line(trained, value):
     assert result.returncode == 1 and result.stdout == ""
     assert result.stderr.strip().splitlines() == [
         f"error: --min-confidence must be a probability between 0 and 1, got {float(value):g}"]
+
+
+def _probabilities(rows: list[dict]) -> dict[str, list[float]]:
+    return {Path(row["path"]).name: [p["probability"] for p in sorted(
+        row["predictions"], key=lambda p: p["class"])] for row in rows}
+
+
+def test_flip_averaging_gives_an_image_and_its_mirror_equal_probabilities(flip_finetuned,
+                                                                          capsys):
+    predict.main(["mirrored", "--format", "json", "--model", "finetune"])
+    averaged = _probabilities(json.loads(capsys.readouterr().out))
+    # relative: the small probabilities tell the images apart where the large ones round to 1
+    assert averaged["a.png"] == pytest.approx(averaged["b.png"], rel=1e-5, abs=0)
+    # the same network without the averaging tells them apart
+    model_json = flip_finetuned / "models" / "finetune" / "model.json"
+    model_json.write_text(model_json.read_text().replace('"flip_average": true',
+                                                         '"flip_average": false'))
+    predict.main(["mirrored", "--format", "json", "--model", "finetune"])
+    plain = _probabilities(json.loads(capsys.readouterr().out))
+    assert plain["a.png"] != pytest.approx(plain["b.png"], rel=1e-3, abs=0)

@@ -1,5 +1,6 @@
 """The fine-tuning loop: learning rates per depth, schedule, augmentation, stopping."""
 
+import dataclasses
 import logging
 
 import numpy as np
@@ -11,6 +12,7 @@ from transfer.errors import PipelineError
 from transfer.network import FinetuneNet, mark_trainable, trainable_groups
 from transfer.params import FinetuneParams
 from transfer.runtime import Runtime
+from transfer.selection import ValidationScores
 from transfer.training import (
     LabelledImages,
     optimizer_groups,
@@ -102,11 +104,156 @@ def test_early_stopping_after_patience_epochs_keeps_the_best_start(tmp_path, mon
     start = {n: t.clone() for n, t in net.state_dict().items()}
     data = LabelledImages(_pixels(6), np.arange(6) % 3, _tensor_transform)
     # (loss, accuracy): an equal accuracy is no improvement, even with a lower loss
-    scores = iter([(0.5, 0.8), (0.6, 0.7), (0.3, 0.8), (0.3, 0.9)])
-    monkeypatch.setattr(training, "evaluate_loss_accuracy", lambda *a: next(scores))
+    scores = iter([ValidationScores(0.5, 0.8, 0.8), ValidationScores(0.6, 0.7, 0.7),
+                   ValidationScores(0.3, 0.8, 0.8), ValidationScores(0.3, 0.9, 0.9)])
+    monkeypatch.setattr(training, "validation_scores", lambda *a: next(scores))
     params = FinetuneParams(enabled=True, strategy="head", epochs=6, batch_size=2, patience=2)
     result = train(net, data, data, params, 0, CPU, tmp_path / "ckpt.pt", "key")
     assert result.stopped_early and result.state.epoch == 2  # epochs 1 and 2 were no better
     assert result.state.best_epoch == 0
     assert all(torch.equal(start[n], t) for n, t in result.state.best_state.items())
     assert [r.val_accuracy for r in result.state.history] == [0.8, 0.7, 0.8]
+
+
+def _separable(n: int, labels: np.ndarray) -> list[np.ndarray]:
+    """Noisy 8x8 images whose class decides which third of the pixels is bright."""
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 60, size=(n, 8, 8, 3))
+    for i, label in enumerate(labels):
+        images[i, :, :, label] += 150
+    return list(images.astype(np.uint8))
+
+
+@pytest.mark.parametrize(("select_by", "kept"),
+                         [("accuracy", 2), ("balanced_accuracy", 3), ("log_loss", 1)])
+def test_select_by_keeps_the_epoch_best_by_that_score(tmp_path, monkeypatch, select_by, kept):
+    from transfer import training
+
+    net = _flat_net()
+    data = LabelledImages(_pixels(6), np.arange(6) % 3, _tensor_transform)
+    # epoch: (log loss, accuracy, balanced accuracy); each criterion has its own best epoch
+    scores = [(0.5, 0.80, 0.70), (0.2, 0.80, 0.75), (0.4, 0.90, 0.72), (0.3, 0.85, 0.90)]
+    states = []
+
+    def scored(model, *args):
+        states.append({n: t.clone() for n, t in model.state_dict().items()})
+        return ValidationScores(*scores[len(states) - 1])
+
+    monkeypatch.setattr(training, "validation_scores", scored)
+    params = FinetuneParams(enabled=True, strategy="head", epochs=3, batch_size=2,
+                            patience=None, select_by=select_by)
+    result = train(net, data, data, params, 0, CPU, tmp_path / "ckpt.pt", "key")
+    assert result.state.best_epoch == kept
+    assert all(torch.equal(states[kept][n], t) for n, t in result.state.best_state.items())
+    assert not all(torch.equal(states[0][n], t) for n, t in result.state.best_state.items())
+
+
+def test_early_stopping_counts_epochs_without_a_lower_log_loss(tmp_path, monkeypatch):
+    from transfer import training
+
+    scores = iter([ValidationScores(0.5, 0.8, 0.8), ValidationScores(0.4, 0.7, 0.7),
+                   ValidationScores(0.45, 0.9, 0.9), ValidationScores(0.3, 0.9, 0.9)])
+    monkeypatch.setattr(training, "validation_scores", lambda *a: next(scores))
+    data = LabelledImages(_pixels(6), np.arange(6) % 3, _tensor_transform)
+    params = FinetuneParams(enabled=True, strategy="head", epochs=6, batch_size=2, patience=1,
+                            select_by="log_loss")
+    result = train(_flat_net(), data, data, params, 0, CPU, tmp_path / "ckpt.pt", "key")
+    # a higher accuracy in epoch 2 does not count: its log loss is above epoch 1's
+    assert result.stopped_early and result.state.epoch == 2 and result.state.best_epoch == 1
+
+
+def test_ema_weights_differ_from_the_raw_ones_and_are_kept_when_they_score_better(
+        tmp_path, monkeypatch):
+    import timm.utils
+
+    from transfer import training
+
+    averages = []
+
+    class RecordedEma(timm.utils.ModelEmaV3):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            averages.append(self)
+
+    monkeypatch.setattr(timm.utils, "ModelEmaV3", RecordedEma)
+    net = _flat_net()
+    # every raw network scores 0.6, the moving average 0.9
+    monkeypatch.setattr(training, "validation_scores", lambda model, *a: ValidationScores(
+        0.5, 0.9 if averages and model is averages[0].module else 0.6, 0.6))
+    labels = np.arange(12) % 3
+    data = LabelledImages(_separable(12, labels), labels, _tensor_transform)
+    params = FinetuneParams(enabled=True, strategy="head", epochs=1, batch_size=4, lr=0.05,
+                            warmup_epochs=0, ema_decay=0.9)
+    result = train(net, data, data, params, 0, CPU, tmp_path / "ckpt.pt", "key")
+    [ema] = averages
+    kept, raw = result.state.best_state, net.state_dict()
+    assert result.state.best_epoch == 1 and result.state.best.weights == "ema"
+    assert all(torch.equal(kept[n], t) for n, t in ema.module.state_dict().items())
+    assert not torch.allclose(kept["head.weight"], raw["head.weight"])
+    # Without the average, epoch 1 is no better than the start, which stays.
+    params = dataclasses.replace(params, ema_decay=None)
+    result = train(_flat_net(), data, data, params, 0, CPU, tmp_path / "other.pt", "other")
+    assert result.state.best_epoch == 0 and result.state.best.weights == "raw"
+
+
+def test_the_range_test_picks_a_rate_below_divergence_and_restores_the_network(tmp_path):
+    from transfer.objective import Objective
+    from transfer.training import find_learning_rate
+
+    # Bright inputs and one label in ten wrong: large steps overshoot, and the loss diverges.
+    labels = np.arange(400) % 3
+    noisy = np.where(np.random.default_rng(1).random(400) < 0.1, (labels + 1) % 3, labels)
+    data = LabelledImages(_separable(400, labels), noisy,
+                          lambda image: 10 * _tensor_transform(image))
+    params = FinetuneParams(enabled=True, strategy="head", batch_size=8, lr="auto",
+                            label_smoothing=0.0, epochs=2, warmup_epochs=0, patience=None)
+    torch.manual_seed(0)
+    net = _flat_net()
+    net.requires_grad_(True)
+    start = {n: t.clone() for n, t in net.state_dict().items()}
+    found = find_learning_rate(net, net, data, params, 8, 0, CPU,
+                               Objective(params, 3, noisy, CPU.device))
+    assert all(torch.equal(start[n], t) for n, t in net.state_dict().items())  # restored
+    lowest = int(np.argmin(found.losses))
+    assert found.lr == pytest.approx(found.lrs[lowest] / 10)
+    assert found.diverged_at is not None and found.lr < found.lrs[lowest] < found.diverged_at
+    assert found.losses[-1] > 4 * found.losses[lowest]  # where it stopped: diverged
+    assert found.lrs == sorted(found.lrs) and len(found.lrs) <= 100
+
+    def final_train_loss(lr: float) -> float:
+        torch.manual_seed(0)
+        run = dataclasses.replace(params, lr=lr)
+        result = train(_flat_net(), data, data, run, 0, CPU, tmp_path / f"{lr}.pt", str(lr))
+        return result.state.history[-1].train_loss
+
+    # Training at the chosen rate lowers the loss; at the divergence point it blows up.
+    chosen = final_train_loss(found.lr)
+    assert chosen < found.losses[0]
+    assert final_train_loss(found.diverged_at) > 3 * chosen
+
+
+def test_lr_auto_is_recorded_and_a_loss_that_diverges_at_once_is_one_error(tmp_path):
+    labels = np.arange(24) % 3
+    data = LabelledImages(_separable(24, labels), labels, _tensor_transform)
+    params = FinetuneParams(enabled=True, strategy="head", epochs=1, batch_size=4, lr="auto")
+    result = train(_flat_net(), data, data, params, 0, CPU, tmp_path / "a.pt", "a")
+    assert result.lr_range is not None and result.lr == result.lr_range.lr
+    assert result.state.history[1].lr == pytest.approx(result.lr)  # no warm-up left at the end
+    nan_net = _NaNNet(torch.nn.Flatten(), 8 * 8 * 3, 3)
+    with pytest.raises(PipelineError, match=r"^finetune.lr: auto: the learning-rate range test "
+                                            r"found no usable rate: the loss diverged at 1e-07, "
+                                            r"at its first step; set finetune.lr to a number$"):
+        train(nan_net, data, data, params, 0, CPU, tmp_path / "b.pt", "b")
+
+
+def test_the_balanced_sampler_draws_every_class_about_equally(tmp_path):
+    from transfer.training import _loader
+
+    labels = np.array([0] * 90 + [1] * 10)
+    data = LabelledImages(_pixels(100), labels, _tensor_transform)
+    drawn = {}
+    for sampler in ("random", "balanced"):
+        loader = _loader(data, 10, CPU, train=True, epoch_seed=3, sampler=sampler)
+        drawn[sampler] = np.bincount(np.concatenate([y.numpy() for _, y in loader]), minlength=2)
+    assert drawn["random"].tolist() == [90, 10]  # each image once
+    assert drawn["balanced"].sum() == 100 and 35 <= drawn["balanced"][1] <= 65

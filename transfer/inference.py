@@ -28,7 +28,7 @@ from transfer.backbones import (
 from transfer.embeddings import EmbeddingMeta
 from transfer.errors import PipelineError, first_line
 from transfer.heads import Head, load_head_for, softmax
-from transfer.network import FinetuneNet, build_network
+from transfer.network import FinetuneNet, FlipAveraged, build_network
 from transfer.runtime import Runtime, inference_runtime, resolve_runtime
 
 
@@ -109,6 +109,12 @@ class FinetunedModel:
         return int(self.info["short_side"])
 
     @property
+    def scorer(self) -> torch.nn.Module:
+        """The network that gives the class scores: averaged over each image and its mirror
+        when it was fine-tuned with ``finetune.flip_average``."""
+        return FlipAveraged(self.net) if self.info.get("flip_average") else self.net
+
+    @property
     def temperature(self) -> float:
         """What the scores are divided by before the softmax (fitted on the validation split;
         models saved without one: 1)."""
@@ -117,7 +123,7 @@ class FinetunedModel:
     def scores(self, images: Sequence[np.ndarray], batch_size: int = 32,
                runtime: Runtime | None = None) -> Iterator[np.ndarray]:
         """Untempered class scores (logits), batch by batch."""
-        return network_scores(self.net, images, self.preprocessing, batch_size,
+        return network_scores(self.scorer, images, self.preprocessing, batch_size,
                               runtime or resolve_runtime())
 
     def predict_proba(self, images: Sequence[np.ndarray], batch_size: int = 32,
@@ -129,7 +135,7 @@ class FinetunedModel:
             yield softmax(scores / temperature)
 
 
-def network_scores(net: FinetuneNet, images: Sequence[np.ndarray],
+def network_scores(net: torch.nn.Module, images: Sequence[np.ndarray],
                    preprocessing: Preprocessing, batch_size: int,
                    runtime: Runtime) -> Iterator[np.ndarray]:
     """Class scores (float64 logits) batch by batch, with the backbone's own eval

@@ -34,7 +34,9 @@ CHECKPOINT_DIR = Path("checkpoints")
 FINETUNE_CHECKPOINTS = "finetune*.pt"  # in CHECKPOINT_DIR, one per set of parameters and data
 # The per-epoch curves dvclive writes under FINETUNE_CURVES/plots/metrics/ (dvc.yaml plots them).
 CURVES = ("train/loss", "train/accuracy", "val/loss", "val/accuracy", "lr")
-
+# finetune.lr: auto's range test: learning rate against smoothed training loss (a header only
+# when the rate is fixed; dvc.yaml plots it).
+FINETUNE_LR_RANGE = FINETUNE_DIR / "lr_range.csv"
 
 # evaluate
 EVALUATE_METRICS = Path("metrics/evaluate.json")

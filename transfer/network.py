@@ -38,6 +38,18 @@ class FinetuneNet(torch.nn.Module):
         return self.head(self.encoder(images))
 
 
+class FlipAveraged(torch.nn.Module):
+    """``module``'s output on each image averaged with its output on the mirror image
+    (test-time flip averaging): an image and its mirror get the same output."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return (self.module(images) + self.module(images.flip(-1))) / 2
+
+
 def build_network(backbone: Backbone, num_classes: int) -> FinetuneNet:
     """The backbone's encoder with a new head; the encoder's own trainable flags are cleared."""
     encoder = backbone.encoder

@@ -21,6 +21,7 @@ import yaml
 
 from transfer.artifacts import read_utf8
 from transfer.errors import PipelineError, first_line, unprintable
+from transfer.selection import SELECT_BY
 from transfer.strategies import STRATEGIES
 
 log = logging.getLogger(__name__)
@@ -133,14 +134,16 @@ class FinetuneParams:
         "head: backbone frozen, head trained with augmentation; last_k: the top unfreeze_k "
         "blocks and the head; full: every layer; scratch: same architecture, random "
         "initialisation (the baseline that shows what pretraining is worth)"))
-    unfreeze_k: int = _bounded(2, 1, 10_000, help="blocks trained from the top under last_k")
+    unfreeze_k: int = _bounded(1, 1, 10_000, help="blocks trained from the top under last_k")
     init_from_head: bool = field(default=True, metadata={
         "help": "start the new head from the trained linear probe (models/head.npz)"})
-    epochs: int = _bounded(5, 1, 10_000)
+    epochs: int = _bounded(3, 1, 10_000)
     batch_size: int = _bounded(32, 1, MAX_BATCH_SIZE,
                                help="images per step (per process under torchrun)")
-    lr: float = _bounded(1e-3, 0.0, 10.0, low_open=True,
-                         help="peak learning rate of the head (AdamW)")
+    lr: float | str = field(default=1e-3, metadata={
+        "range": (0.0, 10.0), "low_open": True, "choices": ("auto",),
+        "help": "peak learning rate of the head (AdamW), or auto: chosen by a learning-rate "
+                "range test before training"})
     lr_decay: float = _bounded(0.5, 0.0, 1.0, low_open=True,
                                help="each block down from the head trains at this factor "
                                     "times the learning rate of the block above it")
@@ -151,7 +154,22 @@ class FinetuneParams:
                                        help="maximum gradient norm (null: no clipping)")
     label_smoothing: float = _bounded(0.1, 0.0, 0.99)
     patience: int | None = _bounded(3, 1, 10_000, help=(
-        "stop after this many epochs without a better validation accuracy (null: never)"))
+        "stop after this many epochs without a better validation score (null: never)"))
+    select_by: str = _choice("accuracy", tuple(SELECT_BY), help=(
+        "the validation score that chooses the epoch kept and stops training early"))
+    class_weight: str | None = _choice(None, (None, "balanced"), help=(
+        "balanced: each class weighs in the loss inversely to its training images"))
+    sampler: str = _choice("random", ("random", "balanced"), help=(
+        "random: every training image once per epoch; balanced: drawn with replacement so "
+        "that every class is drawn equally often"))
+    ema_decay: float | None = _bounded(None, 0.0, 0.99999, low_open=True, help=(
+        "keep an exponential moving average of the weights (timm ModelEmaV3, with warm-up) "
+        "and keep it when it scores better on validation (null: off)"))
+    mixup_alpha: float = _bounded(0.0, 0.0, 10.0, help="Mixup's Beta(alpha, alpha) (0: off)")
+    cutmix_alpha: float = _bounded(0.0, 0.0, 10.0, help="CutMix's Beta(alpha, alpha) (0: off)")
+    flip_average: bool = field(default=False, metadata={
+        "help": "average the fine-tuned network's output on each image and its mirror image, "
+                "in validation, evaluate, predict and the exported model"})
     bn: str = _choice("frozen", ("frozen", "train"), help=(
         "frozen: batch-norm running statistics kept as pretrained; train: updated in "
         "trainable blocks"))

@@ -45,6 +45,14 @@ class Runtime:
     def is_cuda(self) -> bool:
         return self.device.type == "cuda"
 
+    def mean_over_processes(self, value: float) -> float:
+        """The mean of ``value`` over the processes of the group (``value`` itself in one)."""
+        if self.world_size == 1:
+            return value
+        total = torch.tensor([value], dtype=torch.float64, device=self.device)
+        dist.all_reduce(total)
+        return float(total) / self.world_size
+
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.precision == "float32":
             return contextlib.nullcontext()

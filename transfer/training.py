@@ -3,8 +3,10 @@ whole ``finetune`` stage (``run_finetune``).
 
 Training resumes from a per-epoch checkpoint and is seeded per epoch, so an interrupted run
 ends with the same model as an uninterrupted one. The kept model is the epoch with the best
-validation accuracy (epoch 0 is the starting network). Timings go to the log, never into the
-outputs: the same parameters give byte-identical outputs on CPU.
+validation score by ``finetune.select_by`` (epoch 0 is the starting network), its raw weights
+or their moving average (``finetune.ema_decay``), whichever scored better. ``finetune.lr:
+auto`` runs a learning-rate range test first. Timings go to the log, never into the outputs:
+the same parameters give byte-identical outputs on CPU.
 """
 
 from __future__ import annotations
@@ -12,11 +14,12 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import itertools
 import json
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,16 +37,25 @@ from transfer.data import ImageStore
 from transfer.embeddings import EmbeddingMeta
 from transfer.errors import PipelineError
 from transfer.inference import network_scores, save_finetuned
-from transfer.layout import FINETUNE_CHECKPOINTS, finetune_checkpoint
+from transfer.layout import (
+    FINETUNE_CHECKPOINTS,
+    FINETUNE_DIR,
+    FINETUNE_LR_RANGE,
+    finetune_checkpoint,
+)
+from transfer.lr_range import BELOW_MINIMUM, LrRange, RangeTest, curve_text, range_test_steps
 from transfer.network import (
     FinetuneNet,
+    FlipAveraged,
     mark_trainable,
     set_train_mode,
     starting_network,
     trainable_groups,
 )
+from transfer.objective import Objective, balanced_sample_weights
 from transfer.params import FinetuneParams, Params
 from transfer.runtime import Runtime, end_process_group, resolve_runtime, set_determinism
+from transfer.selection import SELECT_BY, ValidationScores
 from transfer.strategies import STRATEGIES
 
 log = logging.getLogger(__name__)
@@ -113,6 +125,12 @@ class EpochRecord:
     train_accuracy: float | None
     val_loss: float
     val_accuracy: float
+    val_balanced_accuracy: float
+    weights: str = "raw"  # which weights scored: raw, or their moving average (ema)
+
+    @property
+    def scores(self) -> ValidationScores:
+        return ValidationScores(self.val_loss, self.val_accuracy, self.val_balanced_accuracy)
 
 
 @dataclass
@@ -133,11 +151,6 @@ class TrainingState:
         """Early stopping: ``patience`` epochs in a row without a better one (None: never)."""
         return patience is not None and self.epochs_without_improvement >= patience
 
-    def improved_by(self, record: EpochRecord) -> bool:
-        # Accuracy only, strictly (as Keras' save_best_only): losses under label smoothing
-        # are not comparable with the sharper starting probe's.
-        return record.val_accuracy > self.best.val_accuracy
-
 
 @dataclass
 class FinetuneResult:
@@ -145,6 +158,8 @@ class FinetuneResult:
     train_images_per_second: float
     resumed_from_epoch: int
     stopped_early: bool
+    lr: float  # the head's peak learning rate: finetune.lr, or the range test's choice
+    lr_range: LrRange | None = None
 
 
 def checkpoint_key(params: FinetuneParams, seed: int, identity: dict[str, Any]) -> str:
@@ -154,13 +169,16 @@ def checkpoint_key(params: FinetuneParams, seed: int, identity: dict[str, Any]) 
 
 
 def _save_checkpoint(path: Path, key: str, net: torch.nn.Module, optimizer: Any,
-                     scheduler: Any, scaler: Any, state: TrainingState) -> None:
+                     scheduler: Any, scaler: Any, state: TrainingState, ema: Any,
+                     lr_range: LrRange | None) -> None:
     payload = {
         "key": key, "epoch": state.epoch, "model": net.state_dict(),
         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
         "scaler": scaler.state_dict(), "history": [asdict(r) for r in state.history],
         "best_epoch": state.best_epoch, "best_state": state.best_state,
         "epochs_without_improvement": state.epochs_without_improvement,
+        "ema": ema.state_dict() if ema is not None else None,
+        "lr_range": asdict(lr_range) if lr_range is not None else None,
     }
     with atomic_output(path) as tmp:
         torch.save(payload, tmp)
@@ -192,21 +210,28 @@ def _seed_epoch(seed: int, epoch: int) -> int:
     """One seed per epoch: a resumed run draws exactly what the uninterrupted one drew."""
     epoch_seed = (seed * 1_000_003 + epoch) % 2**63
     torch.manual_seed(epoch_seed)
+    np.random.seed(epoch_seed % 2**32)  # timm's Mixup draws from NumPy's global generator
     return epoch_seed
 
 
-def _loader(dataset: torch.utils.data.Dataset, batch_size: int, runtime: Runtime, *,
-            train: bool, epoch_seed: int = 0) -> torch.utils.data.DataLoader:
-    """Training batches shuffled by ``epoch_seed`` (each process its share under torchrun),
-    or evaluation batches in order."""
-    sampler: torch.utils.data.Sampler | None = None
+def _loader(dataset: LabelledImages, batch_size: int, runtime: Runtime, *, train: bool,
+            epoch_seed: int = 0, sampler: str = "random") -> torch.utils.data.DataLoader:
+    """Training batches drawn by ``epoch_seed`` (each process its share under torchrun):
+    shuffled, or with ``sampler: balanced`` drawn equally by class with replacement; or
+    evaluation batches in order."""
+    chosen: torch.utils.data.Sampler | None = None
     generator = torch.Generator().manual_seed(epoch_seed)
-    if train and runtime.world_size > 1:
-        sampler = torch.utils.data.DistributedSampler(dataset, shuffle=True, seed=epoch_seed,
-                                                      drop_last=True)
+    if train and sampler == "balanced":
+        generator.manual_seed(epoch_seed + runtime.rank)  # each process draws its own share
+        chosen = torch.utils.data.WeightedRandomSampler(
+            balanced_sample_weights(dataset.labels), len(dataset) // runtime.world_size,
+            replacement=True, generator=generator)
+    elif train and runtime.world_size > 1:
+        chosen = torch.utils.data.DistributedSampler(dataset, shuffle=True, seed=epoch_seed,
+                                                     drop_last=True)
     elif train:
-        sampler = torch.utils.data.RandomSampler(dataset, generator=generator)
-    return runtime.loader(dataset, batch_size, sampler=sampler, generator=generator,
+        chosen = torch.utils.data.RandomSampler(dataset, generator=generator)
+    return runtime.loader(dataset, batch_size, sampler=chosen, generator=generator,
                           drop_last=train and len(dataset) // runtime.world_size > batch_size)
 
 
@@ -217,22 +242,105 @@ def _to_device(images: torch.Tensor, labels: torch.Tensor,
 
 
 @torch.inference_mode()
-def evaluate_loss_accuracy(net: torch.nn.Module, dataset: torch.utils.data.Dataset,
-                           batch_size: int, runtime: Runtime) -> tuple[float, float]:
-    """Mean cross-entropy (no smoothing) and accuracy of ``net`` on ``dataset``."""
+def validation_scores(net: torch.nn.Module, dataset: LabelledImages, batch_size: int,
+                      runtime: Runtime, flip_average: bool = False) -> ValidationScores:
+    """Log loss (no smoothing), accuracy and balanced accuracy of ``net`` on ``dataset``, on
+    each image and its mirror image averaged with ``flip_average``, as inference will."""
     was_training = net.training
     net.eval()
-    total_loss, correct, count = 0.0, 0, 0
-    for images, labels in _loader(dataset, batch_size, runtime, train=False):
-        images, labels = _to_device(images, labels, runtime)
+    model = FlipAveraged(net) if flip_average else net
+    probabilities, labels = [], []
+    for images, y in _loader(dataset, batch_size, runtime, train=False):
+        images, y = _to_device(images, y, runtime)
         with runtime.autocast():
-            logits = net(images)
-        total_loss += float(torch.nn.functional.cross_entropy(
-            logits.float(), labels, reduction="sum"))
-        correct += int((logits.argmax(1) == labels).sum())
-        count += len(labels)
+            logits = model(images)
+        probabilities.append(torch.softmax(logits.double(), dim=1).cpu().numpy())
+        labels.append(y.cpu().numpy())
     net.train(was_training)
-    return total_loss / max(count, 1), correct / max(count, 1)
+    if not labels:
+        return ValidationScores(0.0, 0.0, 0.0)
+    return ValidationScores.of(np.concatenate(labels), np.concatenate(probabilities))
+
+
+class _Step:
+    """One optimisation step: the objective's batch and loss, backward, clipping, AdamW."""
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: Any,
+                 objective: Objective, grad_clip: float | None, runtime: Runtime) -> None:
+        self.model, self.optimizer, self.scaler = model, optimizer, scaler
+        self.objective, self.grad_clip, self.runtime = objective, grad_clip, runtime
+        self.trainable = [p for group in optimizer.param_groups for p in group["params"]]
+
+    def __call__(self, images: torch.Tensor,
+                 labels: torch.Tensor) -> tuple[float, torch.Tensor, torch.Tensor]:
+        """The training loss (not finite: no step taken), the logits and the labels."""
+        images, labels = _to_device(images, labels, self.runtime)
+        images, targets = self.objective.mix(images, labels)
+        with self.runtime.autocast():
+            logits = self.model(images)
+            loss = self.objective.loss(logits, targets)
+        value = float(loss.detach())
+        if math.isfinite(value):
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+            if self.grad_clip is not None:
+                self.scaler.unscale_(self.optimizer)
+                torch.nn.utils.clip_grad_norm_(self.trainable, self.grad_clip)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        return value, logits, labels
+
+
+def _optimizer(net: FinetuneNet, lr: float, params: FinetuneParams) -> torch.optim.AdamW:
+    return torch.optim.AdamW(optimizer_groups(trainable_groups(net), lr, params.lr_decay,
+                                              params.weight_decay))
+
+
+def _scaler(runtime: Runtime) -> torch.amp.GradScaler:
+    return torch.amp.GradScaler(runtime.device.type, enabled=runtime.precision == "float16")
+
+
+def _endless_batches(train_set: LabelledImages, batch_size: int, runtime: Runtime,
+                     sampler: str, seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Training batches, epoch after epoch, each epoch drawn by its own seed below every
+    training epoch's: training then draws what it would have drawn without them."""
+    for rounds in itertools.count(1):
+        yield from _loader(train_set, batch_size, runtime, train=True, sampler=sampler,
+                           epoch_seed=_seed_epoch(seed, -rounds))
+
+
+def find_learning_rate(net: FinetuneNet, model: torch.nn.Module, train_set: LabelledImages,
+                       params: FinetuneParams, batch_size: int, seed: int, runtime: Runtime,
+                       objective: Objective) -> LrRange:
+    """The learning-rate range test (``transfer.lr_range``) from the starting network, which
+    is restored afterwards. Every group trains at its share of the rate tried, as in training."""
+    start = _copy_state(net)
+    optimizer = _optimizer(net, 1.0, params)
+    shares = [group["lr"] for group in optimizer.param_groups]
+    step = _Step(model, optimizer, _scaler(runtime), objective, params.grad_clip, runtime)
+    test = RangeTest(range_test_steps(
+        len(_loader(train_set, batch_size, runtime, train=True, sampler=params.sampler))))
+    set_train_mode(net, params.bn)
+    batches = tqdm(_endless_batches(train_set, batch_size, runtime, params.sampler, seed),
+                   total=test.steps, desc="learning-rate range test", unit="batch",
+                   leave=False, disable=None if runtime.is_main else True)
+    for done, (images, labels) in enumerate(itertools.islice(batches, test.steps)):
+        lr = test.rate(done)
+        for group, share in zip(optimizer.param_groups, shares, strict=True):
+            group["lr"] = lr * share
+        loss, _, _ = step(images, labels)
+        if not test.record(lr, runtime.mean_over_processes(loss)):
+            break
+    batches.close()
+    net.load_state_dict(start)
+    for p in step.trainable:
+        p.grad = None
+    found = test.result()
+    log.info("learning-rate range test: %d steps, lowest smoothed loss at %.3g, %s; "
+             "finetune.lr: auto chose %.3g", len(found.lrs), found.lr * BELOW_MINIMUM,
+             f"diverged at {found.diverged_at:.3g}" if found.diverged_at else "no divergence",
+             found.lr)
+    return found
 
 
 def train(net: FinetuneNet, train_set: LabelledImages, val_set: LabelledImages,
@@ -240,7 +348,8 @@ def train(net: FinetuneNet, train_set: LabelledImages, val_set: LabelledImages,
           on_epoch: Callable[[TrainingState], None] | None = None) -> FinetuneResult:
     """Fine-tune ``net`` (trainable flags already set); returns the best state by validation.
 
-    Resumes from ``checkpoint`` when its ``key`` matches, writes it after every epoch.
+    ``lr: auto`` runs the range test first. Resumes from ``checkpoint`` when its ``key``
+    matches (the range test's outcome included), writes it after every epoch.
     """
     batch_size = params.batch_size
     share = len(train_set) // runtime.world_size  # each process's part of the training set
@@ -249,38 +358,67 @@ def train(net: FinetuneNet, train_set: LabelledImages, val_set: LabelledImages,
                     batch_size, share, " of each process" if runtime.world_size > 1 else "",
                     share)
         batch_size = share
-    trainable = [p for p in net.parameters() if p.requires_grad]
     model: torch.nn.Module = net
     if runtime.world_size > 1:
         model = torch.nn.parallel.DistributedDataParallel(
             net, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None)
-    optimizer = torch.optim.AdamW(optimizer_groups(
-        trainable_groups(net), params.lr, params.lr_decay, params.weight_decay))
-    steps_per_epoch = len(_loader(train_set, batch_size, runtime, train=True))
+    objective = Objective(params, net.head.out_features, train_set.labels, runtime.device)
+    criterion = SELECT_BY[params.select_by]
+    saved = _load_checkpoint(checkpoint, key)
+    lr_range = None
+    if params.lr == "auto":
+        lr_range = (LrRange(**saved["lr_range"]) if saved is not None else find_learning_rate(
+            net, model, train_set, params, batch_size, seed, runtime, objective))
+    lr = lr_range.lr if lr_range is not None else params.lr
+    optimizer = _optimizer(net, lr, params)
+    steps_per_epoch = len(_loader(train_set, batch_size, runtime, train=True,
+                                  sampler=params.sampler))
     total_steps = steps_per_epoch * params.epochs
     warmup_steps = min(total_steps, round(params.warmup_epochs * steps_per_epoch))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: warmup_cosine(step, warmup_steps, total_steps))
-    scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.precision == "float16")
-    loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=params.label_smoothing)
+    scaler = _scaler(runtime)
+    step = _Step(model, optimizer, scaler, objective, params.grad_clip, runtime)
+    ema = None
+    if params.ema_decay is not None:
+        from timm.utils import ModelEmaV3
+
+        ema = ModelEmaV3(net, decay=params.ema_decay, use_warmup=True)
+
+    def validate(epoch: int) -> EpochRecord:
+        """The epoch's record: the raw weights' scores, or the average's where better."""
+        scores = validation_scores(net, val_set, batch_size, runtime, params.flip_average)
+        weights = "raw"
+        if ema is not None and epoch > 0:
+            averaged = validation_scores(ema.module, val_set, batch_size, runtime,
+                                         params.flip_average)
+            log.info("epoch %d: EMA weights: val loss %.4f, val accuracy %.4f (raw: %.4f, "
+                     "%.4f)", epoch, averaged.loss, averaged.accuracy, scores.loss,
+                     scores.accuracy)
+            if criterion.better(averaged, scores):
+                scores, weights = averaged, "ema"
+        return EpochRecord(epoch, optimizer.param_groups[0]["lr"] if epoch else 0.0, None,
+                           None, scores.loss, scores.accuracy, scores.balanced_accuracy,
+                           weights)
 
     state = TrainingState()
-    saved = _load_checkpoint(checkpoint, key)
     if saved is not None:
         net.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
         scaler.load_state_dict(saved["scaler"])
+        if ema is not None:
+            ema.load_state_dict(saved["ema"])
         state = TrainingState(saved["epoch"], [EpochRecord(**r) for r in saved["history"]],
                               saved["best_epoch"], saved["best_state"],
                               saved["epochs_without_improvement"])
         log.info("resuming fine-tuning after epoch %d of %d from %s", state.epoch,
                  params.epochs, checkpoint)
     else:
-        val_loss, val_accuracy = evaluate_loss_accuracy(net, val_set, batch_size, runtime)
-        state.history.append(EpochRecord(0, 0.0, None, None, val_loss, val_accuracy))
+        state.history.append(validate(0))
         state.best_state = _copy_state(net)
-        log.info("epoch 0 (start): val loss %.4f, val accuracy %.4f", val_loss, val_accuracy)
+        log.info("epoch 0 (start): val loss %.4f, val accuracy %.4f", state.best.val_loss,
+                 state.best.val_accuracy)
     resumed_from = state.epoch
     if on_epoch is not None:
         on_epoch(state)
@@ -291,58 +429,54 @@ def train(net: FinetuneNet, train_set: LabelledImages, val_set: LabelledImages,
         epoch = state.epoch + 1
         epoch_seed = _seed_epoch(seed, epoch)
         set_train_mode(net, params.bn)
-        loader = _loader(train_set, batch_size, runtime, train=True, epoch_seed=epoch_seed)
+        loader = _loader(train_set, batch_size, runtime, train=True, epoch_seed=epoch_seed,
+                         sampler=params.sampler)
         if isinstance(loader.sampler, torch.utils.data.DistributedSampler):
             loader.sampler.set_epoch(epoch)
         loss_sum, correct, seen = 0.0, 0, 0
         started = time.perf_counter()
         for images, labels in tqdm(loader, desc=f"finetune epoch {epoch}", unit="batch",
                                    leave=False, disable=None if runtime.is_main else True):
-            images, labels = _to_device(images, labels, runtime)
-            with runtime.autocast():
-                logits = model(images)
-                loss = loss_fn(logits.float(), labels)
-            if not torch.isfinite(loss):
-                lr = optimizer.param_groups[0]["lr"]
+            loss, logits, labels = step(images, labels)
+            if not math.isfinite(loss):
                 raise PipelineError(
-                    f"finetune: the training loss became {loss.item()} in epoch {epoch} at "
-                    f"learning rate {lr:.3g}; lower finetune.lr or keep finetune.grad_clip set")
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if params.grad_clip is not None:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(trainable, params.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
+                    f"finetune: the training loss became {loss} in epoch {epoch} at learning "
+                    f"rate {optimizer.param_groups[0]['lr']:.3g}; lower finetune.lr or keep "
+                    "finetune.grad_clip set")
             scheduler.step()
-            loss_sum += float(loss.detach()) * len(labels)
+            if ema is not None:
+                ema.update(net, step=scheduler.last_epoch)
+            loss_sum += loss * len(labels)
             correct += int((logits.argmax(1) == labels).sum())
             seen += len(labels)
         train_seconds += time.perf_counter() - started
         train_images += seen * runtime.world_size
-        val_loss, val_accuracy = evaluate_loss_accuracy(net, val_set, batch_size, runtime)
-        record = EpochRecord(epoch, optimizer.param_groups[0]["lr"], loss_sum / max(seen, 1),
-                             correct / max(seen, 1), val_loss, val_accuracy)
+        record = dataclasses.replace(validate(epoch), train_loss=loss_sum / max(seen, 1),
+                                     train_accuracy=correct / max(seen, 1))
         state.epoch = epoch
         state.history.append(record)
-        if state.improved_by(record):
-            state.best_epoch, state.best_state = epoch, _copy_state(net)
+        if criterion.better(record.scores, state.best.scores):
+            kept = ema.module if record.weights == "ema" else net
+            state.best_epoch, state.best_state = epoch, _copy_state(kept)
             state.epochs_without_improvement = 0
         else:
             state.epochs_without_improvement += 1
         stopped_early = state.patience_spent(params.patience)
         log.info("epoch %d: train loss %.4f, train accuracy %.4f, val loss %.4f, "
-                 "val accuracy %.4f, lr %.3g", epoch, record.train_loss,
-                 record.train_accuracy, val_loss, val_accuracy, record.lr)
+                 "val accuracy %.4f (%s weights), lr %.3g", epoch, record.train_loss,
+                 record.train_accuracy, record.val_loss, record.val_accuracy, record.weights,
+                 record.lr)
         if runtime.is_main:
-            _save_checkpoint(checkpoint, key, net, optimizer, scheduler, scaler, state)
+            _save_checkpoint(checkpoint, key, net, optimizer, scheduler, scaler, state, ema,
+                             lr_range)
             if on_epoch is not None:
                 on_epoch(state)
     if stopped_early and state.epoch < params.epochs:
-        log.info("early stop after epoch %d: no better validation accuracy for %d epochs",
-                 state.epoch, params.patience)
+        log.info("early stop after epoch %d: no better validation %s for %d epochs",
+                 state.epoch, criterion.name.replace("_", " "), params.patience)
     rate = train_images / train_seconds if train_seconds else 0.0
-    return FinetuneResult(state, rate, resumed_from, stopped_early and state.epoch < params.epochs)
+    return FinetuneResult(state, rate, resumed_from, stopped_early and state.epoch < params.epochs,
+                          lr, lr_range)
 
 
 def _copy_state(net: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -409,7 +543,8 @@ def run_finetune(params: Params, *, prepared_dir: Path, embeddings_dir: Path, he
             curves.close()
             best = result.state.best
             net.load_state_dict(result.state.best_state)
-            calibration = fit_temperature_on(net, stores["val"], preprocessing,
+            scorer = FlipAveraged(net) if ft.flip_average else net  # as evaluate will score
+            calibration = fit_temperature_on(scorer, stores["val"], preprocessing,
                                              min(ft.batch_size, 64), runtime, len(classes))
             save_finetuned(tmp, result.state.best_state, {
                 "backbone": meta.backbone,
@@ -418,15 +553,20 @@ def run_finetune(params: Params, *, prepared_dir: Path, embeddings_dir: Path, he
                 "short_side": meta.short_side,
                 "classes": classes, "strategy": ft.strategy,
                 "unfreeze_k": ft.unfreeze_k if strategy.uses_unfreeze_k() else None,
-                "best_epoch": result.state.best_epoch,
-                "val_accuracy": best.val_accuracy, "val_loss": best.val_loss,
-                "temperature": calibration["temperature"]})
+                "flip_average": ft.flip_average, "best_epoch": result.state.best_epoch,
+                "best_weights": best.weights, "val_accuracy": best.val_accuracy,
+                "val_loss": best.val_loss, "temperature": calibration["temperature"]})
+            (tmp / FINETUNE_LR_RANGE.relative_to(FINETUNE_DIR)).write_text(
+                curve_text(result.lr_range), encoding="utf-8")
             # No timings and nothing about how the run went (resumed or not): the same
             # parameters give the same bytes, so DVC's run cache and teammates' pushes match.
             write_json(tmp / "status.json", {
                 "enabled": True, "status": "trained", "strategy": ft.strategy,
+                "lr": result.lr, "lr_range_test": result.lr_range is not None,
+                "select_by": ft.select_by,
                 "epochs_run": result.state.epoch, "best_epoch": result.state.best_epoch,
-                "val_accuracy": best.val_accuracy,
+                "best_weights": best.weights, "val_accuracy": best.val_accuracy,
+                "val_balanced_accuracy": best.val_balanced_accuracy, "val_loss": best.val_loss,
                 "start_val_accuracy": result.state.history[0].val_accuracy,
                 "stopped_early": result.stopped_early,
                 "trainable_parameters": trainable, "total_parameters": total,
@@ -445,7 +585,7 @@ def run_finetune(params: Params, *, prepared_dir: Path, embeddings_dir: Path, he
     return result
 
 
-def fit_temperature_on(net: FinetuneNet, store: ImageStore, preprocessing: Preprocessing,
+def fit_temperature_on(net: torch.nn.Module, store: ImageStore, preprocessing: Preprocessing,
                        batch_size: int, runtime: Runtime, n_classes: int) -> dict[str, Any]:
     """The temperature of ``net``'s scores on the validation ``store`` (as the head's is
     fitted); returns what status.json records of it."""
