@@ -8,6 +8,7 @@ from PIL import Image
 from stages import evaluate, finetune, train_head
 from transfer.errors import PipelineError
 from transfer.evaluation import GALLERY_FILE, PLOT_FILES
+from transfer.layout import EVALUATE_METRICS, EVALUATE_PLOTS_DIR, EVALUATE_REPORT, SUMMARY
 
 
 def test_metrics_report_plots_gallery_and_summary(project):
@@ -85,11 +86,11 @@ def test_a_failure_leaves_every_previous_output_as_it_was(project, monkeypatch):
     train_head.main()
     finetune.main()
     evaluate.main()
-    outputs = [evaluate.METRICS, evaluate.REPORT, evaluate.SUMMARY,
-               evaluate.PLOTS_DIR / GALLERY_FILE, *(evaluate.PLOTS_DIR / f for f in PLOT_FILES)]
+    outputs = [EVALUATE_METRICS, EVALUATE_REPORT, SUMMARY, EVALUATE_PLOTS_DIR / GALLERY_FILE,
+               *(EVALUATE_PLOTS_DIR / f for f in PLOT_FILES)]
     before = {path: path.read_bytes() for path in outputs}
-    (project / "metrics" / "evaluate.json").write_text('{"head": {}}')  # as if older
-    before[evaluate.METRICS] = evaluate.METRICS.read_bytes()
+    EVALUATE_METRICS.write_text('{"head": {}}')  # as if older
+    before[EVALUATE_METRICS] = EVALUATE_METRICS.read_bytes()
 
     def gallery_fails(*args, **kwargs):
         raise PipelineError("the gallery could not be drawn")

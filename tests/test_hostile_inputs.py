@@ -386,7 +386,7 @@ def test_a_store_index_pointing_past_its_pixels_is_refused(outputs, tmp_path):
 
 
 def test_finetuned_model_descriptions_of_damaged_bytes_and_shapes(tmp_path):
-    from stages.finetuning import load_finetuned
+    from transfer.inference import load_finetuned
 
     rng = random.Random(SEED)
     info = {"backbone": "tf_efficientnet_lite0", "classes": ["a", "b"], "short_side": 64,
