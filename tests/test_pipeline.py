@@ -138,9 +138,9 @@ def test_two_commits_differ_in_params_metrics_and_plots_diff(repo):
     assert changed["head.log_loss"]["diff"] == pytest.approx(
         changed["head.log_loss"]["new"] - changed["head.log_loss"]["old"])
     plots = json.loads(run(["dvc", "plots", "diff", "HEAD~1", "--json"], repo))["data"]
-    # Fine-tuning is off: its curve plots are declared but hold no epochs.
+    # Fine-tuning is off: its curve plots are declared but hold no epochs, and no range test.
     assert set(plots) == {f"plots/evaluate/{name}" for name in EVALUATE_PLOTS} | {
-        "finetune_loss", "finetune_accuracy", "finetune_learning_rate"}
+        "finetune_loss", "finetune_accuracy", "finetune_learning_rate", "finetune_lr_range"}
     assert all(plots[name] == [] for name in plots if name.startswith("finetune_"))
     calibration = plots["plots/evaluate/calibration.csv"][0]
     assert sorted(calibration["revisions"]) == ["HEAD~1", "workspace"]
