@@ -84,7 +84,7 @@ def test_unknown_section_lists_top_level_keys():
     ({"seed": True}, r"seed=True has the wrong type"),
     ({"head": [1, 2]}, r"'head' must be a mapping"),
     ({"finetune": {"lr": "nan"}}, r"finetune.lr='nan' is not a finite number; allowed: "
-                                  r"\(0.0, 10.0\]"),
+                                  r"auto or a number in \(0.0, 10.0\]"),
     ({"finetune": {"select_by": "f1"}}, r"finetune.select_by='f1' is not valid; choose one of: "
                                         r"accuracy, balanced_accuracy, log_loss"),
     ({"finetune": {"class_weight": "inverse"}}, r"choose one of: null, balanced"),
@@ -116,8 +116,8 @@ def test_missing_file_is_named(tmp_path):
 def test_exponent_without_dot_is_read_as_a_float():
     # PyYAML reads 1e-4 as a string; `dvc exp run -S finetune.lr=1e-4` writes exactly that.
     assert params_from_dict({"finetune": {"lr": "1e-4"}}).finetune.lr == pytest.approx(1e-4)
-    with pytest.raises(ParamsError, match=r"finetune.lr='fast' is not valid; choose one of: "
-                                          r"auto, or a number in \(0.0, 10.0\]"):
+    with pytest.raises(ParamsError, match=r"finetune.lr='fast' is not valid; expected "
+                                          r"auto or a number in \(0.0, 10.0\]"):
         params_from_dict({"finetune": {"lr": "fast"}})
 
 
