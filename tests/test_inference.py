@@ -64,7 +64,7 @@ def test_the_fine_tuned_temperature_softens_an_over_confident_network():
     labels = np.where(np.arange(30) % 3 == 0, (predicted + 1) % 3, predicted)  # a third wrong
     result = fit_temperature_on(model.net, Store(pictures, labels), TINY, 8, CPU, 3)
     assert result["temperature"] > 1.5
-    assert result["val_log_loss"] < result["val_log_loss_uncalibrated"]
+    assert result["log_loss"] < result["log_loss_uncalibrated"]
 
 
 def test_all_right_validation_images_leave_the_temperature_at_one():

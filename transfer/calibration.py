@@ -7,11 +7,14 @@ class never changes.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import numpy as np
 from scipy.optimize import minimize_scalar
 from scipy.special import log_softmax
+
+log = logging.getLogger(__name__)
 
 # The temperatures searched. A held-out set the model gets all right with a margin pushes T to
 # the lower end: the fit says so in the log rather than sharpening without limit.
@@ -90,3 +93,24 @@ def calibrate(scores: np.ndarray, classes: np.ndarray, labels: np.ndarray) -> Ca
     temperature = 1.0 if all_right else fit_temperature(scores, columns)
     return Calibration(temperature, negative_log_likelihood(scores, columns),
                        negative_log_likelihood(scores, columns, temperature), all_right)
+
+
+def report(calibration: Calibration | None, model: str, held_out: str) -> dict:
+    """Log what the temperature fit on ``held_out`` did for ``model`` (the head, the fine-tuned
+    model) and return what its metrics record of it."""
+    if calibration is None:
+        log.warning("no held-out image of a class the %s knows: temperature left at 1", model)
+        return {"temperature": 1.0, "held_out": held_out}
+    if calibration.all_right:
+        log.warning("every image of the %s is classified right: they cannot tell how "
+                    "confident the %s should be, so its temperature stays 1", held_out, model)
+    else:
+        if calibration.at_bound:
+            log.warning("temperature %.3g is at the end of its range %s",
+                        calibration.temperature, TEMPERATURE_BOUNDS)
+        log.info("%s: temperature %.3f fitted on the %s: held-out log loss %.4f -> %.4f", model,
+                 calibration.temperature, held_out, calibration.log_loss_uncalibrated,
+                 calibration.log_loss)
+    return {"temperature": calibration.temperature, "held_out": held_out,
+            "log_loss_uncalibrated": calibration.log_loss_uncalibrated,
+            "log_loss": calibration.log_loss}

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from transfer.calibration import TEMPERATURE_BOUNDS, calibrate
+from transfer.calibration import calibrate, report
 from transfer.head_search import (
     ALPHA_GRID,
     C_GRID,
@@ -102,22 +102,8 @@ def log_search(trainer: HeadTrainer, fitted: Fitted) -> None:
 def calibrate_head(fitted: Fitted) -> dict:
     """Fit the head's temperature on the held-out scores its search kept; returns what the
     metrics record of it."""
-    head, held_out = fitted.head, fitted.search.held_out.description
+    head = fitted.head
     calibration = calibrate(fitted.held_out_scores, head.classes_, fitted.held_out_labels)
-    if calibration is None:
-        log.warning("no held-out image of a class the head knows: temperature left at 1")
-        return {"temperature": 1.0, "held_out": held_out}
-    head.temperature_ = calibration.temperature
-    if calibration.all_right:
-        log.warning("every image of the %s is classified right: they cannot tell how "
-                    "confident the head should be, so its temperature stays 1", held_out)
-    else:
-        if calibration.at_bound:
-            log.warning("temperature %.3g is at the end of its range %s", head.temperature_,
-                        TEMPERATURE_BOUNDS)
-        log.info("temperature %.3f fitted on the %s: held-out log loss %.4f -> %.4f",
-                 head.temperature_, held_out, calibration.log_loss_uncalibrated,
-                 calibration.log_loss)
-    return {"temperature": head.temperature_, "held_out": held_out,
-            "log_loss_uncalibrated": calibration.log_loss_uncalibrated,
-            "log_loss": calibration.log_loss}
+    if calibration is not None:
+        head.temperature_ = calibration.temperature
+    return report(calibration, "head", fitted.search.held_out.description)

@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from transfer.artifacts import atomic_output, write_json
 from transfer.backbones import PreprocessedImages, Preprocessing, sha256_file
-from transfer.calibration import calibrate
+from transfer.calibration import calibrate, report
 from transfer.data import ImageStore
 from transfer.embeddings import EmbeddingMeta
 from transfer.errors import PipelineError
@@ -591,19 +591,7 @@ def fit_temperature_on(net: torch.nn.Module, store: ImageStore, preprocessing: P
     fitted); returns what status.json records of it."""
     scores = np.concatenate(list(network_scores(net, store, preprocessing, batch_size, runtime)))
     calibration = calibrate(scores, np.arange(n_classes), store.labels)
-    if calibration is None:
-        log.warning("no validation image: the fine-tuned model's temperature is left at 1")
-        return {"temperature": 1.0}
-    if calibration.all_right:
-        log.warning("every validation image is classified right: they cannot tell how "
-                    "confident the fine-tuned model should be, so its temperature stays 1")
-    else:
-        log.info("fine-tuned model: temperature %.3f, validation log loss %.4f -> %.4f",
-                 calibration.temperature, calibration.log_loss_uncalibrated,
-                 calibration.log_loss)
-    return {"temperature": calibration.temperature,
-            "val_log_loss_uncalibrated": calibration.log_loss_uncalibrated,
-            "val_log_loss": calibration.log_loss}
+    return report(calibration, "fine-tuned model", f"validation split ({len(store)} images)")
 
 
 class _CurveWriter:
