@@ -11,6 +11,7 @@ import logging
 import numpy as np
 
 from transfer.artifacts import csv_text, json_text, read_json, write_files
+from transfer.audit import summary_section
 from transfer.data import ImageStore
 from transfer.embeddings import EmbeddingMeta, load_split
 from transfer.errors import PipelineError, run_stage
@@ -24,6 +25,7 @@ from transfer.evaluation import (
 from transfer.gallery import draw_gallery, images_by_id, png_bytes
 from transfer.heads import load_head_for
 from transfer.layout import (
+    AUDIT_REPORT,
     EMBEDDINGS_DIR,
     EVALUATE_METRICS,
     EVALUATE_PLOTS_DIR,
@@ -74,7 +76,8 @@ def main() -> None:
         **{EVALUATE_PLOTS_DIR / filename: csv_text(rows)
            for filename, rows in plot_tables(evaluations).items()},
         EVALUATE_PLOTS_DIR / GALLERY_FILE: png_bytes(gallery),
-        SUMMARY: summary_markdown(evaluations, finetune, EVALUATE_PLOTS_DIR.as_posix(), untrained),
+        SUMMARY: summary_markdown(evaluations, finetune, EVALUATE_PLOTS_DIR.as_posix(), untrained)
+        + summary_section(read_json(AUDIT_REPORT)),
     })
     for e in evaluations:
         log.info("%s on %s: accuracy %.4f, balanced accuracy %.4f, macro F1 %.4f, ECE %.4f, "

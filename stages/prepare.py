@@ -7,6 +7,7 @@ import sqlite3
 from pathlib import Path
 
 from transfer.artifacts import atomic_outputs, scratch_directory, write_json
+from transfer.curation import read_curation
 from transfer.data import prepare_store
 from transfer.errors import PipelineError, run_stage
 from transfer.layout import DATA_REPORT, PARAMS, PREPARED_DIR, RAW_DIR
@@ -19,6 +20,7 @@ log = logging.getLogger(__name__)
 def main() -> None:
     params = load_params(PARAMS)
     data = params.data
+    curation = read_curation(data.exclude, data.relabel)
     generated = data.source in BUILTIN_SOURCES or data.source.startswith(TORCHVISION_PREFIX)
     if not generated and RAW_DIR.resolve() not in Path(data.source).resolve().parents:
         log.warning("data.source '%s' is outside %s/: DVC will not notice when it changes",
@@ -34,7 +36,7 @@ def main() -> None:
                                    short_side=data.short_side, val_size=data.val_size,
                                    test_size=data.test_size, seed=params.seed,
                                    min_per_class=data.min_per_class,
-                                   max_per_class=data.max_per_class)
+                                   max_per_class=data.max_per_class, curation=curation)
             write_json(report_file, report)
     except sqlite3.OperationalError as err:  # the catalog's database ran out of room
         raise PipelineError(f"prepare's temporary catalog failed ({err}); it lives in $TMPDIR "
@@ -69,6 +71,12 @@ def summarize(report: dict) -> list[str]:
     if report["small_images"]["count"]:
         lines.append(f"{report['small_images']['count']} images smaller than "
                      f"{report['small_images']['min_side_below']} px on a side")
+    for kind, done in (("exclude", "excluded"), ("relabel", "relabelled")):
+        changes = report["curation"][kind]
+        if changes["entries"]:
+            unmatched = f" ({len(changes['unmatched'])} of its entries name no image: " \
+                f"{', '.join(changes['unmatched'][:3])})" if changes["unmatched"] else ""
+            lines.append(f"{changes['file']}: {len(changes[done])} images {done}{unmatched}")
     if report["left_out_by_max_per_class"]:
         lines.append(f"{report['left_out_by_max_per_class']} images left out by "
                      "data.max_per_class")

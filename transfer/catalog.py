@@ -12,6 +12,9 @@ import sqlite3
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+from transfer.curation import Entry, is_content_id
 
 SPLITS = ("train", "val", "test")
 
@@ -140,15 +143,59 @@ class Catalog:
         return [{"path": id_, "reason": reason} for id_, reason in self._db.execute(
             "SELECT id, reason FROM images WHERE reason IS NOT NULL ORDER BY rank")]
 
+    # Curation: what a person decided about single images
+
+    def matching(self, image: str) -> list[tuple[int, str, str]]:
+        """The decoded files an entry names, as ``(rank, id, label)``: by id (path relative to
+        the source), or by content id (a prefix of the pixel hash)."""
+        if is_content_id(image):
+            # A range, not LIKE, so that the index on the pixel hash is used.
+            condition, args = "pixel_sha256 >= ? AND pixel_sha256 < ?", (image, image + "g")
+        else:
+            condition, args = "id = ?", (image,)
+        self._db.execute("CREATE INDEX IF NOT EXISTS picture ON images (pixel_sha256, rank)")
+        self._db.execute("CREATE INDEX IF NOT EXISTS named ON images (id)")
+        return self._db.execute(f"SELECT rank, id, label FROM images WHERE {condition} AND "
+                                "reason IS NULL ORDER BY rank", args).fetchall()
+
+    def exclude(self, entries: list[Entry]) -> dict[str, Any]:
+        """Leave out every file an entry names; returns what was left out and which entries
+        named nothing."""
+        excluded, unmatched = [], []
+        for entry in entries:
+            rows = self.matching(entry.image)
+            if not rows:
+                unmatched.append(entry.where)
+            for rank, id_, _ in rows:
+                self._db.execute("UPDATE images SET status = 'excluded' WHERE rank = ?", (rank,))
+                excluded.append({"path": id_, "entry": entry.where})
+        return {"excluded": excluded, "unmatched": unmatched}
+
+    def relabel(self, entries: list[Entry]) -> dict[str, Any]:
+        """File every file an entry names under its new label; returns what changed and which
+        entries named nothing."""
+        relabelled, unmatched = [], []
+        for entry in entries:
+            rows = self.matching(entry.image)
+            if not rows:
+                unmatched.append(entry.where)
+            for rank, id_, label in rows:
+                self._db.execute("UPDATE images SET label = ? WHERE rank = ?",
+                                 (entry.label, rank))
+                if label != entry.label:
+                    relabelled.append({"path": id_, "from": label, "to": entry.label,
+                                       "entry": entry.where})
+        return {"relabelled": relabelled, "unmatched": unmatched}
+
     # De-duplication
 
     def find_duplicates(self) -> None:
         """Keep the first copy of each picture; the later ones are duplicates."""
         self._db.executescript("""
             CREATE INDEX IF NOT EXISTS picture ON images (pixel_sha256, rank);
-            UPDATE images SET status = 'duplicate' WHERE reason IS NULL;
+            UPDATE images SET status = 'duplicate' WHERE reason IS NULL AND status IS NULL;
             UPDATE images SET status = 'kept' WHERE rank IN (
-                SELECT MIN(rank) FROM images WHERE reason IS NULL GROUP BY pixel_sha256);
+                SELECT MIN(rank) FROM images WHERE status = 'duplicate' GROUP BY pixel_sha256);
         """)
 
     def small_images(self, limit: int) -> tuple[int, list[str]]:
@@ -163,17 +210,18 @@ class Catalog:
     def exclude_conflicts(self) -> list[dict[str, list[str]]]:
         """Set aside every copy of a picture that is filed under several labels; returns the
         groups: their ids (in rank order) and labels."""
+        usable = "reason IS NULL AND status IS NOT 'excluded'"
         pictures = [row[0] for row in self._db.execute(
-            "SELECT pixel_sha256 FROM images WHERE reason IS NULL GROUP BY pixel_sha256 "
+            f"SELECT pixel_sha256 FROM images WHERE {usable} GROUP BY pixel_sha256 "
             "HAVING COUNT(DISTINCT label) > 1 ORDER BY MIN(rank)")]
         conflicts = []
         for picture in pictures:
-            rows = self._db.execute("SELECT id, label FROM images WHERE pixel_sha256 = ? "
-                                    "AND reason IS NULL ORDER BY rank", (picture,)).fetchall()
+            rows = self._db.execute(f"SELECT id, label FROM images WHERE pixel_sha256 = ? "
+                                    f"AND {usable} ORDER BY rank", (picture,)).fetchall()
             conflicts.append({"paths": [id_ for id_, _ in rows],
                               "labels": sorted({label for _, label in rows})})
-            self._db.execute("UPDATE images SET status = 'conflict' WHERE pixel_sha256 = ? "
-                             "AND reason IS NULL", (picture,))
+            self._db.execute(f"UPDATE images SET status = 'conflict' WHERE pixel_sha256 = ? "
+                             f"AND {usable}", (picture,))
         return conflicts
 
     def duplicates(self) -> list[dict[str, str]]:

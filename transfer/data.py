@@ -35,6 +35,7 @@ from transfer.artifacts import (
     write_json,
 )
 from transfer.catalog import SPLITS, STORE_OFFSET, Catalog, DecodedFile
+from transfer.curation import Curation, check_labels, content_id
 from transfer.errors import PipelineError
 
 log = logging.getLogger(__name__)
@@ -233,15 +234,18 @@ def assign_split(fraction: float, given: str | None, given_splits: set[str],
 
 def prepare_store(catalog: Catalog, out_dir: Path, *, source: str, short_side: int,
                   val_size: float, test_size: float, seed: int, min_per_class: int,
-                  max_per_class: int | None, workers: int | None = None) -> dict:
+                  max_per_class: int | None, curation: Curation | None = None,
+                  workers: int | None = None) -> dict:
     """Decode, check, de-duplicate and split the files of ``catalog`` into the store at
-    ``out_dir``.
+    ``out_dir``, leaving out and relabelling the images ``curation`` names.
 
     Returns the data report. Fails, leaving no store, when a class ends up with fewer than
     ``min_per_class`` images or a split ends up empty.
     """
     classes = catalog.classes()
     _check_class_count(classes, source, "found")
+    curation = curation or Curation()
+    check_labels(curation, classes)
     with atomic_output(out_dir) as tmp:
         tmp.mkdir()
         staging = tmp / "staging"
@@ -250,6 +254,11 @@ def prepare_store(catalog: Catalog, out_dir: Path, *, source: str, short_side: i
                                    workers)
         for rank, decoded in enumerate(decoded_files, start=1):
             catalog.record(rank, decoded, small=0 < min(decoded.original_size) < SMALL_SIDE)
+        curated = {
+            "exclude": {"file": curation.exclude_file, "entries": len(curation.exclude),
+                        **catalog.exclude(curation.exclude)},
+            "relabel": {"file": curation.relabel_file, "entries": len(curation.relabel),
+                        **catalog.relabel(curation.relabel)}}
         catalog.find_duplicates()
         small_count, small = catalog.small_images(limit=100)
         conflicts = catalog.exclude_conflicts()
@@ -292,6 +301,7 @@ def prepare_store(catalog: Catalog, out_dir: Path, *, source: str, short_side: i
         "skipped": catalog.skipped + catalog.undecodable(),
         "duplicates": catalog.duplicates(),
         "conflicts": conflicts,
+        "curation": curated,
     }
 
 
@@ -376,6 +386,7 @@ class ImageStore:
         self.classes: list[str] = classes
         self.labels: np.ndarray = index.get("labels")
         self.ids: np.ndarray = index.get("ids")
+        self._sha256 = index.get("sha256")
         self._offsets = index.get("offsets")
         self._shapes = index.get("shapes")
         # Positional reads, not a memory map: reading every image once must not leave the
@@ -408,6 +419,13 @@ class ImageStore:
         ends = offsets + np.prod(shapes, axis=1) * 3
         return bool(np.all(ends <= size) and np.all(self.labels >= 0) and
                     np.all(self.labels < len(self.classes)))
+
+    def content_ids(self) -> list[str]:
+        """Each image's id from its content (``transfer.curation.content_id``)."""
+        if self._sha256 is None or self._sha256.shape != self.ids.shape:
+            raise PipelineError("the prepared store has no pixel hashes; re-run: dvc repro "
+                                "--force prepare")
+        return [content_id(sha.decode("ascii")) for sha in self._sha256]
 
     def __del__(self) -> None:
         if getattr(self, "_fd", None) is not None:

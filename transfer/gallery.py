@@ -1,16 +1,21 @@
-"""A contact sheet of a model's most confident mistakes, drawn with PIL alone."""
+"""Contact sheets of images with captions (a model's most confident mistakes, the audit's
+suspects), drawn with PIL alone."""
 
 from __future__ import annotations
 
 import io
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from transfer.data import ImageStore
 from transfer.errors import PipelineError, one_line
-from transfer.evaluation import Mistake
+
+if TYPE_CHECKING:
+    from transfer.evaluation import Mistake
 
 TILE = 120          # each image is fitted into a TILE x TILE square
 COLUMNS = 6
@@ -22,6 +27,24 @@ TEXT = (20, 20, 20)
 WRONG = (190, 30, 30)
 
 
+@dataclass(frozen=True)
+class Tile:
+    """One image of a contact sheet: what ``image_of`` looks it up by, and its caption lines
+    with their colours."""
+
+    key: Hashable
+    caption: tuple[tuple[str, tuple[int, int, int]], ...]
+
+
+@dataclass(frozen=True)
+class Section:
+    """A titled block of tiles; ``when_empty`` is written where there is none."""
+
+    title: str
+    tiles: Sequence[Tile]
+    when_empty: str = ""
+
+
 def draw_gallery(sections: Sequence[tuple[str, Sequence[Mistake]]],
                  image_of: Callable[[str], np.ndarray]) -> Image.Image:
     """One block per model: a title, then its mistakes with true and predicted class.
@@ -29,33 +52,43 @@ def draw_gallery(sections: Sequence[tuple[str, Sequence[Mistake]]],
     ``image_of`` returns the RGB uint8 pixels of an image id. A model without mistakes gets a
     line saying so.
     """
+    return draw_sheet([Section(title, [mistake_tile(m) for m in mistakes],
+                               "no mistakes: every image was classified correctly")
+                       for title, mistakes in sections], image_of)
+
+
+def mistake_tile(mistake: Mistake) -> Tile:
+    return Tile(mistake.id, ((f"true: {mistake.actual}", TEXT),
+                             (f"pred: {mistake.predicted}", WRONG),
+                             (f"confidence {mistake.confidence:.2f}", WRONG)))
+
+
+def draw_sheet(sections: Sequence[Section], image_of: Callable[[Any], np.ndarray]) -> Image.Image:
+    """A contact sheet: per section its title, then its tiles, ``COLUMNS`` to a row."""
     font = _font(13)
     title_font = _font(16)
     cell_h = TILE + CAPTION_LINES * LINE_HEIGHT + MARGIN
     width = MARGIN + COLUMNS * (TILE + MARGIN)
-    heights = [2 * LINE_HEIGHT + (-(-len(m) // COLUMNS) * cell_h if m else 2 * LINE_HEIGHT)
-               for _, m in sections]
+    heights = [2 * LINE_HEIGHT + (-(-len(s.tiles) // COLUMNS) * cell_h if s.tiles
+                                  else 2 * LINE_HEIGHT) for s in sections]
     sheet = Image.new("RGB", (width, MARGIN + sum(heights)), BACKGROUND)
     draw = ImageDraw.Draw(sheet)
     top = MARGIN
-    for (title, mistakes), height in zip(sections, heights, strict=True):
-        draw.text((MARGIN, top), title, fill=TEXT, font=title_font)
+    for section, height in zip(sections, heights, strict=True):
+        draw.text((MARGIN, top), section.title, fill=TEXT, font=title_font)
         y0 = top + 2 * LINE_HEIGHT
-        if not mistakes:
-            draw.text((MARGIN, y0), "no mistakes: every image was classified correctly",
-                      fill=TEXT, font=font)
-        for k, mistake in enumerate(mistakes):
+        if not section.tiles:
+            draw.text((MARGIN, y0), section.when_empty, fill=TEXT, font=font)
+        for k, tile in enumerate(section.tiles):
             x = MARGIN + (k % COLUMNS) * (TILE + MARGIN)
             y = y0 + (k // COLUMNS) * cell_h
-            tile = _fit(Image.fromarray(image_of(mistake.id)))
-            sheet.paste(tile, (x + (TILE - tile.width) // 2, y + (TILE - tile.height) // 2))
+            picture = _fit(Image.fromarray(image_of(tile.key)))
+            sheet.paste(picture, (x + (TILE - picture.width) // 2,
+                                  y + (TILE - picture.height) // 2))
             draw.rectangle((x - 1, y - 1, x + TILE, y + TILE), outline=(200, 200, 200))
-            draw.text((x, y + TILE + 2), _clip(f"true: {mistake.actual}", draw, font),
-                      fill=TEXT, font=font)
-            draw.text((x, y + TILE + 2 + LINE_HEIGHT),
-                      _clip(f"pred: {mistake.predicted}", draw, font), fill=WRONG, font=font)
-            draw.text((x, y + TILE + 2 + 2 * LINE_HEIGHT),
-                      f"confidence {mistake.confidence:.2f}", fill=WRONG, font=font)
+            for line, (text, colour) in enumerate(tile.caption[:CAPTION_LINES]):
+                draw.text((x, y + TILE + 2 + line * LINE_HEIGHT), _clip(text, draw, font),
+                          fill=colour, font=font)
         top += height
     return sheet
 

@@ -19,6 +19,12 @@ DATA_REPORT = Path("reports/data.json")
 # extract
 EMBEDDINGS_DIR = Path("data/embeddings")
 
+# audit
+AUDIT_REPORT = Path("reports/audit.json")
+AUDIT_PICTURE = Path("plots/audit/suspects.png")
+# What predict compares new images with to call them unfamiliar.
+FAMILIARITY = Path("models/familiarity.npz")
+
 # train_head
 HEAD_PATH = Path("models/head.npz")
 TRAIN_HEAD_METRICS = Path("metrics/train_head.json")

@@ -78,6 +78,12 @@ class DataParams:
                                          help="cap on images per class (null: no cap)")
     short_side: int = _bounded(256, 32, 4096,
                                help="larger images are downscaled to this shorter side")
+    exclude: str = field(default="data/exclude.txt", metadata={
+        "help": "a Git-tracked text file: images to leave out, one per line (a path "
+                "relative to the source, or an image id from reports/audit.json)"})
+    relabel: str = field(default="data/relabel.csv", metadata={
+        "help": "a Git-tracked CSV file with the header image,label: images to file under "
+                "another of the classes"})
 
 
 @dataclass(frozen=True)
@@ -181,6 +187,23 @@ class FinetuneParams:
 
 
 @dataclass(frozen=True)
+class AuditParams:
+    folds: int = _bounded(5, 2, 100, help=(
+        "cross-validation folds for the out-of-fold probabilities that find label issues"))
+    C: float = _bounded(0.1, 0.0, None, low_open=True, help=(
+        "inverse regularisation strength of the audit's logistic regression"))
+    duplicate_similarity: float = _bounded(0.9, 0.0, 1.0, low_open=True, help=(
+        "cosine similarity of centred embeddings from which two images are near-duplicates"))
+    neighbours: int = _bounded(5, 1, 1000, help=(
+        "outliers: the mean distance to this many nearest training images is the score"))
+    unfamiliar_percentile: float = _bounded(99.0, 50.0, 100.0, help=(
+        "predict marks an image unfamiliar beyond this percentile of the validation "
+        "images' distance to the training images"))
+    max_listed: int = _bounded(50, 1, 100_000, help=(
+        "entries listed per kind in reports/audit.json (the counts cover all)"))
+
+
+@dataclass(frozen=True)
 class EvaluateParams:
     split: str = _choice("test", ("test", "val"))
 
@@ -192,6 +215,7 @@ class Params:
     backbone: BackboneParams = field(default_factory=BackboneParams)
     head: HeadParams = field(default_factory=HeadParams)
     finetune: FinetuneParams = field(default_factory=FinetuneParams)
+    audit: AuditParams = field(default_factory=AuditParams)
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
 
 

@@ -1,0 +1,95 @@
+"""DVC stage ``audit``: likely label errors, near-duplicates, leakage and outliers, found on the
+cached embeddings; and the reference ``predict`` uses to call a new image unfamiliar."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from transfer.artifacts import atomic_outputs, json_text
+from transfer.audit import AuditImages, AuditSettings, run_audit
+from transfer.catalog import SPLITS
+from transfer.data import ImageStore
+from transfer.embeddings import EmbeddingMeta, load_split
+from transfer.errors import PipelineError, run_stage
+from transfer.gallery import Section, Tile, draw_sheet, png_bytes
+from transfer.layout import (
+    AUDIT_PICTURE,
+    AUDIT_REPORT,
+    EMBEDDINGS_DIR,
+    FAMILIARITY,
+    PARAMS,
+    PREPARED_DIR,
+)
+from transfer.params import load_params
+
+log = logging.getLogger(__name__)
+
+SHOWN = 12  # suspects of each kind in the picture
+WARNING = (190, 30, 30)
+TEXT = (20, 20, 20)
+
+
+def main() -> None:
+    params = load_params(PARAMS)
+    meta = EmbeddingMeta.read(EMBEDDINGS_DIR)
+    stores = {split: ImageStore(PREPARED_DIR, split) for split in SPLITS}
+    parts = []
+    for split, store in stores.items():
+        features, labels, ids = load_split(EMBEDDINGS_DIR, split)
+        if not np.array_equal(store.ids, ids):
+            raise PipelineError(f"{PREPARED_DIR}/{split} and {EMBEDDINGS_DIR} list different "
+                                "images; run: dvc repro")
+        parts.append((split, features, labels, ids, np.asarray(store.content_ids())))
+    images = AuditImages.gather(parts)
+    settings = AuditSettings(**vars(params.audit))
+    report, familiarity = run_audit(images, meta.classes, settings, params.seed, meta)
+    picture = draw_sheet(suspect_sections(report), image_lookup(images, stores))
+    with atomic_outputs(AUDIT_REPORT, AUDIT_PICTURE, FAMILIARITY) as (report_file, picture_file,
+                                                                      reference_file):
+        report_file.write_text(json_text(report), encoding="utf-8")
+        picture_file.write_bytes(png_bytes(picture))
+        familiarity.save(reference_file)
+    counts = report["counts"]
+    log.info("%d images: %d likely label issues, %d near-duplicate pairs (%d across splits, %d "
+             "across labels), %d beyond the unfamiliar distance", counts["images"],
+             counts["label_issues"], counts["near_duplicate_pairs"],
+             counts["near_duplicates_across_splits"], counts["near_duplicates_across_labels"],
+             counts["unfamiliar"])
+    log.info("details: %s; picture: %s", AUDIT_REPORT, AUDIT_PICTURE)
+
+
+def image_lookup(images: AuditImages, stores: dict[str, ImageStore]):
+    """Pixels of an image by its (split, path)."""
+    position = {split: {str(i): n for n, i in enumerate(store.ids)}
+                for split, store in stores.items()}
+    return lambda key: stores[key[0]][position[key[0]][key[1]]]
+
+
+def suspect_sections(report: dict) -> list[Section]:
+    """The picture's blocks: likely mislabelled images, near-duplicate pairs, outliers."""
+    issues = [Tile((e["split"], e["path"]), ((e["path"], TEXT), (f"given: {e['given']}", TEXT),
+                                             (f"likely: {e['suggested']}", WARNING)))
+              for e in report["label_issues"][:SHOWN]]
+    pairs = [Tile((split, path), ((path, TEXT), (f"{split}, {label}", TEXT),
+                                  (f"pair {n + 1}: {e['similarity']:.3f}", WARNING)))
+             for n, e in enumerate(report["near_duplicates"][:SHOWN // 2])
+             for path, split, label in zip((e["a"], e["b"]), e["splits"], e["labels"],
+                                           strict=True)]
+    outliers = [Tile((e["split"], e["path"]), ((e["path"], TEXT), (e["label"], TEXT),
+                                               (f"distance {e['score']:.3f}", WARNING)))
+                for e in report["outliers"][:SHOWN]]
+    counts = report["counts"]
+    return [
+        Section(f"Likely mislabelled: {counts['label_issues']} found, the most likely first",
+                issues, "none found"),
+        Section(f"Near-duplicate pairs: {counts['near_duplicate_pairs']} "
+                f"({counts['near_duplicates_across_splits']} across splits, "
+                f"{counts['near_duplicates_across_labels']} across labels)", pairs, "none found"),
+        Section("Farthest from the training images", outliers, "no images"),
+    ]
+
+
+if __name__ == "__main__":
+    run_stage(main)

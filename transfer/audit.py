@@ -1,0 +1,345 @@
+"""The data audit on the cached embeddings: likely label errors, near-duplicates and outliers.
+
+Label issues are found by confident learning (cleanlab) on out-of-fold probabilities of a
+linear probe fitted by cross-validation over every labelled image. Near-duplicates and
+outliers come from one pass over the cosine similarities of the centred, normalised
+embeddings, a block of rows at a time, so memory grows with the number of images, never with
+its square. ``Familiarity`` keeps what ``predict`` needs to say that a new image is unlike
+every training image.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from transfer.artifacts import load_arrays, save_arrays
+from transfer.embeddings import EmbeddingMeta, read_rows
+from transfer.errors import PipelineError
+from transfer.layout import AUDIT_PICTURE, AUDIT_REPORT
+
+log = logging.getLogger(__name__)
+
+# Rows of the similarity matrix computed at a time: ROWS x (number of images) float32 values,
+# 100 MB at 50,000 images.
+ROWS = 512
+# Training images kept as the reference that new images are compared with (a sample, by
+# content id, of larger training splits): 5,000 x 1,280 float16 values are 13 MB.
+MAX_REFERENCE = 5000
+
+
+@dataclass(frozen=True)
+class AuditImages:
+    """Every labelled image of the embedding cache in one table: train, then val, then test."""
+
+    features: np.ndarray     # (n, dim) float32
+    labels: np.ndarray       # (n,) class indices
+    splits: np.ndarray       # (n,) split names
+    paths: np.ndarray        # (n,) the prepared store's ids: paths relative to the source
+    content_ids: np.ndarray  # (n,) content-based ids (transfer.data.content_id)
+
+    @classmethod
+    def gather(cls, parts: Sequence[tuple[str, np.ndarray, np.ndarray, np.ndarray, np.ndarray]]
+               ) -> AuditImages:
+        """One table from per-split ``(split, features, labels, paths, content ids)``."""
+        return cls(
+            features=np.concatenate([read_rows(features, slice(None)).astype(np.float32)
+                                     for _, features, _, _, _ in parts]),
+            labels=np.concatenate([labels for _, _, labels, _, _ in parts]).astype(np.int64),
+            splits=np.concatenate([np.full(len(labels), split)
+                                   for split, _, labels, _, _ in parts]),
+            paths=np.concatenate([paths.astype(str) for _, _, _, paths, _ in parts]),
+            content_ids=np.concatenate([ids.astype(str) for _, _, _, _, ids in parts]))
+
+    @property
+    def train(self) -> np.ndarray:
+        return self.splits == "train"
+
+
+# Label issues
+
+
+def usable_folds(labels: np.ndarray, folds: int) -> int:
+    """``folds``, lowered to the size of the smallest class (each fold holds out one image of
+    every class at least); 0 where that leaves fewer than 2."""
+    smallest = int(np.bincount(labels)[np.unique(labels)].min()) if len(labels) else 0
+    n = min(folds, smallest)
+    return n if n >= 2 else 0
+
+
+def out_of_fold_probabilities(features: np.ndarray, labels: np.ndarray, n_classes: int,
+                              folds: int, C: float, seed: int) -> np.ndarray:
+    """Each image's class probabilities from a logistic regression that never saw it:
+    stratified ``folds``-fold cross-validation on standardized features."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold
+    from sklearn.preprocessing import StandardScaler
+
+    X = StandardScaler().fit_transform(features).astype(np.float32)
+    probabilities = np.zeros((len(labels), n_classes))
+    splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+    for fit_rows, held_out in splitter.split(X, labels):
+        model = LogisticRegression(C=C, max_iter=1000).fit(X[fit_rows], labels[fit_rows])
+        probabilities[np.ix_(held_out, model.classes_)] = model.predict_proba(X[held_out])
+    return probabilities
+
+
+def label_issues(labels: np.ndarray, probabilities: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The images confident learning flags as likely mislabelled, most likely first, and every
+    image's label quality (the out-of-fold probability of its given label: low is suspect)."""
+    from cleanlab.filter import find_label_issues
+    from cleanlab.rank import get_label_quality_scores
+
+    # cleanlab wants the classes numbered 0..k-1, each present: renumber the present ones.
+    present = np.unique(labels)
+    renumbered = np.searchsorted(present, labels)
+    columns = probabilities[:, present]
+    columns = columns / columns.sum(axis=1, keepdims=True)
+    ranked = find_label_issues(renumbered, columns, return_indices_ranked_by="self_confidence")
+    quality = get_label_quality_scores(renumbered, columns, method="self_confidence")
+    return np.asarray(ranked, dtype=np.int64), np.asarray(quality)
+
+
+# Similarities
+
+
+def unit_rows(features: np.ndarray, centre: np.ndarray) -> np.ndarray:
+    """``features`` minus ``centre``, each row scaled to length 1 (float32)."""
+    rows = np.asarray(features, dtype=np.float32) - centre.astype(np.float32)
+    norms = np.linalg.norm(rows, axis=1, keepdims=True)
+    return rows / np.maximum(norms, np.float32(1e-12))
+
+
+def mean_top_distance(similarities: np.ndarray, k: int) -> np.ndarray:
+    """Per row, the mean cosine distance of its ``k`` largest similarities."""
+    k = max(1, min(k, similarities.shape[1]))
+    top = np.partition(similarities, similarities.shape[1] - k, axis=1)[:, -k:]
+    return 1.0 - top.mean(axis=1, dtype=np.float64)
+
+
+@dataclass
+class Pairs:
+    """The near-duplicate pairs that matter most (at most ``limit``: those across splits or
+    labels first, then the most similar), and counts of all of them."""
+
+    limit: int
+    first: np.ndarray
+    second: np.ndarray
+    similarity: np.ndarray
+    flagged: np.ndarray
+    total: int = 0
+    across_splits: int = 0
+    across_labels: int = 0
+
+    @classmethod
+    def empty(cls, limit: int) -> Pairs:
+        return cls(limit, np.empty(0, np.int64), np.empty(0, np.int64),
+                   np.empty(0, np.float32), np.empty(0, bool))
+
+    def add(self, first: np.ndarray, second: np.ndarray, similarity: np.ndarray,
+            splits: np.ndarray, labels: np.ndarray) -> None:
+        leak = splits[first] != splits[second]
+        clash = labels[first] != labels[second]
+        self.total += len(first)
+        self.across_splits += int(leak.sum())
+        self.across_labels += int(clash.sum())
+        first, second = np.concatenate([self.first, first]), np.concatenate([self.second, second])
+        similarity = np.concatenate([self.similarity, similarity])
+        flagged = np.concatenate([self.flagged, leak | clash])
+        keep = np.lexsort((second, first, -similarity, ~flagged))[:self.limit]
+        self.first, self.second = first[keep], second[keep]
+        self.similarity, self.flagged = similarity[keep], flagged[keep]
+
+
+def scan(unit: np.ndarray, splits: np.ndarray, labels: np.ndarray, threshold: float, k: int,
+         limit: int, rows: int = ROWS) -> tuple[Pairs, np.ndarray]:
+    """Near-duplicate pairs (cosine similarity ``threshold`` or more) and each image's outlier
+    score: its mean cosine distance to its ``k`` most similar training images (not itself)."""
+    pairs = Pairs.empty(limit)
+    train = np.flatnonzero(splits == "train")
+    place_in_train = np.full(len(unit), -1)
+    place_in_train[train] = np.arange(len(train))
+    scores = np.empty(len(unit))
+    for start in range(0, len(unit), rows):
+        similarities = unit[start:start + rows] @ unit.T
+        # Each pair once: the columns after the row's own (threshold > 0, so zeros never count).
+        i, j = np.nonzero(np.triu(similarities, k=start + 1) >= threshold)
+        pairs.add(i + start, j, similarities[i, j], splits, labels)
+        to_train = similarities[:, train]
+        own = place_in_train[start:start + rows]
+        in_train = np.flatnonzero(own >= 0)
+        to_train[in_train, own[in_train]] = -np.inf
+        scores[start:start + rows] = mean_top_distance(to_train, min(k, len(train) - 1))
+    return pairs, scores
+
+
+# Familiarity: is a new image like the training images?
+
+
+@dataclass(frozen=True)
+class Familiarity:
+    """Training images as unit rows, and the distance beyond which a new image is unfamiliar:
+    the ``percentile`` of the validation images' distances to them."""
+
+    centre: np.ndarray
+    reference: np.ndarray
+    k: int
+    percentile: float
+    threshold: float
+    embeddings: dict[str, Any]  # what the embeddings came from: only those can be compared
+
+    def distances(self, features: np.ndarray) -> np.ndarray:
+        """Mean cosine distance of each row to its ``k`` most similar training images."""
+        unit = unit_rows(features, self.centre)
+        reference = self.reference.astype(np.float32)
+        return np.concatenate([np.empty(0)] + [
+            mean_top_distance(unit[s:s + ROWS] @ reference.T, self.k)
+            for s in range(0, len(unit), ROWS)])
+
+    def unfamiliar(self, features: np.ndarray) -> np.ndarray:
+        return self.distances(features) > self.threshold
+
+    def save(self, path: str | Path) -> None:
+        save_arrays(path, centre=self.centre, reference=self.reference, k=np.int64(self.k),
+                    percentile=np.float64(self.percentile),
+                    threshold=np.float64(self.threshold),
+                    embeddings=np.str_(json.dumps(self.embeddings, sort_keys=True)))
+
+    @classmethod
+    def load(cls, path: str | Path) -> Familiarity:
+        arrays = load_arrays(path)
+        try:
+            centre, reference = arrays["centre"], arrays["reference"]
+            familiarity = cls(centre, reference, int(arrays["k"]), float(arrays["percentile"]),
+                              float(arrays["threshold"]), json.loads(str(arrays["embeddings"])))
+        except (KeyError, TypeError, ValueError) as err:
+            raise PipelineError(f"{path}: not a familiarity reference ({err}); re-run: dvc "
+                                "repro audit") from err
+        if reference.ndim != 2 or centre.shape != (reference.shape[1],) or familiarity.k < 1:
+            raise PipelineError(f"{path}: arrays of the wrong shape; re-run: dvc repro audit")
+        return familiarity
+
+    def matches(self, meta: EmbeddingMeta) -> bool:
+        """Whether new images embedded as ``meta`` says can be compared with this reference."""
+        return self.embeddings == embeddings_identity(meta)
+
+
+def embeddings_identity(meta: EmbeddingMeta) -> dict[str, Any]:
+    """What makes two embeddings comparable: the same network, weights and preprocessing."""
+    return {"backbone": meta.backbone, "weights_sha256": meta.weights_sha256,
+            "preprocessing": meta.preprocessing, "flip_average": meta.flip_average,
+            "dim": meta.dim}
+
+
+def fit_familiarity(images: AuditImages, centre: np.ndarray, k: int, percentile: float,
+                    meta: EmbeddingMeta) -> Familiarity:
+    """The training images (a sample of ``MAX_REFERENCE`` by content id where there are more)
+    and the ``percentile`` of the validation images' distances to them."""
+    train = np.flatnonzero(images.train)
+    if len(train) > MAX_REFERENCE:
+        train = train[np.argsort(images.content_ids[train], kind="stable")[:MAX_REFERENCE]]
+    unfitted = Familiarity(centre.astype(np.float32),
+                           unit_rows(images.features[train], centre).astype(np.float16),
+                           max(1, min(k, len(train))), percentile, np.inf,
+                           embeddings_identity(meta))
+    distances = unfitted.distances(images.features[images.splits == "val"])
+    return dataclasses.replace(unfitted, threshold=float(np.percentile(distances, percentile)))
+
+
+# The whole audit
+
+
+@dataclass(frozen=True)
+class AuditSettings:
+    """What ``audit.*`` in params.yaml sets (see ``transfer.params.AuditParams``)."""
+
+    folds: int
+    C: float
+    duplicate_similarity: float
+    neighbours: int
+    unfamiliar_percentile: float
+    max_listed: int
+
+
+def run_audit(images: AuditImages, classes: Sequence[str], settings: AuditSettings,
+              seed: int, meta: EmbeddingMeta) -> tuple[dict[str, Any], Familiarity]:
+    """``reports/audit.json``'s content, and the familiarity reference for ``predict``."""
+    def image(i: int) -> dict[str, str]:
+        return {"id": str(images.content_ids[i]), "path": str(images.paths[i]),
+                "split": str(images.splits[i])}
+
+    folds = usable_folds(images.labels, settings.folds)
+    issues: list[dict[str, Any]] = []
+    flagged = 0
+    if folds:
+        probabilities = out_of_fold_probabilities(images.features, images.labels, len(classes),
+                                                  folds, settings.C, seed)
+        ranked, quality = label_issues(images.labels, probabilities)
+        flagged = len(ranked)
+        issues = [{**image(i), "given": classes[images.labels[i]],
+                   "suggested": classes[int(np.argmax(probabilities[i]))],
+                   "score": round(float(quality[i]), 4)}
+                  for i in ranked[:settings.max_listed]]
+    else:
+        log.warning("label issues not searched: a class has a single image, and "
+                    "cross-validation needs at least two of each")
+
+    centre = images.features[images.train].mean(axis=0)
+    pairs, scores = scan(unit_rows(images.features, centre), images.splits, images.labels,
+                         settings.duplicate_similarity, settings.neighbours, settings.max_listed)
+    familiarity = fit_familiarity(images, centre, settings.neighbours,
+                                  settings.unfamiliar_percentile, meta)
+    outliers = np.argsort(-scores, kind="stable")[:settings.max_listed]
+    report = {
+        "counts": {
+            "images": len(images.labels),
+            "label_issues": flagged,
+            "near_duplicate_pairs": pairs.total,
+            "near_duplicates_across_splits": pairs.across_splits,
+            "near_duplicates_across_labels": pairs.across_labels,
+            "unfamiliar": int((scores > familiarity.threshold).sum()),
+        },
+        "settings": {"folds": folds, "C": settings.C,
+                     "duplicate_similarity": settings.duplicate_similarity,
+                     "neighbours": familiarity.k,
+                     "unfamiliar_percentile": settings.unfamiliar_percentile,
+                     "unfamiliar_distance": round(familiarity.threshold, 6)},
+        "label_issues": issues,
+        "near_duplicates": [
+            {"a": str(images.paths[a]), "b": str(images.paths[b]),
+             "ids": [str(images.content_ids[a]), str(images.content_ids[b])],
+             "similarity": round(float(s), 4),
+             "splits": [str(images.splits[a]), str(images.splits[b])],
+             "labels": [classes[images.labels[a]], classes[images.labels[b]]]}
+            for a, b, s in zip(pairs.first, pairs.second, pairs.similarity, strict=True)],
+        "outliers": [{**image(i), "label": classes[images.labels[i]],
+                      "score": round(float(scores[i]), 4)} for i in outliers],
+    }
+    return report, familiarity
+
+
+def summary_section(report: dict[str, Any]) -> str:
+    """The audit's few lines in ``reports/summary.md``."""
+    counts, settings = report["counts"], report["settings"]
+    lines = ["", "## Data audit", "",
+             f"- {counts['label_issues']} of {counts['images']} images look mislabelled "
+             f"(confident learning on {settings['folds']}-fold out-of-fold probabilities)."]
+    if report["label_issues"]:
+        top = report["label_issues"][0]
+        lines[-1] = lines[-1][:-1] + f"; the most likely: `{top['path']}`, filed as " \
+            f"{top['given']}, looks like {top['suggested']}."
+    lines += [f"- {counts['near_duplicate_pairs']} near-duplicate pairs (cosine similarity ≥ "
+              f"{settings['duplicate_similarity']}): {counts['near_duplicates_across_splits']} "
+              f"across splits (leakage), {counts['near_duplicates_across_labels']} across labels.",
+              f"- {counts['unfamiliar']} images are farther from the training images than "
+              f"{settings['unfamiliar_percentile']:g}% of validation images.",
+              f"- Details: `{AUDIT_REPORT}`; the suspects: `{AUDIT_PICTURE}`. Act on them with "
+              "`data/exclude.txt` and `data/relabel.csv` (see docs/audit.md)."]
+    return "\n".join(lines) + "\n"
