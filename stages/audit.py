@@ -4,6 +4,7 @@ cached embeddings; and the reference ``predict`` uses to call a new image unfami
 from __future__ import annotations
 
 import logging
+import time
 
 import numpy as np
 
@@ -44,7 +45,9 @@ def main() -> None:
         parts.append((split, features, labels, ids, np.asarray(store.content_ids())))
     images = AuditImages.gather(parts)
     settings = AuditSettings(**vars(params.audit))
+    started = time.perf_counter()
     report, familiarity = run_audit(images, meta.classes, settings, params.seed, meta)
+    log.info("audit took %.2fs for %d images", time.perf_counter() - started, len(images.labels))
     picture = draw_sheet(suspect_sections(report), image_lookup(images, stores))
     with atomic_outputs(AUDIT_REPORT, AUDIT_PICTURE, FAMILIARITY) as (report_file, picture_file,
                                                                       reference_file):
