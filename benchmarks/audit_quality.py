@@ -3,7 +3,7 @@
     python -m benchmarks.audit_quality PHOTOS [--flip 0.05] [--copies 30] [--seed 0] [--keep]
 
 PHOTOS is an image-folder or pre-split root (e.g. ../shared/data/monkeys10). In a fresh clone
-of this repository, the photos (linked, not copied) get two kinds of planted problems:
+of this repository, the photos (hard-linked where possible) get two kinds of planted problems:
 ``--flip`` of the training images are filed under another class chosen at random (through
 ``data.relabel``), and ``--copies`` test images get a near-copy (80% size, a 4% crop on each
 side, JPEG quality 70) filed beside the training images of their class. Then ``dvc repro``
@@ -22,6 +22,7 @@ import argparse
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -55,12 +56,16 @@ def set_params(project: Path, changes: dict[str, dict]) -> None:
 
 
 def link_tree(source: Path, target: Path) -> None:
-    """``target`` mirrors ``source``: real folders, each file a link to the original."""
+    """``target`` mirrors ``source``: each file a hard link to the original where the file
+    system allows, else a copy (prepare refuses symbolic links leaving the data root)."""
     for folder, _, files in os.walk(source):
         out = target / Path(folder).relative_to(source)
         out.mkdir(parents=True, exist_ok=True)
         for name in files:
-            (out / name).symlink_to(Path(folder, name).resolve())
+            try:
+                os.link(Path(folder, name), out / name)
+            except OSError:
+                shutil.copy2(Path(folder, name), out / name)
 
 
 def near_copy(original: Path, copy: Path) -> None:
@@ -107,9 +112,8 @@ def main() -> None:
     scratch = Path(tempfile.mkdtemp(prefix="audit-quality-"))
     project = scratch / "project"
     run(["git", "clone", "-q", str(REPO), str(project)], scratch)
-    photos = scratch / "photos"
+    photos = project / "data" / "raw" / "photos"
     link_tree(args.photos.resolve(), photos)
-    (project / "data" / "raw" / "photos").symlink_to(photos)
     set_params(project, {"data": {"source": "data/raw/photos"},
                          "audit": {"max_listed": 100_000}})
 

@@ -2,9 +2,11 @@
 
 Paths may be files or folders (searched recursively). Prints the top-k classes with their
 probabilities as a table, CSV or JSON. With ``--min-confidence P`` a file whose top probability
-is below P is marked ``uncertain`` instead of given a class. A file that cannot be read gets an
-error row and the others still run; the exit status is non-zero only when nothing could be
-predicted.
+is below P is marked ``uncertain`` instead of given a class. Where the audit stage has run, a
+file whose embedding is farther from the training images than nearly every validation image
+(``audit.unfamiliar_percentile``) is marked ``unfamiliar`` beside its prediction. A file that
+cannot be read gets an error row and the others still run; the exit status is non-zero only
+when nothing could be predicted.
 """
 
 from __future__ import annotations
@@ -22,8 +24,15 @@ from tqdm import tqdm
 
 from transfer.data import decode_image, read_image_file, shrink
 from transfer.errors import ArgumentParser, PipelineError, run_stage
-from transfer.inference import MODEL_CHOICES, Predictor, load_predictor
-from transfer.layout import EMBEDDINGS_DIR, FINETUNE_DIR, HEAD_PATH
+from transfer.inference import (
+    MODEL_CHOICES,
+    FamiliarityCheck,
+    Predictor,
+    familiarity_check,
+    load_predictor,
+    predict_batches,
+)
+from transfer.layout import EMBEDDINGS_DIR, FAMILIARITY, FINETUNE_DIR, HEAD_PATH
 from transfer.params import MAX_BATCH_SIZE
 from transfer.sources import visible_files
 
@@ -33,17 +42,25 @@ CHUNK = 256  # files decoded and held in memory at a time
 
 
 UNCERTAIN = "uncertain"
+UNFAMILIAR = "unfamiliar"
 
 
 @dataclass
 class Prediction:
     """One input file: its top classes with probabilities, or why it could not be classified;
-    ``uncertain`` when the top probability is below the threshold asked for."""
+    ``uncertain`` when the top probability is below the threshold asked for; ``unfamiliar``
+    when it is unlike the training images (None: not checked)."""
 
     path: str
     top: list[tuple[str, float]] = field(default_factory=list)
     error: str = ""
     uncertain: bool = False
+    unfamiliar: bool | None = None
+
+    @property
+    def flags(self) -> list[str]:
+        return [name for name, on in ((UNCERTAIN, self.uncertain),
+                                      (UNFAMILIAR, self.unfamiliar)) if on]
 
     @property
     def label(self) -> str:
@@ -66,9 +83,11 @@ def list_inputs(paths: Iterable[str]) -> list[Path]:
 
 
 def predict_files(classifier: Predictor, files: list[Path], top_k: int, batch_size: int,
-                  min_confidence: float = 0.0) -> Iterator[Prediction]:
+                  min_confidence: float = 0.0,
+                  familiarity: FamiliarityCheck | None = None) -> Iterator[Prediction]:
     """Decode and classify ``files`` chunk by chunk, in input order; a file whose top
-    probability is below ``min_confidence`` is marked uncertain."""
+    probability is below ``min_confidence`` is marked uncertain, and with ``familiarity``
+    one unlike the training images unfamiliar."""
     short_side = classifier.short_side
     k = min(top_k, len(classifier.classes))
     # No bar where stderr is not a terminal (a log file, CI): no cursor escapes end up there.
@@ -85,12 +104,13 @@ def predict_files(classifier: Predictor, files: list[Path], top_k: int, batch_si
                     readable.append(result)
                 except (OSError, ValueError) as err:
                     result.error = getattr(err, "strerror", None) or str(err)
-            rows = (row for batch in classifier.predict_proba(images, batch_size)
-                    for row in batch)
-            for result, probabilities in zip(readable, rows, strict=True):
+            rows = (row for batch in predict_batches(classifier, images, batch_size, familiarity)
+                    for row in zip(*batch, strict=True))
+            for result, (probabilities, unfamiliar) in zip(readable, rows, strict=True):
                 order = np.argsort(-probabilities, kind="stable")[:k]
                 result.top = [(classifier.classes[i], float(probabilities[i])) for i in order]
                 result.uncertain = result.top[0][1] < min_confidence
+                result.unfamiliar = None if unfamiliar is None else bool(unfamiliar)
             progress.update(len(chunk))
             yield from results
 
@@ -102,24 +122,28 @@ def write_table(predictions: list[Prediction], out) -> None:
             cells = f"error: {p.error}"
         else:
             cells = "  ".join(f"{name} {probability:.3f}" for name, probability in p.top)
-            if p.uncertain:
-                cells = f"{UNCERTAIN}: {cells}"
+            if p.flags:
+                cells = f"{', '.join(p.flags)}: {cells}"
         out.write(f"{p.path:<{width}}  {cells}\n")
 
 
 def write_csv(predictions: list[Prediction], out, top_k: int) -> None:
     writer = csv.writer(out)
     writer.writerow(["path", *[f"{kind}_{i}" for i in range(1, top_k + 1)
-                               for kind in ("class", "probability")], "error", "prediction"])
+                               for kind in ("class", "probability")], "error", "prediction",
+                     UNFAMILIAR])
     for p in predictions:
         cells = [value for name, probability in p.top for value in (name, f"{probability:.6f}")]
-        writer.writerow([p.path, *cells, *[""] * (2 * top_k - len(cells)), p.error, p.label])
+        unfamiliar = "" if p.unfamiliar is None else str(p.unfamiliar).lower()
+        writer.writerow([p.path, *cells, *[""] * (2 * top_k - len(cells)), p.error, p.label,
+                         unfamiliar])
 
 
 def write_json(predictions: list[Prediction], out) -> None:
     json.dump([{"path": p.path,
                 "prediction": p.label or None,
                 "uncertain": p.uncertain,
+                "unfamiliar": p.unfamiliar,
                 "predictions": [{"class": name, "probability": probability}
                                 for name, probability in p.top],
                 "error": p.error or None} for p in predictions], out, indent=2,
@@ -152,8 +176,9 @@ def main(argv: list[str] | None = None) -> None:
     if not files:
         raise PipelineError(f"no files found in {', '.join(args.paths)}")
     classifier = load_predictor(args.model, EMBEDDINGS_DIR, HEAD_PATH, FINETUNE_DIR)
+    familiarity = familiarity_check(classifier, FAMILIARITY, EMBEDDINGS_DIR, HEAD_PATH)
     predictions = list(predict_files(classifier, files, args.top_k, args.batch_size,
-                                     args.min_confidence))
+                                     args.min_confidence, familiarity))
     if args.format == "csv":
         write_csv(predictions, sys.stdout, min(args.top_k, len(classifier.classes)))
     elif args.format == "json":
@@ -165,6 +190,11 @@ def main(argv: list[str] | None = None) -> None:
     if uncertain:
         log.info("%d of %d files uncertain (top probability below %g)", uncertain,
                  len(predictions), args.min_confidence)
+    unfamiliar = sum(1 for p in predictions if p.unfamiliar)
+    if unfamiliar:
+        log.info("%d of %d files unfamiliar (farther from the training images than %g%% of "
+                 "validation images)", unfamiliar, len(predictions),
+                 familiarity.reference.percentile)
     if failed == len(predictions):
         raise PipelineError(f"none of the {len(predictions)} files could be classified "
                             f"(first: {predictions[0].path}: {predictions[0].error})")

@@ -5,7 +5,9 @@ header ``image,label``. An image is named by its path relative to the source (as
 ``reports/data.json``) or by its id: the first hex digits of the SHA-256 of its decoded pixels
 (as in ``reports/audit.json``), which stays the same when files are added, removed, renamed or
 moved between class folders. Lines starting with ``#`` and blank lines are ignored; in the
-exclude file, text after whitespace and ``#`` is a comment.
+exclude file, text after whitespace and ``#`` is a comment. A file missing from its default
+place (``data/exclude.txt``, ``data/relabel.csv``) decides nothing; one missing from a place
+``params.yaml`` names is an error.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from pathlib import Path
 
 from transfer.artifacts import read_utf8
 from transfer.errors import PipelineError, one_line
+from transfer.layout import EXCLUDE_FILE, RELABEL_FILE
 
 # An image id: the first ID_DIGITS hex digits of the SHA-256 of its decoded pixels. An entry of
 # 16 to 64 hex digits is read as an id (a prefix of the hash); anything else as a path.
@@ -69,6 +72,8 @@ def _lines(path: str | Path, key: str) -> list[tuple[int, str]]:
     try:
         text = read_utf8(path)
     except FileNotFoundError as err:
+        if Path(path) in (EXCLUDE_FILE, RELABEL_FILE):
+            return []  # the default place, with nothing decided yet
         raise PipelineError(f"{path} (data.{key}): missing; create it (an empty file changes "
                             "nothing) or point data.{key} at another file") from err
     except (OSError, UnicodeDecodeError) as err:

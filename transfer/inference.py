@@ -8,6 +8,7 @@ pickle) with its ``model.json``. Used by ``evaluate``, ``predict`` and ``export`
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,7 @@ import numpy as np
 import torch
 
 from transfer.artifacts import read_json, write_json
+from transfer.audit import Familiarity
 from transfer.backbones import (
     Backbone,
     PreprocessedImages,
@@ -30,6 +32,8 @@ from transfer.errors import PipelineError, first_line
 from transfer.heads import Head, load_head_for, softmax
 from transfer.network import FinetuneNet, FlipAveraged, build_network
 from transfer.runtime import Runtime, inference_runtime, resolve_runtime
+
+log = logging.getLogger(__name__)
 
 
 class Predictor(Protocol):
@@ -61,16 +65,70 @@ class Classifier:
         """New images are first downscaled like the training images were."""
         return self.meta.short_side
 
+    def embed(self, images: Sequence[np.ndarray], batch_size: int = 8,
+              runtime: Runtime | None = None) -> Iterator[np.ndarray]:
+        """The images' embeddings as the cache holds them, batch by batch."""
+        return embed_batches(self.backbone, images, batch_size,
+                             runtime or inference_runtime(self.meta.precision),
+                             flip_average=self.meta.flip_average, desc="predict")
+
+    def probabilities(self, features: np.ndarray) -> np.ndarray:
+        """Class probabilities of embeddings, columns in the order of ``classes``."""
+        return self.head.predict_proba_all(features, len(self.classes))
+
     def predict_proba(self, images: Sequence[np.ndarray], batch_size: int = 8,
                       runtime: Runtime | None = None) -> Iterator[np.ndarray]:
         """Class probabilities, batch by batch, columns in the order of ``classes``."""
-        runtime = runtime or inference_runtime(self.meta.precision)
-        for features in embed_batches(self.backbone, images, batch_size, runtime,
-                                      flip_average=self.meta.flip_average, desc="predict"):
-            yield self.head.predict_proba_all(features, len(self.classes))
+        return map(self.probabilities, self.embed(images, batch_size, runtime))
 
 
 MODEL_CHOICES = ("auto", "head", "finetune")
+
+
+@dataclass
+class FamiliarityCheck:
+    """The audit's familiarity reference, and the frozen-backbone classifier whose embeddings
+    it compares."""
+
+    reference: Familiarity
+    embedder: Classifier
+
+
+def familiarity_check(predictor: Predictor, reference_path: Path, embeddings_dir: Path,
+                      head_path: Path) -> FamiliarityCheck | None:
+    """What tells unfamiliar images apart, or None (with a line saying why) where the audit
+    has not run or ran on other embeddings."""
+    if not reference_path.is_file():
+        log.debug("%s missing: files are not checked for being unfamiliar (run: dvc repro "
+                 "audit)", reference_path)
+        return None
+    reference = Familiarity.load(reference_path)
+    embedder = predictor if isinstance(predictor, Classifier) else \
+        load_classifier(embeddings_dir, head_path)
+    if not reference.matches(embedder.meta):
+        log.warning("%s was made from other embeddings than %s: files are not checked for "
+                    "being unfamiliar (run: dvc repro audit)", reference_path, embeddings_dir)
+        return None
+    return FamiliarityCheck(reference, embedder)
+
+
+def predict_batches(predictor: Predictor, images: Sequence[np.ndarray], batch_size: int,
+                    familiarity: FamiliarityCheck | None = None
+                    ) -> Iterator[tuple[np.ndarray, np.ndarray | list[None]]]:
+    """Per batch, the class probabilities and which images are unfamiliar (None each where
+    not checked). The head's own embeddings are compared; a fine-tuned model's images are
+    embedded by the frozen backbone as well."""
+    if familiarity is None:
+        for probabilities in predictor.predict_proba(images, batch_size):
+            yield probabilities, [None] * len(probabilities)
+    elif predictor is familiarity.embedder:
+        for features in familiarity.embedder.embed(images, batch_size):
+            yield (familiarity.embedder.probabilities(features),
+                   familiarity.reference.unfamiliar(features))
+    else:
+        yield from zip(predictor.predict_proba(images, batch_size),
+                       map(familiarity.reference.unfamiliar,
+                           familiarity.embedder.embed(images, batch_size)), strict=True)
 
 
 def load_predictor(model: str, embeddings_dir: Path, head_path: Path,

@@ -15,6 +15,9 @@ RAW_DIR = Path("data/raw")
 TORCHVISION_ROOT = RAW_DIR / "torchvision"
 PREPARED_DIR = Path("data/prepared")
 DATA_REPORT = Path("reports/data.json")
+# Where data.exclude and data.relabel point by default; a default one that is missing is empty.
+EXCLUDE_FILE = Path("data/exclude.txt")
+RELABEL_FILE = Path("data/relabel.csv")
 
 # extract
 EMBEDDINGS_DIR = Path("data/embeddings")

@@ -21,6 +21,7 @@ import yaml
 
 from transfer.artifacts import read_utf8
 from transfer.errors import PipelineError, first_line, unprintable
+from transfer.layout import EXCLUDE_FILE, RELABEL_FILE
 from transfer.selection import SELECT_BY
 from transfer.strategies import STRATEGIES
 
@@ -78,10 +79,10 @@ class DataParams:
                                          help="cap on images per class (null: no cap)")
     short_side: int = _bounded(256, 32, 4096,
                                help="larger images are downscaled to this shorter side")
-    exclude: str = field(default="data/exclude.txt", metadata={
+    exclude: str = field(default=EXCLUDE_FILE.as_posix(), metadata={
         "help": "a Git-tracked text file: images to leave out, one per line (a path "
                 "relative to the source, or an image id from reports/audit.json)"})
-    relabel: str = field(default="data/relabel.csv", metadata={
+    relabel: str = field(default=RELABEL_FILE.as_posix(), metadata={
         "help": "a Git-tracked CSV file with the header image,label: images to file under "
                 "another of the classes"})
 
