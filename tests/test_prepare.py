@@ -51,8 +51,8 @@ def test_bad_params_fail_with_one_line_and_no_output(tmp_path):
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [
         "error: params.yaml: unknown key 'data.sorce' (did you mean 'data.source'?); "
-        "valid keys in data: source, val_size, test_size, min_per_class, max_per_class, short_side, "
-        "exclude, relabel"]
+        "valid keys in data: source, val_size, test_size, min_per_class, max_per_class, "
+        "short_side, exclude, relabel"]
     assert not (tmp_path / "data").exists() and not (tmp_path / "reports").exists()
 
 
