@@ -1,0 +1,218 @@
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.conftest import one_error_line, run_stage_cli, working_directory, write_params
+from transfer.audit import (
+    AuditImages,
+    AuditSettings,
+    Familiarity,
+    Pairs,
+    run_audit,
+    scan,
+    unit_rows,
+    usable_folds,
+)
+from transfer.embeddings import EmbeddingMeta
+from transfer.errors import PipelineError
+
+SETTINGS = AuditSettings(folds=5, C=0.1, duplicate_similarity=0.9, neighbours=3,
+                         unfamiliar_percentile=99.0, max_listed=50)
+
+
+def meta(dim: int, classes: list[str]) -> EmbeddingMeta:
+    return EmbeddingMeta(backbone="b", weights="w", weights_sha256="0" * 64, preprocessing={},
+                         dim=dim, dtype="float32", classes=classes, count={}, flip_average=False,
+                         precision="float32", short_side=64, versions={})
+
+
+def clusters(per_class: int = 40, classes: int = 3, dim: int = 32, seed: int = 0
+             ) -> AuditImages:
+    """Well separated Gaussian clusters, one per class, split 60/20/20 within each class."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(scale=2.5, size=(classes, dim))
+    labels = np.repeat(np.arange(classes), per_class)
+    features = centres[labels] + rng.normal(size=(len(labels), dim))
+    place = np.tile(np.arange(per_class), classes) / per_class
+    splits = np.where(place < 0.6, "train", np.where(place < 0.8, "val", "test"))
+    paths = np.array([f"c{label}/{i}.png" for i, label in enumerate(labels)])
+    ids = np.array([f"{i:016x}" for i in range(len(labels))])
+    return AuditImages(features.astype(np.float32), labels, splits, paths, ids)
+
+
+def test_flipped_labels_are_ranked_first_with_the_label_they_came_from():
+    images = clusters()
+    flipped = [3, 50, 95]
+    labels = images.labels.copy()
+    labels[flipped] = (labels[flipped] + 1) % 3
+    noisy = AuditImages(images.features, labels, images.splits, images.paths, images.content_ids)
+    classes = ["a", "b", "c"]
+    report, _ = run_audit(noisy, classes, SETTINGS, seed=0, meta=meta(32, classes))
+    top = report["label_issues"][:3]
+    assert {e["path"] for e in top} == {f"c{images.labels[i]}/{i}.png" for i in flipped}
+    for entry in top:
+        i = int(entry["path"].split("/")[1].removesuffix(".png"))
+        assert entry["given"] == classes[labels[i]]
+        assert entry["suggested"] == classes[images.labels[i]]
+        assert entry["id"] == f"{i:016x}" and 0 <= entry["score"] < 0.5
+    assert report["counts"]["label_issues"] == len(report["label_issues"]) >= 3
+
+
+def test_a_copy_across_splits_is_a_pair_and_the_counts_cover_all():
+    images = clusters()
+    features = images.features.copy()
+    features[35] = features[0] + 0.01  # a test image, nearly a copy of a training image
+    pairs, scores = scan(unit_rows(features, features.mean(axis=0)), images.splits,
+                         images.labels, threshold=0.99, k=3, limit=10)
+    assert pairs.total == 1 and pairs.across_splits == 1 and pairs.across_labels == 0
+    assert (pairs.first.tolist(), pairs.second.tolist()) == ([0], [35])
+    assert scores.shape == (len(features),) and np.all(scores >= 0)
+
+
+def test_pairs_keep_those_across_splits_or_labels_before_more_similar_ones():
+    pairs = Pairs.empty(limit=2)
+    splits = np.array(["train", "train", "train", "test"])
+    labels = np.array([0, 0, 0, 0])
+    pairs.add(np.array([0, 1]), np.array([1, 2]), np.array([0.99, 0.98]), splits, labels)
+    pairs.add(np.array([2]), np.array([3]), np.array([0.91]), splits, labels)
+    assert list(zip(pairs.first, pairs.second, strict=True)) == [(2, 3), (0, 1)]
+    assert pairs.total == 3 and pairs.across_splits == 1
+
+
+def test_an_outlier_scores_highest_and_is_unfamiliar_to_the_reference():
+    images = clusters()
+    features = images.features.copy()
+    features[110] = 4.0 * np.random.default_rng(1).normal(size=32)  # unlike every class
+    odd = AuditImages(features, images.labels, images.splits, images.paths, images.content_ids)
+    classes = ["a", "b", "c"]
+    report, familiarity = run_audit(odd, classes, SETTINGS, seed=0, meta=meta(32, classes))
+    assert report["outliers"][0]["path"] == images.paths[110]
+    assert familiarity.unfamiliar(features[[110, 0, 50]]).tolist() == [True, False, False]
+
+
+def test_the_familiarity_reference_round_trips_and_knows_its_embeddings(tmp_path):
+    images = clusters()
+    classes = ["a", "b", "c"]
+    _, familiarity = run_audit(images, classes, SETTINGS, seed=0, meta=meta(32, classes))
+    familiarity.save(tmp_path / "f.npz")
+    loaded = Familiarity.load(tmp_path / "f.npz")
+    assert loaded.threshold == familiarity.threshold and loaded.k == familiarity.k
+    np.testing.assert_array_equal(loaded.distances(images.features),
+                                  familiarity.distances(images.features))
+    assert loaded.matches(meta(32, classes)) and not loaded.matches(meta(33, classes))
+    (tmp_path / "bad.npz").write_bytes(b"not an archive")
+    with pytest.raises(PipelineError, match="bad.npz: not a readable array file"):
+        Familiarity.load(tmp_path / "bad.npz")
+
+
+def test_a_class_of_one_image_skips_the_label_search_only():
+    assert usable_folds(np.array([0, 0, 0, 1, 1, 1]), 5) == 3
+    assert usable_folds(np.array([0, 0, 0, 1]), 5) == 0
+    images = clusters(per_class=10)
+    keep = np.ones(len(images.labels), bool)
+    keep[np.flatnonzero(images.labels == 2)[1:]] = False  # class 2: one image left
+    small = AuditImages(images.features[keep], images.labels[keep], images.splits[keep],
+                        images.paths[keep], images.content_ids[keep])
+    classes = ["a", "b", "c"]
+    report, _ = run_audit(small, classes, SETTINGS, seed=0, meta=meta(32, classes))
+    assert report["label_issues"] == [] and report["settings"]["folds"] == 0
+    assert report["counts"]["images"] == keep.sum()
+
+
+def texture(seed: int, size: int = 128) -> Image.Image:
+    """A smooth random pattern of coloured waves: unlike any other seed's."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:size, 0:size] / size
+    pixels = np.zeros((size, size, 3))
+    for _ in range(6):
+        fx, fy = rng.uniform(0.5, 4, 2)
+        pixels += np.sin(2 * np.pi * (fx * x + fy * y) + rng.uniform(0, 2 * np.pi))[..., None] \
+            * rng.uniform(0, 1, 3)
+    pixels = (pixels - pixels.min()) / (pixels.max() - pixels.min()) * 255
+    return Image.fromarray(pixels.astype(np.uint8))
+
+
+def near_copy(image: Image.Image) -> Image.Image:
+    """A 4% crop on each side, 80% of the size, JPEG quality 70: a re-saved copy."""
+    w, h = image.size
+    cropped = image.crop((round(w * 0.04), round(h * 0.04), round(w * 0.96), round(h * 0.96)))
+    smaller = cropped.resize((round(cropped.width * 0.8), round(cropped.height * 0.8)),
+                             Image.Resampling.BICUBIC)
+    out = io.BytesIO()
+    smaller.save(out, format="JPEG", quality=70)
+    return Image.open(io.BytesIO(out.getvalue()))
+
+
+@pytest.fixture(scope="module")
+def audited(tmp_path_factory) -> Path:
+    """A pre-split project of random textures (two classes) plus a real photo (scikit-learn's
+    sample ``china.jpg``) in test whose near-copy is among the training images; prepared,
+    embedded and audited."""
+    from sklearn.datasets import load_sample_images
+
+    from stages import audit, extract, prepare
+
+    root = tmp_path_factory.mktemp("audited")
+    raw = root / "data" / "raw" / "scenes"
+    seed = 0
+    for split, per_class in (("train", 8), ("val", 3), ("test", 3)):
+        for label in ("left", "right"):
+            (raw / split / label).mkdir(parents=True)
+            for i in range(per_class):
+                seed += 1
+                texture(seed).save(raw / split / label / f"{i}.png")
+    photo = Image.fromarray(load_sample_images().images[0])
+    photo.save(raw / "test" / "left" / "photo.png")
+    near_copy(photo).save(raw / "train" / "left" / "copy.png")
+    write_params(root, {"seed": 0, "data": {"source": "data/raw/scenes"},
+                        "backbone": {"batch_size": 8}, "audit": {"folds": 3}})
+    with working_directory(root):
+        prepare.main()
+        extract.main()
+        audit.main()
+    return root
+
+
+def test_the_audit_stage_finds_a_resized_reencoded_copy_across_splits(audited):
+    report = json.loads((audited / "reports" / "audit.json").read_text())
+    top = report["near_duplicates"][0]
+    assert {top["a"], top["b"]} == {"train/left/copy.png", "test/left/photo.png"}
+    assert sorted(top["splits"]) == ["test", "train"] and top["labels"] == ["left", "left"]
+    assert report["counts"]["near_duplicate_pairs"] == 1  # and no other pair of scenes
+    assert report["counts"]["near_duplicates_across_splits"] == 1
+    assert report["counts"]["images"] == 30 and len(report["outliers"]) == 30
+    assert all(len(e["id"]) == 16 for e in report["outliers"])
+    with Image.open(audited / "plots" / "audit" / "suspects.png") as picture:
+        assert picture.width > 500 and picture.height > 300
+    assert (audited / "models" / "familiarity.npz").is_file()
+
+
+def test_the_audit_outputs_are_the_same_bytes_when_run_again(audited, tmp_path):
+    import shutil
+
+    from stages import audit
+
+    project = tmp_path / "again"
+    shutil.copytree(audited, project)
+    with working_directory(project):
+        audit.main()
+    for name in ("reports/audit.json", "plots/audit/suspects.png", "models/familiarity.npz"):
+        assert (project / name).read_bytes() == (audited / name).read_bytes(), name
+
+
+def test_damaged_embeddings_are_one_error_line_and_nothing_is_written(audited, tmp_path):
+    import shutil
+
+    project = tmp_path / "damaged"
+    shutil.copytree(audited, project)
+    for name in ("reports/audit.json", "plots/audit/suspects.png", "models/familiarity.npz"):
+        (project / name).unlink()
+    (project / "data" / "embeddings" / "val.npy").write_bytes(b"\x93NUMPY broken")
+    line = one_error_line(run_stage_cli("audit", project))
+    assert line.startswith("error: data/embeddings/val.npy: truncated or damaged")
+    assert not (project / "reports" / "audit.json").exists()
+    assert not (project / "models" / "familiarity.npz").exists()
