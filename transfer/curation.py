@@ -75,7 +75,7 @@ def _lines(path: str | Path, key: str) -> list[tuple[int, str]]:
         if Path(path) in (EXCLUDE_FILE, RELABEL_FILE):
             return []  # the default place, with nothing decided yet
         raise PipelineError(f"{path} (data.{key}): missing; create it (an empty file changes "
-                            "nothing) or point data.{key} at another file") from err
+                            f"nothing) or point data.{key} at another file") from err
     except (OSError, UnicodeDecodeError) as err:
         raise PipelineError(f"{path} (data.{key}): cannot be read as UTF-8 text "
                             f"({one_line(str(err))})") from err

@@ -1,0 +1,145 @@
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import (
+    one_error_line,
+    run_stage_cli,
+    working_directory,
+    write_colour_folder,
+    write_image,
+    write_params,
+)
+from transfer.curation import content_id, read_exclude, read_relabel
+from transfer.errors import PipelineError
+
+
+def prepared(root: Path, exclude: str = "", relabel: str = "") -> dict:
+    """Run prepare on ``root`` (a project with data/raw/colours) with these curation files;
+    returns the data report."""
+    from stages import prepare
+
+    (root / "data" / "exclude.txt").write_text(exclude)
+    (root / "data" / "relabel.csv").write_text(relabel)
+    with working_directory(root):
+        prepare.main()
+    return json.loads((root / "reports" / "data.json").read_text())
+
+
+def stored(root: Path) -> dict[str, tuple[str, str, str]]:
+    """Every prepared image by path: (split, class, content id)."""
+    meta = json.loads((root / "data" / "prepared" / "meta.json").read_text())
+    out = {}
+    for split in ("train", "val", "test"):
+        with np.load(root / "data" / "prepared" / f"{split}.npz") as index:
+            for path, label, sha in zip(index["ids"], index["labels"], index["sha256"],
+                                        strict=True):
+                out[str(path)] = (split, meta["classes"][label], content_id(sha.decode()))
+    return out
+
+
+@pytest.fixture
+def colours(tmp_path: Path) -> Path:
+    write_colour_folder(tmp_path / "data" / "raw" / "colours", per_class=8)
+    write_params(tmp_path, {"seed": 0, "data": {"source": "data/raw/colours", "val_size": 0.25,
+                                                "test_size": 0.25}})
+    return tmp_path
+
+
+def test_exclude_and_relabel_change_the_store_and_the_report_says_what(colours):
+    prepared(colours)
+    before = stored(colours)
+    blue_id = before["blue/3.png"][2]
+    report = prepared(colours,
+                      exclude="red/0.png   # blurry\n# a comment line\n\n" + blue_id + "\n"
+                              "red/missing.png\n",
+                      relabel="image,label\ngreen/1.png,red\n./green/2.png,red\n"
+                              "green/5.png,green\n")
+    after = stored(colours)
+    assert set(before) - set(after) == {"red/0.png", "blue/3.png"}
+    assert after["green/1.png"][1] == "red" and after["green/2.png"][1] == "red"
+    assert after["green/5.png"][1] == "green"
+    assert {k: v for k, v in after.items() if k not in ("green/1.png", "green/2.png")} == \
+        {k: v for k, v in before.items() if k not in ("red/0.png", "blue/3.png", "green/1.png",
+                                                      "green/2.png")}
+    exclude, relabel = report["curation"]["exclude"], report["curation"]["relabel"]
+    assert exclude["entries"] == 3
+    assert exclude["excluded"] == [{"path": "red/0.png", "entry": "data/exclude.txt:1"},
+                                   {"path": "blue/3.png", "entry": "data/exclude.txt:4"}]
+    assert exclude["unmatched"] == ["data/exclude.txt:5"]
+    assert [(r["path"], r["from"], r["to"]) for r in relabel["relabelled"]] == \
+        [("green/1.png", "green", "red"), ("green/2.png", "green", "red")]
+    assert relabel["unmatched"] == [] and relabel["entries"] == 3
+    assert sum(report["counts"][split]["red"] for split in ("train", "val", "test")) == \
+        8 - 1 + 2
+
+
+def test_ids_do_not_change_when_files_are_added_renamed_or_moved(colours):
+    prepared(colours)
+    before = stored(colours)
+    raw = colours / "data" / "raw" / "colours"
+    for i in range(8, 20):  # more images in every class
+        write_image(raw / "red" / f"{i}.png", (220, 30, 30), seed=5000 + i)
+    (raw / "blue" / "3.png").rename(raw / "blue" / "three.png")
+    blue_id = before["blue/3.png"][2]
+    report = prepared(colours, exclude=f"{blue_id}\n")
+    after = stored(colours)
+    for path, (split, label, image_id) in before.items():
+        if path != "blue/3.png":
+            assert after[path] == (split, label, image_id), path
+    assert "blue/three.png" not in after  # excluded by its id under its new name
+    assert report["curation"]["exclude"]["excluded"] == [
+        {"path": "blue/three.png", "entry": "data/exclude.txt:1"}]
+
+
+def test_an_id_excludes_every_copy_and_a_path_only_that_file(colours):
+    raw = colours / "data" / "raw" / "colours"
+    shutil.copy(raw / "red" / "1.png", raw / "red" / "1-copy.png")
+    prepared(colours)
+    red_id = stored(colours)["red/1-copy.png"][2]  # of two copies, the first by path is kept
+    assert "red/1.png" not in stored(colours)
+    prepared(colours, exclude="red/1-copy.png\n")
+    assert "red/1.png" in stored(colours)  # the other copy is kept now
+    report = prepared(colours, exclude=f"{red_id}\n")
+    assert {e["path"] for e in report["curation"]["exclude"]["excluded"]} == \
+        {"red/1.png", "red/1-copy.png"}
+    assert not {"red/1.png", "red/1-copy.png"} & set(stored(colours))
+
+
+@pytest.mark.parametrize(("relabel", "message"), [
+    ("image,label\nred/1.png,purple\n",
+     "data/relabel.csv:2 (data.relabel): 'purple' is not a class; classes: blue, green, red"),
+    ("path,class\nred/1.png,blue\n",
+     "data/relabel.csv:1 (data.relabel): the first row must be the header image,label, got "
+     "'path,class'"),
+    ("image,label\nred/1.png\n",
+     "data/relabel.csv:2 (data.relabel): expected two cells, image,label; got 'red/1.png'"),
+    ("image,label\nred/1.png,blue\nred/1.png,green\n",
+     "data/relabel.csv:3 (data.relabel): 'red/1.png' is relabelled 'green' here and 'blue' at "
+     "data/relabel.csv:2; keep one"),
+])
+def test_a_bad_relabel_file_is_one_line_and_no_store(colours, relabel, message):
+    (colours / "data" / "relabel.csv").write_text(relabel)
+    assert one_error_line(run_stage_cli("prepare", colours)) == f"error: {message}"
+    assert not (colours / "data" / "prepared").exists()
+
+
+def test_a_curation_file_params_name_must_exist(colours):
+    write_params(colours, {"seed": 0, "data": {"source": "data/raw/colours", "val_size": 0.25,
+                                               "test_size": 0.25, "exclude": "lists/gone.txt"}})
+    assert one_error_line(run_stage_cli("prepare", colours)) == (
+        "error: lists/gone.txt (data.exclude): missing; create it (an empty file changes "
+        "nothing) or point data.exclude at another file")
+
+
+def test_default_files_may_be_missing_or_empty(tmp_path):
+    with working_directory(tmp_path):
+        assert read_exclude("data/exclude.txt") == [] and read_relabel("data/relabel.csv") == []
+        Path("data").mkdir()
+        Path("data/relabel.csv").write_text("# nothing yet\nimage,label\n")
+        assert read_relabel("data/relabel.csv") == []
+    with pytest.raises(PipelineError, match="missing"):
+        read_exclude(tmp_path / "elsewhere.txt")
