@@ -33,7 +33,7 @@ import numpy as np
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
-THRESHOLDS = (0.8, 0.85, 0.9, 0.92, 0.95)
+MARGINS = (0.08, 0.1, 0.12, 0.13, 0.15, 0.2)
 
 
 def run(args: list[str], cwd: Path) -> tuple[float, str]:
@@ -155,7 +155,7 @@ def main() -> None:
           f"{hits / max(1, len(found)):.3f}, recall {hits / max(1, len(flipped)):.3f}")
 
     sys.path.insert(0, str(project))
-    from transfer.audit import AuditImages, Pairs, scan, unit_rows  # noqa: E402
+    from transfer.audit import AuditImages, scan, training_centre, unit_rows  # noqa: E402
 
     parts = []
     for split in ("train", "val", "test"):
@@ -164,23 +164,22 @@ def main() -> None:
             parts.append((split, features, index[f"{split}_labels"], index[f"{split}_ids"],
                           index[f"{split}_ids"]))
     images = AuditImages.gather(parts)
-    unit = unit_rows(images.features, images.features[images.train].mean(axis=0))
-    pairs, _ = scan(unit, images.splits, images.labels, min(THRESHOLDS), 5, 10**7)
-    assert isinstance(pairs, Pairs)
-    print("near-duplicates by threshold (cosine similarity of centred embeddings):")
-    print("| threshold | planted copies found | other pairs listed | of which across splits |")
+    unit = unit_rows(images.features, training_centre(images))
+    pairs, _ = scan(unit, images.splits, images.labels, min(MARGINS), 5, 10**7)
+    print("near-duplicates by audit.duplicate_margin:")
+    print("| margin | planted copies found | other pairs listed | of which across splits |")
     print("|---:|---:|---:|---:|")
-    for threshold in THRESHOLDS:
-        keep = pairs.similarity >= threshold
+    for threshold in MARGINS:
+        keep = pairs.margin >= threshold
         listed = [frozenset((images.paths[a], images.paths[b]))
                   for a, b in zip(pairs.first[keep], pairs.second[keep], strict=True)]
         leak = images.splits[pairs.first[keep]] != images.splits[pairs.second[keep]]
         other = [p not in planted for p in listed]
         print(f"| {threshold} | {sum(p in planted for p in listed)} of {len(planted)} | "
               f"{sum(other)} | {int(np.sum(leak & np.array(other, dtype=bool)))} |")
-    setting = report["settings"]["duplicate_similarity"]
+    setting = report["settings"]["duplicate_margin"]
     print(f"stage wall times: extract {extract_seconds:.1f} s, audit {audit_seconds:.1f} s "
-          f"({audit_seconds / extract_seconds:.3f} x extract) at duplicate_similarity {setting}")
+          f"({audit_seconds / extract_seconds:.3f} x extract) at duplicate_margin {setting}")
     print(*[line for line in audit_log.splitlines() if "audit took" in line], sep="\n")
 
     # Acting on the audit: only training and validation images, so the test split stays.
