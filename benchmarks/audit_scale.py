@@ -2,8 +2,8 @@
 
     python -m benchmarks.audit_scale [--images 50000] [--dim 1280] [--classes 100] [--full]
 
-Synthetic embeddings shaped like real ones (non-negative, one cluster per class, a few planted
-near-copies) stand in for a cache of that many images. Prints the seconds and the peak
+Synthetic embeddings shaped like real ones (non-negative, one cluster per class, 20 planted
+pairs of near-copies) stand in for a cache of that many images. Prints the seconds and the peak
 resident memory of the pass, beside the size of the embeddings themselves; the whole audit
 (label issues too) with ``--full``. Each measurement runs in a fresh process, so the peaks do
 not mix.
@@ -30,7 +30,8 @@ def synthetic(n: int, dim: int, classes: int, seed: int = 0) -> tuple[np.ndarray
         block = labels[start:start + 4096]
         noise = rng.gamma(1.0, 1.0, size=(len(block), dim)).astype(np.float32)
         features[start:start + 4096] = 0.5 * centres[block] + noise
-    features[1:20] = features[0] * 1.01  # planted near-copies of image 0
+    copies = np.arange(0, n, n // 20)[:20]
+    features[copies + 1] = features[copies] * 1.01  # 20 planted pairs of near-copies
     return features, labels
 
 

@@ -28,8 +28,8 @@ from transfer.layout import AUDIT_PICTURE, AUDIT_REPORT
 log = logging.getLogger(__name__)
 
 # Rows of the similarity matrix computed at a time: ROWS x (number of images) float32 values,
-# 100 MB at 50,000 images.
-ROWS = 512
+# 51 MB at 50,000 images.
+ROWS = 256
 # Training images kept as the reference that new images are compared with (a sample, by
 # content id, of larger training splits): 5,000 x 1,280 float16 values are 13 MB.
 MAX_REFERENCE = 5000
@@ -199,7 +199,7 @@ def scan(unit: np.ndarray, splits: np.ndarray, labels: np.ndarray, min_margin: f
     train = np.flatnonzero(splits == "train")
     place_in_train = np.full(n, -1)
     place_in_train[train] = np.arange(len(train))
-    typical, scores = np.zeros(n), np.empty(n)
+    typical, scores = np.zeros(n, dtype=np.float32), np.empty(n)
     near = min(NEAR + 1, n - 1)
     for start in range(0, n, rows):
         block = np.arange(start, min(start + rows, n))

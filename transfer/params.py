@@ -193,7 +193,7 @@ class AuditParams:
         "cross-validation folds for the out-of-fold probabilities that find label issues"))
     C: float = _bounded(0.1, 0.0, None, low_open=True, help=(
         "inverse regularisation strength of the audit's logistic regression"))
-    duplicate_margin: float = _bounded(0.13, 0.0, 2.0, low_open=True, help=(
+    duplicate_margin: float = _bounded(0.1, 0.0, 2.0, low_open=True, help=(
         "two images are near-duplicates when their cosine similarity exceeds their "
         "neighbourhood's typical one by this much"))
     neighbours: int = _bounded(5, 1, 1000, help=(
