@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from transfer.errors import PipelineError
+from transfer.layout import FINETUNE_CURVES
 from transfer.metrics import (
     CALIBRATION_BINS,
     calibration_bins,
@@ -190,8 +191,8 @@ def summary_markdown(evaluations: Sequence[ModelEvaluation], finetune_status: Ma
         *(f"- `{plots_dir}/{name}`: {what}." for name, what in PLOT_FILES.items()),
         f"- `{plots_dir}/{GALLERY_FILE}`: the most confident mistakes, with true and "
         "predicted class.",
-        *(["- `models/finetune/curves/`: fine-tuning loss, accuracy and learning rate per "
-           "epoch (the `finetune_*` plots)."] if finetune_status.get("status") == "trained"
+        *([f"- `{FINETUNE_CURVES}/`: fine-tuning loss, accuracy and learning rate per epoch "
+           "(the `finetune_*` plots)."] if finetune_status.get("status") == "trained"
           else []),
         "",
         "Draw the plots with `dvc plots show` (then open `dvc_plots/index.html`); compare with "
