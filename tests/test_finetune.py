@@ -13,8 +13,9 @@ from safetensors.torch import load_file
 from stages import evaluate, finetune, train_head
 from tests.conftest import kill_stage_midway, run_stage_cli, stage_environment, write_params
 from transfer.data import ImageStore
+from transfer.evaluation import FINETUNE_STATUS_KEY, HEADLINE_METRICS
 from transfer.inference import load_finetuned
-from transfer.layout import CURVES, FINETUNE_CURVES, curve_file
+from transfer.layout import CURVES, FINETUNE_CURVES, TRAIN_HEAD_REPORT, curve_file
 from transfer.layout import FINETUNE_LR_RANGE as LR_RANGE
 
 
@@ -79,15 +80,17 @@ def test_finetune_writes_the_best_model_its_curves_and_a_loadable_classifier(pro
     accuracy = float((probabilities.argmax(1) == store.labels).mean())
     # The saved model is the best epoch by validation accuracy, the start (the probe) included.
     assert accuracy == pytest.approx(model.info["val_accuracy"])
-    assert accuracy >= json.loads((project / "metrics" / "train_head.json").read_text())[
-        "val"]["accuracy"]
+    assert accuracy >= json.loads((project / TRAIN_HEAD_REPORT).read_text())["val"]["accuracy"]
     evaluate.main()  # scores the fine-tuned model beside the head, on the test images
     metrics = json.loads((project / "metrics" / "evaluate.json").read_text())
     assert set(metrics) == {"head", "finetune"}
-    assert metrics["finetune"]["n_images"] == metrics["head"]["n_images"]
+    assert list(metrics["finetune"]) == list(HEADLINE_METRICS)
+    report = json.loads((project / "reports" / "evaluate.json").read_text())
+    assert report["finetune"]["n_images"] == report["head"]["n_images"]
+    assert report[FINETUNE_STATUS_KEY] == status
     # The temperature fitted on validation is stored with the model and used by evaluate.
     assert model.temperature == status["calibration"]["temperature"] > 0
-    assert {"ece_uncalibrated", "log_loss_uncalibrated"} <= set(metrics["finetune"])
+    assert {"ece_uncalibrated", "log_loss_uncalibrated"} <= set(report["finetune"])
     assert 0.0 <= metrics["finetune"]["accuracy"] <= 1.0
     summary = (project / "reports" / "summary.md").read_text()
     assert "Fine-tuning: trained (last_k, best epoch" in summary and "| finetune |" in summary

@@ -21,7 +21,7 @@ EMBEDDINGS_DIR = Path("data/embeddings")
 
 # train_head
 HEAD_PATH = Path("models/head.npz")
-TRAIN_HEAD_METRICS = Path("metrics/train_head.json")
+TRAIN_HEAD_REPORT = Path("reports/train_head.json")
 REGULARISATION_PLOT = Path("plots/train_head/regularisation.csv")  # head.C or head.alpha search
 
 # finetune
