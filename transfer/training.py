@@ -468,7 +468,7 @@ def train(net: FinetuneNet, train_set: LabelledImages, val_set: LabelledImages,
                  record.train_accuracy, record.val_loss, record.val_accuracy, record.weights,
                  record.lr)
         if runtime.is_main:
-            if on_epoch is not None:
+            if on_epoch is not None:  # first: an epoch with a checkpoint has its curves too
                 on_epoch(state)
             _save_checkpoint(checkpoint, key, net, optimizer, scheduler, scaler, state, ema,
                              lr_range)
