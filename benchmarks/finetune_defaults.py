@@ -27,7 +27,7 @@ import yaml
 
 from stages import evaluate, finetune, train_head
 from transfer import training
-from transfer.layout import EVALUATE_METRICS, FINETUNE_CURVES, FINETUNE_STATUS, PARAMS
+from transfer.layout import EVALUATE_METRICS, FINETUNE_STATUS, PARAMS, curve_file
 
 
 class _LastEpoch:
@@ -68,7 +68,7 @@ def main() -> None:
     evaluate.main()
     status = json.loads(FINETUNE_STATUS.read_text())
     metrics = json.loads(EVALUATE_METRICS.read_text())
-    curve = (FINETUNE_CURVES / "plots" / "metrics" / "val" / "accuracy.tsv").read_text()
+    curve = curve_file("val/accuracy").read_text()
     per_epoch = [float(line.split("\t")[1]) for line in curve.splitlines()[1:]]
     options = [*args.keys, *([f"crop={args.crop}"] if args.crop is not None else []),
                *(["keep_last"] if args.keep_last else [])]

@@ -23,6 +23,7 @@ import yaml
 from benchmarks.scale import run_stage
 from transfer.artifacts import save_arrays, write_json
 from transfer.embeddings import EmbeddingMeta, write_split
+from transfer.layout import TRAIN_HEAD_REPORT
 
 DIM = 1280
 CLASSES = 5
@@ -72,7 +73,7 @@ def main() -> None:
         for name, head in HEADS.items():
             (project / "params.yaml").write_text(yaml.safe_dump({"seed": 0, "head": head}))
             run = run_stage("train_head", project, args.threads)
-            metrics = json.loads((project / "metrics" / "train_head.json").read_text())
+            metrics = json.loads((project / TRAIN_HEAD_REPORT).read_text())
             results[name][size] = (run.seconds, run.cpu_seconds, run.peak_mib)
             print(f"{size:8,d} rows, {name:22s}: {run.seconds:6.1f} s, CPU {run.cpu_seconds:6.1f}"
                   f" s, peak {run.peak_mib:6.0f} MiB, val accuracy "

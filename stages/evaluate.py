@@ -71,7 +71,7 @@ def main() -> None:
           f"on {e.metrics['n_images']} {split} images", e.mistakes) for e in evaluations],
         image_of)
     write_files({
-        EVALUATE_METRICS: json_text({e.name: e.metrics for e in evaluations}),
+        EVALUATE_METRICS: json_text({e.name: e.headline for e in evaluations}),
         EVALUATE_REPORT: json_text(evaluation_report(evaluations, finetune)),
         **{EVALUATE_PLOTS_DIR / filename: csv_text(rows)
            for filename, rows in plot_tables(evaluations).items()},

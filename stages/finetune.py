@@ -1,9 +1,9 @@
 """DVC stage ``finetune``: fine-tune the backbone with a new head; when disabled, only say so.
 
 ``models/finetune/`` holds ``model.safetensors`` (the best epoch by ``finetune.select_by``
-on validation), ``model.json`` (how to rebuild and feed it), ``status.json``, ``curves/``
-(per-epoch loss, accuracy and learning rate, written by dvclive) and ``lr_range.csv`` (the
-range test of ``finetune.lr: auto``). Runs on several GPUs or hosts
+on validation), ``model.json`` (how to rebuild and feed it), ``status.json`` and
+``lr_range.csv`` (the range test of ``finetune.lr: auto``); ``dvclive/`` the per-epoch loss,
+accuracy and learning rate, written after every epoch. Runs on several GPUs or hosts
 under ``torchrun --nproc_per_node=N -m stages.finetune``. The disabled stage imports
 nothing heavy and costs a fraction of a second.
 """
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 
-from transfer.artifacts import atomic_output, write_json
+from transfer.artifacts import atomic_outputs, write_json
 from transfer.errors import run_stage
 from transfer.layout import (
     CHECKPOINT_DIR,
@@ -25,6 +25,7 @@ from transfer.layout import (
     HEAD_PATH,
     PARAMS,
     PREPARED_DIR,
+    curve_file,
 )
 from transfer.lr_range import curve_text
 from transfer.params import load_params
@@ -35,18 +36,17 @@ log = logging.getLogger(__name__)
 def main() -> None:
     params = load_params(PARAMS)
     if not params.finetune.enabled:
-        with atomic_output(FINETUNE_DIR) as tmp:
+        with atomic_outputs(FINETUNE_DIR, FINETUNE_CURVES) as (tmp, curves_tmp):
             tmp.mkdir()
             write_json(tmp / "status.json", {"enabled": False, "status": "skipped",
                                              "reason": "finetune.enabled is false"})
-            # Headers and no rows: the plots show nothing, and no error.
-            for curve in CURVES:
-                path = tmp / FINETUNE_CURVES.relative_to(FINETUNE_DIR) / "plots" / "metrics" / \
-                    f"{curve}.tsv"
-                path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_text(f"step\t{curve.rpartition('/')[2]}\n", encoding="utf-8")
             (tmp / FINETUNE_LR_RANGE.relative_to(FINETUNE_DIR)).write_text(
                 curve_text(None), encoding="utf-8")
+            # Headers and no rows: the plots show nothing, and no error.
+            for curve in CURVES:
+                path = curve_file(curve, curves_tmp)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(f"step\t{curve.rpartition('/')[2]}\n", encoding="utf-8")
         for checkpoint in CHECKPOINT_DIR.glob(FINETUNE_CHECKPOINTS):
             checkpoint.unlink()  # nothing will resume it
         log.info("fine-tuning skipped (finetune.enabled is false)")
@@ -54,7 +54,8 @@ def main() -> None:
     from transfer.training import run_finetune
 
     run_finetune(params, prepared_dir=PREPARED_DIR, embeddings_dir=EMBEDDINGS_DIR,
-                 head_path=HEAD_PATH, out_dir=FINETUNE_DIR, checkpoint_dir=CHECKPOINT_DIR)
+                 head_path=HEAD_PATH, out_dir=FINETUNE_DIR, curves_dir=FINETUNE_CURVES,
+                 checkpoint_dir=CHECKPOINT_DIR)
 
 
 if __name__ == "__main__":

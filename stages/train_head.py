@@ -15,7 +15,7 @@ from transfer.layout import (
     HEAD_PATH,
     PARAMS,
     REGULARISATION_PLOT,
-    TRAIN_HEAD_METRICS,
+    TRAIN_HEAD_REPORT,
 )
 from transfer.metrics import classification_metrics
 from transfer.params import load_params
@@ -37,17 +37,17 @@ def main() -> None:
     head, search = fitted.head, fitted.search
     val_metrics = classification_metrics(val_y, head.predict(val_x), len(classes))
     train_accuracy = float((head.predict(train_x) == train_y).mean())
-    # The head, its metrics and its search curve are replaced together, or not at all.
-    with atomic_outputs(HEAD_PATH, TRAIN_HEAD_METRICS, REGULARISATION_PLOT) as (
-            head_tmp, metrics_tmp, plot_tmp):
+    # The head, its report and its search curve are replaced together, or not at all.
+    with atomic_outputs(HEAD_PATH, TRAIN_HEAD_REPORT, REGULARISATION_PLOT) as (
+            head_tmp, report_tmp, plot_tmp):
         head.save(head_tmp, classes)
-        write_json(metrics_tmp, {"train_accuracy": train_accuracy,
-                                 "val": val_metrics,
-                                 "converged": head.converged_,
-                                 "n_iter": head.n_iter_,
-                                 **trainer.extra_metrics(head),
-                                 "regularisation": search.metrics(),
-                                 "calibration": calibration})  # no timings: same params, same file
+        write_json(report_tmp, {"train_accuracy": train_accuracy,
+                                "val": val_metrics,
+                                "converged": head.converged_,
+                                "n_iter": head.n_iter_,
+                                **trainer.extra_metrics(head),
+                                "regularisation": search.metrics(),
+                                "calibration": calibration})  # no timings: same params, same file
         write_csv(plot_tmp, search.plot_rows())
     log.info("%s head: train accuracy %.4f, val accuracy %.4f (%d %s, %.2fs)", head.kind,
              train_accuracy, val_metrics["accuracy"], head.n_iter_, trainer.unit, seconds)

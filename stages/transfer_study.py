@@ -21,14 +21,27 @@ from typing import Any
 from transfer import layout
 from transfer.artifacts import atomic_output
 from transfer.errors import ArgumentParser, PipelineError, run_stage
+from transfer.evaluation import FINETUNE_STATUS_KEY
 from transfer.strategies import STRATEGIES
 
 log = logging.getLogger(__name__)
 
 # `dvc exp show --json` names each metrics file by its path as written in dvc.yaml.
 EVALUATE_METRICS = layout.EVALUATE_METRICS.as_posix()
-FINETUNE_STATUS = layout.FINETUNE_STATUS.as_posix()
-TRAIN_HEAD_METRICS = layout.TRAIN_HEAD_METRICS.as_posix()
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What the table shows of one revision: its headline metrics (``dvc exp show``), and the
+    Git-tracked reports beside them, read at the revision."""
+
+    metrics: dict[str, Any]
+    evaluation: dict[str, Any]  # reports/evaluate.json, the fine-tuning status included
+    head_training: dict[str, Any]  # reports/train_head.json
+
+    @property
+    def finetune_status(self) -> dict[str, Any]:
+        return self.evaluation.get(FINETUNE_STATUS_KEY, {})
 
 
 @dataclass(frozen=True)
@@ -93,42 +106,55 @@ def queue_and_run(rows: list[StudyRow], epochs: int, jobs: int, prefix: str) -> 
 
 
 def collect(exp_show: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
-    """The baseline commit's metrics, and each named experiment's, from ``dvc exp show --json``
-    (a list: the workspace, then the baseline commit with its experiments)."""
+    """The baseline commit's entry and each named experiment's, from ``dvc exp show --json`` (a
+    list: the workspace, then the baseline commit with its experiments)."""
     commits = [entry for entry in exp_show if entry.get("rev") != "workspace"]
     experiments: dict[str, dict[str, Any]] = {}
     for commit in commits:
         for entry in commit.get("experiments") or []:
             for rev in entry.get("revs") or []:
                 if rev.get("name"):
-                    experiments[rev["name"]] = _metrics_of(rev)
-    return (_metrics_of(commits[0]) if commits else {}), experiments
+                    experiments[rev["name"]] = rev
+    return (commits[0] if commits else {}), experiments
 
 
-def _metrics_of(rev: dict[str, Any]) -> dict[str, Any]:
-    data = rev.get("data") or {}
-    return {path: (content or {}).get("data", {})
-            for path, content in (data.get("metrics") or {}).items()}
+def outcome_of(entry: dict[str, Any]) -> Outcome:
+    """An entry of ``dvc exp show --json`` with the reports of its commit."""
+    data = entry.get("data") or {}
+    metrics = {path: (content or {}).get("data", {})
+               for path, content in (data.get("metrics") or {}).items()}
+    rev = entry.get("rev")
+    if not rev:
+        return Outcome(metrics, {}, {})
+    return Outcome(metrics, _json_at(rev, layout.EVALUATE_REPORT),
+                   _json_at(rev, layout.TRAIN_HEAD_REPORT))
 
 
-def markdown_table(rows: list[StudyRow], names: list[str], baseline: dict[str, Any],
-                   experiments: dict[str, dict[str, Any]], split: str) -> str:
+def _json_at(rev: str, path: Path) -> dict[str, Any]:
+    """A Git-tracked JSON file as commit ``rev`` holds it; empty where it has none."""
+    result = subprocess.run(["git", "show", f"{rev}:{path.as_posix()}"], capture_output=True,
+                            text=True)
+    return json.loads(result.stdout) if result.returncode == 0 else {}
+
+
+def markdown_table(rows: list[StudyRow], names: list[str], baseline: Outcome,
+                   experiments: dict[str, Outcome], split: str) -> str:
     """The study as Markdown: the linear probe first, then one line per experiment."""
     header = ("| Row | What trains | Trainable parameters | Epochs run (best) | Val accuracy | "
               f"{split.capitalize()} accuracy | Experiment |\n"
               "|---|---|---:|---:|---:|---:|---|\n")
-    probe = baseline.get(EVALUATE_METRICS, {}).get("head", {})
-    probe_val = baseline.get(TRAIN_HEAD_METRICS, {}).get("val", {}).get("accuracy")
+    probe = baseline.metrics.get(EVALUATE_METRICS, {}).get("head", {})
+    probe_val = baseline.head_training.get("val", {}).get("accuracy")
     lines = [f"| linear probe | logistic regression on frozen embeddings | - | - | "
              f"{_fmt(probe_val)} | {_fmt(probe.get('accuracy'))} | baseline |"]
     for row, name in zip(rows, names, strict=True):
-        metrics = experiments.get(name)
+        outcome = experiments.get(name)
         what = row.what_trains
-        if metrics is None:
+        if outcome is None:
             lines.append(f"| {row.label} | {what} | failed or missing | | | | {name} |")
             continue
-        status = metrics.get(FINETUNE_STATUS, {})
-        scored = metrics.get(EVALUATE_METRICS, {}).get("finetune", {})
+        status = outcome.finetune_status
+        scored = outcome.metrics.get(EVALUATE_METRICS, {}).get("finetune", {})
         epochs = f"{status.get('epochs_run', '-')} ({status.get('best_epoch', '-')})"
         lines.append(
             f"| {row.label} | {what} | {status.get('trainable_parameters', '-'):,} | {epochs} | "
@@ -157,9 +183,10 @@ def main(argv: list[str] | None = None) -> None:
     rows = study_rows(args.k)
     prefix = f"study-{time.strftime('%m%d-%H%M%S')}"
     names = queue_and_run(rows, args.epochs, args.jobs, prefix)
-    baseline, experiments = collect(json.loads(dvc("exp", "show", "--json")))
-    evaluated_split = (baseline.get(EVALUATE_METRICS, {}).get("head", {}).get("split")
-                       or "test")
+    baseline_entry, entries = collect(json.loads(dvc("exp", "show", "--json")))
+    baseline = outcome_of(baseline_entry)
+    experiments = {name: outcome_of(entries[name]) for name in names if name in entries}
+    evaluated_split = baseline.evaluation.get("head", {}).get("split") or "test"
     table = markdown_table(rows, names, baseline, experiments, evaluated_split)
     with atomic_output(args.output) as tmp:
         tmp.write_text(f"# Transfer study ({args.epochs} epochs per row)\n\n{table}",

@@ -8,7 +8,7 @@ from PIL import Image
 from stages import evaluate, finetune, train_head
 from transfer import layout
 from transfer.errors import PipelineError
-from transfer.evaluation import GALLERY_FILE, PLOT_FILES
+from transfer.evaluation import FINETUNE_STATUS_KEY, GALLERY_FILE, HEADLINE_METRICS, PLOT_FILES
 
 
 def test_metrics_report_plots_gallery_and_summary(project):
@@ -17,16 +17,22 @@ def test_metrics_report_plots_gallery_and_summary(project):
     evaluate.main()
     metrics = json.loads((project / "metrics" / "evaluate.json").read_text())
     assert set(metrics) == {"head"}  # no finetune entry while fine-tuning is skipped
-    head = metrics["head"]
+    # The metrics file holds the headline numbers only: one `dvc exp show` column each.
+    assert list(metrics["head"]) == list(HEADLINE_METRICS)
+    assert metrics["head"]["accuracy"] == metrics["head"]["balanced_accuracy"] == 1.0
+    assert metrics["head"]["macro_f1"] == 1.0
+    assert metrics["head"]["ece"] < 0.5 and metrics["head"]["log_loss"] > 0
+    report = json.loads((project / "reports" / "evaluate.json").read_text())
+    assert set(report) == {"head", FINETUNE_STATUS_KEY}
+    assert report[FINETUNE_STATUS_KEY]["status"] == "skipped"
+    head = report["head"]  # everything else, per class too
+    assert not set(head) & set(HEADLINE_METRICS)
     assert head["split"] == "test"
-    assert head["accuracy"] == head["balanced_accuracy"] == head["macro_f1"] == 1.0
-    assert head["ece"] < 0.5 and head["log_loss"] > 0
     assert head["ece_uncalibrated"] < 0.5 and head["log_loss_uncalibrated"] > 0
     assert "top5_accuracy" not in head  # three classes
     assert set(head["per_class"]) == {"blue", "green", "red"}
-    report = json.loads((project / "reports" / "evaluate.json").read_text())
-    assert report["finetune"]["status"] == "skipped"
-    assert report["head"]["n_mistakes"] == 0 and report["head"]["most_confused"] == []
+    assert all(s["f1"] == 1.0 for s in head["per_class"].values() if s["support"])
+    assert head["n_mistakes"] == 0 and head["most_confused"] == []
     plots = project / "plots" / "evaluate"
     for name in PLOT_FILES:
         with open(plots / name, newline="") as f:
@@ -82,7 +88,8 @@ def test_the_stored_temperature_is_what_evaluate_scores_and_both_are_reported(pr
     head.temperature_ = 3.0  # far softer than fitted: log loss and ECE must show it
     head.save(path, classes)
     evaluate.main()
-    metrics = json.loads((project / "metrics" / "evaluate.json").read_text())["head"]
+    metrics = {**json.loads((project / "metrics" / "evaluate.json").read_text())["head"],
+               **json.loads((project / "reports" / "evaluate.json").read_text())["head"]}
     features, labels, _ = load_split(project / "data" / "embeddings", "test")
     softened = head.predict_proba_all(features, 3)
     untempered = head.predict_proba_all(features, 3, calibrated=False)

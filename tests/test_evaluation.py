@@ -3,6 +3,8 @@ import pytest
 
 from transfer.errors import PipelineError
 from transfer.evaluation import (
+    FINETUNE_STATUS_KEY,
+    HEADLINE_METRICS,
     PLOT_FILES,
     evaluate_model,
     evaluation_report,
@@ -62,11 +64,23 @@ def test_plot_tables_tag_every_row_with_its_model():
     assert sum(r["count"] for r in confusion) == 6
 
 
+def test_the_headline_is_the_metrics_file_and_the_report_holds_the_rest():
+    e = scored()
+    assert e.headline == {key: e.metrics[key] for key in HEADLINE_METRICS}
+    report = evaluation_report([e, scored("finetune")], {"status": "trained"})
+    assert report[FINETUNE_STATUS_KEY] == {"status": "trained"}
+    for name in ("head", "finetune"):  # the fine-tuned model's entry beside the status
+        entry = report[name]
+        assert set(entry) == (set(e.metrics) - set(HEADLINE_METRICS)) | {
+            "n_mistakes", "most_confused", "most_confident_mistakes"}
+        assert entry["per_class"]["dog"]["recall"] == pytest.approx(1 / 2)
+
+
 def test_report_and_summary_name_the_models_numbers_and_plots():
     evaluations = [scored("head"), scored("finetune")]
     status = {"status": "skipped", "reason": "finetune.enabled is false"}
     report = evaluation_report(evaluations, status)
-    assert report["finetune"] == status
+    assert report[FINETUNE_STATUS_KEY] == status
     assert report["head"]["most_confident_mistakes"][0]["id"] == "img3.png"
     assert report["head"]["most_confused"][0] == {"actual": "cat", "predicted": "dog",
                                                   "count": 1}

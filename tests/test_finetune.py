@@ -13,8 +13,9 @@ from safetensors.torch import load_file
 from stages import evaluate, finetune, train_head
 from tests.conftest import kill_stage_midway, run_stage_cli, stage_environment, write_params
 from transfer.data import ImageStore
+from transfer.evaluation import FINETUNE_STATUS_KEY, HEADLINE_METRICS
 from transfer.inference import load_finetuned
-from transfer.layout import CURVES
+from transfer.layout import CURVES, FINETUNE_CURVES, TRAIN_HEAD_REPORT, curve_file
 from transfer.layout import FINETUNE_LR_RANGE as LR_RANGE
 
 
@@ -32,8 +33,8 @@ def test_disabled_finetune_is_recorded_as_skipped_without_loading_torch(tmp_path
     assert result.stdout.strip() == "[]"
     status = json.loads((tmp_path / "models" / "finetune" / "status.json").read_text())
     assert status == {"enabled": False, "status": "skipped", "reason": "finetune.enabled is false"}
-    curves = sorted((tmp_path / "models" / "finetune" / "curves").rglob("*.tsv"))
-    assert len(curves) == len(CURVES)
+    curves = {p for p in (tmp_path / FINETUNE_CURVES).rglob("*") if p.is_file()}
+    assert curves == {tmp_path / curve_file(c) for c in CURVES}
     assert all(len(path.read_text().splitlines()) == 1 for path in curves)  # no epochs
     assert (tmp_path / LR_RANGE).read_text() == "lr,loss\n"  # and no range test
     assert not stale.exists()  # nothing will resume it
@@ -59,12 +60,12 @@ def test_finetune_writes_the_best_model_its_curves_and_a_loadable_classifier(pro
     status = json.loads((out / "status.json").read_text())
     assert status["status"] == "trained" and status["epochs_run"] == 1
     assert status["trainable_parameters"] < status["total_parameters"]
-    assert (out / "curves" / "plots" / "metrics" / "val" / "accuracy.tsv").is_file()
-    steps = (out / "curves" / "plots" / "metrics" / "train" / "loss.tsv").read_text().split()
+    assert curve_file("val/accuracy").is_file()
+    steps = curve_file("train/loss").read_text().split()
     assert steps[:2] == ["step", "loss"] and steps[2] == "1"  # epoch 1; epoch 0 has no training
     assert not list((project / "checkpoints").glob("*"))  # removed once finished
     # The disabled stage writes the same curve files, with headers only (dvc.yaml plots them).
-    curves = out / "curves" / "plots" / "metrics"
+    curves = curve_file("lr").parent
     written = {p.relative_to(curves).with_suffix("").as_posix(): p.read_text().splitlines()[0]
                for p in curves.rglob("*.tsv")}
     assert written == {c: f"step\t{c.rpartition('/')[2]}" for c in CURVES}
@@ -79,15 +80,17 @@ def test_finetune_writes_the_best_model_its_curves_and_a_loadable_classifier(pro
     accuracy = float((probabilities.argmax(1) == store.labels).mean())
     # The saved model is the best epoch by validation accuracy, the start (the probe) included.
     assert accuracy == pytest.approx(model.info["val_accuracy"])
-    assert accuracy >= json.loads((project / "metrics" / "train_head.json").read_text())[
-        "val"]["accuracy"]
+    assert accuracy >= json.loads((project / TRAIN_HEAD_REPORT).read_text())["val"]["accuracy"]
     evaluate.main()  # scores the fine-tuned model beside the head, on the test images
     metrics = json.loads((project / "metrics" / "evaluate.json").read_text())
     assert set(metrics) == {"head", "finetune"}
-    assert metrics["finetune"]["n_images"] == metrics["head"]["n_images"]
+    assert list(metrics["finetune"]) == list(HEADLINE_METRICS)
+    report = json.loads((project / "reports" / "evaluate.json").read_text())
+    assert report["finetune"]["n_images"] == report["head"]["n_images"]
+    assert report[FINETUNE_STATUS_KEY] == status
     # The temperature fitted on validation is stored with the model and used by evaluate.
     assert model.temperature == status["calibration"]["temperature"] > 0
-    assert {"ece_uncalibrated", "log_loss_uncalibrated"} <= set(metrics["finetune"])
+    assert {"ece_uncalibrated", "log_loss_uncalibrated"} <= set(report["finetune"])
     assert 0.0 <= metrics["finetune"]["accuracy"] <= 1.0
     summary = (project / "reports" / "summary.md").read_text()
     assert "Fine-tuning: trained (last_k, best epoch" in summary and "| finetune |" in summary
@@ -113,6 +116,10 @@ def test_a_killed_finetune_resumes_and_ends_byte_identical_to_an_uninterrupted_r
     kill_stage_midway("finetune", project,
                       started=lambda: any(checkpoints.glob("finetune-*.pt")))
     assert not (project / "models" / "finetune").exists()
+    # Live: the curves of the epochs done were written as each ended, where dvc.yaml plots
+    # them, while the model is written only at the end.
+    assert _steps(project / curve_file("val/accuracy")) == [0, 1]
+    assert _steps(project / curve_file("train/loss")) == [1]
     resumed = run_stage_cli("finetune", project)
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming fine-tuning after epoch 1 of 2" in resumed.stderr
@@ -124,8 +131,14 @@ def test_a_killed_finetune_resumes_and_ends_byte_identical_to_an_uninterrupted_r
     assert all(torch.equal(expected[name], got[name]) for name in expected)
     # Every output file, status and curves included, has the same bytes: DVC's cache, run
     # cache and a teammate's push all match (timings are only logged).
-    assert _files(project / "models" / "finetune") == _files(twin / "models" / "finetune")
+    for output in ("models/finetune", FINETUNE_CURVES):
+        assert _files(project / output) == _files(twin / output)
+    assert _steps(project / curve_file("val/accuracy")) == [0, 1, 2]
     assert "training images/s" in uninterrupted.stderr
+
+
+def _steps(curve: Path) -> list[int]:
+    return [int(line.split("\t")[0]) for line in curve.read_text().splitlines()[1:]]
 
 
 def test_a_checkpoint_of_other_parameters_is_removed_not_resumed(project):
@@ -195,7 +208,7 @@ def test_lr_auto_writes_the_range_test_curve_and_the_rate_it_chose(project):
     lowest = curve[curve[:, 1].argmin(), 0]
     assert status["lr"] == pytest.approx(lowest / 10)
     assert np.all(np.diff(curve[:, 0]) > 0)
-    rates = (project / "models" / "finetune" / "curves" / "plots" / "metrics" / "lr.tsv")
+    rates = project / curve_file("lr")
     # the rate the epoch trained at: one epoch of warm-up ends at the rate chosen
     assert float(rates.read_text().split()[-1]) == pytest.approx(status["lr"])
 
@@ -246,6 +259,5 @@ def test_class_imbalance_keys_on_a_skewed_subset(tmp_path):
             status = json.loads((root / "models" / "finetune" / "status.json").read_text())
             assert status["select_by"] == imbalance.get("select_by", "accuracy")
             assert 0.0 <= status["val_balanced_accuracy"] <= 1.0
-            losses[name] = (root / "models" / "finetune" / "curves" / "plots" / "metrics" /
-                            "train" / "loss.tsv").read_text()
+            losses[name] = (root / curve_file("train/loss")).read_text()
     assert losses["plain"] != losses["balanced"]  # weighted loss, other draws

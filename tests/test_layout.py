@@ -138,7 +138,7 @@ def test_every_stage_output_path_comes_from_the_layout():
 def test_finetune_curve_plots_are_the_curves_the_stage_writes():
     plots = yaml.safe_load((ROOT / "dvc.yaml").read_text(encoding="utf-8"))["plots"]
     plotted = {file for plot in plots for spec in plot.values() for file in spec["y"]}
-    written = {(layout.FINETUNE_CURVES / "plots" / "metrics" / f"{c}.tsv").as_posix()
+    written = {layout.curve_file(c).as_posix()
                for c in layout.CURVES} | {layout.FINETUNE_LR_RANGE.as_posix()}
     assert plotted == written
     templates = {spec["template"] for plot in plots for spec in plot.values()}

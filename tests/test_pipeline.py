@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from tests.conftest import REPO_ROOT
+from transfer.evaluation import HEADLINE_METRICS
 
 PROJECT_FILES = ["stages", "transfer", "params.yaml", "dvc.yaml", ".dvc/config", ".dvc/.gitignore",
                  ".dvc/plots", ".dvcignore", ".gitignore", "data/raw/.gitkeep"]
@@ -69,12 +70,17 @@ def test_repro_trains_and_evaluates_then_a_second_repro_runs_nothing(repo):
     assert stages_run(output) == STAGES
     metrics = json.loads((repo / "metrics" / "evaluate.json").read_text())
     assert set(metrics) == {"head"}
-    report = json.loads((repo / "reports" / "data.json").read_text())
-    assert sum(report["totals"].values()) == 80
-    assert metrics["head"]["n_images"] == report["totals"]["test"] > 0
+    data = json.loads((repo / "reports" / "data.json").read_text())
+    assert sum(data["totals"].values()) == 80
+    report = json.loads((repo / "reports" / "evaluate.json").read_text())
+    assert report["head"]["n_images"] == data["totals"]["test"] > 0
     assert 0.0 <= metrics["head"]["accuracy"] <= 1.0
-    shown = run(["dvc", "metrics", "show"], repo)
-    assert "head.accuracy" in shown and "head.macro_f1" in shown
+    shown = run(["dvc", "metrics", "show", "--json"], repo)
+    # The headline numbers only: per-class figures, training details and strings are reports.
+    [workspace] = json.loads(shown).values()
+    assert workspace["data"] == {
+        "metrics/evaluate.json": {"data": {"head": {m: metrics["head"][m]
+                                                    for m in HEADLINE_METRICS}}}}
 
     again = run(["dvc", "repro"], repo)
     assert stages_run(again) == []
@@ -157,8 +163,9 @@ QUEUED_C = ["0.01", "0.1", "10"]
 
 @pytest.fixture(scope="module")
 def queued(repo) -> dict[str, float]:
-    """Three head.C experiments queued on a fresh baseline commit and run two at a time;
-    head.C -> test accuracy, as ``dvc exp show`` lists them. Any test may ask for it first."""
+    """Three head.C experiments queued on a fresh baseline commit by one grid (``-S
+    head.C=0.01,0.1,10``) and run two at a time; head.C -> test accuracy, as ``dvc exp show``
+    lists them. Any test may ask for it first."""
     import csv
     import io
     import time
@@ -166,8 +173,9 @@ def queued(repo) -> dict[str, float]:
     run(["dvc", "repro"], repo)
     run(["git", "add", "-A"], repo)
     run(["git", "commit", "-qm", "baseline before the queue", "--allow-empty"], repo)
-    for value in QUEUED_C:
-        run(["dvc", "exp", "run", "--queue", "-S", f"head.C={value}"], repo)
+    queued_output = run(["dvc", "exp", "run", "--queue", "-S", f"head.C={','.join(QUEUED_C)}"],
+                        repo)
+    assert queued_output.count("Queued experiment") == len(QUEUED_C), queued_output
     # The queue's workers outlive `dvc queue start`: give them a file, not this test's pipes,
     # or reading the command's output waits for the workers to exit.
     with open(repo.parent / "queue-start.log", "w") as log_file:
@@ -215,3 +223,61 @@ def test_experiments_are_compared_in_exp_show_and_plots_diff(repo, queued):
     roc = plots["plots/evaluate/roc.csv"][0]
     assert sorted(roc["revisions"]) == sorted([first, second])
     assert {r["rev"] for r in roc["content"]["data"]["values"]} == {first, second}
+    # Per-class F1 of both, side by side: one bar per model @ revision in each class's row.
+    per_class = plots["plots/evaluate/per_class_f1.csv"][0]["content"]
+    assert per_class["encoding"]["yOffset"]["field"] == "series"
+    assert {"calculate": "datum.model + ' @ ' + datum.rev", "as": "series"} in \
+        per_class["transform"]
+    bars = {(r["rev"], r["class"]) for r in per_class["data"]["values"]}
+    assert bars == {(rev, str(digit)) for rev in (first, second) for digit in range(10)}
+
+
+def test_a_sweep_is_sorted_by_a_metric_to_pick_the_best(repo, queued):
+    import csv
+    import io
+
+    table = run(["dvc", "exp", "show", "--csv", "--no-pager", "--sort-by", "head.log_loss"],
+                repo)
+    rows = [r for r in csv.DictReader(io.StringIO(table)) if r["typ"].startswith("branch_")]
+    assert {r["head.C"] for r in rows} >= set(QUEUED_C)
+    losses = [float(r["head.log_loss"]) for r in rows]
+    assert losses == sorted(losses) and len(set(losses)) > 1
+
+
+# What `dvc exp show` adds to the metrics, parameters and dependencies it shows.
+BOOKKEEPING = {"Experiment", "rev", "typ", "Created", "parent", "State", "Executor"}
+
+
+def test_exp_show_only_changed_fits_a_terminal_with_every_change_and_both_models(repo):
+    """Two head experiments and a fine-tuning one on the 10 digit classes: `dvc exp show
+    --only-changed` has at most 16 columns, with every parameter that changed and the
+    headline metrics of both models."""
+    import csv
+    import io
+
+    set_params(repo, head={"C": 0.1}, finetune={  # tiny fine-tuning, set in the baseline
+        "enabled": False, "strategy": "head", "epochs": 1, "batch_size": 16, "augment": "none"})
+    run(["dvc", "repro"], repo)
+    run(["git", "add", "-A"], repo)
+    run(["git", "commit", "-qm", "baseline to compare against", "--allow-empty"], repo)
+    for change in ("head.C=0.0001", "head.C=1", "finetune.enabled=true"):
+        run(["dvc", "exp", "run", "-S", change], repo)
+    shown = run(["dvc", "exp", "show", "--only-changed", "--no-pager", "--md"], repo)
+    header = next(line for line in shown.splitlines() if line.startswith("| Experiment"))
+    columns = [cell.strip() for cell in header.strip().strip("|").split("|")]
+    assert len(columns) <= 16, columns
+    assert {"head.C", "finetune.enabled"} <= set(columns)
+    assert {f"finetune.{m}" for m in HEADLINE_METRICS} <= set(columns)
+    # Nothing that changed is hidden: every metric and parameter whose value differs between
+    # the rows of the full table is a column, the head's headline numbers among them (one equal
+    # in every row, as accuracy can be on a dozen test images, is left out by --only-changed).
+    full = list(csv.DictReader(io.StringIO(
+        run(["dvc", "exp", "show", "--csv", "--no-pager"], repo))))
+    assert len([r for r in full if r["typ"].startswith("branch_")]) == 3
+    changed = {column for column in full[0] if len({row[column] for row in full}) > 1}
+    assert changed - BOOKKEEPING - set(columns) == set()
+    assert set(columns) - BOOKKEEPING - changed == set()
+    assert {"head.log_loss", "head.ece"} <= changed
+    # What is not a parameter or a headline number is a hash of a changed model file.
+    assert {c for c in columns if c not in BOOKKEEPING and not c.startswith(("head.", "finetune."))
+            } == {"models/head.npz", "models/finetune"}

@@ -28,7 +28,7 @@ def test_head_is_saved_with_its_search_temperature_and_metrics(project):
     assert isinstance(head, LogisticHead)
     assert classes == ["blue", "green", "red"]
     assert head.coef_.shape == (3, 1280)
-    metrics = json.loads((project / "metrics" / "train_head.json").read_text())
+    metrics = json.loads((project / layout.TRAIN_HEAD_REPORT).read_text())
     assert metrics["train_accuracy"] == 1.0
     assert metrics["val"]["accuracy"] == 1.0  # colours are easy for an ImageNet backbone
     assert metrics["converged"] is True
@@ -58,7 +58,7 @@ def test_head_params_change_the_model(project):
     train_head.main()
     second, _ = load_head(project / "models" / "head.npz")
     assert abs(second.coef_).sum() < abs(first.coef_).sum()
-    metrics = json.loads((project / "metrics" / "train_head.json").read_text())
+    metrics = json.loads((project / layout.TRAIN_HEAD_REPORT).read_text())
     assert metrics["regularisation"]["auto"] is False
     assert [point["C"] for point in metrics["regularisation"]["curve"]] == [0.001]
 
@@ -68,7 +68,7 @@ def test_an_mlp_head_is_trained_when_asked(project):
     train_head.main()
     head, classes = load_head(project / "models" / "head.npz")
     assert isinstance(head, MLPHead) and head.weights_[0].shape == (1280, 16)
-    metrics = json.loads((project / "metrics" / "train_head.json").read_text())
+    metrics = json.loads((project / layout.TRAIN_HEAD_REPORT).read_text())
     assert metrics["val"]["accuracy"] == 1.0
     assert metrics["n_iter"] == metrics["best_epoch"] + 3
     search = metrics["regularisation"]
@@ -111,7 +111,7 @@ def test_a_class_of_one_training_image_falls_back_to_the_validation_split(projec
         train_head.main()
     assert "class 'blue' has 1 training image: too few for stratified cross-validation" \
         in caplog.text
-    metrics = json.loads((project / "metrics" / "train_head.json").read_text())
+    metrics = json.loads((project / layout.TRAIN_HEAD_REPORT).read_text())
     assert metrics["regularisation"]["held_out"].startswith("validation split (")
 
 

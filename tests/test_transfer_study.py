@@ -4,7 +4,7 @@ import subprocess
 import pytest
 
 from stages import transfer_study
-from stages.transfer_study import StudyRow, collect, markdown_table, study_rows
+from stages.transfer_study import StudyRow, collect, markdown_table, outcome_of, study_rows
 from transfer.errors import PipelineError
 
 
@@ -17,38 +17,39 @@ def test_rows_run_from_scratch_to_full_with_their_parameters():
     assert "finetune.unfreeze_k" not in " ".join(StudyRow("full").set_params(2))
 
 
-# A stand-in pipeline with the real metrics paths: what each experiment writes comes from its
-# parameters, so `dvc exp show --json` (DVC's own output, not a copy of its shape) can be read.
+# A stand-in pipeline with the real metrics and report paths: what each experiment writes
+# comes from its parameters, so `dvc exp show --json` (DVC's own output, not a copy of its
+# shape) and the reports Git holds at each experiment's commit can be read.
 FAKE_STAGE = """
 import json, pathlib, yaml
 p = yaml.safe_load(open("params.yaml"))
 def write(path, obj):
     pathlib.Path(path).parent.mkdir(parents=True, exist_ok=True)
     pathlib.Path(path).write_text(json.dumps(obj))
-write("metrics/train_head.json", {"val": {"accuracy": 0.95}})
-scored = {"head": {"accuracy": 0.9, "split": "test"}}
+write("reports/train_head.json", {"val": {"accuracy": 0.95}})
+scored = {"head": {"accuracy": 0.9}}
+status = {"status": "skipped"}
 if p["finetune"]["enabled"]:
     scored["finetune"] = {"accuracy": p["finetune"]["accuracy"]}
-    write("models/finetune/status.json", {"epochs_run": 3, "best_epoch": 2,
-          "val_accuracy": 0.96, "trainable_parameters": 12810})
-else:
-    write("models/finetune/status.json", {"status": "skipped"})
+    status = {"epochs_run": 3, "best_epoch": 2, "val_accuracy": 0.96,
+              "trainable_parameters": 12810}
 write("metrics/evaluate.json", scored)
+write("reports/evaluate.json", {"head": {"split": "test"}, "finetune_status": status})
 """
 
 
 @pytest.fixture(scope="module")
-def exp_show(tmp_path_factory):
-    """``dvc exp show --json`` of a repository with a baseline commit and one experiment."""
+def study_repo(tmp_path_factory):
+    """A repository with a baseline commit and one experiment, and its ``dvc exp show --json``."""
     repo = tmp_path_factory.mktemp("study")
     (repo / "stage.py").write_text(FAKE_STAGE)
     (repo / "params.yaml").write_text("finetune:\n  enabled: false\n  accuracy: 0.5\n")
     (repo / "dvc.yaml").write_text(
         "stages:\n  all:\n    cmd: python stage.py\n    deps: [stage.py]\n"
-        "    params: [finetune]\n    metrics:\n"
+        "    params: [finetune]\n    metrics:\n      - metrics/evaluate.json:\n"
+        "          cache: false\n    outs:\n"
         + "".join(f"      - {m}:\n          cache: false\n"
-                  for m in ("metrics/train_head.json", "metrics/evaluate.json",
-                            "models/finetune/status.json")))
+                  for m in ("reports/train_head.json", "reports/evaluate.json")))
 
     def run(*command):
         subprocess.run(command, cwd=repo, check=True, capture_output=True, text=True)
@@ -64,15 +65,18 @@ def exp_show(tmp_path_factory):
         "-S", "finetune.accuracy=0.925")
     shown = subprocess.run(["dvc", "exp", "show", "--json"], cwd=repo, check=True,
                            capture_output=True, text=True).stdout
-    return json.loads(shown)
+    return repo, json.loads(shown)
 
 
 @pytest.mark.slow
-def test_the_table_puts_the_probe_first_and_marks_missing_experiments(exp_show):
-    baseline, experiments = collect(exp_show)
-    assert "s-head" in experiments
+def test_the_table_puts_the_probe_first_and_marks_missing_experiments(study_repo, monkeypatch):
+    repo, exp_show = study_repo
+    monkeypatch.chdir(repo)  # the reports are read from Git at each experiment's commit
+    baseline_entry, entries = collect(exp_show)
+    assert "s-head" in entries
     table = markdown_table([StudyRow("head"), StudyRow("full")], ["s-head", "s-full"],
-                           baseline, experiments, "test")
+                           outcome_of(baseline_entry), {"s-head": outcome_of(entries["s-head"])},
+                           "test")
     lines = table.splitlines()
     assert "Test accuracy" in lines[0]
     assert lines[2].startswith("| linear probe |") and "| 0.9500 | 0.9000 |" in lines[2]

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from transfer.errors import PipelineError
+from transfer.layout import EVALUATE_METRICS, EVALUATE_REPORT, FINETUNE_CURVES
 from transfer.metrics import (
     CALIBRATION_BINS,
     calibration_bins,
@@ -37,6 +38,12 @@ PLOT_FILES = {
     "precision_recall.csv": "precision-recall curve, micro-averaged one-vs-rest",
 }
 GALLERY_FILE = "mistakes.png"
+
+# The numbers experiments are compared by, per model: metrics/evaluate.json holds these (a
+# `dvc exp show` column each); the rest of a model's scores go to reports/evaluate.json.
+HEADLINE_METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "log_loss", "ece")
+# Where reports/evaluate.json keeps the fine-tuning stage's status, beside the models' entries.
+FINETUNE_STATUS_KEY = "finetune_status"
 
 # The columns of the summary table, in order, with their headings.
 SUMMARY_COLUMNS = {"accuracy": "accuracy", "balanced_accuracy": "balanced accuracy",
@@ -68,6 +75,11 @@ class ModelEvaluation:
     most_confused: list[dict]
     mistakes: list[Mistake]
     n_mistakes: int
+
+    @property
+    def headline(self) -> dict[str, float]:
+        """The model's entry in metrics/evaluate.json."""
+        return {key: self.metrics[key] for key in HEADLINE_METRICS}
 
 
 def evaluate_model(name: str, y_true: np.ndarray, probabilities: np.ndarray,
@@ -125,13 +137,15 @@ def plot_tables(evaluations: Sequence[ModelEvaluation]) -> dict[str, list[dict]]
 
 
 def evaluation_report(evaluations: Sequence[ModelEvaluation], finetune_status: dict) -> dict:
-    """What the metrics file leaves out: confused pairs, confident mistakes, fine-tuning."""
+    """What the metrics file leaves out, per model: the other scores (per class under
+    ``per_class``), confused pairs and confident mistakes; and the fine-tuning status."""
     report: dict = {e.name: {
+        **{key: value for key, value in e.metrics.items() if key not in HEADLINE_METRICS},
         "n_mistakes": e.n_mistakes,
         "most_confused": e.most_confused,
         "most_confident_mistakes": [vars(m) for m in e.mistakes],
     } for e in evaluations}
-    report["finetune"] = finetune_status
+    report[FINETUNE_STATUS_KEY] = finetune_status
     return report
 
 
@@ -183,15 +197,16 @@ def summary_markdown(evaluations: Sequence[ModelEvaluation], finetune_status: Ma
     lines += [
         "## Where to look",
         "",
-        "- `metrics/evaluate.json`: every metric above, per model, and per class under "
-        "`per_class`.",
-        "- `reports/evaluate.json`: the most confused class pairs and the most confident "
-        "mistakes (image ids).",
+        f"- `{EVALUATE_METRICS}`: the numbers experiments are compared by "
+        f"({', '.join(HEADLINE_METRICS)}), per model: `dvc exp show`, `dvc metrics diff`.",
+        f"- `{EVALUATE_REPORT}`: every other score, per class under `per_class`; the most "
+        "confused class pairs and the most confident mistakes (image ids); the fine-tuning "
+        "status.",
         *(f"- `{plots_dir}/{name}`: {what}." for name, what in PLOT_FILES.items()),
         f"- `{plots_dir}/{GALLERY_FILE}`: the most confident mistakes, with true and "
         "predicted class.",
-        *(["- `models/finetune/curves/`: fine-tuning loss, accuracy and learning rate per "
-           "epoch (the `finetune_*` plots)."] if finetune_status.get("status") == "trained"
+        *([f"- `{FINETUNE_CURVES}/`: fine-tuning loss, accuracy and learning rate per epoch "
+           "(the `finetune_*` plots)."] if finetune_status.get("status") == "trained"
           else []),
         "",
         "Draw the plots with `dvc plots show` (then open `dvc_plots/index.html`); compare with "

@@ -30,18 +30,21 @@ FAMILIARITY = Path("models/familiarity.npz")
 
 # train_head
 HEAD_PATH = Path("models/head.npz")
-TRAIN_HEAD_METRICS = Path("metrics/train_head.json")
+TRAIN_HEAD_REPORT = Path("reports/train_head.json")
 REGULARISATION_PLOT = Path("plots/train_head/regularisation.csv")  # head.C or head.alpha search
 
 # finetune
 FINETUNE_DIR = Path("models/finetune")
 FINETUNE_STATUS = FINETUNE_DIR / "status.json"
-FINETUNE_CURVES = FINETUNE_DIR / "curves"
+# dvclive's folder, a second (cached, so Git-ignored) output of finetune: the curves are written
+# there after every epoch, where `dvc plots show` and the VS Code extension see them while the
+# stage runs.
+FINETUNE_CURVES = Path("dvclive")
 # Outside every DVC output (`dvc repro` removes a stage's outputs before running it), so that
 # an interrupted run can resume.
 CHECKPOINT_DIR = Path("checkpoints")
 FINETUNE_CHECKPOINTS = "finetune*.pt"  # in CHECKPOINT_DIR, one per set of parameters and data
-# The per-epoch curves dvclive writes under FINETUNE_CURVES/plots/metrics/ (dvc.yaml plots them).
+# The per-epoch curves dvclive writes (``curve_file``; dvc.yaml plots them).
 CURVES = ("train/loss", "train/accuracy", "val/loss", "val/accuracy", "lr")
 # finetune.lr: auto's range test: learning rate against smoothed training loss (a header only
 # when the rate is fixed; dvc.yaml plots it).
@@ -56,6 +59,11 @@ EVALUATE_PLOTS_DIR = Path("plots/evaluate")
 # commands outside the DVC graph
 EXPORT_DIR = Path("models/export")
 TRANSFER_STUDY_REPORT = Path("reports/transfer_study.md")
+
+
+def curve_file(curve: str, curves_dir: Path = FINETUNE_CURVES) -> Path:
+    """Where dvclive writes the curve named ``curve`` (one of ``CURVES``) in ``curves_dir``."""
+    return curves_dir / "plots" / "metrics" / f"{curve}.tsv"
 
 
 def finetune_checkpoint(key: str) -> str:

@@ -18,6 +18,7 @@ import itertools
 import json
 import logging
 import math
+import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -467,10 +468,10 @@ def train(net: FinetuneNet, train_set: LabelledImages, val_set: LabelledImages,
                  record.train_accuracy, record.val_loss, record.val_accuracy, record.weights,
                  record.lr)
         if runtime.is_main:
+            if on_epoch is not None:  # first: an epoch with a checkpoint has its curves too
+                on_epoch(state)
             _save_checkpoint(checkpoint, key, net, optimizer, scheduler, scaler, state, ema,
                              lr_range)
-            if on_epoch is not None:
-                on_epoch(state)
     if stopped_early and state.epoch < params.epochs:
         log.info("early stop after epoch %d: no better validation %s for %d epochs",
                  state.epoch, criterion.name.replace("_", " "), params.patience)
@@ -489,8 +490,9 @@ def _sha256(path: Path) -> str | None:
 
 
 def run_finetune(params: Params, *, prepared_dir: Path, embeddings_dir: Path, head_path: Path,
-                 out_dir: Path, checkpoint_dir: Path) -> FinetuneResult:
-    """The whole stage: build the network, train it (resuming), write ``out_dir``."""
+                 out_dir: Path, curves_dir: Path, checkpoint_dir: Path) -> FinetuneResult:
+    """The whole stage: build the network, train it (resuming), write ``out_dir`` at the end
+    and the curves in ``curves_dir`` after every epoch."""
     ft = params.finetune
     strategy = STRATEGIES[ft.strategy]
     set_determinism(params.backbone.deterministic)  # before CUDA starts
@@ -531,7 +533,10 @@ def run_finetune(params: Params, *, prepared_dir: Path, embeddings_dir: Path, he
     writing = atomic_output(out_dir) if runtime.is_main else contextlib.nullcontext(None)
     started = time.perf_counter()
     with writing as tmp:
-        curves = _CurveWriter(tmp / "curves") if tmp is not None else None
+        curves = None
+        if tmp is not None:
+            tmp.mkdir()
+            curves = _CurveWriter(curves_dir)
         try:
             result = train(net, train_set, val_set, train_params, params.seed, runtime,
                            checkpoint, key, on_epoch=curves)
@@ -595,12 +600,14 @@ def fit_temperature_on(net: torch.nn.Module, store: ImageStore, preprocessing: P
 
 
 class _CurveWriter:
-    """Per-epoch curves through dvclive, replayed from the history when a run resumes."""
+    """Per-epoch curves through dvclive, written as each epoch ends (so that they can be watched
+    while training runs) and replayed from the history when a run resumes."""
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
         self.logged = 0
         self.live: Any = None
+        shutil.rmtree(directory, ignore_errors=True)  # another run's curves, or a killed one's
 
     def __call__(self, state: TrainingState) -> None:
         if self.live is None:
