@@ -15,8 +15,9 @@ from tests.conftest import REPO_ROOT
 from transfer.evaluation import HEADLINE_METRICS
 
 PROJECT_FILES = ["stages", "transfer", "params.yaml", "dvc.yaml", ".dvc/config", ".dvc/.gitignore",
-                 ".dvc/plots", ".dvcignore", ".gitignore", "data/raw/.gitkeep"]
-STAGES = ["prepare", "extract", "train_head", "finetune", "evaluate"]
+                 ".dvc/plots", ".dvcignore", ".gitignore", "data/raw/.gitkeep", "data/exclude.txt",
+                 "data/relabel.csv"]
+STAGES = ["prepare", "extract", "audit", "train_head", "finetune", "evaluate"]
 EVALUATE_PLOTS = ["confusion.csv", "per_class_f1.csv", "calibration.csv", "roc.csv",
                   "precision_recall.csv", "mistakes.png"]
 
@@ -146,8 +147,8 @@ def test_two_commits_differ_in_params_metrics_and_plots_diff(repo):
     plots = json.loads(run(["dvc", "plots", "diff", "HEAD~1", "--json"], repo))["data"]
     # Fine-tuning is off: its curve plots are declared but hold no epochs, and no range test.
     assert set(plots) == {f"plots/evaluate/{name}" for name in EVALUATE_PLOTS} | {
-        "plots/train_head/regularisation.csv", "finetune_loss", "finetune_accuracy",
-        "finetune_learning_rate", "finetune_lr_range"}
+        "plots/train_head/regularisation.csv", "plots/audit/suspects.png", "finetune_loss",
+        "finetune_accuracy", "finetune_learning_rate", "finetune_lr_range"}
     assert all(plots[name] == [] for name in plots if name.startswith("finetune_"))
     calibration = plots["plots/evaluate/calibration.csv"][0]
     assert sorted(calibration["revisions"]) == ["HEAD~1", "workspace"]
