@@ -18,6 +18,9 @@ DATA_REPORT = Path("reports/data.json")
 
 # extract
 EMBEDDINGS_DIR = Path("data/embeddings")
+# The backbone's ONNX graphs (backbone.engine: onnxruntime), built once per network and reused
+# by extract and predict; outside every DVC output, which `dvc repro` removes before a stage runs.
+ONNX_CACHE = Path("cache/onnx")
 
 # train_head
 HEAD_PATH = Path("models/head.npz")
