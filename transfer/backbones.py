@@ -14,11 +14,13 @@ import hashlib
 import logging
 import math
 import pickle
+import queue
 import re
-from collections.abc import Iterator, Sequence
+import threading
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import timm
@@ -471,22 +473,70 @@ def compile_encoder(backbone: Backbone, engine: Engine, runtime: Runtime) -> Com
 
 
 def pixel_batches(images: Sequence[np.ndarray], preprocessing: Preprocessing, batch_size: int,
-                  runtime: Runtime, desc: str) -> Iterator[torch.Tensor]:
+                  runtime: Runtime, desc: str, ahead: bool = False) -> Iterator[torch.Tensor]:
     """``images`` resized and cropped for the network, as uint8 ``(N, H, W, 3)`` batches, with
-    a progress bar named ``desc``."""
+    a progress bar named ``desc``; ``ahead``: the next ones made by a background thread while
+    the caller runs the network (``CompiledNetwork.read_ahead``)."""
     loader = runtime.loader(PreprocessedImages(images, preprocessing.pixel_transform()),
                             batch_size, collate=stack_pixels)
+    batches = read_ahead(loader) if ahead else loader
     with tqdm(total=len(images), desc=desc, unit="img", leave=False, disable=None) as progress:
-        for batch in loader:
+        for batch in batches:
             yield batch
             progress.update(len(batch))
+
+
+T = TypeVar("T")
+
+
+def read_ahead(items: Iterable[T], depth: int = 2) -> Iterator[T]:
+    """``items`` in their order, up to ``depth`` of them made ahead by a background thread
+    while the caller works. An exception in the thread is raised here; when the caller stops
+    early, the thread stops after the item it is making. Only for work that draws no random
+    numbers: the thread's draws would interleave with the caller's."""
+    made: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    end = object()
+
+    def put(entry: tuple[Any, BaseException | None]) -> bool:
+        while not stop.is_set():
+            try:
+                made.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def make() -> None:
+        try:
+            for item in items:
+                if not put((item, None)):
+                    return
+            put((end, None))
+        except BaseException as err:  # handed to the caller, raised there
+            put((end, err))
+
+    thread = threading.Thread(target=make, name="read-ahead", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item, err = made.get()
+            if item is end:
+                if err is not None:
+                    raise err
+                return
+            yield item
+    finally:
+        stop.set()
+        thread.join()
 
 
 def embed_batches(encoder: CompiledNetwork, images: Sequence[np.ndarray],
                   preprocessing: Preprocessing, batch_size: int, runtime: Runtime, *,
                   flip_average: bool = False, desc: str = "extract") -> Iterator[np.ndarray]:
     """Embed ``images`` with the compiled encoder, yielding float32 arrays batch by batch."""
-    for batch in pixel_batches(images, preprocessing, batch_size, runtime, desc):
+    for batch in pixel_batches(images, preprocessing, batch_size, runtime, desc,
+                               encoder.read_ahead):
         features = encoder(batch)
         if flip_average:
             features = (features + encoder(batch.flip(2))) / 2  # (N, H, W, 3): 2 is width

@@ -52,6 +52,11 @@ class CompiledNetwork:
     run: Callable[[torch.Tensor], np.ndarray]
     # Library versions that shape the outputs besides torch's (recorded in the embedding meta).
     versions: dict[str, str] = field(default_factory=dict)
+    # Whether a background thread should resize the next batches while this network runs:
+    # where its threads sleep between operators and leave the cores gaps to do it in (ONNX
+    # Runtime here); PyTorch's OpenMP threads spin instead, and on a GPU the DataLoader's
+    # worker processes do it (docs/engines.md).
+    read_ahead: bool = False
 
     def __call__(self, batch: torch.Tensor) -> np.ndarray:
         return self.run(batch)
@@ -153,7 +158,8 @@ class OnnxRuntimeEngine(Engine):
             [outputs] = session.run(None, {INPUT_NAME: batch.cpu().numpy()})
             return outputs
 
-        return CompiledNetwork(self.name, run, {"onnxruntime": onnxruntime.__version__})
+        return CompiledNetwork(self.name, run, {"onnxruntime": onnxruntime.__version__},
+                               read_ahead=True)
 
 
 # The registry: auto takes the first engine, in this order, that can run here.

@@ -161,7 +161,8 @@ def network_scores(network: CompiledNetwork, images: Sequence[np.ndarray],
                    runtime: Runtime) -> Iterator[np.ndarray]:
     """Class scores (float64 logits) of a network compiled with ``compile_on_pixels``, batch
     by batch, with the backbone's own eval preprocessing."""
-    for batch in pixel_batches(images, preprocessing, batch_size, runtime, desc="score"):
+    for batch in pixel_batches(images, preprocessing, batch_size, runtime, "score",
+                               network.read_ahead):
         yield network(batch).astype(np.float64)
 
 
