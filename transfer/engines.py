@@ -2,8 +2,9 @@
 network exported once to an ONNX graph and cached.
 
 ``backbone.engine`` (and ``predict --engine``) names one of ``ENGINES``; ``auto`` takes the
-first that can run here, in the registry's order, fastest first: ONNX Runtime on CPU (2-4x
-PyTorch's speed there, docs/engines.md), PyTorch on a GPU or where ONNX Runtime is missing.
+first that can run here, in the registry's order, fastest first: ONNX Runtime on CPU (1.5-4x
+PyTorch's extraction speed there, by backbone: docs/engines.md), PyTorch on a GPU or where
+ONNX Runtime is missing.
 An engine turns a network that takes uint8 pixel batches into a ``CompiledNetwork``: uint8
 ``(N, H, W, 3)`` tensors in, float32 arrays out.
 
