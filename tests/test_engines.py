@@ -164,7 +164,8 @@ def test_a_network_that_does_not_export_runs_with_pytorch_under_auto_with_one_li
     assert compiled.engine == "torch"
     [record] = caplog.records
     assert record.levelno == logging.WARNING
-    assert record.getMessage().startswith("branchy does not export to ONNX (TorchExportError: ")
+    assert record.getMessage().startswith("branchy does not export to ONNX or load in ONNX "
+                                          "Runtime (TorchExportError: ")
     assert record.getMessage().endswith("; running it with PyTorch instead")
     assert "\x1b" not in record.getMessage()
     captured = capfd.readouterr()
@@ -177,7 +178,8 @@ def test_a_network_that_does_not_export_runs_with_pytorch_under_auto_with_one_li
 def test_a_network_that_does_not_export_is_an_error_when_onnxruntime_is_asked_for(tmp_path):
     engine = engine_named("onnxruntime", tmp_path, "backbone.engine")
     with pytest.raises(PipelineError, match=r"^backbone.engine: branchy does not export to "
-                                            r"ONNX \(TorchExportError: .*\); use auto or torch$"):
+                                            r"ONNX or load in ONNX Runtime \(TorchExportError: "
+                                            r".*\); use auto or torch$"):
         engine.compile(Branchy(), (8, 8, 3), CPU, "branchy")
 
 
@@ -213,3 +215,14 @@ def test_auto_is_onnx_runtime_on_cpu_in_float32_and_pytorch_on_a_gpu_or_in_bfloa
 def test_the_params_vocabulary_is_auto_and_the_registry():
     assert ("auto", *ENGINES) == params.ENGINES
     assert params.BackboneParams().engine == "auto"
+
+
+def test_a_graph_onnx_runtime_cannot_load_runs_with_pytorch_under_auto(tmp_path, monkeypatch,
+                                                                      caplog):
+    monkeypatch.setattr(engines, "cached_graph", lambda *args: b"not an ONNX graph")
+    with caplog.at_level(logging.WARNING):
+        compiled = AutoEngine(tmp_path).compile(Branchy(), (8, 8, 3), CPU, "branchy")
+    assert compiled.engine == "torch"
+    [record] = caplog.records
+    assert record.getMessage().startswith("branchy does not export to ONNX or load in ONNX "
+                                          "Runtime (")
