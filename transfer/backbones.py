@@ -444,6 +444,7 @@ def resolve_batch_size(backbone: Backbone, batch_size: int | str, runtime: Runti
         return int(batch_size)
     if not runtime.is_cuda:
         return CPU_BATCH_SIZE
+    backbone.to(runtime.device)  # the probe runs where the extraction will
     size = 1024
     while size > 1:
         try:
