@@ -54,15 +54,16 @@ def measure(n: int, dim: int, classes: int, full: bool) -> dict:
     if full:
         ids = np.array([f"{i:016x}" for i in range(n)])
         meta = EmbeddingMeta("synthetic", "", None, {}, dim, "float32",
-                             [str(c) for c in range(classes)], {}, False, "float32", 256, {})
-        settings = AuditSettings(folds=5, C=0.1, duplicate_margin=0.13, neighbours=5,
+                             [str(c) for c in range(classes)], {}, False, "float32", "torch",
+                             256, {})
+        settings = AuditSettings(folds=5, C=0.1, duplicate_margin=0.1, neighbours=5,
                                  unfamiliar_percentile=99.0, max_listed=50)
         report, _ = run_audit(AuditImages(features, labels, splits, ids, ids),
                               meta.classes, settings, 0, meta)
         pairs = report["counts"]["near_duplicate_pairs"]
     else:
         unit = unit_rows(features, power_normalised(features[splits == "train"]).mean(axis=0))
-        found, _ = scan(unit, splits, labels, 0.13, 5, 50)
+        found, _ = scan(unit, splits, labels, 0.1, 5, 50)
         pairs = found.total
     return {"seconds": time.perf_counter() - started, "pairs": pairs,
             "embeddings_mib": features.nbytes / 2**20,

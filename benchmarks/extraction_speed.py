@@ -1,20 +1,27 @@
-"""How fast embedding extraction runs, as ratios measured in one run on the same images.
+"""How fast embedding extraction runs, per engine, as ratios measured in one run on the same
+images.
 
-1. ``embed_batches`` over the prepared store (read, resize, crop, normalize, forward) against
-   the bare forward pass over tensors already preprocessed and in memory, same model and
-   batch: how close extraction gets to the backbone's own speed.
-2. ``embed_batches`` against a naive loop as tutorials write it: open each file with PIL,
-   transform it, one image per forward call.
+For each engine (``backbone.engine``: ``torch``, ``onnxruntime``):
+
+1. extraction (``embed_batches`` over the prepared store: read, resize, crop, forward) against
+   the bare forward pass of the same compiled network over pixel batches already resized,
+   cropped and in memory, same batch size: how close extraction gets to the engine's speed.
+2. extraction with ONNX Runtime against extraction with PyTorch.
+3. extraction against a naive loop as tutorials write it: open each file with PIL, transform
+   it, one image per forward call, PyTorch's default (NCHW) layout.
 
     python -m benchmarks.extraction_speed [--images DIR] [--count 256] [--batch-size 8]
+                                          [--rounds 3] [--backbone NAME [--random-weights]]
 
 Images: an image-folder root (default ``../shared/data/monkeys10/training`` when present,
-else the built-in digits), prepared into a temporary store first (not timed).
+else the built-in digits), prepared into a temporary store first (not timed). Every timing is
+the best of ``--rounds`` rounds, the variants interleaved in each, so all see the same load.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -23,7 +30,8 @@ import torch
 from PIL import Image
 
 from benchmarks import MONKEYS, training_store
-from transfer.backbones import embed_batches, load_backbone
+from transfer.backbones import compile_encoder, embed_batches, load_backbone, pixel_batches
+from transfer.engines import ENGINES
 from transfer.runtime import resolve_runtime
 
 
@@ -38,54 +46,67 @@ def main() -> None:
     parser.add_argument("--images", type=Path, default=MONKEYS)
     parser.add_argument("--count", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--backbone", default="tf_efficientnet_lite0")
+    parser.add_argument("--random-weights", action="store_true",
+                        help="the architecture with random weights (no download; the speed is "
+                             "the same)")
     args = parser.parse_args()
-
+    started_load = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as scratch:
         store, root = training_store(args.images, Path(scratch))
         images = [store[i] for i in range(min(args.count, len(store)))]
         files = [root / str(i) for i in store.ids[:len(images)]]
-
-        backbone = load_backbone(args.backbone)
+        pretrained = not args.random_weights
+        backbone = load_backbone(args.backbone, pretrained=pretrained)
         runtime = resolve_runtime()
-        device = runtime.device
-        backbone.to(device)
-        transform = backbone.preprocessing.eval_transform()
-        tensors = torch.stack([transform(Image.fromarray(image)) for image in images])
-        batches = list(torch.split(tensors, args.batch_size))
-
-        def forward_only() -> None:
-            with torch.inference_mode():
+        preprocessing = backbone.preprocessing
+        batches = list(pixel_batches(images, preprocessing, args.batch_size, runtime, "pixels"))
+        encoders = {name: compile_encoder(backbone, cls(Path(scratch) / "onnx"), runtime)
+                    for name, cls in ENGINES.items()}
+        runs = {}
+        for name, encoder in encoders.items():
+            def forward_only(encoder=encoder) -> None:
                 for batch in batches:
-                    backbone.embed(batch.to(device, memory_format=torch.channels_last)).cpu()
+                    encoder(batch)
 
-        def pipeline() -> None:
-            for _ in embed_batches(backbone, images, args.batch_size, runtime):
-                pass
+            def extraction(encoder=encoder) -> None:
+                for _ in embed_batches(encoder, images, preprocessing, args.batch_size, runtime):
+                    pass
 
-        naive_model = load_backbone(args.backbone).encoder.to(device)  # default memory layout
+            runs[f"forward {name}"], runs[f"extract {name}"] = forward_only, extraction
+        # PyTorch's default memory layout
+        naive_model = load_backbone(args.backbone, pretrained=pretrained).encoder
+        transform = preprocessing.eval_transform()
 
         def naive_loop() -> None:
             with torch.no_grad():
                 for path in files:
                     image = Image.open(path).convert("RGB")
-                    naive_model(transform(image).unsqueeze(0).to(device)).cpu()
+                    naive_model(transform(image).unsqueeze(0).to(runtime.device)).cpu()
 
-        forward_only()  # warm-up: first calls allocate and pick kernels
-        timings: dict[str, list[float]] = {"forward": [], "extract": [], "naive": []}
-        for _ in range(2):  # interleaved, so all three see the same machine load
-            for name, fn in (("forward", forward_only), ("extract", pipeline),
-                             ("naive", naive_loop)):
+        runs["naive"] = naive_loop
+        for encoder in encoders.values():
+            encoder(batches[0])  # warm-up: first calls allocate and pick kernels
+        timings: dict[str, list[float]] = {name: [] for name in runs}
+        for _ in range(args.rounds):  # interleaved, so every variant sees the same load
+            for name, fn in runs.items():
                 timings[name].append(timed(fn))
-    best = {name: min(values) for name, values in timings.items()}
     n = len(images)
-    print(f"device {device.type}, {n} images from {root}, batch {args.batch_size}, "
-          f"torch threads {torch.get_num_threads()}")
-    print(f"backbone forward only (tensors in memory) : {n / best['forward']:7.1f} images/s")
-    print(f"extraction (embed_batches over the store) : {n / best['extract']:7.1f} images/s")
-    print(f"naive loop (PIL open + transform, 1/call) : {n / best['naive']:7.1f} images/s")
-    print(f"extraction / forward = {best['forward'] / best['extract']:.2f}")
-    print(f"extraction / naive   = {best['naive'] / best['extract']:.2f}")
+    speed = {name: n / min(values) for name, values in timings.items()}
+    print(f"{args.backbone}, device {runtime.device.type}, {n} images from {root}, batch "
+          f"{args.batch_size}, "
+          f"torch threads {torch.get_num_threads()}, best of {args.rounds} rounds, load "
+          f"average {started_load:.2f} at the start, {os.getloadavg()[0]:.2f} at the end")
+    for name in runs:
+        print(f"{name:<22}: {speed[name]:7.1f} images/s")
+    for name in encoders:
+        print(f"extract {name} / forward {name} = "
+              f"{speed[f'extract {name}'] / speed[f'forward {name}']:.2f}")
+    print(f"extract onnxruntime / extract torch = "
+          f"{speed['extract onnxruntime'] / speed['extract torch']:.2f}")
+    for name in encoders:
+        print(f"extract {name} / naive = {speed[f'extract {name}'] / speed['naive']:.2f}")
 
 
 if __name__ == "__main__":

@@ -56,7 +56,8 @@ def write_cache(directory: Path, rows: int, seed: int = 0, spread: float = 40.0)
     write_json(directory / "meta.json", EmbeddingMeta(
         backbone="synthetic", weights="none", weights_sha256=None, preprocessing={}, dim=DIM,
         dtype="float32", classes=[f"class{i}" for i in range(CLASSES)], count=counts,
-        flip_average=False, precision="float32", short_side=256, versions={}).to_dict())
+        flip_average=False, precision="float32", engine="torch", short_side=256,
+        versions={}).to_dict())
 
 
 def main() -> None:

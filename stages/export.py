@@ -9,17 +9,16 @@ output, class probabilities in the metadata's class order.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from transfer.artifacts import atomic_output
-from transfer.errors import ArgumentParser, PipelineError, run_stage
+from transfer.engines import export_onnx
+from transfer.errors import ArgumentParser, run_stage
 from transfer.inference import MODEL_CHOICES, Classifier, Predictor, load_predictor
 from transfer.layout import EMBEDDINGS_DIR, EXPORT_DIR, FINETUNE_DIR, HEAD_PATH
 from transfer.network import FlipAveraged
@@ -101,40 +100,9 @@ def export(model: Predictor, fmt: str, path: Path) -> dict[str, Any]:
             traced = torch.jit.trace(module, example)
             torch.jit.save(traced, str(tmp), _extra_files={METADATA_FILE: json.dumps(metadata)})
         else:
-            _export_onnx(module, example, tmp, metadata)
+            export_onnx(module, example, tmp, output_name="probabilities",
+                        metadata={METADATA_FILE: json.dumps(metadata)})
     return metadata
-
-
-def _export_onnx(module: torch.nn.Module, example: torch.Tensor, path: Path,
-                 metadata: dict[str, Any]) -> None:
-    try:
-        import onnx  # noqa: F401 (torch's exporter needs it; fail here, with the fix)
-        import onnxscript  # noqa: F401
-    except ImportError as err:
-        raise PipelineError("ONNX export needs the onnx packages: "
-                            "python -m pip install -e '.[export]'") from err
-    # The exporter's passes log dozens of INFO lines each; keep their warnings only.
-    with _logging_at_least(logging.WARNING, "onnxscript", "onnx_ir", "torch.onnx"):
-        program = torch.onnx.export(module, (example,), None, input_names=["images"],
-                                    output_names=["probabilities"], verbose=False, dynamo=True,
-                                    dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
-    program.model.metadata_props[METADATA_FILE] = json.dumps(metadata)
-    # Built in memory and saved once, with its weights inside: no external-data file.
-    program.save(str(path), external_data=False)
-
-
-@contextlib.contextmanager
-def _logging_at_least(level: int, *names: str) -> Iterator[None]:
-    """Raise the level of the loggers ``names`` to ``level`` while the block runs."""
-    loggers = [logging.getLogger(name) for name in names]
-    previous = [logger.level for logger in loggers]
-    for logger in loggers:
-        logger.setLevel(max(level, logger.getEffectiveLevel()))
-    try:
-        yield
-    finally:
-        for logger, old in zip(loggers, previous, strict=True):
-            logger.setLevel(old)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -23,6 +23,7 @@ import numpy as np
 from tqdm import tqdm
 
 from transfer.data import decode_image, read_image_file, shrink
+from transfer.engines import engine_named
 from transfer.errors import ArgumentParser, PipelineError, run_stage
 from transfer.inference import (
     MODEL_CHOICES,
@@ -32,8 +33,8 @@ from transfer.inference import (
     load_predictor,
     predict_batches,
 )
-from transfer.layout import EMBEDDINGS_DIR, FAMILIARITY, FINETUNE_DIR, HEAD_PATH
-from transfer.params import MAX_BATCH_SIZE
+from transfer.layout import EMBEDDINGS_DIR, FAMILIARITY, FINETUNE_DIR, HEAD_PATH, ONNX_CACHE
+from transfer.params import ENGINES, MAX_BATCH_SIZE
 from transfer.sources import visible_files
 
 log = logging.getLogger(__name__)
@@ -161,6 +162,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", choices=MODEL_CHOICES, default="auto",
                         help="auto (default): the fine-tuned model when there is one, else "
                              "the head on the frozen backbone")
+    parser.add_argument("--engine", choices=ENGINES, default="auto",
+                        help="what runs the network: auto (default; ONNX Runtime on CPU, "
+                             "PyTorch on a GPU), onnxruntime or torch")
     parser.add_argument("--min-confidence", type=float, default=0.0, metavar="P",
                         help="mark a file whose top probability is below P (0 to 1) "
                              f"'{UNCERTAIN}' instead of giving it a class (default 0: never)")
@@ -175,8 +179,9 @@ def main(argv: list[str] | None = None) -> None:
     files = list_inputs(args.paths)
     if not files:
         raise PipelineError(f"no files found in {', '.join(args.paths)}")
-    classifier = load_predictor(args.model, EMBEDDINGS_DIR, HEAD_PATH, FINETUNE_DIR)
-    familiarity = familiarity_check(classifier, FAMILIARITY, EMBEDDINGS_DIR, HEAD_PATH)
+    engine = engine_named(args.engine, ONNX_CACHE, "--engine")
+    classifier = load_predictor(args.model, EMBEDDINGS_DIR, HEAD_PATH, FINETUNE_DIR, engine)
+    familiarity = familiarity_check(classifier, FAMILIARITY, EMBEDDINGS_DIR, HEAD_PATH, engine)
     predictions = list(predict_files(classifier, files, args.top_k, args.batch_size,
                                      args.min_confidence, familiarity))
     if args.format == "csv":

@@ -204,3 +204,37 @@ def test_a_pickled_weights_file_is_refused_without_suggesting_to_unpickle_it(tmp
     assert "weights_only" not in line
     with pytest.raises(PipelineError, match="tensor.pth' does not fit 'resnet18': Expected"):
         load_backbone("resnet18", str(tmp_path / "tensor.pth"))
+
+
+def test_read_ahead_keeps_the_order_and_raises_what_its_thread_raised():
+    from transfer.backbones import read_ahead
+
+    assert list(read_ahead(iter(range(100)), depth=2)) == list(range(100))
+
+    def damaged():
+        yield 1
+        raise ValueError("damaged image")
+
+    items = read_ahead(damaged())
+    assert next(items) == 1
+    with pytest.raises(ValueError, match="damaged image"):
+        next(items)
+
+
+def test_read_ahead_stops_its_thread_when_the_caller_stops():
+    import threading
+
+    from transfer.backbones import read_ahead
+
+    made = []
+
+    def counting():
+        for i in range(1000):
+            made.append(i)
+            yield i
+
+    items = read_ahead(counting(), depth=2)
+    assert next(items) == 0
+    items.close()
+    assert not [t for t in threading.enumerate() if t.name == "read-ahead"]
+    assert len(made) <= 4  # the one handed over, two queued, at most one more being made

@@ -14,7 +14,8 @@ def write_cache(directory, rows=6, dim=3, dtype="float16"):
     meta = EmbeddingMeta(backbone="b", weights="w", weights_sha256=None, preprocessing={},
                          dim=dim, dtype=dtype, classes=[f"c{i}" for i in range(rows)],
                          count={"train": rows},
-                         flip_average=False, precision="float32", short_side=256, versions={})
+                         flip_average=False, precision="float32", engine="torch", short_side=256,
+                         versions={})
     write_json(directory / "meta.json", meta.to_dict())
 
 

@@ -66,3 +66,36 @@ def test_a_killed_extraction_leaves_no_partial_output_and_reruns_identically(pro
     extract.main()  # what `dvc repro` runs next
     assert not list((project / "data").glob(".embeddings.*"))  # the killed run's temp is gone
     assert cache_files(project) == reference
+
+
+def test_extraction_runs_onnx_runtime_on_cpu_and_records_it(embedded_project):
+    import onnxruntime
+
+    meta = EmbeddingMeta.read(embedded_project / "data" / "embeddings")
+    assert meta.engine == "onnxruntime"
+    assert meta.versions["onnxruntime"] == onnxruntime.__version__
+    assert len(list((embedded_project / "cache" / "onnx").glob("*.onnx"))) == 1
+
+
+def test_pytorch_gives_the_same_embeddings_and_head_predictions(project):
+    from stages import train_head
+    from transfer.heads import load_head
+
+    directory = project / "data" / "embeddings"
+    by_onnx_runtime = {split: np.array(load_split(directory, split)[0]) for split in SPLITS}
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["backbone"]["engine"] = "torch"
+    write_params(project, params)
+    extract.main()
+    meta = EmbeddingMeta.read(directory)
+    assert meta.engine == "torch" and "onnxruntime" not in meta.versions
+    train_head.main()
+    head, _ = load_head(project / "models" / "head.npz")
+    for split in SPLITS:
+        features = np.array(load_split(directory, split)[0])
+        scale = np.abs(features).max()
+        assert np.abs(by_onnx_runtime[split] - features).max() < 1e-4 * scale
+        np.testing.assert_array_equal(head.predict(by_onnx_runtime[split]),
+                                      head.predict(features))
+        np.testing.assert_allclose(head.predict_proba(by_onnx_runtime[split]),
+                                   head.predict_proba(features), atol=1e-5)

@@ -79,6 +79,8 @@ def test_unknown_section_lists_top_level_keys():
     ({"finetune": {"strategy": "some"}}, r"finetune.strategy='some' is not valid; choose one of: "
                                          r"head, last_k, full, scratch"),
     ({"head": {"class_weight": "equal"}}, r"choose one of: null, balanced"),
+    ({"backbone": {"engine": "tensorrt"}}, r"^params: backbone.engine='tensorrt' is not valid; "
+                                           r"choose one of: auto, onnxruntime, torch$"),
     ({"head": {"max_iter": 10.5}}, r"head.max_iter=10.5 has the wrong type; expected int"),
     ({"finetune": {"enabled": "yes please"}}, r"finetune.enabled='yes please' has the wrong type"),
     ({"seed": True}, r"seed=True has the wrong type"),

@@ -207,3 +207,26 @@ def test_flip_averaging_gives_an_image_and_its_mirror_equal_probabilities(flip_f
     predict.main(["mirrored", "--format", "json", "--model", "finetune"])
     plain = _probabilities(json.loads(capsys.readouterr().out))
     assert plain["a.png"] != pytest.approx(plain["b.png"], rel=1e-3, abs=0)
+
+
+
+@pytest.mark.parametrize("model", ["head", "finetune"])
+def test_onnx_runtime_and_pytorch_give_the_same_probabilities(flip_finetuned, capsys,
+                                                              monkeypatch, model):
+    from transfer import engines
+
+    exported = []
+    real_cached_graph = engines.cached_graph
+    monkeypatch.setattr(engines, "cached_graph",
+                        lambda *args: exported.append(args[-1]) or real_cached_graph(*args))
+    found = {}
+    for engine in ("torch", "onnxruntime"):
+        predict.main(["inputs", "mirrored", "--format", "json", "--model", model,
+                      "--engine", engine])
+        found[engine] = _probabilities([row for row in json.loads(capsys.readouterr().out)
+                                        if not row["error"]])
+    label = "tf_efficientnet_lite0" if model == "head" else "fine-tuned tf_efficientnet_lite0"
+    assert exported == [label]  # only onnxruntime reads an ONNX graph, this one
+    assert sorted(found["torch"]) == ["a-red.png", "a.png", "b-green.jpg", "b.png", "c-blue"]
+    for name, probabilities in found["torch"].items():
+        assert found["onnxruntime"][name] == pytest.approx(probabilities, abs=1e-4)

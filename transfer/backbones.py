@@ -14,11 +14,13 @@ import hashlib
 import logging
 import math
 import pickle
+import queue
 import re
-from collections.abc import Iterator, Sequence
+import threading
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import timm
@@ -28,6 +30,7 @@ from torchvision.transforms import v2
 from tqdm import tqdm
 
 from transfer.embeddings import EmbeddingMeta
+from transfer.engines import CompiledNetwork, Engine, TorchEngine
 from transfer.errors import PipelineError, first_line
 from transfer.runtime import Runtime, resolve_runtime
 
@@ -114,16 +117,54 @@ class Preprocessing:
         return Preprocessing(self.input_size, self.resize_size, self.interpolation,
                              wanted_mean, wanted_std, f"{self.source}, normalization overridden")
 
+    @property
+    def pixel_shape(self) -> tuple[int, int, int]:
+        """The shape of one image as ``pixel_transform`` gives it: (height, width, channels)."""
+        channels, height, width = self.input_size
+        return height, width, channels
+
+    def _resize_and_crop(self) -> list[Any]:
+        return [v2.Resize(self.resize_size, interpolation=v2.InterpolationMode(self.interpolation),
+                          antialias=True),
+                v2.CenterCrop(self.input_size[1:])]
+
+    def pixel_transform(self) -> v2.Compose:
+        """PIL image in, its uint8 ``(H, W, 3)`` pixels at the network's input size out:
+        resized and centre-cropped; ``Normalized`` does the rest, batched, inside the
+        network."""
+        return v2.Compose([*self._resize_and_crop(), np.asarray])
+
     def eval_transform(self) -> v2.Compose:
-        """PIL image in, normalized float tensor out."""
+        """PIL image in, normalized float ``(3, H, W)`` tensor out."""
         return v2.Compose([
-            v2.Resize(self.resize_size, interpolation=v2.InterpolationMode(self.interpolation),
-                      antialias=True),
-            v2.CenterCrop(self.input_size[1:]),
+            *self._resize_and_crop(),
             v2.PILToTensor(),
             v2.ToDtype(torch.float32, scale=True),
             v2.Normalize(mean=list(self.mean), std=list(self.std)),
         ])
+
+
+class Normalized(torch.nn.Module):
+    """``module`` fed uint8 ``(N, H, W, 3)`` pixels: viewed as ``(N, 3, H, W)`` (in
+    channels-last memory, no copy), scaled to [0, 1] and normalized with the preprocessing's
+    mean and std, the operations of ``eval_transform``'s last three steps, run on the whole
+    batch inside the network (and inside its ONNX graph)."""
+
+    def __init__(self, module: torch.nn.Module, preprocessing: Preprocessing) -> None:
+        super().__init__()
+        self.module = module
+        self.register_buffer("mean", torch.tensor(preprocessing.mean).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(preprocessing.std).view(1, 3, 1, 1))
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        images = pixels.permute(0, 3, 1, 2).float()
+        return self.module((images * (1.0 / 255) - self.mean) / self.std)
+
+
+def stack_pixels(images: Sequence[np.ndarray]) -> torch.Tensor:
+    """One uint8 ``(N, H, W, 3)`` batch of same-sized images: a plain copy of each, in NumPy
+    (the DataLoader's own collation, in torch, threads the copy and is slower on CPU)."""
+    return torch.from_numpy(np.stack(images))
 
 
 class _TimmPreLogits(torch.nn.Module):
@@ -382,7 +423,8 @@ def sha256_file(path: Path) -> str:
 
 
 class PreprocessedImages(torch.utils.data.Dataset):
-    """Arrays of RGB uint8 pixels, turned into network input by ``transform``."""
+    """Arrays of RGB uint8 pixels, turned into network input (or pixels for it) by
+    ``transform``."""
 
     def __init__(self, images: Sequence[np.ndarray], transform: Any) -> None:
         self.images = images
@@ -402,6 +444,7 @@ def resolve_batch_size(backbone: Backbone, batch_size: int | str, runtime: Runti
         return int(batch_size)
     if not runtime.is_cuda:
         return CPU_BATCH_SIZE
+    backbone.to(runtime.device)  # the probe runs where the extraction will
     size = 1024
     while size > 1:
         try:
@@ -416,30 +459,100 @@ def resolve_batch_size(backbone: Backbone, batch_size: int | str, runtime: Runti
     return 1
 
 
-def embed_batches(backbone: Backbone, images: Sequence[np.ndarray], batch_size: int,
-                  runtime: Runtime | None = None, *, flip_average: bool = False,
-                  desc: str = "extract") -> Iterator[np.ndarray]:
-    """Embed ``images`` with the frozen backbone, yielding float32 arrays batch by batch."""
-    runtime = runtime or resolve_runtime()
-    loader = runtime.loader(PreprocessedImages(images, backbone.preprocessing.eval_transform()),
-                            batch_size)
-    backbone.to(runtime.device)
-    with tqdm(total=len(images), desc=desc, unit="img", leave=False, disable=None) as progress, \
-            torch.inference_mode(), runtime.autocast():
-        for batch in loader:
-            batch = batch.to(runtime.device, non_blocking=True,
-                             memory_format=torch.channels_last)
-            features = backbone.embed(batch)
-            if flip_average:
-                features = (features + backbone.embed(batch.flip(-1))) / 2
-            yield features.float().cpu().numpy()
+def compile_on_pixels(network: torch.nn.Module, preprocessing: Preprocessing, engine: Engine,
+                      runtime: Runtime, label: str) -> CompiledNetwork:
+    """``network``, fed uint8 pixels normalized as ``preprocessing`` says, ready to run on
+    ``runtime`` with ``engine``; ``label`` names it in messages and file names."""
+    return engine.compile(Normalized(network, preprocessing), preprocessing.pixel_shape, runtime,
+                          label)
+
+
+def compile_encoder(backbone: Backbone, engine: Engine, runtime: Runtime) -> CompiledNetwork:
+    """The backbone's encoder, fed uint8 pixels, ready to run on ``runtime`` with ``engine``."""
+    return compile_on_pixels(backbone.encoder, backbone.preprocessing, engine, runtime,
+                             backbone.name)
+
+
+def pixel_batches(images: Sequence[np.ndarray], preprocessing: Preprocessing, batch_size: int,
+                  runtime: Runtime, desc: str, ahead: bool = False) -> Iterator[torch.Tensor]:
+    """``images`` resized and cropped for the network, as uint8 ``(N, H, W, 3)`` batches, with
+    a progress bar named ``desc``; ``ahead``: the next ones made by a background thread while
+    the caller runs the network (``CompiledNetwork.read_ahead``)."""
+    loader = runtime.loader(PreprocessedImages(images, preprocessing.pixel_transform()),
+                            batch_size, collate=stack_pixels)
+    batches = read_ahead(loader) if ahead else loader
+    with tqdm(total=len(images), desc=desc, unit="img", leave=False, disable=None) as progress:
+        for batch in batches:
+            yield batch
             progress.update(len(batch))
 
 
+T = TypeVar("T")
+
+
+def read_ahead(items: Iterable[T], depth: int = 2) -> Iterator[T]:
+    """``items`` in their order, up to ``depth`` of them made ahead by a background thread
+    while the caller works. An exception in the thread is raised here; when the caller stops
+    early, the thread stops after the item it is making. Only for work that draws no random
+    numbers: the thread's draws would interleave with the caller's."""
+    made: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    end = object()
+
+    def put(entry: tuple[Any, BaseException | None]) -> bool:
+        while not stop.is_set():
+            try:
+                made.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def make() -> None:
+        try:
+            for item in items:
+                if not put((item, None)):
+                    return
+            put((end, None))
+        except BaseException as err:  # handed to the caller, raised there
+            put((end, err))
+
+    thread = threading.Thread(target=make, name="read-ahead", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item, err = made.get()
+            if item is end:
+                if err is not None:
+                    raise err
+                return
+            yield item
+    finally:
+        stop.set()
+        thread.join()
+
+
+def embed_batches(encoder: CompiledNetwork, images: Sequence[np.ndarray],
+                  preprocessing: Preprocessing, batch_size: int, runtime: Runtime, *,
+                  flip_average: bool = False, desc: str = "extract") -> Iterator[np.ndarray]:
+    """Embed ``images`` with the compiled encoder, yielding float32 arrays batch by batch."""
+    for batch in pixel_batches(images, preprocessing, batch_size, runtime, desc,
+                               encoder.read_ahead):
+        features = encoder(batch)
+        if flip_average:
+            features = (features + encoder(batch.flip(2))) / 2  # (N, H, W, 3): 2 is width
+        yield features
+
+
 def extract_embeddings(backbone: Backbone, images: Sequence[np.ndarray], batch_size: int,
-                       runtime: Runtime | None = None, **options: Any) -> np.ndarray:
-    """All embeddings at once, float32 (N, num_features): for small sets, tests, benchmarks."""
-    batches = list(embed_batches(backbone, images, batch_size, runtime, **options))
+                       runtime: Runtime | None = None, engine: Engine | None = None,
+                       **options: Any) -> np.ndarray:
+    """All embeddings at once, float32 (N, num_features): for small sets, tests, benchmarks.
+    ``engine``: PyTorch unless given."""
+    runtime = runtime or resolve_runtime()
+    encoder = compile_encoder(backbone, engine or TorchEngine(), runtime)
+    batches = list(embed_batches(encoder, images, backbone.preprocessing, batch_size, runtime,
+                                 **options))
     return np.concatenate(batches) if batches else np.zeros((0, backbone.num_features),
                                                             np.float32)
 

@@ -2,7 +2,7 @@
 
 ``data/embeddings/`` holds ``<split>.npy`` (one row per image, float32 or float16),
 ``index.npz`` (labels and ids of every split, in row order) and ``meta.json``
-(``EmbeddingMeta``: backbone, weights, preprocessing, dimension, counts).
+(``EmbeddingMeta``: backbone, weights, preprocessing, engine, dimension, counts).
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ class EmbeddingMeta:
     count: dict[str, int]
     flip_average: bool
     precision: str
+    engine: str  # what ran the encoder: a key of transfer.engines.ENGINES, never auto
     short_side: int
     versions: dict[str, str]
 

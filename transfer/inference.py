@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -21,13 +21,16 @@ from transfer.artifacts import read_json, write_json
 from transfer.audit import Familiarity
 from transfer.backbones import (
     Backbone,
-    PreprocessedImages,
     Preprocessing,
     backbone_of,
+    compile_encoder,
+    compile_on_pixels,
     embed_batches,
     load_backbone,
+    pixel_batches,
 )
 from transfer.embeddings import EmbeddingMeta
+from transfer.engines import CompiledNetwork, Engine, TorchEngine
 from transfer.errors import PipelineError, first_line
 from transfer.heads import Head, load_head_for, softmax
 from transfer.network import FinetuneNet, FlipAveraged, build_network
@@ -51,12 +54,16 @@ class Predictor(Protocol):
 
 @dataclass
 class Classifier:
-    """Frozen backbone, then the head: RGB uint8 images in, class probabilities out."""
+    """Frozen backbone, then the head: RGB uint8 images in, class probabilities out. The
+    backbone runs on ``engine`` (the head is a few small matrix products in NumPy)."""
 
     backbone: Backbone
     head: Head
     classes: list[str]
     meta: EmbeddingMeta
+    engine: Engine = field(default_factory=TorchEngine)
+    _encoders: dict[Runtime, CompiledNetwork] = field(default_factory=dict, init=False,
+                                                      repr=False)
 
     name = "head"
 
@@ -68,9 +75,12 @@ class Classifier:
     def embed(self, images: Sequence[np.ndarray], batch_size: int = 8,
               runtime: Runtime | None = None) -> Iterator[np.ndarray]:
         """The images' embeddings as the cache holds them, batch by batch."""
-        return embed_batches(self.backbone, images, batch_size,
-                             runtime or inference_runtime(self.meta.precision),
-                             flip_average=self.meta.flip_average, desc="predict")
+        runtime = runtime or inference_runtime(self.meta.precision)
+        if runtime not in self._encoders:  # compiled once per runtime, on first use
+            self._encoders[runtime] = compile_encoder(self.backbone, self.engine, runtime)
+        return embed_batches(self._encoders[runtime], images, self.backbone.preprocessing,
+                             batch_size, runtime, flip_average=self.meta.flip_average,
+                             desc="predict")
 
     def probabilities(self, features: np.ndarray) -> np.ndarray:
         """Class probabilities of embeddings, columns in the order of ``classes``."""
@@ -95,7 +105,7 @@ class FamiliarityCheck:
 
 
 def familiarity_check(predictor: Predictor, reference_path: Path, embeddings_dir: Path,
-                      head_path: Path) -> FamiliarityCheck | None:
+                      head_path: Path, engine: Engine | None = None) -> FamiliarityCheck | None:
     """What tells unfamiliar images apart, or None (with a line saying why) where the audit
     has not run or ran on other embeddings."""
     if not reference_path.is_file():
@@ -104,7 +114,7 @@ def familiarity_check(predictor: Predictor, reference_path: Path, embeddings_dir
         return None
     reference = Familiarity.load(reference_path)
     embedder = predictor if isinstance(predictor, Classifier) else \
-        load_classifier(embeddings_dir, head_path)
+        load_classifier(embeddings_dir, head_path, engine)
     if not reference.matches(embedder.meta):
         log.warning("%s was made from other embeddings than %s: files are not checked for "
                     "being unfamiliar (run: dvc repro audit)", reference_path, embeddings_dir)
@@ -131,24 +141,27 @@ def predict_batches(predictor: Predictor, images: Sequence[np.ndarray], batch_si
                            familiarity.embedder.embed(images, batch_size)), strict=True)
 
 
-def load_predictor(model: str, embeddings_dir: Path, head_path: Path,
-                   finetune_dir: Path) -> Predictor:
+def load_predictor(model: str, embeddings_dir: Path, head_path: Path, finetune_dir: Path,
+                   engine: Engine | None = None) -> Predictor:
     """The model to classify with: ``head`` (frozen backbone + probe), ``finetune`` (the
-    fine-tuned network), or ``auto``: the fine-tuned one when the pipeline trained one."""
+    fine-tuned network), or ``auto``: the fine-tuned one when the pipeline trained one. Its
+    network runs on ``engine`` (PyTorch unless given)."""
+    engine = engine or TorchEngine()
     trained = (finetune_dir / "model.json").is_file()
     if model == "finetune" and not trained:
         raise PipelineError(f"{finetune_dir}: no fine-tuned model (finetune.enabled is false "
                             "or the stage has not run); use --model head, or run "
                             "`dvc exp run -S finetune.enabled=true`")
     if model == "finetune" or (model == "auto" and trained):
-        return load_finetuned(finetune_dir)
-    return load_classifier(embeddings_dir, head_path)
+        return load_finetuned(finetune_dir, engine)
+    return load_classifier(embeddings_dir, head_path, engine)
 
 
-def load_classifier(embeddings_dir: Path, head_path: Path) -> Classifier:
+def load_classifier(embeddings_dir: Path, head_path: Path,
+                    engine: Engine | None = None) -> Classifier:
     meta = EmbeddingMeta.read(embeddings_dir)
     head, classes = load_head_for(head_path, meta)
-    return Classifier(backbone_of(meta), head, classes, meta)
+    return Classifier(backbone_of(meta), head, classes, meta, engine or TorchEngine())
 
 
 @dataclass
@@ -159,6 +172,9 @@ class FinetunedModel:
     preprocessing: Preprocessing
     classes: list[str]
     info: dict[str, Any]
+    engine: Engine = field(default_factory=TorchEngine)
+    _scorers: dict[Runtime, CompiledNetwork] = field(default_factory=dict, init=False,
+                                                     repr=False)
     name = "finetune"
 
     @property
@@ -181,8 +197,13 @@ class FinetunedModel:
     def scores(self, images: Sequence[np.ndarray], batch_size: int = 32,
                runtime: Runtime | None = None) -> Iterator[np.ndarray]:
         """Untempered class scores (logits), batch by batch."""
-        return network_scores(self.scorer, images, self.preprocessing, batch_size,
-                              runtime or resolve_runtime())
+        runtime = runtime or resolve_runtime()
+        if runtime not in self._scorers:  # compiled once per runtime, on first use
+            label = f"fine-tuned {self.info.get('backbone', 'network')}"
+            self._scorers[runtime] = compile_on_pixels(self.scorer, self.preprocessing,
+                                                       self.engine, runtime, label)
+        return network_scores(self._scorers[runtime], images, self.preprocessing, batch_size,
+                              runtime)
 
     def predict_proba(self, images: Sequence[np.ndarray], batch_size: int = 32,
                       runtime: Runtime | None = None,
@@ -193,19 +214,14 @@ class FinetunedModel:
             yield softmax(scores / temperature)
 
 
-def network_scores(net: torch.nn.Module, images: Sequence[np.ndarray],
+def network_scores(network: CompiledNetwork, images: Sequence[np.ndarray],
                    preprocessing: Preprocessing, batch_size: int,
                    runtime: Runtime) -> Iterator[np.ndarray]:
-    """Class scores (float64 logits) batch by batch, with the backbone's own eval
-    preprocessing."""
-    dataset = PreprocessedImages(images, preprocessing.eval_transform())
-    net.eval().to(runtime.device, memory_format=torch.channels_last)
-    with torch.inference_mode():
-        for batch in runtime.loader(dataset, batch_size):
-            batch = batch.to(runtime.device, memory_format=torch.channels_last)
-            with runtime.autocast():
-                logits = net(batch)
-            yield logits.double().cpu().numpy()
+    """Class scores (float64 logits) of a network compiled with ``compile_on_pixels``, batch
+    by batch, with the backbone's own eval preprocessing."""
+    for batch in pixel_batches(images, preprocessing, batch_size, runtime, "score",
+                               network.read_ahead):
+        yield network(batch).astype(np.float64)
 
 
 def save_finetuned(directory: Path, state: dict[str, torch.Tensor], info: dict[str, Any]) -> None:
@@ -217,8 +233,9 @@ def save_finetuned(directory: Path, state: dict[str, torch.Tensor], info: dict[s
     write_json(directory / "model.json", info)
 
 
-def load_finetuned(directory: str | Path) -> FinetunedModel:
-    """Rebuild the network recorded in ``directory/model.json`` and load its tensors."""
+def load_finetuned(directory: str | Path, engine: Engine | None = None) -> FinetunedModel:
+    """Rebuild the network recorded in ``directory/model.json`` and load its tensors; it runs
+    on ``engine`` (PyTorch unless given)."""
     from safetensors.torch import load_file
 
     directory = Path(directory)
@@ -236,4 +253,5 @@ def load_finetuned(directory: str | Path) -> FinetunedModel:
         raise PipelineError(f"{directory}/model.safetensors: cannot be loaded into "
                             f"{info['backbone']} ({first_line(err)}); re-run: dvc repro "
                             "finetune") from err
-    return FinetunedModel(net.eval(), preprocessing, list(info["classes"]), info)
+    return FinetunedModel(net.eval(), preprocessing, list(info["classes"]), info,
+                          engine or TorchEngine())

@@ -21,6 +21,9 @@ RELABEL_FILE = Path("data/relabel.csv")
 
 # extract
 EMBEDDINGS_DIR = Path("data/embeddings")
+# The backbone's ONNX graphs (backbone.engine: onnxruntime), built once per network and reused
+# by extract and predict; outside every DVC output, which `dvc repro` removes before a stage runs.
+ONNX_CACHE = Path("cache/onnx")
 
 # audit
 AUDIT_REPORT = Path("reports/audit.json")

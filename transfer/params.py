@@ -34,6 +34,11 @@ _PRECISION_HELP = ("auto: float32 on CPU, mixed precision on a GPU (float16 to e
                    "bfloat16 where supported to train); float32; bfloat16 or float16 autocast "
                    "(float16 needs a GPU)")
 
+# What runs the backbone's forward pass (transfer.engines.ENGINES, and auto: the fastest here).
+ENGINES = ("auto", "onnxruntime", "torch")
+_ENGINE_HELP = ("auto: ONNX Runtime on CPU (float32), PyTorch on a GPU or where ONNX Runtime "
+                "is missing or the backbone does not export; onnxruntime; torch")
+
 # The most images per class the data keys accept: far beyond any data set, far below the
 # 64-bit integers the catalog stores counts in.
 MAX_IMAGES_PER_CLASS = 10**9
@@ -98,6 +103,7 @@ class BackboneParams:
         "range": (1, MAX_BATCH_SIZE), "low_open": False, "choices": ("auto",),
         "help": "images per forward pass, or auto (8 on CPU, the largest that fits on a GPU)"})
     precision: str = _choice("auto", PRECISIONS, help=_PRECISION_HELP)
+    engine: str = _choice("auto", ENGINES, help=_ENGINE_HELP)
     flip_average: bool = False
     embedding_dtype: str = _choice("float32", ("float32", "float16"))
     mean: tuple[float, float, float] | None = field(default=None, metadata={

@@ -11,7 +11,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -60,15 +62,18 @@ class Runtime:
 
     def loader(self, dataset: torch.utils.data.Dataset, batch_size: int, *,
                sampler: torch.utils.data.Sampler | None = None,
-               generator: torch.Generator | None = None,
-               drop_last: bool = False) -> torch.utils.data.DataLoader:
-        """A DataLoader in dataset order unless ``sampler`` says otherwise. On a GPU, worker
-        processes decode while it computes; on CPU the forward pass already uses every core,
-        and loader processes would only compete with it."""
+               generator: torch.Generator | None = None, drop_last: bool = False,
+               collate: Callable[[list[Any]], Any] | None = None,
+               ) -> torch.utils.data.DataLoader:
+        """A DataLoader in dataset order unless ``sampler`` says otherwise, batches made by
+        ``collate`` (PyTorch's default collation unless given). On a GPU, worker processes
+        decode while it computes; on CPU the forward pass already uses every core, and loader
+        processes would only compete with it."""
         return torch.utils.data.DataLoader(
             dataset, batch_size=batch_size, sampler=sampler, shuffle=False,
             num_workers=min(8, os.cpu_count() or 1) if self.is_cuda else 0,
-            generator=generator, pin_memory=self.is_cuda, drop_last=drop_last)
+            collate_fn=collate, generator=generator, pin_memory=self.is_cuda,
+            drop_last=drop_last)
 
 
 def resolve_runtime(device: str = "auto", precision: str = "auto", *,

@@ -32,10 +32,11 @@ from torchvision.transforms import v2
 from tqdm import tqdm
 
 from transfer.artifacts import atomic_output, write_json
-from transfer.backbones import PreprocessedImages, Preprocessing, sha256_file
+from transfer.backbones import PreprocessedImages, Preprocessing, compile_on_pixels, sha256_file
 from transfer.calibration import calibrate, report
 from transfer.data import ImageStore
 from transfer.embeddings import EmbeddingMeta
+from transfer.engines import TorchEngine
 from transfer.errors import PipelineError
 from transfer.inference import network_scores, save_finetuned
 from transfer.layout import (
@@ -594,7 +595,9 @@ def fit_temperature_on(net: torch.nn.Module, store: ImageStore, preprocessing: P
                        batch_size: int, runtime: Runtime, n_classes: int) -> dict[str, Any]:
     """The temperature of ``net``'s scores on the validation ``store`` (as the head's is
     fitted); returns what status.json records of it."""
-    scores = np.concatenate(list(network_scores(net, store, preprocessing, batch_size, runtime)))
+    scorer = compile_on_pixels(net, preprocessing, TorchEngine(), runtime, "fine-tuned network")
+    scores = np.concatenate(list(network_scores(scorer, store, preprocessing, batch_size,
+                                                runtime)))
     calibration = calibrate(scores, np.arange(n_classes), store.labels)
     return report(calibration, "fine-tuned model", f"validation split ({len(store)} images)")
 
