@@ -26,23 +26,15 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-REPO = Path(__file__).resolve().parents[1]
+from benchmarks.pipeline_times import REPO
+from benchmarks.pipeline_times import timed as run
+
 MARGINS = (0.08, 0.1, 0.12, 0.13, 0.15, 0.2)
-
-
-def run(args: list[str], cwd: Path) -> tuple[float, str]:
-    started = time.perf_counter()
-    result = subprocess.run(args, cwd=cwd, capture_output=True, text=True)
-    seconds = time.perf_counter() - started
-    if result.returncode != 0:
-        raise SystemExit(f"{' '.join(args)} failed:\n{result.stdout}{result.stderr}")
-    return seconds, result.stdout + result.stderr
 
 
 def set_params(project: Path, changes: dict[str, dict]) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 import numpy as np
 
@@ -14,7 +15,7 @@ from transfer.catalog import SPLITS
 from transfer.data import ImageStore
 from transfer.embeddings import EmbeddingMeta, load_split
 from transfer.errors import PipelineError, run_stage
-from transfer.gallery import Section, Tile, draw_sheet, png_bytes
+from transfer.gallery import Section, Tile, draw_sheet, images_by_id, png_bytes
 from transfer.layout import (
     AUDIT_PICTURE,
     AUDIT_REPORT,
@@ -48,7 +49,7 @@ def main() -> None:
     started = time.perf_counter()
     report, familiarity = run_audit(images, meta.classes, settings, params.seed, meta)
     log.info("audit took %.2fs for %d images", time.perf_counter() - started, len(images.labels))
-    picture = draw_sheet(suspect_sections(report), image_lookup(images, stores))
+    picture = draw_sheet(suspect_sections(report), image_lookup(stores))
     with atomic_outputs(AUDIT_REPORT, AUDIT_PICTURE, FAMILIARITY) as (report_file, picture_file,
                                                                       reference_file):
         report_file.write_text(json_text(report), encoding="utf-8")
@@ -63,11 +64,11 @@ def main() -> None:
     log.info("details: %s; picture: %s", AUDIT_REPORT, AUDIT_PICTURE)
 
 
-def image_lookup(images: AuditImages, stores: dict[str, ImageStore]):
+def image_lookup(stores: dict[str, ImageStore]) -> Callable[[tuple[str, str]], np.ndarray]:
     """Pixels of an image by its (split, path)."""
-    position = {split: {str(i): n for n, i in enumerate(store.ids)}
-                for split, store in stores.items()}
-    return lambda key: stores[key[0]][position[key[0]][key[1]]]
+    lookups = {split: images_by_id(store, [], f"{PREPARED_DIR}/{split}")
+               for split, store in stores.items()}
+    return lambda key: lookups[key[0]](key[1])
 
 
 def suspect_sections(report: dict) -> list[Section]:

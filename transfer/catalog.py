@@ -153,38 +153,40 @@ class Catalog:
             condition, args = "pixel_sha256 >= ? AND pixel_sha256 < ?", (image, image + "g")
         else:
             condition, args = "id = ?", (image,)
-        self._db.execute("CREATE INDEX IF NOT EXISTS picture ON images (pixel_sha256, rank)")
-        self._db.execute("CREATE INDEX IF NOT EXISTS named ON images (id)")
         return self._db.execute(f"SELECT rank, id, label FROM images WHERE {condition} AND "
                                 "reason IS NULL ORDER BY rank", args).fetchall()
+
+    def _matches(self, entries: list[Entry],
+                 unmatched: list[str]) -> Iterator[tuple[Entry, int, str, str]]:
+        """Each entry with each file it names; an entry naming none is added to
+        ``unmatched`` (by where it was written)."""
+        self._db.execute("CREATE INDEX IF NOT EXISTS picture ON images (pixel_sha256, rank)")
+        self._db.execute("CREATE INDEX IF NOT EXISTS named ON images (id)")
+        for entry in entries:
+            rows = self.matching(entry.image)
+            if not rows:
+                unmatched.append(entry.where)
+            for rank, id_, label in rows:
+                yield entry, rank, id_, label
 
     def exclude(self, entries: list[Entry]) -> dict[str, Any]:
         """Leave out every file an entry names; returns what was left out and which entries
         named nothing."""
         excluded, unmatched = [], []
-        for entry in entries:
-            rows = self.matching(entry.image)
-            if not rows:
-                unmatched.append(entry.where)
-            for rank, id_, _ in rows:
-                self._db.execute("UPDATE images SET status = 'excluded' WHERE rank = ?", (rank,))
-                excluded.append({"path": id_, "entry": entry.where})
+        for entry, rank, id_, _ in self._matches(entries, unmatched):
+            self._db.execute("UPDATE images SET status = 'excluded' WHERE rank = ?", (rank,))
+            excluded.append({"path": id_, "entry": entry.where})
         return {"excluded": excluded, "unmatched": unmatched}
 
     def relabel(self, entries: list[Entry]) -> dict[str, Any]:
         """File every file an entry names under its new label; returns what changed and which
         entries named nothing."""
         relabelled, unmatched = [], []
-        for entry in entries:
-            rows = self.matching(entry.image)
-            if not rows:
-                unmatched.append(entry.where)
-            for rank, id_, label in rows:
-                self._db.execute("UPDATE images SET label = ? WHERE rank = ?",
-                                 (entry.label, rank))
-                if label != entry.label:
-                    relabelled.append({"path": id_, "from": label, "to": entry.label,
-                                       "entry": entry.where})
+        for entry, rank, id_, label in self._matches(entries, unmatched):
+            self._db.execute("UPDATE images SET label = ? WHERE rank = ?", (entry.label, rank))
+            if label != entry.label:
+                relabelled.append({"path": id_, "from": label, "to": entry.label,
+                                   "entry": entry.where})
         return {"relabelled": relabelled, "unmatched": unmatched}
 
     # De-duplication
