@@ -11,64 +11,28 @@ when nothing could be predicted.
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import logging
 import sys
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 from tqdm import tqdm
 
-from transfer.data import decode_image, read_image_file, shrink
+from transfer.data import read_image_file
 from transfer.engines import engine_named
 from transfer.errors import ArgumentParser, PipelineError, run_stage
-from transfer.inference import (
-    MODEL_CHOICES,
-    FamiliarityCheck,
-    Predictor,
-    familiarity_check,
-    load_predictor,
-    predict_batches,
-)
+from transfer.inference import FamiliarityCheck, Predictor, familiarity_check, load_predictor
 from transfer.layout import EMBEDDINGS_DIR, FAMILIARITY, FINETUNE_DIR, HEAD_PATH, ONNX_CACHE
-from transfer.params import ENGINES, MAX_BATCH_SIZE
+from transfer.params import ENGINES, MAX_BATCH_SIZE, MODEL_CHOICES
+from transfer.prediction import UNCERTAIN, UNFAMILIAR, Prediction, classify, decode_for
 from transfer.sources import visible_files
 
 log = logging.getLogger(__name__)
 
 CHUNK = 256  # files decoded and held in memory at a time
-
-
-UNCERTAIN = "uncertain"
-UNFAMILIAR = "unfamiliar"
-
-
-@dataclass
-class Prediction:
-    """One input file: its top classes with probabilities, or why it could not be classified;
-    ``uncertain`` when the top probability is below the threshold asked for; ``unfamiliar``
-    when it is unlike the training images (None: not checked)."""
-
-    path: str
-    top: list[tuple[str, float]] = field(default_factory=list)
-    error: str = ""
-    uncertain: bool = False
-    unfamiliar: bool | None = None
-
-    @property
-    def flags(self) -> list[str]:
-        return [name for name, on in ((UNCERTAIN, self.uncertain),
-                                      (UNFAMILIAR, self.unfamiliar)) if on]
-
-    @property
-    def label(self) -> str:
-        """The answer: the top class, ``uncertain``, or empty for a file that failed."""
-        if self.error:
-            return ""
-        return UNCERTAIN if self.uncertain else self.top[0][0]
 
 
 def list_inputs(paths: Iterable[str]) -> list[Path]:
@@ -86,11 +50,7 @@ def list_inputs(paths: Iterable[str]) -> list[Path]:
 def predict_files(classifier: Predictor, files: list[Path], top_k: int, batch_size: int,
                   min_confidence: float = 0.0,
                   familiarity: FamiliarityCheck | None = None) -> Iterator[Prediction]:
-    """Decode and classify ``files`` chunk by chunk, in input order; a file whose top
-    probability is below ``min_confidence`` is marked uncertain, and with ``familiarity``
-    one unlike the training images unfamiliar."""
-    short_side = classifier.short_side
-    k = min(top_k, len(classifier.classes))
+    """Decode and classify ``files`` chunk by chunk, in input order (``classify`` says how)."""
     # No bar where stderr is not a terminal (a log file, CI): no cursor escapes end up there.
     with tqdm(total=len(files), desc="predict", unit="img", leave=False,
               disable=None) as progress:
@@ -100,18 +60,12 @@ def predict_files(classifier: Predictor, files: list[Path], top_k: int, batch_si
             images, readable = [], []
             for result, path in zip(results, chunk, strict=True):
                 try:
-                    images.append(np.asarray(shrink(decode_image(read_image_file(path)),
-                                                    short_side)))
+                    images.append(decode_for(classifier, read_image_file(path)))
                     readable.append(result)
                 except (OSError, ValueError) as err:
                     result.error = getattr(err, "strerror", None) or str(err)
-            rows = (row for batch in predict_batches(classifier, images, batch_size, familiarity)
-                    for row in zip(*batch, strict=True))
-            for result, (probabilities, unfamiliar) in zip(readable, rows, strict=True):
-                order = np.argsort(-probabilities, kind="stable")[:k]
-                result.top = [(classifier.classes[i], float(probabilities[i])) for i in order]
-                result.uncertain = result.top[0][1] < min_confidence
-                result.unfamiliar = None if unfamiliar is None else bool(unfamiliar)
+            classify(classifier, readable, images, top_k, batch_size, min_confidence,
+                     familiarity)
             progress.update(len(chunk))
             yield from results
 
@@ -152,23 +106,29 @@ def write_json(predictions: list[Prediction], out) -> None:
     out.write("\n")
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = ArgumentParser(prog="python -m stages.predict",
-                            description=__doc__.splitlines()[0])
-    parser.add_argument("paths", nargs="+", help="image files or folders")
-    parser.add_argument("--top-k", type=int, default=3, help="classes to show (default 3)")
-    parser.add_argument("--format", choices=("table", "csv", "json"), default="table")
-    parser.add_argument("--batch-size", type=int, default=8)
+def add_model_arguments(parser: ArgumentParser) -> None:
+    """The options that choose the model, its engine, and the answers' thresholds."""
     parser.add_argument("--model", choices=MODEL_CHOICES, default="auto",
                         help="auto (default): the fine-tuned model when there is one, else "
                              "the head on the frozen backbone")
+    parser.add_argument("--exported", type=Path, metavar="FILE",
+                        help="use an exported model file (.onnx or .pt, from "
+                             "python -m stages.export) instead of the pipeline's models")
     parser.add_argument("--engine", choices=ENGINES, default="auto",
                         help="what runs the network: auto (default; ONNX Runtime on CPU, "
                              "PyTorch on a GPU), onnxruntime or torch")
+    parser.add_argument("--top-k", type=int, default=3, help="classes to show (default 3)")
+    parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--min-confidence", type=float, default=0.0, metavar="P",
-                        help="mark a file whose top probability is below P (0 to 1) "
+                        help="mark an image whose top probability is below P (0 to 1) "
                              f"'{UNCERTAIN}' instead of giving it a class (default 0: never)")
-    args = parser.parse_args(argv)
+
+
+def open_model(parser: ArgumentParser,
+               args: argparse.Namespace) -> tuple[Predictor, FamiliarityCheck | None]:
+    """The model the options of ``add_model_arguments`` name, and what tells unfamiliar
+    images apart (None where the audit has not run, or for an exported file); a bad option
+    value is one error line."""
     if args.top_k < 1:
         parser.error("--top-k must be 1 or more")
     if not 1 <= args.batch_size <= MAX_BATCH_SIZE:
@@ -176,12 +136,30 @@ def main(argv: list[str] | None = None) -> None:
     if not 0.0 <= args.min_confidence <= 1.0:  # NaN too
         raise PipelineError(f"--min-confidence must be a probability between 0 and 1, got "
                             f"{args.min_confidence:g}")
+    if args.exported is not None:
+        from transfer.exported import load_exported
+
+        exported = load_exported(args.exported)
+        log.info("%s: images are not checked for being unfamiliar (an exported file holds "
+                 "no training images)", args.exported)
+        return exported, None
+    engine = engine_named(args.engine, ONNX_CACHE, "--engine")
+    classifier = load_predictor(args.model, EMBEDDINGS_DIR, HEAD_PATH, FINETUNE_DIR, engine)
+    return classifier, familiarity_check(classifier, FAMILIARITY, EMBEDDINGS_DIR, HEAD_PATH,
+                                         engine)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = ArgumentParser(prog="python -m stages.predict",
+                            description=__doc__.splitlines()[0])
+    parser.add_argument("paths", nargs="+", help="image files or folders")
+    parser.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    add_model_arguments(parser)
+    args = parser.parse_args(argv)
     files = list_inputs(args.paths)
     if not files:
         raise PipelineError(f"no files found in {', '.join(args.paths)}")
-    engine = engine_named(args.engine, ONNX_CACHE, "--engine")
-    classifier = load_predictor(args.model, EMBEDDINGS_DIR, HEAD_PATH, FINETUNE_DIR, engine)
-    familiarity = familiarity_check(classifier, FAMILIARITY, EMBEDDINGS_DIR, HEAD_PATH, engine)
+    classifier, familiarity = open_model(parser, args)
     predictions = list(predict_files(classifier, files, args.top_k, args.batch_size,
                                      args.min_confidence, familiarity))
     if args.format == "csv":

@@ -148,16 +148,19 @@ class Normalized(torch.nn.Module):
     """``module`` fed uint8 ``(N, H, W, 3)`` pixels: viewed as ``(N, 3, H, W)`` (in
     channels-last memory, no copy), scaled to [0, 1] and normalized with the preprocessing's
     mean and std, the operations of ``eval_transform``'s last three steps, run on the whole
-    batch inside the network (and inside its ONNX graph)."""
+    batch inside the network (and inside its ONNX graph). ``channels_first``: fed uint8
+    ``(N, 3, H, W)`` instead, the layout of an exported model's input."""
 
-    def __init__(self, module: torch.nn.Module, preprocessing: Preprocessing) -> None:
+    def __init__(self, module: torch.nn.Module, preprocessing: Preprocessing,
+                 channels_first: bool = False) -> None:
         super().__init__()
         self.module = module
+        self.channels_first = channels_first
         self.register_buffer("mean", torch.tensor(preprocessing.mean).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(preprocessing.std).view(1, 3, 1, 1))
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        images = pixels.permute(0, 3, 1, 2).float()
+        images = (pixels if self.channels_first else pixels.permute(0, 3, 1, 2)).float()
         return self.module((images * (1.0 / 255) - self.mean) / self.std)
 
 

@@ -92,9 +92,6 @@ class Classifier:
         return map(self.probabilities, self.embed(images, batch_size, runtime))
 
 
-MODEL_CHOICES = ("auto", "head", "finetune")
-
-
 @dataclass
 class FamiliarityCheck:
     """The audit's familiarity reference, and the frozen-backbone classifier whose embeddings

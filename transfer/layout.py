@@ -59,8 +59,13 @@ EVALUATE_REPORT = Path("reports/evaluate.json")
 SUMMARY = Path("reports/summary.md")
 EVALUATE_PLOTS_DIR = Path("plots/evaluate")
 
-# commands outside the DVC graph
+# export (export.enabled): the model file and a copy of the metadata inside it
 EXPORT_DIR = Path("models/export")
+EXPORT_OUTPUTS = {"onnx": EXPORT_DIR / "classifier.onnx",
+                  "torchscript": EXPORT_DIR / "classifier.pt"}
+EXPORT_METADATA = EXPORT_DIR / "metadata.json"
+
+# commands outside the DVC graph
 TRANSFER_STUDY_REPORT = Path("reports/transfer_study.md")
 
 

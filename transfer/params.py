@@ -216,6 +216,23 @@ class EvaluateParams:
     split: str = _choice("test", ("test", "val"))
 
 
+# What the export stage writes (transfer.exported reads them back), by file suffix.
+EXPORT_SUFFIXES = {".onnx": "onnx", ".pt": "torchscript"}
+EXPORT_FORMATS = tuple(EXPORT_SUFFIXES.values())
+# The trained models predict, export and serve choose from.
+MODEL_CHOICES = ("auto", "head", "finetune")
+
+
+@dataclass(frozen=True)
+class ExportParams:
+    enabled: bool = False
+    format: str = _choice("onnx", EXPORT_FORMATS, help=(
+        "onnx: runs on ONNX Runtime, in any language; torchscript: runs on PyTorch"))
+    model: str = _choice("auto", MODEL_CHOICES, help=(
+        "auto: the fine-tuned model when finetune ran, else the head on the frozen backbone; "
+        "head; finetune"))
+
+
 @dataclass(frozen=True)
 class Params:
     seed: int = _bounded(42, 0, 2**32 - 1)
@@ -225,6 +242,7 @@ class Params:
     finetune: FinetuneParams = field(default_factory=FinetuneParams)
     audit: AuditParams = field(default_factory=AuditParams)
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
+    export: ExportParams = field(default_factory=ExportParams)
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:
