@@ -17,7 +17,7 @@ from transfer.evaluation import HEADLINE_METRICS
 PROJECT_FILES = ["stages", "transfer", "params.yaml", "dvc.yaml", ".dvc/config", ".dvc/.gitignore",
                  ".dvc/plots", ".dvcignore", ".gitignore", "data/raw/.gitkeep", "data/exclude.txt",
                  "data/relabel.csv"]
-STAGES = ["prepare", "extract", "audit", "train_head", "finetune", "evaluate"]
+STAGES = ["prepare", "extract", "audit", "train_head", "finetune", "evaluate", "export"]
 EVALUATE_PLOTS = ["confusion.csv", "per_class_f1.csv", "calibration.csv", "roc.csv",
                   "precision_recall.csv", "mistakes.png"]
 

@@ -15,8 +15,10 @@ from tests.test_pipeline import make_repo, run, stages_run
 pytestmark = pytest.mark.slow
 
 # Files per output directory, counted recursively; skipped fine-tuning writes its status and a
-# header-only range-test curve, and five header-only curve files in dvclive/.
-OUTPUT_FILES = {"data/prepared": 7, "data/embeddings": 5, "models/finetune": 2, "dvclive": 5}
+# header-only range-test curve, and five header-only curve files in dvclive/; skipped export,
+# its metadata file.
+OUTPUT_FILES = {"data/prepared": 7, "data/embeddings": 5, "models/finetune": 2, "dvclive": 5,
+                "models/export": 1}
 
 
 @pytest.fixture(scope="module")
@@ -62,6 +64,42 @@ def test_the_shared_run_cache_restores_a_teammates_experiment(pushed, tmp_path):
     output = run(["dvc", "exp", "run", "--pull", "-S", "backbone.precision=bfloat16"], clone)
     assert "Stage 'extract' is cached - skipping run, checking out outputs" in output
     assert "Running stage 'extract'" not in output
+
+
+def test_a_registered_model_version_is_fetched_by_name_in_a_fresh_folder(pushed, tmp_path):
+    import json
+
+    import numpy as np
+    import yaml
+
+    from transfer.exported import load_exported
+
+    repo, _ = pushed
+    owner = tmp_path / "owner"
+    run(["git", "clone", "-q", str(repo), str(owner)], tmp_path)
+    run(["dvc", "pull"], owner)
+    params = yaml.safe_load((owner / "params.yaml").read_text())
+    params["export"]["enabled"] = True
+    (owner / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    assert stages_run(run(["dvc", "repro"], owner)) == ["export"]
+    run(["dvc", "push"], owner)
+    run(["git", "add", "-A"], owner)
+    run(["git", "commit", "-qm", "export the classifier"], owner)
+    run(["gto", "register", "classifier", "--version", "v1.0.0"], owner)
+    run(["gto", "register", "head", "--version", "v1.0.0"], owner)
+
+    fresh = tmp_path / "fresh"  # no Git, no DVC: what a service's deploy step starts from
+    fresh.mkdir()
+    run(["dvc", "artifacts", "get", str(owner), "classifier", "--rev", "v1.0.0"], fresh)
+    run(["dvc", "artifacts", "get", str(owner), "head", "--rev", "v1.0.0"], fresh)
+    assert (fresh / "head.npz").read_bytes() == (owner / "models" / "head.npz").read_bytes()
+    metadata = json.loads((fresh / "export" / "metadata.json").read_text())
+    model = load_exported(fresh / "export" / metadata["file"])
+    digit = np.zeros((64, 64, 3), np.uint8)
+    digit[8:56, 28:36] = 255  # a white stroke: a one, more or less
+    [probabilities] = list(model.predict_proba([digit]))
+    assert probabilities.shape == (1, len(metadata["classes"]))
+    assert abs(probabilities.sum() - 1) < 1e-5
 
 
 def free_port() -> int:
