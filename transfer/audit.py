@@ -11,6 +11,7 @@ every training image.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 from collections.abc import Sequence
@@ -236,10 +237,15 @@ class Familiarity:
     threshold: float
     embeddings: dict[str, Any]  # what the embeddings came from: only those can be compared
 
+    @functools.cached_property
+    def _reference_rows(self) -> np.ndarray:
+        """``reference`` (stored as float16) as float32, converted once, not per batch."""
+        return self.reference.astype(np.float32)
+
     def distances(self, features: np.ndarray) -> np.ndarray:
         """Mean cosine distance of each row to its ``k`` most similar training images."""
         unit = unit_rows(features, self.centre)
-        reference = self.reference.astype(np.float32)
+        reference = self._reference_rows
         return np.concatenate([np.empty(0)] + [
             mean_top_distance(unit[s:s + ROWS] @ reference.T, self.k)
             for s in range(0, len(unit), ROWS)])
