@@ -88,6 +88,16 @@ def test_bad_requests_get_a_4xx_with_a_clear_message(client, data, status, messa
     assert response.get_json()["error"].startswith(message)
 
 
+def test_a_truncated_photo_and_a_text_field_named_file_are_400(client, trained):
+    cut = (trained / "inputs" / "more" / "b-green.jpg").read_bytes()[:300]
+    response = client.post("/predict", data={"file": [(io.BytesIO(cut), "cut.jpg")]})
+    assert response.status_code == 400
+    assert response.get_json()["error"].startswith("cut.jpg: truncated or corrupt image")
+    response = client.post("/predict", data={"file": "photo.jpg"})
+    assert response.status_code == 400
+    assert response.get_json()["error"].startswith("field 'file' holds text, not a file")
+
+
 def test_an_image_with_too_many_pixels_is_refused_before_it_is_decoded(client, tmp_path):
     path = tmp_path / "wide.png"
     Image.new("RGB", (2000, 600)).save(path)  # a small file, 1.2 megapixels

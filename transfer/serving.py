@@ -101,6 +101,9 @@ def create_app(predictor: Predictor, familiarity: FamiliarityCheck | None = None
 
     @app.post("/predict")
     def predict() -> tuple[Response, int] | Response:
+        if FIELD in request.form:
+            return _error(f"field '{FIELD}' holds text, not a file: send each image as a "
+                          "file upload (curl -F file=@photo.jpg)", 400)
         unexpected = sorted(set(request.files) - {FIELD}) + sorted(request.form)
         if unexpected:
             return _error(f"unexpected field '{unexpected[0]}': send each image as a "
