@@ -181,7 +181,8 @@ def load_exported(path: str | Path) -> ExportedModel:
         raw, run = _open_onnx(path) if kind == "onnx" else _open_torchscript(path)
         metadata = json.loads(raw)
         preprocessing = Preprocessing.from_dict(metadata["preprocessing"])
-        int(metadata["resize"]["short_side"])
+        if int(metadata["resize"]["short_side"]) < 1:
+            raise ValueError("resize.short_side below 1")
         if not metadata["classes"] or not all(isinstance(c, str) for c in metadata["classes"]):
             raise ValueError("no class names")
     except PipelineError:
