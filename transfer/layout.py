@@ -24,6 +24,10 @@ EMBEDDINGS_DIR = Path("data/embeddings")
 # The backbone's ONNX graphs (backbone.engine: onnxruntime), built once per network and reused
 # by extract and predict; outside every DVC output, which `dvc repro` removes before a stage runs.
 ONNX_CACHE = Path("cache/onnx")
+# Every embedding extract has computed, keyed by the image's pixels and the extraction's whole
+# configuration (transfer/embedding_store.py), so extract embeds only images it has not seen;
+# outside every DVC output, bounded by backbone.store_max_gb.
+EMBEDDING_STORE = Path("cache/embeddings")
 
 # audit
 AUDIT_REPORT = Path("reports/audit.json")
