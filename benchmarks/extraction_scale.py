@@ -9,8 +9,11 @@
    thread per process against one process with two threads (images/s of the whole stage).
 
 Every extraction is ``python -m stages.extract`` in a subprocess, as ``dvc repro`` runs it.
+``--copies K`` turns each photo into K distinct ones (mirrored and shifted crops) for a larger
+set; ``--no-sharding`` skips part 2.
 
     python -m benchmarks.extraction_scale [--images ../shared/data/monkeys10] [--rounds 2]
+                                          [--copies 1] [--no-sharding]
 """
 
 from __future__ import annotations
@@ -43,6 +46,25 @@ def stage(project: Path, threads: int, *launcher: str, module: str = "stages.ext
     return time.perf_counter() - started
 
 
+def write_copies(images: Path, out: Path, copies: int) -> None:
+    """``copies`` distinct JPEGs of each photo under ``images``: the photo itself, then crops
+    shifted by a few pixels, every other one mirrored."""
+    from PIL import Image, ImageOps
+
+    for path in sorted(p for p in images.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES):
+        target = out / path.relative_to(images)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, target)
+        with Image.open(path) as opened:
+            photo = ImageOps.exif_transpose(opened).convert("RGB")
+        for k in range(1, copies):
+            shift = 2 * k
+            copy = photo.crop((shift, shift, photo.width - shift, photo.height - shift))
+            if k % 2:
+                copy = ImageOps.mirror(copy)
+            copy.save(target.with_name(f"{target.stem}-{k}.jpg"), quality=90)
+
+
 def set_store(project: Path, max_gb: float) -> None:
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["backbone"]["store_max_gb"] = max_gb
@@ -57,14 +79,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=Path, default=MONKEYS.parent)
     parser.add_argument("--rounds", type=int, default=2, help="of the sharding comparison")
+    parser.add_argument("--copies", type=int, default=1)
+    parser.add_argument("--no-sharding", action="store_true")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as scratch:
-        project = Path(scratch)
+        project = Path(scratch) / "project"
         images = project / "data" / "raw" / "images"
-        files = sorted(p for p in args.images.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        source = args.images
+        if args.copies > 1:
+            source = Path(scratch) / "copies"
+            write_copies(args.images, source, args.copies)
+        files = sorted(p for p in source.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
         later = files[::20]  # 5%, spread over every class
         for path in set(files) - set(later):
-            target = images / path.relative_to(args.images)
+            target = images / path.relative_to(source)
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(path, target)
         shutil.copy(REPO / "params.yaml", project / "params.yaml")
@@ -78,7 +106,8 @@ def main() -> None:
         set_store(project, 4)
         full = stage(project, 2)
         for path in later:
-            target = images / path.relative_to(args.images)
+            target = images / path.relative_to(source)
+            target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(path, target)
         stage(project, 2, module="stages.prepare")
         incremental = stage(project, 2)
@@ -89,17 +118,20 @@ def main() -> None:
 
         torchrun = ("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2")
         one, two = [], []
-        for _ in range(args.rounds):  # interleaved, so both see the same load
+        for _ in range(0 if args.no_sharding else args.rounds):  # interleaved: the same load
             one.append(stage(project, 2))
             two.append(stage(project, 1, *torchrun))
     n, added = len(files), len(later)
-    print(f"{args.images}: {n - added} images, then {added} added ({added / n:.1%}); "
+    print(f"{args.images} x {args.copies}: {n - added} images, then {added} added "
+          f"({added / n:.1%}); "
           f"load average {os.getloadavg()[0]:.2f} at the end")
     print(f"warm-up extraction (ONNX export), store off : {warm_up:7.1f} s")
     print(f"full extraction, empty store                : {full:7.1f} s")
     print(f"extraction after the addition (store)       : {incremental:7.1f} s = "
           f"{incremental / full:.3f} x full, {incremental / scratch_full:.3f} x a full one of "
           f"the grown set ({scratch_full:.1f} s, store off); files identical: {identical}")
+    if args.no_sharding:
+        return
     best_one, best_two = min(one), min(two)
     print(f"1 process x 2 threads : {n / best_one:6.1f} images/s ({best_one:.1f} s, best of "
           f"{args.rounds})")

@@ -23,7 +23,14 @@ from transfer.embeddings import EmbeddingMeta
 from transfer.engines import engine_named
 from transfer.errors import run_stage
 from transfer.extraction import Extraction, extract_splits, shared_output
-from transfer.layout import EMBEDDING_STORE, EMBEDDINGS_DIR, ONNX_CACHE, PARAMS, PREPARED_DIR
+from transfer.layout import (
+    EMBEDDING_STORE,
+    EMBEDDINGS_DIR,
+    ONNX_CACHE,
+    PARAMS,
+    PREPARED_DIR,
+    shared_by_experiments,
+)
 from transfer.params import load_params
 from transfer.runtime import end_process_group, resolve_runtime, set_determinism
 
@@ -48,7 +55,8 @@ def main() -> None:
     encoder = compile_encoder(backbone, engine_named(params.engine, ONNX_CACHE, "backbone.engine"),
                               runtime)
     extraction = Extraction(backbone, encoder, runtime, batch_size, params.flip_average)
-    store = EmbeddingStore(EMBEDDING_STORE, extraction.configuration(), backbone.num_features) \
+    store_root = shared_by_experiments(EMBEDDING_STORE)
+    store = EmbeddingStore(store_root, extraction.configuration(), backbone.num_features) \
         if params.store_max_gb > 0 else None
     started = time.perf_counter()
     with shared_output(EMBEDDINGS_DIR, runtime) as tmp:
@@ -71,7 +79,7 @@ def main() -> None:
     seconds = time.perf_counter() - started
     if runtime.is_main:
         if store is not None:
-            prune(EMBEDDING_STORE, int(params.store_max_gb * 1e9))
+            prune(store_root, int(params.store_max_gb * 1e9))
         _log_speed(done, seconds, backbone, runtime, encoder.engine, batch_size)
     end_process_group(runtime)
 

@@ -93,6 +93,15 @@ def test_float16_files_from_the_store_equal_fresh_ones(project):
     assert cache_files(project) == from_store
 
 
+def test_queued_experiments_use_the_store_of_the_workspace_dvc_names(project, tmp_path,
+                                                                     monkeypatch):
+    # `dvc queue start` runs an experiment in a temporary copy, with DVC_ROOT the workspace.
+    workspace = tmp_path / "workspace"
+    monkeypatch.setenv("DVC_ROOT", str(workspace))
+    extract.main()
+    assert len(list((workspace / "cache" / "embeddings").glob("*/*.npz"))) == 1
+
+
 def test_damaged_and_foreign_shards_are_embedded_again(project, caplog):
     reference = cache_files(project)
     [shard] = shards(project)

@@ -6,6 +6,7 @@ Stage modules import these names; ``dvc.yaml`` spells the same paths, and
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 PARAMS = Path("params.yaml")
@@ -66,6 +67,14 @@ EVALUATE_PLOTS_DIR = Path("plots/evaluate")
 # commands outside the DVC graph
 EXPORT_DIR = Path("models/export")
 TRANSFER_STUDY_REPORT = Path("reports/transfer_study.md")
+
+
+def shared_by_experiments(path: Path) -> Path:
+    """Where a folder outside DVC's outputs (``EMBEDDING_STORE``) is: in the workspace that DVC
+    names in ``DVC_ROOT``, which is also the workspace when ``dvc queue`` runs an experiment in
+    a temporary copy of it, so that queued experiments share it; else here."""
+    root = os.environ.get("DVC_ROOT")
+    return Path(root) / path if root else path
 
 
 def curve_file(curve: str, curves_dir: Path = FINETUNE_CURVES) -> Path:
