@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import platform
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,7 +58,7 @@ class Extraction:
             "weights": self.backbone.weights_sha256 or self.backbone.weights_id,
             "preprocessing": preprocessing.to_dict(), "dim": self.backbone.num_features,
             "precision": self.runtime.precision, "flip_average": self.flip_average,
-            "engine": self.encoder.engine, "device": self.runtime.device.type,
+            "engine": self.encoder.engine, "device": device_model(self.runtime),
             "versions": {"timm": timm.__version__, "torch": torch.__version__,
                          "torchvision": torchvision.__version__, **self.encoder.versions}}
         if not self.encoder.batch_invariant:
@@ -73,6 +74,19 @@ class Extraction:
                                   desc=desc):
             yield rows[:left]
             left -= len(rows)
+
+
+def device_model(runtime: Runtime) -> str:
+    """The processor that computes the rows: kernels differ by GPU model and CPU instruction
+    set, and so may the last bits of a row, so a store shared by different machines keeps
+    their rows apart."""
+    if runtime.is_cuda:
+        return f"cuda {torch.cuda.get_device_name(runtime.device)}"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"cpu {line.partition(':')[2].strip()}"
+    return f"cpu {platform.machine()} {platform.processor()}".strip()
 
 
 class _Padded(Sequence):
