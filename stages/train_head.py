@@ -6,10 +6,12 @@ from __future__ import annotations
 import logging
 import time
 
+from threadpoolctl import threadpool_limits
+
 from transfer.artifacts import atomic_outputs, write_csv, write_json
 from transfer.embeddings import EmbeddingMeta, load_split
 from transfer.errors import run_stage
-from transfer.head_training import HEAD_TRAINERS, calibrate_head, log_search
+from transfer.head_training import FIT_THREADS, HEAD_TRAINERS, calibrate_head, log_search
 from transfer.layout import (
     EMBEDDINGS_DIR,
     HEAD_PATH,
@@ -30,9 +32,10 @@ def main() -> None:
     val_x, val_y, _ = load_split(EMBEDDINGS_DIR, "val")
     trainer = HEAD_TRAINERS[params.head.kind](params.head, params.seed, classes)
     started = time.perf_counter()
-    fitted = trainer.fit(train_x, train_y, val_x, val_y)
-    log_search(trainer, fitted)
-    calibration = calibrate_head(fitted)
+    with threadpool_limits(limits=FIT_THREADS):
+        fitted = trainer.fit(train_x, train_y, val_x, val_y)
+        log_search(trainer, fitted)
+        calibration = calibrate_head(fitted)
     seconds = time.perf_counter() - started
     head, search = fitted.head, fitted.search
     val_metrics = classification_metrics(val_y, head.predict(val_x), len(classes))

@@ -153,3 +153,23 @@ def test_the_temperature_is_fitted_on_the_scores_the_search_held_out():
     assert calibration["log_loss"] < calibration["log_loss_uncalibrated"] - 0.1
     np.testing.assert_array_equal(fitted.held_out_scores,
                                   fitted.head.decision_function(X[300:]))
+
+
+@pytest.mark.parametrize("kind", ["logistic", "mlp"])
+def test_heads_are_fitted_on_a_fixed_number_of_threads(project, monkeypatch, kind):
+    # The head's bytes depend on the BLAS/OpenMP thread count: fixed, they are the same on
+    # every machine, whatever its cores.
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    set_head(project, kind=kind, C=1.0, alpha=0.001, max_iter=5)
+    seen = []
+    fit = head_training.HEAD_TRAINERS[kind].fit
+
+    def recording(self, *args):
+        seen.extend(pool["num_threads"] for pool in threadpool_info())
+        return fit(self, *args)
+
+    monkeypatch.setattr(head_training.HEAD_TRAINERS[kind], "fit", recording)
+    with threadpool_limits(limits=2):
+        train_head.main()
+    assert seen and set(seen) == {head_training.FIT_THREADS}

@@ -57,6 +57,9 @@ class CompiledNetwork:
     # Runtime here); PyTorch's OpenMP threads spin instead, and on a GPU the DataLoader's
     # worker processes do it (docs/engines.md).
     read_ahead: bool = False
+    # Whether an image's output is the same whatever the size of its batch and the number of
+    # threads (ONNX Runtime on CPU); PyTorch's differ by ~1e-6 (transfer/extraction.py).
+    batch_invariant: bool = False
 
     def __call__(self, batch: torch.Tensor) -> np.ndarray:
         return self.run(batch)
@@ -161,7 +164,7 @@ class OnnxRuntimeEngine(Engine):
             return outputs
 
         return CompiledNetwork(self.name, run, {"onnxruntime": onnxruntime.__version__},
-                               read_ahead=True)
+                               read_ahead=True, batch_invariant=True)
 
 
 # The registry: auto takes the first engine, in this order, that can run here.

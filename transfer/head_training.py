@@ -27,6 +27,11 @@ from transfer.params import HeadParams
 
 log = logging.getLogger(__name__)
 
+# Threads of the BLAS and OpenMP pools while a head is fitted: a fixed number, so that the head's
+# bytes are the same on every machine; one, the fastest here (docs/extraction-scale.md: the
+# logistic fit on monkeys10 took 0.06 s on one thread, 1.7-2.7 s on two).
+FIT_THREADS = 1
+
 
 class HeadTrainer(abc.ABC):
     """How one ``head.kind`` is fitted from ``HeadParams``: its regularisation, searched or

@@ -6,6 +6,7 @@ Stage modules import these names; ``dvc.yaml`` spells the same paths, and
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 PARAMS = Path("params.yaml")
@@ -24,6 +25,10 @@ EMBEDDINGS_DIR = Path("data/embeddings")
 # The backbone's ONNX graphs (backbone.engine: onnxruntime), built once per network and reused
 # by extract and predict; outside every DVC output, which `dvc repro` removes before a stage runs.
 ONNX_CACHE = Path("cache/onnx")
+# Every embedding extract has computed, keyed by the image's pixels and the extraction's whole
+# configuration (transfer/embedding_store.py), so extract embeds only images it has not seen;
+# outside every DVC output, bounded by backbone.store_max_gb.
+EMBEDDING_STORE = Path("cache/embeddings")
 
 # audit
 AUDIT_REPORT = Path("reports/audit.json")
@@ -67,6 +72,14 @@ EXPORT_METADATA = EXPORT_DIR / "metadata.json"
 
 # commands outside the DVC graph
 TRANSFER_STUDY_REPORT = Path("reports/transfer_study.md")
+
+
+def shared_by_experiments(path: Path) -> Path:
+    """Where a folder outside DVC's outputs (``EMBEDDING_STORE``) is: in the workspace that DVC
+    names in ``DVC_ROOT``, which is also the workspace when ``dvc queue`` runs an experiment in
+    a temporary copy of it, so that queued experiments share it; else here."""
+    root = os.environ.get("DVC_ROOT")
+    return Path(root) / path if root else path
 
 
 def curve_file(curve: str, curves_dir: Path = FINETUNE_CURVES) -> Path:

@@ -114,6 +114,10 @@ class BackboneParams:
     deterministic: bool = field(default=False, metadata={
         "help": "true: deterministic GPU kernels only (bit-identical reruns on one GPU, slower); "
                 "CPU runs are bit-identical either way"})
+    # Not a DVC param of extract (dvc.yaml): it changes how much is reused, never the outputs.
+    store_max_gb: float = _bounded(4.0, 0.0, 1e6, help=(
+        "size limit of the embedding store in cache/embeddings/ (least recently used shards "
+        "deleted beyond it); 0: no store, every image embedded every run"))
 
 
 @dataclass(frozen=True)
