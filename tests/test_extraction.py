@@ -84,6 +84,29 @@ def test_new_images_alone_are_embedded_and_the_files_equal_a_fresh_extraction(pr
     assert cache_files(project) == incremental
 
 
+def test_prepare_records_each_images_store_key_and_an_older_store_is_hashed_instead(project,
+                                                                                    caplog):
+    from transfer.artifacts import load_arrays, save_arrays
+    from transfer.data import SPLITS, ImageStore
+    from transfer.embedding_store import digest_key, pixel_key
+
+    for split in SPLITS:
+        images = ImageStore(project / "data" / "prepared", split)
+        assert [digest_key(d) for d in images.stored_digests()] == \
+            [pixel_key(images[i]) for i in range(len(images))]
+    before = cache_files(project)
+    for split in SPLITS:  # a store prepared before prepare recorded the keys
+        index = project / "data" / "prepared" / f"{split}.npz"
+        arrays = dict(load_arrays(index))
+        del arrays["stored_sha256"]
+        save_arrays(index, **arrays)
+        assert ImageStore(project / "data" / "prepared", split).stored_digests() is None
+    with caplog.at_level(logging.INFO, "stages.extract"):
+        extract.main()
+    assert "embedded 0 images (30 more from the embedding store)" in caplog.text
+    assert cache_files(project) == before
+
+
 def test_float16_files_from_the_store_equal_fresh_ones(project):
     set_backbone(project, embedding_dtype="float16")
     extract.main()  # every row from the store, which keeps float32

@@ -25,7 +25,7 @@ CREATE TABLE images (
     id TEXT NOT NULL, path TEXT NOT NULL, label TEXT NOT NULL,
     given TEXT,                -- the split the source gives, if any
     reason TEXT,               -- why the file was skipped; NULL once decoded
-    byte_sha256 TEXT, pixel_sha256 TEXT, staging_file TEXT, offset INTEGER,
+    byte_sha256 TEXT, pixel_sha256 TEXT, stored_sha256 TEXT, staging_file TEXT, offset INTEGER,
     height INTEGER, width INTEGER, small INTEGER,
     sum_r INTEGER, sum_g INTEGER, sum_b INTEGER,
     square_r INTEGER, square_g INTEGER, square_b INTEGER,
@@ -53,8 +53,9 @@ class DecodedFile:
     offset: int = 0
     shape: tuple[int, int] = (0, 0)
     original_size: tuple[int, int] = (0, 0)
-    pixel_sha256: str = ""
+    pixel_sha256: str = ""  # of the decoded full-size pixels: the image's identity
     byte_sha256: str = ""
+    stored_sha256: str = ""  # of the pixels as stored (shrunk): the embedding store's key
     reason: str = ""
     # Per-channel sums of the stored pixels and of their squares: the training split's mean
     # and std add up from these without a second pass over the pixels.
@@ -132,11 +133,11 @@ class Catalog:
     def record(self, rank: int, decoded: DecodedFile, small: bool) -> None:
         """What decoding the file of ``rank`` (1, 2, ... in ``ranked_paths`` order) gave."""
         self._db.execute(
-            "UPDATE images SET reason = ?, byte_sha256 = ?, pixel_sha256 = ?, staging_file = ?, "
-            "offset = ?, height = ?, width = ?, small = ?, sum_r = ?, sum_g = ?, sum_b = ?, "
-            "square_r = ?, square_g = ?, square_b = ? WHERE rank = ?",
+            "UPDATE images SET reason = ?, byte_sha256 = ?, pixel_sha256 = ?, stored_sha256 = ?, "
+            "staging_file = ?, offset = ?, height = ?, width = ?, small = ?, sum_r = ?, "
+            "sum_g = ?, sum_b = ?, square_r = ?, square_g = ?, square_b = ? WHERE rank = ?",
             (decoded.reason or None, decoded.byte_sha256, decoded.pixel_sha256,
-             decoded.staging_file, decoded.offset, *decoded.shape, small,
+             decoded.stored_sha256, decoded.staging_file, decoded.offset, *decoded.shape, small,
              *decoded.channel_sums, *decoded.channel_squares, rank))
 
     def undecodable(self) -> list[dict[str, str]]:

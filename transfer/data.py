@@ -144,9 +144,7 @@ def decode_file(path: Path, short_side: int, staging_dir: Path) -> DecodedFile:
     except ValueError as err:
         return DecodedFile(byte_sha256=byte_sha, reason=str(err))
     # Identity is the decoded full-size pixels, so a PNG and a BMP of one picture match.
-    digest = hashlib.sha256(f"{rgb.width}x{rgb.height}:".encode())
-    digest.update(rgb.tobytes())
-    pixel_sha = digest.hexdigest()
+    pixel_sha = pixels_sha256(rgb.width, rgb.height, rgb.tobytes())
     array = np.asarray(shrink(rgb, short_side), dtype=np.uint8)
     channels = array.reshape(-1, 3)
     histogram = np.stack([np.bincount(channels[:, c], minlength=256) for c in range(3)])
@@ -158,6 +156,7 @@ def decode_file(path: Path, short_side: int, staging_dir: Path) -> DecodedFile:
     return DecodedFile(staging_file=staging_file, offset=offset, shape=array.shape[:2],
                        original_size=rgb.size,
                        pixel_sha256=pixel_sha, byte_sha256=byte_sha,
+                       stored_sha256=stored_pixels_sha256(array),
                        channel_sums=tuple(int(v) for v in histogram @ levels),
                        channel_squares=tuple(int(v) for v in histogram @ levels**2))
 
@@ -207,6 +206,20 @@ def decode_all(paths: Iterable[Path], total: int, short_side: int, staging_dir: 
         except BaseException:
             pool.shutdown(cancel_futures=True)
             raise
+
+
+def pixels_sha256(width: int, height: int, data: bytes | memoryview) -> str:
+    """The SHA-256 (hex) of RGB pixels (``data``, row by row) and of their size."""
+    digest = hashlib.sha256(f"{width}x{height}:".encode())
+    digest.update(data)
+    return digest.hexdigest()
+
+
+def stored_pixels_sha256(pixels: np.ndarray) -> str:
+    """``pixels_sha256`` of uint8 ``(H, W, 3)`` pixels as the store holds them: what the
+    embedding store keys an image's embedding by, computed once here by ``prepare``."""
+    return pixels_sha256(pixels.shape[1], pixels.shape[0],
+                         np.ascontiguousarray(pixels, dtype=np.uint8).data)
 
 
 def split_fraction(seed: int, purpose: str, pixel_sha256: str) -> float:
@@ -358,7 +371,8 @@ def _write_splits(catalog: Catalog, classes: Sequence[str], staging: Path, out: 
             "labels": (np.int64, (n,), _pages(catalog.stored(split, "label"),
                                               value=lambda row: label_of[row[0]])),
             "ids": (f"<U{catalog.longest_id(split)}", (n,), _pages(catalog.stored(split, "id"))),
-            "sha256": ("S64", (n,), _pages(catalog.stored(split, "pixel_sha256")))})
+            "sha256": ("S64", (n,), _pages(catalog.stored(split, "pixel_sha256"))),
+            "stored_sha256": ("S64", (n,), _pages(catalog.stored(split, "stored_sha256")))})
     for source in sources.values():
         source.close()
 
@@ -387,6 +401,7 @@ class ImageStore:
         self.labels: np.ndarray = index.get("labels")
         self.ids: np.ndarray = index.get("ids")
         self._sha256 = index.get("sha256")
+        self._stored_sha256 = index.get("stored_sha256")
         self._offsets = index.get("offsets")
         self._shapes = index.get("shapes")
         # Positional reads, not a memory map: reading every image once must not leave the
@@ -419,6 +434,14 @@ class ImageStore:
         ends = offsets + np.prod(shapes, axis=1) * 3
         return bool(np.all(ends <= size) and np.all(self.labels >= 0) and
                     np.all(self.labels < len(self.classes)))
+
+    def stored_digests(self) -> np.ndarray | None:
+        """Each image's ``stored_pixels_sha256`` (hex, as bytes) as ``prepare`` recorded it, or
+        None for a store without them."""
+        digests = self._stored_sha256
+        if digests is None or digests.shape != self.ids.shape or digests.dtype != "S64":
+            return None
+        return digests
 
     def content_ids(self) -> list[str]:
         """Each image's id from its content (``transfer.curation.content_id``)."""

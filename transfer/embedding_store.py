@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from transfer.artifacts import DAMAGED_ARRAY_FILE, scratch_directory, write_json
+from transfer.data import stored_pixels_sha256
 
 log = logging.getLogger(__name__)
 
@@ -40,9 +41,13 @@ NAME_DIGITS = 16  # hex digits of a shard's or a configuration's hash in its fil
 def pixel_key(pixels: np.ndarray) -> bytes:
     """The store's key for an image: a hash of the exact pixels the network is fed from (as
     stored by ``prepare``, after shrinking) and of their shape."""
-    digest = hashlib.sha256(f"{pixels.shape[1]}x{pixels.shape[0]}:".encode())
-    digest.update(np.ascontiguousarray(pixels, dtype=np.uint8).data)
-    return digest.digest()[:KEY_BYTES]
+    return digest_key(stored_pixels_sha256(pixels).encode())
+
+
+def digest_key(digest: bytes) -> bytes:
+    """The store's key from an image's ``stored_pixels_sha256`` (hex, as bytes), as
+    ``prepare`` records it: ``pixel_key`` without reading the pixels again."""
+    return bytes.fromhex(digest.decode("ascii"))[:KEY_BYTES]
 
 
 def configuration_key(configuration: Mapping[str, Any]) -> str:

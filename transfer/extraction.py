@@ -27,7 +27,7 @@ import torchvision
 from transfer.artifacts import atomic_output, write_npy
 from transfer.backbones import Backbone, embed_batches
 from transfer.data import ImageStore
-from transfer.embedding_store import EmbeddingStore, pixel_key
+from transfer.embedding_store import EmbeddingStore, digest_key, pixel_key
 from transfer.engines import CompiledNetwork
 from transfer.runtime import Runtime
 
@@ -164,7 +164,15 @@ def extract_splits(directory: Path, stores: Mapping[str, ImageStore], extraction
             arrays[k][positions[which == k] - starts[k]] = rows[which == k]
 
     mine = np.array_split(np.arange(len(places)), runtime.world_size)[runtime.rank]
-    keys = {int(p): pixel_key(places[p][0][places[p][1]]) for p in mine}
+    # The keys prepare recorded; a store prepared without them is read and hashed here.
+    digests = {id(image_store): image_store.stored_digests() for image_store in stores.values()}
+
+    def key(place: tuple[ImageStore, int]) -> bytes:
+        image_store, row = place
+        known = digests[id(image_store)]
+        return pixel_key(image_store[row]) if known is None else digest_key(known[row])
+
+    keys = {int(p): key(places[p]) for p in mine}
     missing = set(keys)
     if store is not None:
         wanted: dict[bytes, list[int]] = {}
