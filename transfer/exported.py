@@ -10,8 +10,11 @@ file exactly as they run the pipeline's own models.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
+import logging
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +31,8 @@ from transfer.errors import PipelineError, first_line
 from transfer.inference import Classifier, FinetunedModel
 from transfer.network import FlipAveraged
 from transfer.params import EXPORT_SUFFIXES
+
+log = logging.getLogger(__name__)
 
 METADATA_FILE = "metadata.json"  # its name inside the model file, and beside it in models/export/
 
@@ -122,11 +127,14 @@ def export_model(model: Classifier | FinetunedModel, fmt: str, path: Path) -> di
     text = json.dumps(metadata, sort_keys=True)
     with atomic_output(path) as tmp, torch.inference_mode(False), torch.no_grad():
         if fmt == "torchscript":
-            traced = torch.jit.trace(module, example)
-            # Saved through a buffer: a file's archive takes its (temporary) name, which
-            # would make two exports of one model differ.
-            buffer = io.BytesIO()
-            torch.jit.save(traced, buffer, _extra_files={METADATA_FILE: text})
+            log.warning("PyTorch deprecates TorchScript; the ONNX format (export.format: "
+                        "onnx) is the one to build on")
+            with _torchscript_deprecation_said():
+                traced = torch.jit.trace(module, example)
+                # Saved through a buffer: a file's archive takes its (temporary) name, which
+                # would make two exports of one model differ.
+                buffer = io.BytesIO()
+                torch.jit.save(traced, buffer, _extra_files={METADATA_FILE: text})
             tmp.write_bytes(buffer.getvalue())
         else:
             export_onnx(module, example, tmp, output_name="probabilities",
@@ -209,7 +217,8 @@ def _open_onnx(path: Path) -> tuple[str, Callable[[np.ndarray], np.ndarray]]:
 
 def _open_torchscript(path: Path) -> tuple[str, Callable[[np.ndarray], np.ndarray]]:
     extra = {METADATA_FILE: ""}
-    module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
+    with _torchscript_deprecation_said():
+        module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
     if not extra[METADATA_FILE]:
         raise PipelineError(f"{path}: a TorchScript file without this pipeline's metadata; "
                             "export it with python -m stages.export")
@@ -219,3 +228,11 @@ def _open_torchscript(path: Path) -> tuple[str, Callable[[np.ndarray], np.ndarra
             return module(torch.from_numpy(pixels)).numpy()
 
     return extra[METADATA_FILE], run
+
+
+@contextlib.contextmanager
+def _torchscript_deprecation_said() -> Iterator[None]:
+    """Without PyTorch's FutureWarning per ``torch.jit`` call (one line per export says it)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`torch\.jit\.", category=FutureWarning)
+        yield
