@@ -59,7 +59,7 @@ def test_the_exported_file_predicts_as_the_pipeline_does_from_pixels_alone(train
     assert exported.metadata["resize"]["crop"] == [224, 224]
     assert np.abs(_probabilities(exported, images) - reference).max() < 1e-4
     # The file's own input: uint8 (N, 3, H, W), no float conversion or normalization outside.
-    pixels = exported.pixels(images)
+    [pixels] = exported.pixel_batches(images)
     assert pixels.dtype == np.uint8 and pixels.shape == (3, 3, 224, 224)
     assert np.abs(exported.run(pixels) - reference).max() < 1e-4
 

@@ -22,15 +22,15 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 
 from transfer.artifacts import atomic_output
-from transfer.backbones import Normalized, Preprocessing
+from transfer.backbones import Normalized, Preprocessing, pixel_batches
 from transfer.engines import INPUT_NAME, export_onnx
 from transfer.errors import PipelineError, first_line
 from transfer.inference import Classifier, FinetunedModel
 from transfer.network import FlipAveraged
 from transfer.params import EXPORT_SUFFIXES
+from transfer.runtime import resolve_runtime
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,9 @@ def exportable(model: Classifier | FinetunedModel) -> tuple[torch.nn.Module, dic
         preprocessing, short_side = model.backbone.preprocessing, meta.short_side
         described = {"model": "head", "temperature": model.head.temperature_,
                      "flip_average": meta.flip_average, "backbone": meta.backbone,
-                     "weights": meta.weights, "weights_sha256": meta.weights_sha256}
+                     "weights": meta.weights, "weights_sha256": meta.weights_sha256,
+                     # the head's rows (head_network) are in head.classes_ order
+                     "classes": [model.classes[int(i)] for i in model.head.classes_]}
     else:
         info = model.info
         net, temperature = model.scorer, model.temperature
@@ -102,12 +104,11 @@ def exportable(model: Classifier | FinetunedModel) -> tuple[torch.nn.Module, dic
         described = {"model": "finetune", "temperature": temperature,
                      "flip_average": bool(info.get("flip_average")),
                      "backbone": info["backbone"],
-                     "weights": f"fine-tuned from {info['weights']} ({info['strategy']})"}
-    classes = [model.classes[int(i)] for i in model.head.classes_] \
-        if isinstance(model, Classifier) else list(model.classes)
+                     "weights": f"fine-tuned from {info['weights']} ({info['strategy']})",
+                     "classes": list(model.classes)}
     _, height, width = preprocessing.input_size
     metadata = {
-        **described, "classes": classes,
+        **described,
         "input": f"uint8 (N, 3, {height}, {width}) RGB pixels, resized and centre-cropped as "
                  "'resize' says; the float conversion, normalization, flip averaging and "
                  "temperature are inside",
@@ -161,18 +162,20 @@ class ExportedModel:
     def short_side(self) -> int:
         return int(self.metadata["resize"]["short_side"])
 
-    def pixels(self, images: Sequence[np.ndarray]) -> np.ndarray:
-        """The model's input for ``images`` (already downscaled to ``short_side``): resized,
-        centre-cropped, uint8 ``(N, 3, H, W)``."""
-        transform = self.preprocessing.pixel_transform()
-        return np.stack([transform(Image.fromarray(image)) for image in images]).transpose(
-            0, 3, 1, 2).copy()
+    def pixel_batches(self, images: Sequence[np.ndarray],
+                      batch_size: int = 8) -> Iterator[np.ndarray]:
+        """The model's input for ``images`` (already downscaled to ``short_side``), batch by
+        batch: resized and centre-cropped as the pipeline's own models are fed
+        (``transfer.backbones.pixel_batches``), uint8 ``(N, 3, H, W)``."""
+        runtime = resolve_runtime("cpu")  # the file runs on the CPU (ONNX Runtime or PyTorch)
+        for batch in pixel_batches(images, self.preprocessing, batch_size, runtime, "predict"):
+            yield batch.permute(0, 3, 1, 2).contiguous().numpy()
 
     def predict_proba(self, images: Sequence[np.ndarray],
                       batch_size: int = 8) -> Iterator[np.ndarray]:
         """Class probabilities, batch by batch, columns in the order of ``classes``."""
-        for start in range(0, len(images), batch_size):
-            yield self.run(self.pixels(images[start:start + batch_size])).astype(np.float64)
+        for pixels in self.pixel_batches(images, batch_size):
+            yield self.run(pixels).astype(np.float64)
 
 
 def load_exported(path: str | Path) -> ExportedModel:
