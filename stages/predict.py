@@ -95,14 +95,8 @@ def write_csv(predictions: list[Prediction], out, top_k: int) -> None:
 
 
 def write_json(predictions: list[Prediction], out) -> None:
-    json.dump([{"path": p.path,
-                "prediction": p.label or None,
-                "uncertain": p.uncertain,
-                "unfamiliar": p.unfamiliar,
-                "predictions": [{"class": name, "probability": probability}
-                                for name, probability in p.top],
-                "error": p.error or None} for p in predictions], out, indent=2,
-              ensure_ascii=False)
+    json.dump([{"path": p.path, **p.answer(), "error": p.error or None} for p in predictions],
+              out, indent=2, ensure_ascii=False)
     out.write("\n")
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -38,6 +39,14 @@ class Prediction:
         if self.error:
             return ""
         return UNCERTAIN if self.uncertain else self.top[0][0]
+
+    def answer(self) -> dict[str, Any]:
+        """The answer as JSON gives it (``predict --format json``, ``serve``), without the
+        input's name."""
+        return {"prediction": self.label or None, "uncertain": self.uncertain,
+                "unfamiliar": self.unfamiliar,
+                "predictions": [{"class": name, "probability": probability}
+                                for name, probability in self.top]}
 
 
 def decode_for(predictor: Predictor, data: bytes) -> np.ndarray:

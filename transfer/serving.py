@@ -14,7 +14,6 @@ import threading
 import warnings
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any
 
 import numpy as np
 from flask import Flask, Response, jsonify, request
@@ -65,21 +64,13 @@ def read_upload(predictor: Predictor, name: str, data: bytes, max_pixels: int) -
         raise BadImage(f"{name}: {err}; send a JPEG, PNG, WebP, GIF, BMP or TIFF image") from err
 
 
-def prediction_entry(prediction: Prediction) -> dict[str, Any]:
-    """One file's answer, as ``predict --format json`` gives it (``file`` for ``path``)."""
-    return {"file": prediction.path, "prediction": prediction.label,
-            "uncertain": prediction.uncertain, "unfamiliar": prediction.unfamiliar,
-            "predictions": [{"class": name, "probability": probability}
-                            for name, probability in prediction.top]}
-
-
 def create_app(predictor: Predictor, familiarity: FamiliarityCheck | None = None, *,
                top_k: int = 3, min_confidence: float = 0.0, batch_size: int = 8,
                limits: Limits = Limits()) -> Flask:
     """The service over ``predictor``: its routes, limits and error pages."""
     app = Flask(__name__)
     app.config.update(MAX_CONTENT_LENGTH=limits.max_request_bytes,
-                      MAX_FORM_PARTS=limits.max_files + 8, JSON_SORT_KEYS=False)
+                      MAX_FORM_PARTS=limits.max_files + 8)
     page = resources.files("transfer").joinpath("serve_page.html").read_text(encoding="utf-8")
     # One prediction at a time: the model is compiled on first use and its runtime uses every
     # core for one batch already; uploads are read and decoded in parallel, outside the lock.
@@ -125,7 +116,9 @@ def create_app(predictor: Predictor, familiarity: FamiliarityCheck | None = None
         with model_lock:
             classify(predictor, results, images, top_k, batch_size, min_confidence,
                      familiarity)
-        return jsonify([prediction_entry(result) for result in results])
+        # As predict --format json gives them, ``file`` for ``path`` (no errors: a bad file
+        # fails the whole request).
+        return jsonify([{"file": result.path, **result.answer()} for result in results])
 
     @app.errorhandler(HTTPException)
     def http_error(err: HTTPException) -> tuple[Response, int]:
