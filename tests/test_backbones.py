@@ -8,8 +8,9 @@ import torchvision
 from PIL import Image
 from sklearn.datasets import load_sample_image
 from timm.data import create_transform, resolve_data_config
+from torchvision.transforms import v2
 
-from transfer.backbones import Preprocessing, extract_embeddings, load_backbone
+from transfer.backbones import Preprocessing, ResizeCrop, extract_embeddings, load_backbone
 from transfer.errors import PipelineError
 from transfer.runtime import Runtime
 
@@ -54,6 +55,26 @@ def test_preprocessing_is_exactly_timms_own(backbone, flower):
     torch.testing.assert_close(prep.eval_transform()(flower),
                                create_transform(**config)(flower), atol=1e-6, rtol=0)
     assert Preprocessing.from_dict(prep.to_dict()) == prep
+
+
+@pytest.mark.parametrize("interpolation", ["bicubic", "bilinear", "lanczos", "nearest"])
+def test_resize_crop_gives_torchvisions_resize_and_crop_to_the_byte(interpolation):
+    """The shortcut (a crop without resampling where the size already fits, a resample of the
+    kept box where that is exact, the whole resize otherwise) is torchvision's two steps on a
+    PIL image, byte for byte, on photos' shapes that take each path; arrays in, too."""
+    noise = np.random.default_rng(0).integers(0, 256, (640, 800, 3), dtype=np.uint8)
+    rng = np.random.default_rng(1)
+    shapes = [(250, 250), (250, 333), (333, 250), (256, 256), (256, 400), (8, 8), (246, 527),
+              (1000, 300), (300, 1000), (120, 90), *rng.integers(20, 900, (16, 2)).tolist()]
+    for size, crop in [(256, (224, 224)), (232, (224, 224)), (288, (256, 240)), (96, (112, 112))]:
+        reference = v2.Compose([v2.Resize(size, v2.InterpolationMode(interpolation),
+                                          antialias=True), v2.CenterCrop(crop)])
+        resize_crop = ResizeCrop(size, crop, interpolation)
+        for height, width in shapes:
+            image = Image.fromarray(noise).resize((int(width), int(height)))
+            expected = np.asarray(reference(image))
+            assert np.array_equal(resize_crop(image), expected), (size, crop, height, width)
+            assert np.array_equal(resize_crop(np.asarray(image)), expected), (height, width)
 
 
 def test_extraction_leaves_every_weight_and_buffer_unchanged(backbone):
