@@ -9,20 +9,16 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Any
 
 import numpy as np
-import timm
-import torch
-import torchvision
 
 from transfer.artifacts import save_arrays, write_json
-from transfer.backbones import compile_encoder, load_backbone, resolve_batch_size
 from transfer.data import SPLITS, ImageStore
 from transfer.embedding_store import EmbeddingStore, prune
 from transfer.embeddings import EmbeddingMeta
-from transfer.engines import engine_named
 from transfer.errors import run_stage
-from transfer.extraction import Extraction, extract_splits, shared_output
+from transfer.extraction import extract_splits, shared_output
 from transfer.layout import (
     EMBEDDING_STORE,
     EMBEDDINGS_DIR,
@@ -32,13 +28,39 @@ from transfer.layout import (
     shared_by_experiments,
 )
 from transfer.params import load_params
-from transfer.runtime import end_process_group, resolve_runtime, set_determinism
+from transfer.warm import warm_extraction, write_record
 
 log = logging.getLogger(__name__)
 
 
 def main() -> None:
     params = load_params(PARAMS).backbone
+    store_root = shared_by_experiments(EMBEDDING_STORE)
+    warm = warm_extraction(params, store_root, ONNX_CACHE) if params.store_max_gb > 0 else None
+    if warm is None:
+        extract_with_torch(params, store_root)
+        return
+    log.info("%s: the backbone as the last run resolved it (its weights and ONNX graph "
+             "unchanged): not loaded", params.name)
+    stores = _prepared()
+    _check_short_side(stores, warm.meta["preprocessing"]["resize_size"])
+    extract(warm, stores, params, store_root)
+
+
+def _prepared() -> dict[str, ImageStore]:
+    return {split: ImageStore(PREPARED_DIR, split) for split in SPLITS}
+
+
+def extract_with_torch(params: Any, store_root) -> None:
+    """Load the backbone with PyTorch and extract; leave a record for the next run where it
+    ran with ONNX Runtime (``transfer.warm``)."""
+    import torch
+
+    from transfer.backbones import compile_encoder, load_backbone, resolve_batch_size
+    from transfer.engines import engine_named
+    from transfer.extraction import Extraction
+    from transfer.runtime import end_process_group, resolve_runtime, set_determinism
+
     set_determinism(params.deterministic)
     backbone = load_backbone(params.name, params.weights)
     backbone.preprocessing = backbone.preprocessing.with_normalization(
@@ -46,17 +68,35 @@ def main() -> None:
     runtime = resolve_runtime("auto", params.precision, key="backbone.precision",
                               distributed=True)
     batch_size = resolve_batch_size(backbone, params.batch_size, runtime)
-    stores = {split: ImageStore(PREPARED_DIR, split) for split in SPLITS}
-    short_side = stores["train"].meta["short_side"]
-    if short_side < backbone.preprocessing.resize_size and runtime.is_main:
-        log.warning("data.short_side=%d is below the %d pixels this backbone resizes to: "
-                    "larger images were stored smaller than it could use", short_side,
-                    backbone.preprocessing.resize_size)
+    stores = _prepared()
+    if runtime.is_main:
+        _check_short_side(stores, backbone.preprocessing.resize_size)
     encoder = compile_encoder(backbone, engine_named(params.engine, ONNX_CACHE, "backbone.engine"),
                               runtime)
     extraction = Extraction(backbone, encoder, runtime, batch_size, params.flip_average)
-    store_root = shared_by_experiments(EMBEDDING_STORE)
-    store = EmbeddingStore(store_root, extraction.configuration(), backbone.num_features) \
+    extract(extraction, stores, params, store_root)
+    if (params.store_max_gb > 0 and runtime.world_size == 1 and encoder.graph_sha256
+            and backbone.weights_file is not None):
+        write_record(store_root, params, configuration=extraction.configuration(),
+                     meta=extraction.meta_fields(), weights_file=backbone.weights_file,
+                     graph_sha256=encoder.graph_sha256, batch_size=batch_size,
+                     threads=torch.get_num_threads())
+    end_process_group(runtime)
+
+
+def _check_short_side(stores: dict[str, ImageStore], resize_size: int) -> None:
+    short_side = stores["train"].meta["short_side"]
+    if short_side < resize_size:
+        log.warning("data.short_side=%d is below the %d pixels this backbone resizes to: "
+                    "larger images were stored smaller than it could use", short_side,
+                    resize_size)
+
+
+def extract(extraction: Any, stores: dict[str, ImageStore], params: Any, store_root) -> None:
+    """Write the embeddings of every split, their index and meta (``extraction``: with
+    PyTorch, ``transfer.extraction.Extraction``, or without, ``transfer.warm``)."""
+    runtime = extraction.runtime
+    store = EmbeddingStore(store_root, extraction.configuration(), extraction.dim) \
         if params.store_max_gb > 0 else None
     started = time.perf_counter()
     with shared_output(EMBEDDINGS_DIR, runtime) as tmp:
@@ -65,35 +105,30 @@ def main() -> None:
             save_arrays(tmp / "index.npz", **{
                 f"{split}_{kind}": getattr(image_store, kind)
                 for split, image_store in stores.items() for kind in ("labels", "ids")})
+            fields = extraction.meta_fields()
             meta = EmbeddingMeta(
-                backbone=backbone.name, weights=backbone.weights_id,
-                weights_sha256=backbone.weights_sha256,
-                preprocessing=backbone.preprocessing.to_dict(), dim=backbone.num_features,
-                dtype=str(np.dtype(params.embedding_dtype)), classes=stores["train"].classes,
+                backbone=fields["backbone"], weights=fields["weights"],
+                weights_sha256=fields["weights_sha256"], preprocessing=fields["preprocessing"],
+                dim=fields["dim"], dtype=str(np.dtype(params.embedding_dtype)),
+                classes=stores["train"].classes,
                 count={split: len(image_store) for split, image_store in stores.items()},
-                flip_average=params.flip_average, precision=runtime.precision,
-                engine=encoder.engine, short_side=short_side,
-                versions={"timm": timm.__version__, "torch": torch.__version__,
-                          "torchvision": torchvision.__version__, **encoder.versions})
+                flip_average=fields["flip_average"], precision=fields["precision"],
+                engine=fields["engine"], short_side=stores["train"].meta["short_side"],
+                versions=fields["versions"])
             write_json(tmp / "meta.json", meta.to_dict())
     seconds = time.perf_counter() - started
     if runtime.is_main:
         if store is not None:
             prune(store_root, int(params.store_max_gb * 1e9))
-        _log_speed(done, seconds, backbone, runtime, encoder.engine, batch_size)
-    end_process_group(runtime)
-
-
-def _log_speed(done: dict[str, int], seconds: float, backbone, runtime, engine: str,
-               batch_size: int) -> None:
-    # Timings are logged, not written: every output of this stage is deterministic and
-    # DVC-cached, so a teammate's pushed run cache can restore it (DVC cannot restore runs
-    # with uncached outputs from a remote).
-    log.info("embedded %d images (%d more from the embedding store) with %s (%d-d) in %.1fs, "
-             "%.1f images/s on %s x %d process(es) with %s (batch %d)", done["embedded"],
-             done["reused"], backbone.name, backbone.num_features, seconds,
-             done["embedded"] / seconds, runtime.device.type, runtime.world_size, engine,
-             batch_size)
+        # Timings are logged, not written: every output of this stage is deterministic and
+        # DVC-cached, so a teammate's pushed run cache can restore it (DVC cannot restore runs
+        # with uncached outputs from a remote).
+        device = getattr(runtime, "device_type", None) or runtime.device.type
+        log.info("embedded %d images (%d more from the embedding store) with %s (%d-d) in "
+                 "%.1fs, %.1f images/s on %s x %d process(es) with %s (batch %d)",
+                 done["embedded"], done["reused"], extraction.name, extraction.dim, seconds,
+                 done["embedded"] / seconds, device, runtime.world_size, extraction.engine,
+                 extraction.batch_size)
 
 
 if __name__ == "__main__":

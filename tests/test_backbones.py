@@ -10,8 +10,9 @@ from sklearn.datasets import load_sample_image
 from timm.data import create_transform, resolve_data_config
 from torchvision.transforms import v2
 
-from transfer.backbones import Preprocessing, ResizeCrop, extract_embeddings, load_backbone
+from transfer.backbones import Preprocessing, extract_embeddings, load_backbone
 from transfer.errors import PipelineError
+from transfer.pixels import ResizeCrop
 from transfer.runtime import Runtime
 
 IMAGENET_DAISY = 985
@@ -228,7 +229,7 @@ def test_a_pickled_weights_file_is_refused_without_suggesting_to_unpickle_it(tmp
 
 
 def test_read_ahead_keeps_the_order_and_raises_what_its_thread_raised():
-    from transfer.backbones import read_ahead
+    from transfer.pixels import read_ahead
 
     assert list(read_ahead(iter(range(100)), depth=2)) == list(range(100))
 
@@ -245,7 +246,7 @@ def test_read_ahead_keeps_the_order_and_raises_what_its_thread_raised():
 def test_read_ahead_stops_its_thread_when_the_caller_stops():
     import threading
 
-    from transfer.backbones import read_ahead
+    from transfer.pixels import read_ahead
 
     made = []
 

@@ -30,7 +30,7 @@ def shards(root: Path) -> list[Path]:
 
 def every_shard_sound(root: Path) -> bool:
     """Whether each shard in the store reads back whole and of its own configuration."""
-    [folder] = (root / "cache" / "embeddings").iterdir()
+    [folder] = [f for f in (root / "cache" / "embeddings").iterdir() if f.name != "warm"]
     store = EmbeddingStore.__new__(EmbeddingStore)
     store.key = yaml.safe_load((folder / "config.json").read_text())["key"]
     store.folder, store.dim = folder, 1280
@@ -194,3 +194,81 @@ def test_torchrun_with_two_processes_writes_the_same_files(project):
     finished(start_extraction(project, "-m", "torch.distributed.run", "--standalone",
                               "--nproc_per_node=2"))
     assert cache_files(project) == reference
+
+
+WITHOUT_TORCH = ("import logging; logging.basicConfig(level=logging.INFO); "
+                 "from stages import extract; extract.main(); import sys; "
+                 "print('imported:', [m for m in ('torch', 'timm', 'torchvision') "
+                 "if m in sys.modules])")
+
+
+def run_extract_reporting_imports(root: Path) -> str:
+    done = subprocess.run([sys.executable, "-c", WITHOUT_TORCH], cwd=root,
+                          env=stage_environment(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout + done.stderr
+
+
+def test_a_run_after_one_with_pytorch_loads_no_network_and_writes_the_same_files(project):
+    reference = cache_files(project)
+    shutil.rmtree(project / "cache" / "embeddings" / "warm")
+    first = run_extract_reporting_imports(project)  # with PyTorch: it leaves the record
+    assert "imported: ['torch', 'timm', 'torchvision']" in first
+    assert len(list((project / "cache" / "embeddings" / "warm").glob("*.json"))) >= 1
+    second = run_extract_reporting_imports(project)
+    assert "imported: []" in second and "not loaded" in second
+    assert "embedded 0 images (30 more from the embedding store)" in second
+    assert cache_files(project) == reference
+    # New images, embedded by ONNX Runtime over the cached graph, still without torch: the
+    # same files as an extraction with PyTorch and no store.
+    add_images(project, 4)
+    prepare.main()
+    third = run_extract_reporting_imports(project)
+    assert "imported: []" in third and "embedded 4 images (30 more" in third
+    incremental = cache_files(project)
+    set_backbone(project, store_max_gb=0)
+    extract.main()
+    assert cache_files(project) == incremental
+
+
+def test_flip_averaged_rows_embedded_without_torch_equal_those_with_it(project, caplog):
+    set_backbone(project, flip_average=True)
+    extract.main()  # new parameters: PyTorch loads the backbone, and records it
+    with_torch = cache_files(project)
+    for folder in (project / "cache" / "embeddings").iterdir():
+        if folder.name != "warm":
+            shutil.rmtree(folder)  # every row must be embedded again
+    with caplog.at_level(logging.INFO, "stages.extract"):
+        extract.main()
+    assert "not loaded" in caplog.text and "embedded 30 images (0 more" in caplog.text
+    assert cache_files(project) == with_torch
+
+
+@pytest.mark.parametrize("damage", ["weights changed", "graph gone", "graph damaged",
+                                    "record damaged"])
+def test_a_record_that_no_longer_holds_is_not_used(project, caplog, damage):
+    reference = cache_files(project)
+    extract.main()
+    [record] = (project / "cache" / "embeddings" / "warm").glob("*.json")
+    if damage == "weights changed":
+        text = record.read_text()
+        sha = yaml.safe_load(text)["weights_sha256"]
+        record.write_text(text.replace(sha, "0" * 64))
+    elif damage == "graph gone":
+        for graph in (project / "cache" / "onnx").glob("*.onnx"):
+            graph.unlink()
+    elif damage == "graph damaged":
+        for graph in (project / "cache" / "onnx").glob("*.onnx"):
+            data = bytearray(graph.read_bytes())
+            data[len(data) // 2] ^= 0xFF
+            graph.write_bytes(bytes(data))
+    else:
+        record.write_text(record.read_text()[:40])
+    for folder in (project / "cache" / "embeddings").iterdir():
+        if folder.name != "warm":
+            shutil.rmtree(folder)
+    with caplog.at_level(logging.INFO, "stages.extract"):
+        extract.main()
+    assert "not loaded" not in caplog.text and "embedded 30 images (0 more" in caplog.text
+    assert cache_files(project) == reference
+    assert yaml.safe_load(record.read_text())["weights_sha256"] != "0" * 64  # written again

@@ -10,17 +10,14 @@ embeddings so that every later stage feeds the network exactly what it was train
 from __future__ import annotations
 
 import difflib
-import hashlib
 import logging
 import math
 import pickle
-import queue
 import re
-import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 import timm
@@ -29,9 +26,11 @@ from PIL import Image
 from torchvision.transforms import v2
 from tqdm import tqdm
 
+from transfer.artifacts import sha256_file
 from transfer.embeddings import EmbeddingMeta
 from transfer.engines import CompiledNetwork, Engine, TorchEngine
 from transfer.errors import PipelineError, first_line
+from transfer.pixels import ResizeCrop, read_ahead
 from transfer.runtime import Runtime, resolve_runtime
 
 log = logging.getLogger(__name__)
@@ -139,100 +138,6 @@ class Preprocessing:
         ])
 
 
-@dataclass(frozen=True)
-class ResizeCrop:
-    """Resize the shorter side to ``size`` with ``interpolation``, then centre-crop to ``crop``
-    (height, width): the bytes torchvision's ``Resize(size, antialias=True)`` and
-    ``CenterCrop(crop)`` give on a PIL image, with less work.
-
-    Where the image already has the resized size (photos ``prepare`` stored at the
-    backbone's size), it is only cropped, without a copy. Otherwise PIL resamples only the
-    rows and columns the crop keeps (``Image.resize``'s ``box``), along each axis whose scale
-    (input size / resized size) is a fraction with a power-of-two denominator, such as
-    250 / 256: there every sampling position and filter weight is the same double as in the
-    whole resize, so the pixels are the same to the byte (tested). Along other axes the
-    whole axis is resampled and then cropped, as torchvision does; and so is the whole image
-    where Pillow would run its two passes in another order for the box than for the whole
-    resize. On monkeys10's 250-pixel photos this resizes 1.3x faster, which is what lets
-    extraction keep up with ONNX Runtime on 2 cores (docs/engines.md).
-    """
-
-    size: int
-    crop: tuple[int, int]
-    interpolation: str
-
-    def resized_shape(self, height: int, width: int) -> tuple[int, int]:
-        """The (height, width) that ``Resize(size)`` gives an image of that size."""
-        if width <= height:
-            return int(self.size * height / width), self.size
-        return self.size, int(self.size * width / height)
-
-    def __call__(self, image: Image.Image | np.ndarray) -> np.ndarray:
-        pixels = image if isinstance(image, np.ndarray) else None
-        height, width = pixels.shape[:2] if pixels is not None else image.size[::-1]
-        new_height, new_width = self.resized_shape(height, width)
-        crop_height, crop_width = self.crop
-        if crop_height > new_height or crop_width > new_width:  # torchvision pads: rare
-            return self._torchvision(image)
-        top = int(round((new_height - crop_height) / 2.0))
-        left = int(round((new_width - crop_width) / 2.0))
-        if (new_height, new_width) != (height, width):
-            if pixels is not None:
-                image = Image.fromarray(pixels)
-            x0, x1, width_out, x_start = _axis_box(width, new_width, left, crop_width)
-            y0, y1, height_out, y_start = _axis_box(height, new_height, top, crop_height)
-            box = (x0, y0, x1, y1)
-            if (_horizontal_first(width, height, width_out, height_out)
-                    != _horizontal_first(width, height, new_width, new_height)):
-                # The two resizes would run PIL's passes in different orders: the whole one
-                box, width_out, height_out = None, new_width, new_height
-            else:
-                top, left = y_start, x_start
-            image = image.resize((width_out, height_out), _pil_filter(self.interpolation),
-                                 box=box)
-            pixels = None
-        if pixels is None:
-            pixels = np.asarray(image)
-        return pixels[top:top + crop_height, left:left + crop_width]
-
-    def _torchvision(self, image: Image.Image | np.ndarray) -> np.ndarray:
-        if isinstance(image, np.ndarray):
-            image = Image.fromarray(image)
-        steps = v2.Compose([v2.Resize(self.size, antialias=True,
-                                      interpolation=v2.InterpolationMode(self.interpolation)),
-                            v2.CenterCrop(self.crop)])
-        return np.asarray(steps(image))
-
-
-def _axis_box(size: int, new_size: int, start: int, length: int) -> tuple[float, float, int,
-                                                                          int]:
-    """One axis of ``ResizeCrop``'s resample box: the source range, the size PIL resamples it
-    to, and where the crop then starts in that. Only the kept part when the scale is exact in
-    binary (so the sampling positions are the same doubles as in the whole resize), else the
-    whole axis."""
-    denominator = new_size // math.gcd(size, new_size)
-    if size == new_size or denominator & (denominator - 1):
-        return 0.0, float(size), new_size, start
-    scale = size / new_size
-    return start * scale, (start + length) * scale, length, 0
-
-
-def _horizontal_first(width: int, height: int, width_out: int, height_out: int) -> bool:
-    """Whether Pillow resamples along rows before columns when resizing ``(width, height)``
-    to ``(width_out, height_out)``: older releases always do; Pillow 13 does unless the height
-    shrinks by more than twice what the width does (its ``ImagingResampleInner``). The
-    passes round to bytes in between, so the order shows in the pixels; ``ResizeCrop`` uses
-    a box only where both rules give its resize the order of the whole one."""
-    shrink = height - height_out
-    return not (shrink > 0 and shrink > (width - width_out) * 2)
-
-
-def _pil_filter(interpolation: str) -> int:
-    from torchvision.transforms.functional import pil_modes_mapping
-
-    return pil_modes_mapping[v2.InterpolationMode(interpolation)]
-
-
 def channels_first(pixels: np.ndarray) -> torch.Tensor:
     """uint8 ``(H, W, 3)`` pixels as a ``(3, H, W)`` tensor (a copy: the pixels may be
     read-only), what ``v2.PILToTensor`` gives for the same image."""
@@ -289,6 +194,8 @@ class Backbone:
     preprocessing: Preprocessing
     # The source task's class names, one per classifier row (ImageNet: "tench, Tinca tinca").
     source_labels: list[str] | None = None
+    # The file the weights came from, where ``weights_sha256`` is its hash.
+    weights_file: Path | None = None
 
     def to(self, device: torch.device) -> Backbone:
         """Move to ``device`` in channels-last layout (about twice the CPU speed for convnets)."""
@@ -335,6 +242,7 @@ def weights_argument(weights_id: str) -> str | None:
 
 def _load_timm(name: str, weights: str | None, pretrained: bool = True) -> Backbone:
     _check_name(name, timm.list_models(), "timm model", "timm.list_models()")
+    path = None
     if not pretrained:
         model = timm.create_model(name, pretrained=False)
         weights_id, sha = RANDOM_INIT, None
@@ -356,7 +264,7 @@ def _load_timm(name: str, weights: str | None, pretrained: bool = True) -> Backb
     preprocessing = Preprocessing.from_timm(resolve_data_config({}, model=model))
     features = int(getattr(model, "head_hidden_size", None) or model.num_features)
     return Backbone(name, _TimmPreLogits(model), model.get_classifier(), features, weights_id,
-                    sha, preprocessing, _timm_source_labels(model))
+                    sha, preprocessing, _timm_source_labels(model), path if sha else None)
 
 
 def _timm_source_labels(model: torch.nn.Module) -> list[str] | None:
@@ -379,6 +287,7 @@ def _load_torchvision(arch: str, weights: str | None, pretrained: bool = True) -
     model = torchvision.models.get_model(arch, weights=None)
     enum = torchvision.models.get_model_weights(arch)
     names = list(enum.__members__)
+    path = None
     if not pretrained:
         chosen = enum["DEFAULT"]  # the architecture's reference preprocessing
         weights_id, sha = RANDOM_INIT, None
@@ -399,7 +308,7 @@ def _load_torchvision(arch: str, weights: str | None, pretrained: bool = True) -
     _replace_module(model, classifier_name, torch.nn.Identity())
     return Backbone(f"{TORCHVISION_PREFIX}{arch}", model, classifier, classifier.in_features,
                     weights_id, sha, Preprocessing.from_torchvision(chosen),
-                    list(chosen.meta.get("categories") or []) or None)
+                    list(chosen.meta.get("categories") or []) or None, path if sha else None)
 
 
 def _torchvision_state_dict(weights: Any) -> tuple[dict[str, torch.Tensor], Path]:
@@ -512,14 +421,6 @@ def _load_in_order(model: torch.nn.Module, source: dict[str, torch.Tensor]) -> N
     model.load_state_dict(target, strict=True)
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 class PreprocessedImages(torch.utils.data.Dataset):
     """Arrays of RGB uint8 pixels, turned into network input (or pixels for it) by
     ``transform``."""
@@ -591,51 +492,6 @@ def pixel_batches(images: Sequence[np.ndarray], preprocessing: Preprocessing, ba
         for batch in batches:
             yield batch
             progress.update(len(batch))
-
-
-T = TypeVar("T")
-
-
-def read_ahead(items: Iterable[T], depth: int = 2) -> Iterator[T]:
-    """``items`` in their order, up to ``depth`` of them made ahead by a background thread
-    while the caller works. An exception in the thread is raised here; when the caller stops
-    early, the thread stops after the item it is making. Only for work that draws no random
-    numbers: the thread's draws would interleave with the caller's."""
-    made: queue.Queue = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-    end = object()
-
-    def put(entry: tuple[Any, BaseException | None]) -> bool:
-        while not stop.is_set():
-            try:
-                made.put(entry, timeout=0.1)
-                return True
-            except queue.Full:
-                pass
-        return False
-
-    def make() -> None:
-        try:
-            for item in items:
-                if not put((item, None)):
-                    return
-            put((end, None))
-        except BaseException as err:  # handed to the caller, raised there
-            put((end, err))
-
-    thread = threading.Thread(target=make, name="read-ahead", daemon=True)
-    thread.start()
-    try:
-        while True:
-            item, err = made.get()
-            if item is end:
-                if err is not None:
-                    raise err
-                return
-            yield item
-    finally:
-        stop.set()
-        thread.join()
 
 
 def embed_batches(encoder: CompiledNetwork, images: Sequence[np.ndarray],

@@ -35,6 +35,7 @@ import torch
 from transfer.artifacts import scratch_directory
 from transfer.errors import PipelineError, first_line
 from transfer.runtime import Runtime
+from transfer.warm import onnxruntime_session
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,8 @@ class CompiledNetwork:
     # Whether an image's output is the same whatever the size of its batch and the number of
     # threads (ONNX Runtime on CPU); PyTorch's differ by ~1e-6 (transfer/extraction.py).
     batch_invariant: bool = False
+    # ONNX Runtime: the SHA-256 of the graph it runs (what ``transfer.warm`` finds it by).
+    graph_sha256: str | None = None
 
     def __call__(self, batch: torch.Tensor) -> np.ndarray:
         return self.run(batch)
@@ -142,14 +145,9 @@ class OnnxRuntimeEngine(Engine):
 
         if self.cache_dir is None:
             raise ValueError("the onnxruntime engine needs a folder to cache its graphs in")
-        options = onnxruntime.SessionOptions()
-        options.intra_op_num_threads = torch.get_num_threads()
-        options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
-            session = onnxruntime.InferenceSession(
-                cached_graph(network, input_shape, self.cache_dir, label), options,
-                providers=["CPUExecutionProvider"])
+            graph = cached_graph(network, input_shape, self.cache_dir, label)
+            session = onnxruntime_session(graph, torch.get_num_threads())
         except Exception as err:  # exporter and runtime raise many types; each means the same
             why = re.sub(r"\x1b\[[0-9;]*m", "", first_line(err))  # the exporter's colours
             reason = (f"{label} does not export to ONNX or load in ONNX Runtime "
@@ -164,7 +162,8 @@ class OnnxRuntimeEngine(Engine):
             return outputs
 
         return CompiledNetwork(self.name, run, {"onnxruntime": onnxruntime.__version__},
-                               read_ahead=True, batch_invariant=True)
+                               read_ahead=True, batch_invariant=True,
+                               graph_sha256=hashlib.sha256(graph).hexdigest())
 
 
 # The registry: auto takes the first engine, in this order, that can run here.

@@ -13,23 +13,22 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import platform
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-import torch.distributed as dist
-import torchvision
 
 from transfer.artifacts import atomic_output, write_npy
-from transfer.backbones import Backbone, embed_batches
 from transfer.data import ImageStore
 from transfer.embedding_store import EmbeddingStore, digest_key, pixel_key
-from transfer.engines import CompiledNetwork
-from transfer.runtime import Runtime
+from transfer.warm import SingleProcess, WarmExtraction, cpu_model
+
+if TYPE_CHECKING:  # torch is imported where a network runs, not to assemble rows
+    from transfer.backbones import Backbone
+    from transfer.engines import CompiledNetwork
+    from transfer.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
@@ -46,11 +45,35 @@ class Extraction:
     batch_size: int
     flip_average: bool
 
+    @property
+    def dim(self) -> int:
+        return self.backbone.num_features
+
+    @property
+    def name(self) -> str:
+        return self.backbone.name
+
+    @property
+    def engine(self) -> str:
+        return self.encoder.engine
+
+    def versions(self) -> dict[str, str]:
+        """The versions of the libraries that shape the rows, as the embedding meta names
+        them."""
+        import PIL
+        import timm
+        import torch
+        import torchvision
+
+        return {"timm": timm.__version__, "torch": torch.__version__,
+                "torchvision": torchvision.__version__, **self.encoder.versions,
+                "pillow": PIL.__version__}
+
     def configuration(self) -> dict[str, Any]:
         """Everything a row depends on besides the image's pixels: the store's key. The
         embedding dtype is not in it: the store keeps float32 rows, and a split file's rows
         are those cast to its dtype, the same cast from scratch or from the store."""
-        import timm
+        import torch
 
         preprocessing = self.backbone.preprocessing
         configuration = {
@@ -59,14 +82,25 @@ class Extraction:
             "preprocessing": preprocessing.to_dict(), "dim": self.backbone.num_features,
             "precision": self.runtime.precision, "flip_average": self.flip_average,
             "engine": self.encoder.engine, "device": device_model(self.runtime),
-            "versions": {"timm": timm.__version__, "torch": torch.__version__,
-                         "torchvision": torchvision.__version__, **self.encoder.versions}}
+            "versions": self.versions()}
         if not self.encoder.batch_invariant:
             configuration.update(batch_size=self.batch_size, threads=torch.get_num_threads())
         return configuration
 
+    def meta_fields(self) -> dict[str, Any]:
+        """The embedding meta's fields that come from the network and how it ran."""
+        return {"backbone": self.backbone.name, "weights": self.backbone.weights_id,
+                "weights_sha256": self.backbone.weights_sha256,
+                "preprocessing": self.backbone.preprocessing.to_dict(),
+                "dim": self.backbone.num_features, "flip_average": self.flip_average,
+                "precision": self.runtime.precision, "engine": self.encoder.engine,
+                "versions": {key: value for key, value in self.versions().items()
+                             if key != "pillow"}}
+
     def embed(self, images: Sequence[np.ndarray], desc: str) -> Iterator[np.ndarray]:
         """Float32 rows of ``images``, a full batch at a time (the last one cut to size)."""
+        from transfer.backbones import embed_batches
+
         padded = _Padded(images, self.batch_size)
         left = len(images)
         for rows in embed_batches(self.encoder, padded, self.backbone.preprocessing,
@@ -81,12 +115,10 @@ def device_model(runtime: Runtime) -> str:
     set, and so may the last bits of a row, so a store shared by different machines keeps
     their rows apart."""
     if runtime.is_cuda:
+        import torch
+
         return f"cuda {torch.cuda.get_device_name(runtime.device)}"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"cpu {line.partition(':')[2].strip()}"
-    return f"cpu {platform.machine()} {platform.processor()}".strip()
+    return cpu_model()
 
 
 class _Padded(Sequence):
@@ -118,7 +150,7 @@ class _Rows(Sequence):
 
 
 @contextlib.contextmanager
-def shared_output(path: Path, runtime: Runtime) -> Iterator[Path]:
+def shared_output(path: Path, runtime: Runtime | SingleProcess) -> Iterator[Path]:
     """``transfer.artifacts.atomic_output`` for every process of the group: the main process
     makes the temporary folder and moves it into place when the block ends (after the other
     processes have ended theirs); the others write into it."""
@@ -127,6 +159,8 @@ def shared_output(path: Path, runtime: Runtime) -> Iterator[Path]:
             tmp.mkdir()
             yield tmp
         return
+    import torch.distributed as dist
+
     if runtime.is_main:
         with atomic_output(path) as tmp:
             tmp.mkdir()
@@ -140,13 +174,14 @@ def shared_output(path: Path, runtime: Runtime) -> Iterator[Path]:
     dist.barrier()
 
 
-def extract_splits(directory: Path, stores: Mapping[str, ImageStore], extraction: Extraction,
-                   dtype: str, store: EmbeddingStore | None) -> dict[str, int]:
+def extract_splits(directory: Path, stores: Mapping[str, ImageStore],
+                   extraction: Extraction | WarmExtraction, dtype: str,
+                   store: EmbeddingStore | None) -> dict[str, int]:
     """Write ``<split>.npy`` for each of ``stores`` into ``directory`` (a folder every process
     of the runtime's group sees): rows from ``store`` where it has them, the others embedded
     and added to it. Each process takes its share of the rows; the result is the same for any
     number of processes. Returns how many rows were ``reused`` and ``embedded``, over all."""
-    runtime, dim = extraction.runtime, extraction.backbone.num_features
+    runtime, dim = extraction.runtime, extraction.dim
     places = [(image_store, row) for image_store in stores.values()
               for row in range(len(image_store))]
     starts = np.cumsum([0, *(len(s) for s in stores.values())])
@@ -212,15 +247,19 @@ def _allocate_npy(path: Path, dtype: str, shape: tuple[int, int]) -> None:
         f.truncate(f.tell() + int(np.prod(shape)) * np.dtype(dtype).itemsize)
 
 
-def _gathered(items: list, runtime: Runtime) -> list:
+def _gathered(items: list, runtime: Runtime | SingleProcess) -> list:
     """``items`` of every process of the group, concatenated."""
     if runtime.world_size == 1:
         return items
+    import torch.distributed as dist
+
     everyone: list[list | None] = [None] * runtime.world_size
     dist.all_gather_object(everyone, items)
     return [item for part in everyone for item in part]
 
 
-def _barrier(runtime: Runtime) -> None:
+def _barrier(runtime: Runtime | SingleProcess) -> None:
     if runtime.world_size > 1:
+        import torch.distributed as dist
+
         dist.barrier()

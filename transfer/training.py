@@ -31,8 +31,8 @@ from PIL import Image
 from torchvision.transforms import v2
 from tqdm import tqdm
 
-from transfer.artifacts import atomic_output, write_json
-from transfer.backbones import PreprocessedImages, Preprocessing, compile_on_pixels, sha256_file
+from transfer.artifacts import atomic_output, sha256_file, write_json
+from transfer.backbones import PreprocessedImages, Preprocessing, compile_on_pixels
 from transfer.calibration import calibrate, report
 from transfer.data import ImageStore
 from transfer.embeddings import EmbeddingMeta

@@ -1,0 +1,203 @@
+"""Extraction without PyTorch, where nothing about the network is new since the last run.
+
+A run of ``extract`` that loaded the backbone with PyTorch and ran it with ONNX Runtime leaves
+a record in the embedding store (``<store>/warm/<key>.json``): what it resolved the backbone
+parameters to (the weights file and its SHA-256, the preprocessing, the store's configuration,
+the embedding meta's fields) and the SHA-256 of the ONNX graph it ran. The next run with the
+same parameters, the same library versions and the same processor finds the record, checks
+that the weights file and the graph still have those bytes, and then neither imports torch,
+timm and torchvision (3.5 s here) nor loads the backbone: rows come from the store, and the
+images it lacks are resized with ``transfer.pixels`` and embedded by ONNX Runtime over the
+cached graph. The files are the same bytes as a run with PyTorch would write (tested).
+
+Anything that does not match (no record, a damaged one, other versions, changed weights, a
+missing or damaged graph, several processes under ``torchrun``) sends the stage the usual way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.metadata
+import json
+import logging
+import os
+import platform
+import sys
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from transfer.artifacts import sha256_file, write_json
+from transfer.pixels import ResizeCrop, pixel_arrays
+
+log = logging.getLogger(__name__)
+
+RECORDS = "warm"  # the records' folder in the embedding store
+INPUT_NAME = "images"  # the graph's input (transfer.engines.INPUT_NAME)
+# Libraries whose versions can change what the stage writes: checked without importing them.
+PACKAGES = ("torch", "timm", "torchvision", "onnxruntime", "onnx", "onnxscript", "numpy",
+            "pillow")
+
+
+@dataclass(frozen=True)
+class SingleProcess:
+    """The runtime of a warm run: one process, on the CPU (``transfer.runtime.Runtime``'s
+    place in a process group, without torch)."""
+
+    rank: int = 0
+    world_size: int = 1
+    device_type: str = "cpu"
+
+    @property
+    def is_main(self) -> bool:
+        return True
+
+
+def installed_versions() -> dict[str, str]:
+    """The installed versions of ``PACKAGES`` (from their metadata: no import)."""
+    versions = {}
+    for package in PACKAGES:
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            versions[package] = "not installed"
+    return versions
+
+
+def cpu_model() -> str:
+    """The CPU's model name: kernels, and so the last bits of a row, may differ by model."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"cpu {line.partition(':')[2].strip()}"
+    return f"cpu {platform.machine()} {platform.processor()}".strip()
+
+
+def record_key(params: Any) -> str:
+    """What a record is found by: the backbone parameters that shape the embeddings, the
+    libraries' versions, the processor, whether a GPU is visible (``auto`` would use it) and
+    the thread count (a record is written only for an engine whose rows do not depend on it,
+    but the engine's choice might)."""
+    chosen = {name: value for name, value in asdict(params).items()
+              if name not in ("store_max_gb", "embedding_dtype")}
+    return hashlib.sha256(json.dumps({
+        "params": chosen, "versions": installed_versions(), "cpu": cpu_model(),
+        "gpu": any(Path("/dev").glob("nvidia[0-9]*")),
+        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+        "threads": os.environ.get("OMP_NUM_THREADS"), "python": sys.version,
+    }, sort_keys=True, default=list).encode()).hexdigest()
+
+
+def write_record(store_root: Path, params: Any, *, configuration: dict[str, Any],
+                 meta: dict[str, Any], weights_file: Path, graph_sha256: str,
+                 batch_size: int, threads: int) -> None:
+    """Record what a run with PyTorch resolved ``params`` to, for the next run: the ONNX
+    Runtime graph that ran (its SHA-256), with ``threads`` threads, batches of
+    ``batch_size``."""
+    write_json(store_root / RECORDS / f"{record_key(params)}.json", {
+        "configuration": configuration, "meta": meta,
+        "weights_file": str(weights_file.resolve()), "weights_sha256": meta["weights_sha256"],
+        "graph_sha256": graph_sha256, "batch_size": batch_size, "threads": threads})
+
+
+@dataclass
+class WarmExtraction:
+    """``transfer.extraction.Extraction`` from a record: the same rows, through ONNX Runtime
+    over the cached graph, without torch."""
+
+    configuration_: dict[str, Any]
+    meta: dict[str, Any]
+    graph: bytes  # the ONNX graph, its SHA-256 checked against the record's
+    batch_size: int
+    flip_average: bool
+    threads: int
+    runtime: SingleProcess = SingleProcess()
+    _session: Any = None
+
+    @property
+    def dim(self) -> int:
+        return int(self.meta["dim"])
+
+    @property
+    def name(self) -> str:
+        return str(self.meta["backbone"])
+
+    @property
+    def engine(self) -> str:
+        return str(self.meta["engine"])
+
+    def configuration(self) -> dict[str, Any]:
+        return self.configuration_
+
+    def meta_fields(self) -> dict[str, Any]:
+        return dict(self.meta)
+
+    def embed(self, images: Sequence[np.ndarray], desc: str) -> Iterator[np.ndarray]:
+        """Float32 rows of ``images``, a batch at a time."""
+        if not len(images):
+            return
+        session = self._open()
+        preprocessing = self.meta["preprocessing"]
+        resize_crop = ResizeCrop(int(preprocessing["resize_size"]),
+                                 tuple(preprocessing["input_size"][1:]),
+                                 str(preprocessing["interpolation"]))
+        for batch in pixel_arrays(images, resize_crop, self.batch_size, desc, ahead=True):
+            [rows] = session.run(None, {INPUT_NAME: batch})
+            if self.flip_average:  # as transfer.backbones.embed_batches does it
+                [mirrored] = session.run(None, {INPUT_NAME: np.ascontiguousarray(
+                    batch[:, :, ::-1])})
+                rows = (rows + mirrored) / 2
+            yield rows
+
+    def _open(self) -> Any:
+        """ONNX Runtime's session over the graph, set up as ``OnnxRuntimeEngine`` sets it up."""
+        if self._session is None:
+            self._session = onnxruntime_session(self.graph, self.threads)
+        return self._session
+
+
+def onnxruntime_session(graph: bytes, threads: int) -> Any:
+    """ONNX Runtime's CPU session over ``graph``: every graph optimization on, ``threads``
+    threads that sleep instead of spinning between calls (docs/engines.md)."""
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return onnxruntime.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
+
+
+class WarmMiss(Exception):
+    """The record cannot be used: the stage runs with PyTorch instead."""
+
+
+def warm_extraction(params: Any, store_root: Path, graph_cache: Path) -> WarmExtraction | None:
+    """The extraction the record for ``params`` describes, once its weights file and graph are
+    checked; None (with the reason in the debug log) where there is none to use."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return None
+    path = store_root / RECORDS / f"{record_key(params)}.json"
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+        weights = Path(record["weights_file"])
+        if sha256_file(weights) != record["weights_sha256"]:
+            raise WarmMiss(f"{weights} changed since the record was written")
+        graph_sha = record["graph_sha256"]
+        graph = next((data for path in sorted(graph_cache.glob(f"*-{graph_sha[:16]}.onnx"))
+                      if hashlib.sha256(data := path.read_bytes()).hexdigest() == graph_sha),
+                     None)
+        if graph is None:
+            raise WarmMiss(f"no sound graph {graph_sha[:16]} in {graph_cache}")
+        return WarmExtraction(record["configuration"], record["meta"], graph,
+                              int(record["batch_size"]), bool(record["meta"]["flip_average"]),
+                              int(record["threads"]))
+    except FileNotFoundError:
+        log.debug("no warm record %s: loading the backbone", path.name)
+    except (OSError, ValueError, KeyError, TypeError, WarmMiss) as err:
+        log.debug("warm record %s not used (%s): loading the backbone", path.name, err)
+    return None
