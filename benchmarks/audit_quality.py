@@ -155,20 +155,33 @@ def main() -> None:
         with np.load(project / "data" / "embeddings" / "index.npz") as index:
             parts.append((split, features, index[f"{split}_labels"], index[f"{split}_ids"],
                           index[f"{split}_ids"]))
+    from stages.audit import image_lookup  # noqa: E402
+    from transfer.data import ImageStore  # noqa: E402
+    from transfer.keypoints import KeypointMatcher  # noqa: E402
+
     images = AuditImages.gather(parts)
     unit = unit_rows(images.features, training_centre(images))
-    pairs, _ = scan(unit, images.splits, images.labels, min(MARGINS), 5, 10**7)
-    print("near-duplicates by audit.duplicate_margin:")
-    print("| margin | planted copies found | other pairs listed | of which across splits |")
-    print("|---:|---:|---:|---:|")
-    for threshold in MARGINS:
-        keep = pairs.margin >= threshold
-        listed = [frozenset((images.paths[a], images.paths[b]))
-                  for a, b in zip(pairs.first[keep], pairs.second[keep], strict=True)]
-        leak = images.splits[pairs.first[keep]] != images.splits[pairs.second[keep]]
-        other = [p not in planted for p in listed]
-        print(f"| {threshold} | {sum(p in planted for p in listed)} of {len(planted)} | "
-              f"{sum(other)} | {int(np.sum(leak & np.array(other, dtype=bool)))} |")
+    lookup = image_lookup({split: ImageStore(project / "data" / "prepared", split)
+                           for split in ("train", "val", "test")})
+    matcher = KeypointMatcher(lambda i: lookup((images.splits[i], images.paths[i])))
+    keypoints = report["settings"]["duplicate_keypoints"]
+    for title, found in (
+            ("the embeddings alone (duplicate_keypoints: 0)",
+             scan(unit, images.splits, images.labels, min(MARGINS), 5, 10**7)[0]),
+            (f"with duplicate_keypoints: {keypoints}",
+             scan(unit, images.splits, images.labels, min(MARGINS), 5, 10**7, matcher=matcher,
+                  min_keypoints=keypoints)[0])):
+        print(f"near-duplicates by audit.duplicate_margin, {title}:")
+        print("| margin | planted copies found | other pairs listed | of which across splits |")
+        print("|---:|---:|---:|---:|")
+        for threshold in MARGINS:
+            keep = found.margin >= threshold
+            listed = [frozenset((images.paths[a], images.paths[b]))
+                      for a, b in zip(found.first[keep], found.second[keep], strict=True)]
+            leak = images.splits[found.first[keep]] != images.splits[found.second[keep]]
+            other = [p not in planted for p in listed]
+            print(f"| {threshold} | {sum(p in planted for p in listed)} of {len(planted)} | "
+                  f"{sum(other)} | {int(np.sum(leak & np.array(other, dtype=bool)))} |")
     setting = report["settings"]["duplicate_margin"]
     print(f"stage wall times: extract {extract_seconds:.1f} s, audit {audit_seconds:.1f} s "
           f"({audit_seconds / extract_seconds:.3f} x extract) at duplicate_margin {setting}")

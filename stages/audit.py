@@ -47,9 +47,11 @@ def main() -> None:
     images = AuditImages.gather(parts)
     settings = AuditSettings(**vars(params.audit))
     started = time.perf_counter()
-    report, familiarity = run_audit(images, meta.classes, settings, params.seed, meta)
+    lookup = image_lookup(stores)
+    report, familiarity = run_audit(images, meta.classes, settings, params.seed, meta,
+                                    lambda i: lookup((images.splits[i], images.paths[i])))
     log.info("audit took %.2fs for %d images", time.perf_counter() - started, len(images.labels))
-    picture = draw_sheet(suspect_sections(report), image_lookup(stores))
+    picture = draw_sheet(suspect_sections(report), lookup)
     with atomic_outputs(AUDIT_REPORT, AUDIT_PICTURE, FAMILIARITY) as (report_file, picture_file,
                                                                       reference_file):
         report_file.write_text(json_text(report), encoding="utf-8")

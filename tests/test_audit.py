@@ -80,9 +80,11 @@ def test_pairs_keep_those_across_splits_or_labels_before_more_similar_ones():
     splits = np.array(["train", "train", "train", "test"])
     labels = np.array([0, 0, 0, 0])
     pairs.add(np.array([0, 1]), np.array([1, 2]), np.array([0.99, 0.98]), np.array([0.3, 0.2]),
-              splits, labels)
-    pairs.add(np.array([2]), np.array([3]), np.array([0.91]), np.array([0.14]), splits, labels)
+              splits, labels, np.array([40, 30]))
+    pairs.add(np.array([2]), np.array([3]), np.array([0.91]), np.array([0.14]), splits, labels,
+              np.array([12]))
     assert list(zip(pairs.first, pairs.second, strict=True)) == [(2, 3), (0, 1)]
+    assert pairs.keypoints.tolist() == [12, 40]
     assert pairs.total == 3 and pairs.across_splits == 1
 
 
@@ -220,3 +222,49 @@ def test_damaged_embeddings_are_one_error_line_and_nothing_is_written(audited, t
     assert line.startswith("error: data/embeddings/val.npy: truncated or damaged")
     assert not (project / "reports" / "audit.json").exists()
     assert not (project / "models" / "familiarity.npz").exists()
+
+
+def test_keypoints_match_a_copy_and_its_mirror_image_but_not_another_photo():
+    import io
+
+    from PIL import Image
+    from sklearn.datasets import load_sample_image
+
+    from transfer.keypoints import KeypointMatcher
+
+    china = Image.fromarray(load_sample_image("china.jpg")).resize((320, 214))
+    copy = china.crop((12, 8, 308, 206)).resize((236, 158))  # cropped, 80%, re-encoded
+    buffer = io.BytesIO()
+    copy.save(buffer, "JPEG", quality=70)
+    images = [np.asarray(china), np.asarray(Image.open(buffer).convert("RGB")),
+              np.asarray(china)[:, ::-1],
+              np.asarray(Image.fromarray(load_sample_image("flower.jpg")).resize((320, 214)))]
+    matcher = KeypointMatcher(lambda i: images[i])
+    assert matcher.matches(0, 1, enough=8) >= 50
+    assert matcher.matches(0, 2, enough=100) >= 50  # mirrored (tried below 100 direct)
+    assert matcher.matches(0, 3, enough=8) < 8
+
+
+def test_a_pair_alike_to_the_network_but_not_in_its_keypoints_is_left_out():
+    from sklearn.datasets import load_sample_image
+
+    from transfer.keypoints import KeypointMatcher
+
+    images = clusters()
+    features = np.random.default_rng(0).normal(size=(len(images.labels), 256))
+    features[35] = features[0] + 0.01  # the network sees a near-copy
+    features[36] = features[1] + 0.01
+    china, flower = load_sample_image("china.jpg"), load_sample_image("flower.jpg")
+    pixels = {0: china, 35: china[10:-10, 12:-12], 1: china, 36: flower}  # 36: another photo
+    unit = unit_rows(features, power_normalised(features).mean(axis=0))
+    pairs, _ = scan(unit, images.splits, images.labels, min_margin=0.13, k=3, limit=10,
+                    matcher=KeypointMatcher(pixels.__getitem__), min_keypoints=8)
+    assert (pairs.first.tolist(), pairs.second.tolist()) == ([0], [35])
+    assert pairs.total == 1 and pairs.keypoints[0] >= 8
+
+
+def test_images_too_small_for_keypoints_are_left_to_the_embeddings():
+    from transfer.keypoints import KeypointMatcher
+
+    tiny = np.zeros((8, 8, 3), np.uint8)
+    assert KeypointMatcher(lambda i: tiny).matches(0, 1, enough=8) == -1

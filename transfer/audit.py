@@ -14,7 +14,7 @@ import dataclasses
 import functools
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +24,7 @@ import numpy as np
 from transfer.artifacts import load_arrays, save_arrays
 from transfer.embeddings import EmbeddingMeta, read_rows
 from transfer.errors import PipelineError
+from transfer.keypoints import KeypointMatcher
 from transfer.layout import AUDIT_PICTURE, AUDIT_REPORT
 
 log = logging.getLogger(__name__)
@@ -152,6 +153,7 @@ class Pairs:
     similarity: np.ndarray
     margin: np.ndarray
     flagged: np.ndarray
+    keypoints: np.ndarray  # matching keypoints of each pair (-1: not checked)
     total: int = 0
     across_splits: int = 0
     across_labels: int = 0
@@ -159,10 +161,12 @@ class Pairs:
     @classmethod
     def empty(cls, limit: int) -> Pairs:
         return cls(limit, np.empty(0, np.int64), np.empty(0, np.int64),
-                   np.empty(0, np.float32), np.empty(0, np.float32), np.empty(0, bool))
+                   np.empty(0, np.float32), np.empty(0, np.float32), np.empty(0, bool),
+                   np.empty(0, np.int64))
 
     def add(self, first: np.ndarray, second: np.ndarray, similarity: np.ndarray,
-            margin: np.ndarray, splits: np.ndarray, labels: np.ndarray) -> None:
+            margin: np.ndarray, splits: np.ndarray, labels: np.ndarray,
+            keypoints: np.ndarray) -> None:
         leak = splits[first] != splits[second]
         clash = labels[first] != labels[second]
         self.total += len(first)
@@ -172,9 +176,11 @@ class Pairs:
         similarity = np.concatenate([self.similarity, similarity])
         margin = np.concatenate([self.margin, margin])
         flagged = np.concatenate([self.flagged, leak | clash])
+        keypoints = np.concatenate([self.keypoints, keypoints])
         keep = np.lexsort((second, first, -margin, ~flagged))[:self.limit]
         self.first, self.second = first[keep], second[keep]
         self.similarity, self.margin, self.flagged = similarity[keep], margin[keep], flagged[keep]
+        self.keypoints = keypoints[keep]
 
 
 # Beside the most similar image, the next NEAR ones tell how similar an image's neighbourhood
@@ -187,14 +193,18 @@ MIN_SIMILARITY = 0.6
 
 
 def scan(unit: np.ndarray, splits: np.ndarray, labels: np.ndarray, min_margin: float, k: int,
-         limit: int, rows: int = ROWS) -> tuple[Pairs, np.ndarray]:
+         limit: int, rows: int = ROWS, matcher: KeypointMatcher | None = None,
+         min_keypoints: int = 0) -> tuple[Pairs, np.ndarray]:
     """Near-duplicate pairs and each image's outlier score, in two passes over the cosine
     similarities of ``unit`` rows, a block of ``rows`` at a time.
 
     A pair is listed when its similarity exceeds the mean of the two images' typical
     neighbour similarity (their 2nd to (NEAR+1)th most similar images) by ``min_margin`` or
-    more, and is at least ``MIN_SIMILARITY``. The outlier score is the mean cosine distance
-    to the ``k`` most similar training images (not the image itself).
+    more, and is at least ``MIN_SIMILARITY``; and, with a ``matcher``, when at least
+    ``min_keypoints`` of their keypoints match in one geometric arrangement (or the images are
+    too small to tell). The outlier score
+    is the mean cosine distance to the ``k`` most similar training images (not the image
+    itself).
     """
     n = len(unit)
     train = np.flatnonzero(splits == "train")
@@ -218,7 +228,13 @@ def scan(unit: np.ndarray, splits: np.ndarray, labels: np.ndarray, min_margin: f
         margins = similarities - (typical[block, None] + typical[None, :]) / 2
         margins[np.tril_indices(len(block), k=start, m=n)] = -np.inf  # each pair once
         i, j = np.nonzero((margins >= min_margin) & (similarities >= MIN_SIMILARITY))
-        pairs.add(block[i], j, similarities[i, j], margins[i, j], splits, labels)
+        keypoints = np.full(len(i), -1, np.int64)
+        if matcher is not None:
+            keypoints = np.array([matcher.matches(a, b, min_keypoints)
+                                  for a, b in zip(block[i], j, strict=True)], np.int64)
+            confirmed = (keypoints >= min_keypoints) | (keypoints < 0)  # < 0: too small to tell
+            i, j, keypoints = i[confirmed], j[confirmed], keypoints[confirmed]
+        pairs.add(block[i], j, similarities[i, j], margins[i, j], splits, labels, keypoints)
     return pairs, scores
 
 
@@ -313,11 +329,16 @@ class AuditSettings:
     neighbours: int
     unfamiliar_percentile: float
     max_listed: int
+    duplicate_keypoints: int = 0
 
 
 def run_audit(images: AuditImages, classes: Sequence[str], settings: AuditSettings,
-              seed: int, meta: EmbeddingMeta) -> tuple[dict[str, Any], Familiarity]:
-    """``reports/audit.json``'s content, and the familiarity reference for ``predict``."""
+              seed: int, meta: EmbeddingMeta,
+              pixels: Callable[[int], np.ndarray] | None = None
+              ) -> tuple[dict[str, Any], Familiarity]:
+    """``reports/audit.json``'s content, and the familiarity reference for ``predict``;
+    ``pixels(i)``: image ``i``'s pixels, for the keypoints that confirm a near-duplicate pair
+    (``settings.duplicate_keypoints``; none checked without it)."""
     def image(i: int) -> dict[str, str]:
         return {"id": str(images.content_ids[i]), "path": str(images.paths[i]),
                 "split": str(images.splits[i])}
@@ -339,8 +360,11 @@ def run_audit(images: AuditImages, classes: Sequence[str], settings: AuditSettin
                     "cross-validation needs at least two of each")
 
     centre = training_centre(images)
+    matcher = KeypointMatcher(pixels) \
+        if pixels is not None and settings.duplicate_keypoints > 0 else None
     pairs, scores = scan(unit_rows(images.features, centre), images.splits, images.labels,
-                         settings.duplicate_margin, settings.neighbours, settings.max_listed)
+                         settings.duplicate_margin, settings.neighbours, settings.max_listed,
+                         matcher=matcher, min_keypoints=settings.duplicate_keypoints)
     familiarity = fit_familiarity(images, centre, settings.neighbours,
                                   settings.unfamiliar_percentile, meta)
     outliers = np.argsort(-scores, kind="stable")[:settings.max_listed]
@@ -355,6 +379,7 @@ def run_audit(images: AuditImages, classes: Sequence[str], settings: AuditSettin
         },
         "settings": {"folds": folds, "C": settings.C,
                      "duplicate_margin": settings.duplicate_margin,
+                     "duplicate_keypoints": settings.duplicate_keypoints if matcher else 0,
                      "neighbours": familiarity.k,
                      "unfamiliar_percentile": settings.unfamiliar_percentile,
                      "unfamiliar_distance": round(familiarity.threshold, 6)},
@@ -363,10 +388,11 @@ def run_audit(images: AuditImages, classes: Sequence[str], settings: AuditSettin
             {"a": str(images.paths[a]), "b": str(images.paths[b]),
              "ids": [str(images.content_ids[a]), str(images.content_ids[b])],
              "similarity": round(float(s), 4), "margin": round(float(m), 4),
+             "keypoints": int(kp) if kp >= 0 else None,
              "splits": [str(images.splits[a]), str(images.splits[b])],
              "labels": [classes[images.labels[a]], classes[images.labels[b]]]}
-            for a, b, s, m in zip(pairs.first, pairs.second, pairs.similarity, pairs.margin,
-                                  strict=True)],
+            for a, b, s, m, kp in zip(pairs.first, pairs.second, pairs.similarity, pairs.margin,
+                                      pairs.keypoints, strict=True)],
         "outliers": [{**image(i), "label": classes[images.labels[i]],
                       "score": round(float(scores[i]), 4)} for i in outliers],
     }

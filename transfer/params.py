@@ -206,6 +206,10 @@ class AuditParams:
     duplicate_margin: float = _bounded(0.1, 0.0, 2.0, low_open=True, help=(
         "two images are near-duplicates when their cosine similarity exceeds their "
         "neighbourhood's typical one by this much"))
+    duplicate_keypoints: int = _bounded(8, 0, 100_000, help=(
+        "a near-duplicate pair is listed only when this many SIFT keypoints of the two images "
+        "(or one and the other's mirror image) match in one arrangement; 0: the embeddings "
+        "alone decide"))
     neighbours: int = _bounded(5, 1, 1000, help=(
         "outliers: the mean distance to this many nearest training images is the score"))
     unfamiliar_percentile: float = _bounded(99.0, 50.0, 100.0, help=(
