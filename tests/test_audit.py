@@ -243,6 +243,9 @@ def test_keypoints_match_a_copy_and_its_mirror_image_but_not_another_photo():
     assert matcher.matches(0, 1, enough=8) >= 50
     assert matcher.matches(0, 2, enough=100) >= 50  # mirrored (tried below 100 direct)
     assert matcher.matches(0, 3, enough=8) < 8
+    pairs = [(0, 1), (0, 2), (0, 3), (1, 2)]  # on every core: the same counts
+    assert KeypointMatcher(lambda i: images[i]).matches_many(pairs, enough=8) == \
+        [matcher.matches(a, b, enough=8) for a, b in pairs]
 
 
 def test_a_pair_alike_to_the_network_but_not_in_its_keypoints_is_left_out():

@@ -230,8 +230,9 @@ def scan(unit: np.ndarray, splits: np.ndarray, labels: np.ndarray, min_margin: f
         i, j = np.nonzero((margins >= min_margin) & (similarities >= MIN_SIMILARITY))
         keypoints = np.full(len(i), -1, np.int64)
         if matcher is not None:
-            keypoints = np.array([matcher.matches(a, b, min_keypoints)
-                                  for a, b in zip(block[i], j, strict=True)], np.int64)
+            keypoints = np.array(matcher.matches_many(
+                list(zip(block[i].tolist(), j.tolist(), strict=True)), min_keypoints),
+                np.int64).reshape(-1)
             confirmed = (keypoints >= min_keypoints) | (keypoints < 0)  # < 0: too small to tell
             i, j, keypoints = i[confirmed], j[confirmed], keypoints[confirmed]
         pairs.add(block[i], j, similarities[i, j], margins[i, j], splits, labels, keypoints)

@@ -10,7 +10,9 @@ different scenes share almost none (docs/audit.md). Mirrored copies are matched 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -36,6 +38,16 @@ class KeypointMatcher:
         self._sift = cv2.SIFT_create(nfeatures=FEATURES)
         self._matcher = cv2.BFMatcher(cv2.NORM_L2)
         self._features: dict[tuple[int, bool], tuple[np.ndarray, np.ndarray | None]] = {}
+
+    def matches_many(self, pairs: Sequence[tuple[int, int]], enough: int) -> list[int]:
+        """``matches`` of each pair, computed on every core: OpenCV works without Python's
+        lock, so threads share the work (each image's keypoints are the same either way)."""
+        images = sorted({i for pair in pairs for i in pair
+                         if min(self._pixels(i).shape[:2]) >= MIN_SIDE})
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+        with ThreadPoolExecutor(cores or os.cpu_count() or 1) as pool:
+            list(pool.map(self._keypoints, images))
+            return list(pool.map(lambda pair: self.matches(*pair, enough), pairs))
 
     def matches(self, first: int, second: int, enough: int) -> int:
         """Keypoints of ``first`` that match ``second`` (or its mirror image) under one
