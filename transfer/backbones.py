@@ -30,7 +30,7 @@ from transfer.artifacts import sha256_file
 from transfer.embeddings import EmbeddingMeta
 from transfer.engines import CompiledNetwork, Engine, TorchEngine
 from transfer.errors import PipelineError, first_line
-from transfer.pixels import ResizeCrop, read_ahead
+from transfer.pixels import ResizeCrop, pixel_arrays, read_ahead
 from transfer.runtime import Runtime, resolve_runtime
 
 log = logging.getLogger(__name__)
@@ -484,9 +484,15 @@ def pixel_batches(images: Sequence[np.ndarray], preprocessing: Preprocessing, ba
                   runtime: Runtime, desc: str, ahead: bool = False) -> Iterator[torch.Tensor]:
     """``images`` resized and cropped for the network, as uint8 ``(N, H, W, 3)`` batches, with
     a progress bar named ``desc``; ``ahead``: the next ones made by a background thread while
-    the caller runs the network (``CompiledNetwork.read_ahead``)."""
-    loader = runtime.loader(PixelImages(images, preprocessing.pixel_transform()), batch_size,
-                            collate=stack_pixels)
+    the caller runs the network (``CompiledNetwork.read_ahead``). On a GPU, the DataLoader's
+    worker processes make them; on CPU, NumPy in this process (``transfer.pixels``: the
+    DataLoader's machinery there cost ~1% of extraction speed, docs/engines.md)."""
+    resize_crop = preprocessing.pixel_transform()
+    if not runtime.is_cuda:
+        for batch in pixel_arrays(images, resize_crop, batch_size, desc, ahead):
+            yield torch.from_numpy(batch)
+        return
+    loader = runtime.loader(PixelImages(images, resize_crop), batch_size, collate=stack_pixels)
     batches = read_ahead(loader) if ahead else loader
     with tqdm(total=len(images), desc=desc, unit="img", leave=False, disable=None) as progress:
         for batch in batches:
