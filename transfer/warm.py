@@ -179,7 +179,7 @@ class WarmMiss(Exception):
 def warm_extraction(params: Any, store_root: Path, graph_cache: Path) -> WarmExtraction | None:
     """The extraction the record for ``params`` describes, once its weights file and graph are
     checked; None (with the reason in the debug log) where there is none to use."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if os.environ.get("WORLD_SIZE", "1").strip() != "1":  # torchrun's group: the usual way
         return None
     path = store_root / RECORDS / f"{record_key(params)}.json"
     try:
