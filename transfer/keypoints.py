@@ -23,11 +23,13 @@ FEATURES = 500
 MIN_SIDE = 32
 RATIO = 0.75  # Lowe's ratio test: a match must be clearly better than the second best
 RANSAC_PIXELS = 3.0  # reprojection error within which a match agrees with the transform
+# An image's keypoints: their (x, y) positions and SIFT descriptors (None where it has none).
+Features = tuple[np.ndarray, np.ndarray | None]
 
 
 class KeypointMatcher:
-    """Counts matching keypoints between images given by index; each image's keypoints are
-    computed once (``pixels(i)``: its uint8 ``(H, W, 3)`` pixels)."""
+    """Counts matching keypoints between images given by index; each image is read and its
+    keypoints computed once (``pixels(i)``: its uint8 ``(H, W, 3)`` pixels)."""
 
     def __init__(self, pixels: Callable[[int], np.ndarray]) -> None:
         import cv2
@@ -37,13 +39,13 @@ class KeypointMatcher:
         self._pixels = pixels
         self._sift = cv2.SIFT_create(nfeatures=FEATURES)
         self._matcher = cv2.BFMatcher(cv2.NORM_L2)
-        self._features: dict[tuple[int, bool], tuple[np.ndarray, np.ndarray | None]] = {}
+        self._grey: dict[int, np.ndarray | None] = {}
+        self._features: dict[tuple[int, bool], Features | None] = {}
 
     def matches_many(self, pairs: Sequence[tuple[int, int]], enough: int) -> list[int]:
         """``matches`` of each pair, computed on every core: OpenCV works without Python's
         lock, so threads share the work (each image's keypoints are the same either way)."""
-        images = sorted({i for pair in pairs for i in pair
-                         if min(self._pixels(i).shape[:2]) >= MIN_SIDE})
+        images = sorted({i for pair in pairs for i in pair})
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
         with ThreadPoolExecutor(cores or os.cpu_count() or 1) as pool:
             list(pool.map(self._keypoints, images))
@@ -53,27 +55,33 @@ class KeypointMatcher:
         """Keypoints of ``first`` that match ``second`` (or its mirror image) under one
         similarity transform; the mirror is tried only when fewer than ``enough`` match. -1:
         an image is under ``MIN_SIDE`` pixels, too small to check."""
-        if min(*self._pixels(first).shape[:2], *self._pixels(second).shape[:2]) < MIN_SIDE:
+        features_a, features_b = self._keypoints(first), self._keypoints(second)
+        if features_a is None or features_b is None:
             return -1
-        found = self._inliers(self._keypoints(first), self._keypoints(second))
+        found = self._inliers(features_a, features_b)
         if found < enough:
-            found = max(found, self._inliers(self._keypoints(first),
+            found = max(found, self._inliers(features_a,
                                              self._keypoints(second, mirrored=True)))
         return found
 
-    def _keypoints(self, i: int, mirrored: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+    def _keypoints(self, i: int, mirrored: bool = False) -> Features | None:
+        """Image ``i``'s keypoints (of its mirror image), None where it is too small."""
         if (i, mirrored) not in self._features:
-            grey = self._cv2.cvtColor(np.ascontiguousarray(self._pixels(i)),
-                                      self._cv2.COLOR_RGB2GRAY)
-            if mirrored:
-                grey = np.ascontiguousarray(grey[:, ::-1])
-            points, descriptors = self._sift.detectAndCompute(grey, None)
-            self._features[i, mirrored] = (
-                np.float32([p.pt for p in points]).reshape(-1, 2), descriptors)
+            if i not in self._grey:
+                pixels = self._pixels(i)
+                self._grey[i] = None if min(pixels.shape[:2]) < MIN_SIDE else \
+                    self._cv2.cvtColor(np.ascontiguousarray(pixels), self._cv2.COLOR_RGB2GRAY)
+            grey = self._grey[i]
+            if grey is None:
+                self._features[i, mirrored] = None
+            else:
+                points, descriptors = self._sift.detectAndCompute(
+                    np.ascontiguousarray(grey[:, ::-1]) if mirrored else grey, None)
+                self._features[i, mirrored] = (
+                    np.float32([p.pt for p in points]).reshape(-1, 2), descriptors)
         return self._features[i, mirrored]
 
-    def _inliers(self, first: tuple[np.ndarray, np.ndarray | None],
-                 second: tuple[np.ndarray, np.ndarray | None]) -> int:
+    def _inliers(self, first: Features, second: Features) -> int:
         (points_a, descriptors_a), (points_b, descriptors_b) = first, second
         if descriptors_a is None or descriptors_b is None or min(len(points_a),
                                                                  len(points_b)) < 2:
