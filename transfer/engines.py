@@ -35,13 +35,12 @@ import torch
 from transfer.artifacts import scratch_directory
 from transfer.errors import PipelineError, first_line
 from transfer.runtime import Runtime
-from transfer.warm import onnxruntime_session
+from transfer.warm import INPUT_NAME, onnxruntime_session
 
 log = logging.getLogger(__name__)
 
 # The opset torch's ONNX exporter writes its functions for (torch.onnx's TORCHLIB_OPSET).
 ONNX_OPSET = 18
-INPUT_NAME = "images"
 
 
 @dataclass

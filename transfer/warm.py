@@ -37,7 +37,10 @@ from transfer.pixels import ResizeCrop, pixel_arrays
 log = logging.getLogger(__name__)
 
 RECORDS = "warm"  # the records' folder in the embedding store
-INPUT_NAME = "images"  # the graph's input (transfer.engines.INPUT_NAME)
+INPUT_NAME = "images"  # the input of every ONNX graph the pipeline exports
+# The embedding meta's fields a record holds (``transfer.extraction.Extraction.meta_fields``).
+META_FIELDS = ("backbone", "weights", "weights_sha256", "preprocessing", "dim", "flip_average",
+               "precision", "engine", "versions")
 # Libraries whose versions can change what the stage writes: checked without importing them.
 PACKAGES = ("torch", "timm", "torchvision", "onnxruntime", "onnx", "onnxscript", "numpy",
             "pillow")
@@ -113,7 +116,6 @@ class WarmExtraction:
     meta: dict[str, Any]
     graph: bytes  # the ONNX graph, its SHA-256 checked against the record's
     batch_size: int
-    flip_average: bool
     threads: int
     runtime: SingleProcess = SingleProcess()
     _session: Any = None
@@ -129,6 +131,10 @@ class WarmExtraction:
     @property
     def engine(self) -> str:
         return str(self.meta["engine"])
+
+    @property
+    def flip_average(self) -> bool:
+        return bool(self.meta["flip_average"])
 
     def configuration(self) -> dict[str, Any]:
         return self.configuration_
@@ -188,14 +194,16 @@ def warm_extraction(params: Any, store_root: Path, graph_cache: Path) -> WarmExt
         if sha256_file(weights) != record["weights_sha256"]:
             raise WarmMiss(f"{weights} changed since the record was written")
         graph_sha = record["graph_sha256"]
-        graph = next((data for path in sorted(graph_cache.glob(f"*-{graph_sha[:16]}.onnx"))
-                      if hashlib.sha256(data := path.read_bytes()).hexdigest() == graph_sha),
+        graph = next((data for candidate in sorted(graph_cache.glob(f"*-{graph_sha[:16]}.onnx"))
+                      if hashlib.sha256(data := candidate.read_bytes()).hexdigest() == graph_sha),
                      None)
         if graph is None:
             raise WarmMiss(f"no sound graph {graph_sha[:16]} in {graph_cache}")
+        missing = [key for key in META_FIELDS if key not in record["meta"]]
+        if missing:
+            raise WarmMiss(f"the record's meta lacks {', '.join(missing)}")
         return WarmExtraction(record["configuration"], record["meta"], graph,
-                              int(record["batch_size"]), bool(record["meta"]["flip_average"]),
-                              int(record["threads"]))
+                              int(record["batch_size"]), int(record["threads"]))
     except FileNotFoundError:
         log.debug("no warm record %s: loading the backbone", path.name)
     except (OSError, ValueError, KeyError, TypeError, WarmMiss) as err:
