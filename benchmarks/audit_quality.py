@@ -132,9 +132,10 @@ def main() -> None:
     run(["dvc", "repro", "prepare"], project)
     # A full extraction, the embedding store off (it holds the untouched photos' rows), to
     # compare the audit with: store_max_gb is not a DVC param of extract.
+    params = (project / "params.yaml").read_text(encoding="utf-8")
     set_params(project, {"backbone": {"store_max_gb": 0}})
     extract_seconds, _ = run(["dvc", "repro", "-s", "extract"], project)
-    set_params(project, {"backbone": {"store_max_gb": 4.0}})
+    (project / "params.yaml").write_text(params, encoding="utf-8")
     audit_seconds, audit_log = run(["dvc", "repro", "-s", "audit"], project)
     run(["dvc", "repro"], project)
     noisy_accuracy = head_accuracy(project)
