@@ -58,21 +58,20 @@ class Extraction:
         return self.encoder.engine
 
     def versions(self) -> dict[str, str]:
-        """The versions of the libraries that shape the rows, as the embedding meta names
-        them."""
-        import PIL
+        """The versions of the libraries that shape the network's outputs, as the embedding
+        meta names them."""
         import timm
         import torch
         import torchvision
 
         return {"timm": timm.__version__, "torch": torch.__version__,
-                "torchvision": torchvision.__version__, **self.encoder.versions,
-                "pillow": PIL.__version__}
+                "torchvision": torchvision.__version__, **self.encoder.versions}
 
     def configuration(self) -> dict[str, Any]:
         """Everything a row depends on besides the image's pixels: the store's key. The
         embedding dtype is not in it: the store keeps float32 rows, and a split file's rows
         are those cast to its dtype, the same cast from scratch or from the store."""
+        import PIL
         import torch
 
         preprocessing = self.backbone.preprocessing
@@ -82,7 +81,7 @@ class Extraction:
             "preprocessing": preprocessing.to_dict(), "dim": self.backbone.num_features,
             "precision": self.runtime.precision, "flip_average": self.flip_average,
             "engine": self.encoder.engine, "device": device_model(self.runtime),
-            "versions": self.versions()}
+            "versions": {**self.versions(), "pillow": PIL.__version__}}  # Pillow resizes
         if not self.encoder.batch_invariant:
             configuration.update(batch_size=self.batch_size, threads=torch.get_num_threads())
         return configuration
@@ -94,8 +93,7 @@ class Extraction:
                 "preprocessing": self.backbone.preprocessing.to_dict(),
                 "dim": self.backbone.num_features, "flip_average": self.flip_average,
                 "precision": self.runtime.precision, "engine": self.encoder.engine,
-                "versions": {key: value for key, value in self.versions().items()
-                             if key != "pillow"}}
+                "versions": self.versions()}
 
     def embed(self, images: Sequence[np.ndarray], desc: str) -> Iterator[np.ndarray]:
         """Float32 rows of ``images``, a full batch at a time (the last one cut to size)."""
