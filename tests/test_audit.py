@@ -75,6 +75,41 @@ def test_a_copy_across_splits_is_a_pair_and_the_counts_cover_all():
     assert scores.shape == (len(features),) and np.all(scores >= 0)
 
 
+def brute_force_scan(unit: np.ndarray, train: np.ndarray, min_margin: float, k: int):
+    """The pairs and outlier scores ``scan`` is defined to give, from the whole similarity
+    matrix at once."""
+    similarities = unit.astype(np.float64) @ unit.T.astype(np.float64)
+    np.fill_diagonal(similarities, -np.inf)
+    ranked = -np.sort(-similarities, axis=1)
+    typical = ranked[:, 1:6].mean(axis=1)
+    margins = similarities - (typical[:, None] + typical[None, :]) / 2
+    first, second = np.nonzero(np.triu((margins >= min_margin) & (similarities >= 0.6), 1))
+    to_train = -np.sort(-similarities[:, train], axis=1)[:, :k]
+    return set(zip(first.tolist(), second.tolist(), strict=True)), 1 - to_train.mean(axis=1)
+
+
+@pytest.mark.parametrize("train_share", [0.7, 0.1])
+def test_the_one_pass_scan_finds_what_the_whole_similarity_matrix_defines(train_share):
+    """Blocks of 16 rows, copies across blocks, and (with few training images) rows whose
+    nearest training images lie beyond their nearest images: the same pairs and scores as
+    the definition computed on the whole matrix."""
+    rng = np.random.default_rng(3)
+    centres = rng.normal(size=(4, 48))
+    labels = rng.integers(0, 4, size=200)
+    features = centres[labels] + rng.normal(scale=0.8, size=(200, 48))
+    originals = rng.choice(200, size=25, replace=False)
+    copies = np.roll(originals, 7)  # each original's copy replaces another image, anywhere
+    features[copies] = features[originals] + rng.normal(scale=0.05, size=(25, 48))
+    splits = np.where(rng.random(200) < train_share, "train", "val")
+    unit = unit_rows(features, power_normalised(features[splits == "train"]).mean(axis=0))
+    pairs, scores = scan(unit, splits, labels, min_margin=0.05, k=3, limit=1000, rows=16)
+    expected_pairs, expected_scores = brute_force_scan(unit, splits == "train", 0.05, 3)
+    assert set(zip(pairs.first.tolist(), pairs.second.tolist(), strict=True)) == expected_pairs
+    assert pairs.total == len(expected_pairs) >= 20
+    assert np.all(pairs.first < pairs.second)
+    np.testing.assert_allclose(scores, expected_scores, atol=1e-5)
+
+
 def test_pairs_keep_those_across_splits_or_labels_before_more_similar_ones():
     pairs = Pairs.empty(limit=2)
     splits = np.array(["train", "train", "train", "test"])

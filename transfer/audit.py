@@ -190,12 +190,18 @@ NEAR = 5
 # the neighbourhood's similarity is low enough for merely alike images to stand out. The
 # planted copies of docs/audit.md scored 0.69 and more.
 MIN_SIMILARITY = 0.6
+# How many of each image's most similar images are searched for its k most similar training
+# images, in multiples of k (docs/audit.md#at-scale).
+WIDER = 4
+# Below the floor a pair's similarity must reach for it to be kept as a candidate: more than
+# the float32 rounding of the margin's arithmetic, so that no listed pair is missed.
+CANDIDATE_SLACK = np.float32(1e-6)
 
 
 def scan(unit: np.ndarray, splits: np.ndarray, labels: np.ndarray, min_margin: float, k: int,
          limit: int, rows: int = ROWS, matcher: KeypointMatcher | None = None,
          min_keypoints: int = 0) -> tuple[Pairs, np.ndarray]:
-    """Near-duplicate pairs and each image's outlier score, in two passes over the cosine
+    """Near-duplicate pairs and each image's outlier score, in one pass over the cosine
     similarities of ``unit`` rows, a block of ``rows`` at a time.
 
     A pair is listed when its similarity exceeds the mean of the two images' typical
@@ -207,36 +213,72 @@ def scan(unit: np.ndarray, splits: np.ndarray, labels: np.ndarray, min_margin: f
     itself).
     """
     n = len(unit)
-    train = np.flatnonzero(splits == "train")
-    place_in_train = np.full(n, -1)
-    place_in_train[train] = np.arange(len(train))
+    train = splits == "train"
+    k = max(1, min(k, int(train.sum()) - 1))  # as mean_top_distance counts them
     typical, scores = np.zeros(n, dtype=np.float32), np.empty(n)
     near = min(NEAR + 1, n - 1)
-    for start in range(0, n, rows):
+    # Each row's most similar images: the typical similarity is the mean of the 2nd to
+    # (NEAR+1)th, and the k most similar training images, for the outlier score, are nearly
+    # always among the first WIDER * k (where not, the row searches every training image).
+    wide = min(n - 1, max(near, WIDER * k))
+    # The mean of two typical similarities is at least the smaller one, so a listed pair is
+    # min_margin above the typical similarity of one of its images, and is among that image's
+    # NEAR most similar (the (NEAR+1)th is not above the typical similarity): each block keeps
+    # those of its rows' top similarities that are that high (CANDIDATE_SLACK: whatever float32
+    # rounding), and the pairs are decided once every image's typical similarity is known.
+    found = []
+    for start in range(0, n if wide >= 1 else 0, rows):
         block = np.arange(start, min(start + rows, n))
         similarities = unit[block] @ unit.T
         similarities[np.arange(len(block)), block] = -np.inf
+        columns = np.argpartition(similarities, n - wide, axis=1)[:, -wide:]
+        top = np.take_along_axis(similarities, columns, axis=1)
         if near >= 2:
-            top = np.sort(np.partition(similarities, n - near, axis=1)[:, -near:], axis=1)
-            typical[block] = top[:, :-1].mean(axis=1)
-        to_train = similarities[:, train]
-        scores[block] = mean_top_distance(to_train, min(k, len(train) - 1))
+            typical[block] = np.sort(top, axis=1)[:, -near:-1].mean(axis=1)
+        floor = np.maximum(typical[block] + np.float32(min_margin), np.float32(MIN_SIMILARITY))
+        row, rank = np.nonzero(top >= floor[:, None] - CANDIDATE_SLACK)
+        found.append((block[row], columns[row, rank], top[row, rank]))
+        top_train = np.where(train[columns], top, -np.inf)
+        within = (top_train > -np.inf).sum(axis=1) >= k
+        scores[block[within]] = mean_top_distance(top_train[within], k)
+        beyond = np.flatnonzero(~within)
+        if len(beyond):
+            scores[block[beyond]] = mean_top_distance(similarities[beyond][:, train], k)
+    first, second, similarity = listed_pairs(
+        *(np.concatenate(part) for part in zip(*found, strict=True)), typical, min_margin) \
+        if found else (np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, np.float32))
+    margin = similarity - (typical[first] + typical[second]) / 2
+    keypoints = np.full(len(first), -1, np.int64)
+    if matcher is not None and len(first):
+        keypoints = np.array(matcher.matches_many(
+            list(zip(first.tolist(), second.tolist(), strict=True)), min_keypoints),
+            np.int64).reshape(-1)
+        confirmed = (keypoints >= min_keypoints) | (keypoints < 0)  # < 0: too small to tell
+        first, second, similarity = first[confirmed], second[confirmed], similarity[confirmed]
+        margin, keypoints = margin[confirmed], keypoints[confirmed]
     pairs = Pairs.empty(limit)
-    for start in range(0, n, rows):
-        block = np.arange(start, min(start + rows, n))
-        similarities = unit[block] @ unit.T
-        margins = similarities - (typical[block, None] + typical[None, :]) / 2
-        margins[np.tril_indices(len(block), k=start, m=n)] = -np.inf  # each pair once
-        i, j = np.nonzero((margins >= min_margin) & (similarities >= MIN_SIMILARITY))
-        keypoints = np.full(len(i), -1, np.int64)
-        if matcher is not None:
-            keypoints = np.array(matcher.matches_many(
-                list(zip(block[i].tolist(), j.tolist(), strict=True)), min_keypoints),
-                np.int64).reshape(-1)
-            confirmed = (keypoints >= min_keypoints) | (keypoints < 0)  # < 0: too small to tell
-            i, j, keypoints = i[confirmed], j[confirmed], keypoints[confirmed]
-        pairs.add(block[i], j, similarities[i, j], margins[i, j], splits, labels, keypoints)
+    pairs.add(first, second, similarity, margin, splits, labels, keypoints)
     return pairs, scores
+
+
+def listed_pairs(rows: np.ndarray, columns: np.ndarray, similarities: np.ndarray,
+                 typical: np.ndarray, min_margin: float
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The pairs among the similarities kept by ``scan`` (image ``rows[i]`` to
+    ``columns[i]``) whose margin over their images' ``typical`` similarity is at least
+    ``min_margin``: each pair once, the first image the one with the lower index, with the
+    similarity as that image's block computed it where it kept the pair (else as the other
+    image's did), in order of the first, then the second image."""
+    first, second = np.minimum(rows, columns), np.maximum(rows, columns)
+    own_side = rows == first  # found from the first image's row: preferred
+    order = np.lexsort((~own_side, second, first))
+    first, second, similarities = first[order], second[order], similarities[order]
+    once = np.ones(len(first), bool)
+    once[1:] = (first[1:] != first[:-1]) | (second[1:] != second[:-1])
+    first, second, similarities = first[once], second[once], similarities[once]
+    margin = similarities - (typical[first] + typical[second]) / 2
+    listed = margin >= min_margin
+    return first[listed], second[listed], similarities[listed]
 
 
 # Familiarity: is a new image like the training images?
