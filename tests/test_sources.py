@@ -129,6 +129,24 @@ def test_a_file_name_that_is_not_utf8_is_skipped_and_reported(image_folder):
     assert len(listing) == 18
 
 
+def test_files_beside_the_class_folders_are_skipped_and_reported(image_folder, tmp_path):
+    (image_folder / "README.md").write_text("about these photos")
+    write_image(image_folder / "unfiled.png", (1, 2, 3))
+    write_image(image_folder / ".thumbnail.png", (1, 2, 3))  # hidden: not even reported
+    listing = list_image_folder(image_folder)
+    assert len(listing) == 18  # the class folders' images, as before
+    reason = "not in a class folder, so it has no label"
+    assert listing.skipped == [{"path": "README.md", "reason": reason},
+                               {"path": "unfiled.png", "reason": reason}]
+    root = tmp_path / "split"
+    for split in ("train", "test"):
+        write_image(root / split / "cat" / "0.png", (1, 2, 3), seed=len(split))
+    write_image(root / "train" / "stray.png", (3, 2, 1))
+    (root / "NOTES.txt").write_text("notes")
+    assert list_image_folder(root).skipped == [{"path": "NOTES.txt", "reason": reason},
+                                               {"path": "train/stray.png", "reason": reason}]
+
+
 def test_missing_and_empty_roots_are_named(tmp_path):
     with pytest.raises(PipelineError, match=r"'.*nowhere' is not a directory"):
         list_source(str(tmp_path / "nowhere"), tmp_path)

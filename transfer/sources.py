@@ -77,6 +77,10 @@ def list_image_folder(root: Path) -> Catalog:
     pre_split = bool(split_folders) and len(split_folders) == len(folders) and \
         (len(split_folders) >= 2 or "train" in split_folders.values())
     catalog = Catalog()
+    # Files beside the class folders (a README, an image not filed under a class) have no
+    # label: reported as skipped, not read.
+    loose = _files_in(root) + [path for folder in folders if pre_split
+                               for path in _files_in(folder)]
     if pre_split:
         if "train" not in split_folders.values():
             raise PipelineError(f"data.source: '{root}' looks pre-split "
@@ -96,6 +100,9 @@ def list_image_folder(root: Path) -> Catalog:
     if not len(catalog) and not catalog.skipped:
         raise PipelineError(f"data.source: '{root}' holds no files in class sub-folders; "
                             "expected <root>/<class>/<images> or <root>/<split>/<class>/<images>")
+    for path in loose:
+        catalog.skip(_shown(path.relative_to(root).as_posix()),
+                     "not in a class folder, so it has no label")
     return catalog
 
 
@@ -107,6 +114,14 @@ def _subfolders(root: Path) -> list[Path]:
         return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     except OSError as err:
         raise PipelineError(f"data.source: cannot read '{root}' ({err.strerror})") from err
+
+
+def _files_in(folder: Path) -> list[Path]:
+    """The visible files directly in ``folder`` (not in its sub-folders), sorted."""
+    try:
+        return sorted(p for p in folder.iterdir() if not p.name.startswith(".") and p.is_file())
+    except OSError as err:
+        raise PipelineError(f"data.source: cannot read '{folder}' ({err.strerror})") from err
 
 
 def visible_files(folder: Path) -> list[Path]:
