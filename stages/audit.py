@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import numpy as np
 
@@ -16,13 +16,16 @@ from transfer.data import ImageStore
 from transfer.embeddings import EmbeddingMeta, load_split
 from transfer.errors import PipelineError, run_stage
 from transfer.gallery import Section, Tile, draw_sheet, images_by_id, png_bytes
+from transfer.keypoints import PairCache
 from transfer.layout import (
     AUDIT_PICTURE,
     AUDIT_REPORT,
     EMBEDDINGS_DIR,
     FAMILIARITY,
+    KEYPOINT_CACHE,
     PARAMS,
     PREPARED_DIR,
+    shared_by_experiments,
 )
 from transfer.params import load_params
 
@@ -49,7 +52,8 @@ def main() -> None:
     started = time.perf_counter()
     lookup = image_lookup(stores)
     report, familiarity = run_audit(images, meta.classes, settings, params.seed, meta,
-                                    lambda i: lookup((images.splits[i], images.paths[i])))
+                                    lambda i: lookup((images.splits[i], images.paths[i])),
+                                    pair_cache(stores.values()))
     log.info("audit took %.2fs for %d images", time.perf_counter() - started, len(images.labels))
     picture = draw_sheet(suspect_sections(report), lookup)
     with atomic_outputs(AUDIT_REPORT, AUDIT_PICTURE, FAMILIARITY) as (report_file, picture_file,
@@ -64,6 +68,17 @@ def main() -> None:
              counts["near_duplicates_across_splits"], counts["near_duplicates_across_labels"],
              counts["unfamiliar"])
     log.info("details: %s; picture: %s", AUDIT_REPORT, AUDIT_PICTURE)
+
+
+def pair_cache(stores: Iterable[ImageStore]) -> PairCache | None:
+    """The keypoint counts of pairs checked before, for the images of ``stores`` in their
+    order (as ``AuditImages.gather`` puts them); None for a store prepared without its pixels'
+    hashes."""
+    digests = [store.stored_digests() for store in stores]
+    if any(d is None for d in digests):
+        return None
+    return PairCache(shared_by_experiments(KEYPOINT_CACHE),
+                     [digest.decode("ascii") for d in digests for digest in d])
 
 
 def image_lookup(stores: dict[str, ImageStore]) -> Callable[[tuple[str, str]], np.ndarray]:

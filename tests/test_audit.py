@@ -245,6 +245,42 @@ def test_the_audit_outputs_are_the_same_bytes_when_run_again(audited, tmp_path):
         assert (project / name).read_bytes() == (audited / name).read_bytes(), name
 
 
+def test_a_second_audit_takes_the_pairs_keypoints_from_the_cache(audited, tmp_path,
+                                                                 monkeypatch, caplog):
+    """The first audit left the pairs' keypoint counts in cache/keypoints/; run again, it
+    computes no keypoints and writes the same bytes; a damaged cache file is matched again,
+    with a warning, to the same bytes."""
+    import shutil
+
+    from stages import audit
+    from transfer.keypoints import KeypointMatcher
+
+    project = tmp_path / "cached"
+    shutil.copytree(audited, project)
+    (cached,) = (project / "cache" / "keypoints").glob("*.json")
+    stored = json.loads(cached.read_text())["pairs"]
+    report = json.loads((audited / "reports" / "audit.json").read_text())
+    assert len(stored) >= report["counts"]["near_duplicate_pairs"] >= 1
+    real_keypoints = KeypointMatcher._keypoints
+
+    def no_keypoints(self, i, mirrored=False):
+        raise AssertionError("keypoints computed for a pair the cache knows")
+
+    monkeypatch.setattr(KeypointMatcher, "_keypoints", no_keypoints)
+    with working_directory(project):
+        audit.main()
+    assert (project / "reports" / "audit.json").read_bytes() == \
+        (audited / "reports" / "audit.json").read_bytes()
+    monkeypatch.setattr(KeypointMatcher, "_keypoints", real_keypoints)
+    cached.write_text('{"config": {}, "pairs": {"a": "b"}')  # truncated
+    with working_directory(project):
+        audit.main()
+    assert "is damaged" in caplog.text
+    assert (project / "reports" / "audit.json").read_bytes() == \
+        (audited / "reports" / "audit.json").read_bytes()
+    assert json.loads(cached.read_text())["pairs"] == stored  # rewritten whole
+
+
 def test_damaged_embeddings_are_one_error_line_and_nothing_is_written(audited, tmp_path):
     import shutil
 

@@ -122,10 +122,10 @@ def test_stage_declares_every_layout_path_it_uses(name):
         value = getattr(layout, used)
         if not isinstance(value, Path) or value in (layout.PARAMS, layout.CHECKPOINT_DIR,
                                                     layout.ONNX_CACHE, layout.EMBEDDING_STORE,
-                                                    layout.RAW_DIR,
+                                                    layout.KEYPOINT_CACHE, layout.RAW_DIR,
                                                     layout.TORCHVISION_ROOT):
-            continue  # params are declared per key; checkpoints, ONNX graphs and stored
-            # embeddings live outside DVC on purpose
+            continue  # params are declared per key; checkpoints, ONNX graphs, stored
+            # embeddings and keypoint counts live outside DVC on purpose
         if not _covers(declared, value):
             undeclared.append(f"{used}={value}")
     assert not undeclared, f"stage {name} uses paths dvc.yaml does not declare for it"

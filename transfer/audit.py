@@ -24,7 +24,7 @@ import numpy as np
 from transfer.artifacts import load_arrays, save_arrays
 from transfer.embeddings import EmbeddingMeta, read_rows
 from transfer.errors import PipelineError
-from transfer.keypoints import KeypointMatcher
+from transfer.keypoints import KeypointMatcher, PairCache
 from transfer.layout import AUDIT_PICTURE, AUDIT_REPORT
 
 log = logging.getLogger(__name__)
@@ -377,11 +377,12 @@ class AuditSettings:
 
 def run_audit(images: AuditImages, classes: Sequence[str], settings: AuditSettings,
               seed: int, meta: EmbeddingMeta,
-              pixels: Callable[[int], np.ndarray] | None = None
-              ) -> tuple[dict[str, Any], Familiarity]:
+              pixels: Callable[[int], np.ndarray] | None = None,
+              pair_cache: PairCache | None = None) -> tuple[dict[str, Any], Familiarity]:
     """``reports/audit.json``'s content, and the familiarity reference for ``predict``;
     ``pixels(i)``: image ``i``'s pixels, for the keypoints that confirm a near-duplicate pair
-    (``settings.duplicate_keypoints``; none checked without it)."""
+    (``settings.duplicate_keypoints``; none checked without it), with the counts of pairs
+    checked before in ``pair_cache``."""
     def image(i: int) -> dict[str, str]:
         return {"id": str(images.content_ids[i]), "path": str(images.paths[i]),
                 "split": str(images.splits[i])}
@@ -403,7 +404,7 @@ def run_audit(images: AuditImages, classes: Sequence[str], settings: AuditSettin
                     "cross-validation needs at least two of each")
 
     centre = training_centre(images)
-    matcher = KeypointMatcher(pixels) \
+    matcher = KeypointMatcher(pixels, pair_cache) \
         if pixels is not None and settings.duplicate_keypoints > 0 else None
     pairs, scores = scan(unit_rows(images.features, centre), images.splits, images.labels,
                          settings.duplicate_margin, settings.neighbours, settings.max_listed,

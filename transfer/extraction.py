@@ -23,7 +23,8 @@ import numpy as np
 from transfer.artifacts import atomic_output, write_npy
 from transfer.data import ImageStore
 from transfer.embedding_store import EmbeddingStore, digest_key, pixel_key
-from transfer.warm import SingleProcess, WarmExtraction, cpu_model
+from transfer.machine import cpu_model
+from transfer.warm import SingleProcess, WarmExtraction
 
 if TYPE_CHECKING:  # torch is imported where a network runs, not to assemble rows
     from transfer.backbones import Backbone

@@ -10,11 +10,20 @@ different scenes share almost none (docs/audit.md). Mirrored copies are matched 
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
+
+from transfer.artifacts import write_json
+from transfer.machine import cpu_model
+
+log = logging.getLogger(__name__)
 
 # SIFT keypoints kept per image, the strongest. Measured on monkeys10 (docs/audit.md): 250, or
 # images shrunk to 160 pixels first, lost copies that 500 at full size kept; 1,000 kept no more.
@@ -27,29 +36,94 @@ RANSAC_PIXELS = 3.0  # reprojection error within which a match agrees with the t
 Features = tuple[np.ndarray, np.ndarray | None]
 
 
+class PairCache:
+    """The counts ``KeypointMatcher.matches_many`` found before, for the next audit: one JSON
+    file in ``folder`` (outside DVC's outputs, like the embedding store) per configuration
+    (these settings, OpenCV's version, the processor), each pair keyed by its images' pixels as
+    ``prepare`` stored them (``digests[i]``: image ``i``'s SHA-256) and the ``enough`` the
+    mirror image was tried below. A damaged file is matched again, never trusted."""
+
+    def __init__(self, folder: Path, digests: Sequence[str]) -> None:
+        import cv2
+
+        self.config = {"features": FEATURES, "ratio": RATIO, "ransac_pixels": RANSAC_PIXELS,
+                       "min_side": MIN_SIDE, "opencv": cv2.__version__, "cpu": cpu_model()}
+        name = hashlib.sha256(json.dumps(self.config, sort_keys=True).encode()).hexdigest()
+        self.path = folder / f"{name[:32]}.json"
+        self._digests = digests
+        self._counts = self._read()
+        self._added = False
+
+    def _read(self) -> dict[str, int]:
+        if not self.path.exists():
+            return {}
+        try:
+            stored = json.loads(self.path.read_text(encoding="utf-8"))
+            counts = stored["pairs"]
+            if stored["config"] != self.config or not isinstance(counts, dict) or not all(
+                    isinstance(key, str) and type(count) is int for key, count in counts.items()):
+                raise ValueError("not the counts of this configuration")
+            return counts
+        except (OSError, ValueError, KeyError, TypeError, RecursionError) as err:
+            log.warning("%s is damaged (%s): its pairs are matched again", self.path, err)
+            return {}
+
+    def _key(self, pair: tuple[int, int], enough: int) -> str:
+        return f"{self._digests[pair[0]]}:{self._digests[pair[1]]}:{enough}"
+
+    def get(self, pair: tuple[int, int], enough: int) -> int | None:
+        return self._counts.get(self._key(pair, enough))
+
+    def put(self, pair: tuple[int, int], enough: int, count: int) -> None:
+        self._counts[self._key(pair, enough)] = count
+        self._added = True
+
+    def save(self) -> None:
+        """Write the counts, all at once (a concurrent audit's are replaced, not mixed in)."""
+        if self._added:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            write_json(self.path, {"config": self.config, "pairs": dict(sorted(
+                self._counts.items()))})
+            self._added = False
+
+
 class KeypointMatcher:
     """Counts matching keypoints between images given by index; each image is read and its
-    keypoints computed once (``pixels(i)``: its uint8 ``(H, W, 3)`` pixels)."""
+    keypoints computed once (``pixels(i)``: its uint8 ``(H, W, 3)`` pixels), and not at all
+    for a pair the ``cache`` knows."""
 
-    def __init__(self, pixels: Callable[[int], np.ndarray]) -> None:
+    def __init__(self, pixels: Callable[[int], np.ndarray],
+                 cache: PairCache | None = None) -> None:
         import cv2
 
         cv2.setNumThreads(1)  # the same counts on every machine, and no oversubscription
         self._cv2 = cv2
         self._pixels = pixels
+        self._cache = cache
         self._sift = cv2.SIFT_create(nfeatures=FEATURES)
         self._matcher = cv2.BFMatcher(cv2.NORM_L2)
         self._grey: dict[int, np.ndarray | None] = {}
         self._features: dict[tuple[int, bool], Features | None] = {}
 
     def matches_many(self, pairs: Sequence[tuple[int, int]], enough: int) -> list[int]:
-        """``matches`` of each pair, computed on every core: OpenCV works without Python's
-        lock, so threads share the work (each image's keypoints are the same either way)."""
-        images = sorted({i for pair in pairs for i in pair})
+        """``matches`` of each pair: from the cache where it has them, the others computed on
+        every core (OpenCV works without Python's lock, so threads share the work; each
+        image's keypoints are the same either way) and added to it."""
+        cache = self._cache
+        known = [cache.get(pair, enough) if cache else None for pair in pairs]
+        todo = [pair for pair, count in zip(pairs, known, strict=True) if count is None]
+        images = sorted({i for pair in todo for i in pair})
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
         with ThreadPoolExecutor(cores or os.cpu_count() or 1) as pool:
             list(pool.map(self._keypoints, images))
-            return list(pool.map(lambda pair: self.matches(*pair, enough), pairs))
+            found = iter(pool.map(lambda pair: self.matches(*pair, enough), todo))
+        counts = [count if count is not None else next(found) for count in known]
+        if cache and todo:
+            for pair, count, was_known in zip(pairs, counts, known, strict=True):
+                if was_known is None:
+                    cache.put(pair, enough, count)
+            cache.save()
+        return counts
 
     def matches(self, first: int, second: int, enough: int) -> int:
         """Keypoints of ``first`` that match ``second`` (or its mirror image) under one

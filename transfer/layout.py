@@ -32,6 +32,9 @@ EMBEDDING_STORE = Path("cache/embeddings")
 
 # audit
 AUDIT_REPORT = Path("reports/audit.json")
+# The matching keypoints of the near-duplicate pairs audit checked before, keyed by the two
+# images' stored pixels (transfer/keypoints.py: PairCache); outside every DVC output.
+KEYPOINT_CACHE = Path("cache/keypoints")
 AUDIT_PICTURE = Path("plots/audit/suspects.png")
 # What predict compares new images with to call them unfamiliar.
 FAMILIARITY = Path("models/familiarity.npz")

@@ -16,13 +16,11 @@ missing or damaged graph, several processes under ``torchrun``) sends the stage 
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import importlib.metadata
 import json
 import logging
 import os
-import platform
 import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
@@ -32,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from transfer.artifacts import sha256_file, write_json
+from transfer.machine import cpu_model
 from transfer.pixels import ResizeCrop, pixel_arrays
 
 log = logging.getLogger(__name__)
@@ -69,15 +68,6 @@ def installed_versions() -> dict[str, str]:
         except importlib.metadata.PackageNotFoundError:
             versions[package] = "not installed"
     return versions
-
-
-def cpu_model() -> str:
-    """The CPU's model name: kernels, and so the last bits of a row, may differ by model."""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"cpu {line.partition(':')[2].strip()}"
-    return f"cpu {platform.machine()} {platform.processor()}".strip()
 
 
 def record_key(params: Any) -> str:
