@@ -38,6 +38,9 @@ class _LastEpoch:
     def better(self, candidate, best) -> bool:
         return True
 
+    def unbeatable(self, scores) -> bool:
+        return False
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

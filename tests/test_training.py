@@ -232,10 +232,47 @@ def test_the_range_test_picks_a_rate_below_divergence_and_restores_the_network(t
     assert final_train_loss(found.diverged_at) > 3 * chosen
 
 
+def test_a_start_no_epoch_can_beat_is_kept_without_training(tmp_path, caplog):
+    """Right on every validation image from the start, no epoch can be kept over it by
+    accuracy: training stops before its first epoch and says why; by log loss it trains."""
+    labels = np.arange(24) % 3
+    data = LabelledImages(_separable(24, labels), labels, _tensor_transform)
+    params = FinetuneParams(enabled=True, strategy="head", epochs=2, batch_size=4, lr=0.01)
+    result = train(_flat_net(), data, data, params, 0, CPU, tmp_path / "a.pt", "a")
+    assert result.state.best.val_accuracy == 1.0  # the premise
+    assert result.state.epoch == 0 and result.stopped_early and len(result.state.history) == 1
+    assert result.stop_reason == (
+        "the network it started from (epoch 0) has a validation accuracy of 1 on the 24 "
+        "validation images, so no later epoch could be kept over it; to compare epochs beyond "
+        "that, enlarge the validation split (data.val_size) or set finetune.select_by: log_loss")
+    assert "fine-tuning stopped after epoch 0 of 2: the network it started from" in caplog.text
+    by_loss = dataclasses.replace(params, select_by="log_loss")
+    result = train(_flat_net(), data, data, by_loss, 0, CPU, tmp_path / "b.pt", "b")
+    assert result.state.epoch == 2 and result.stop_reason is None
+
+
+def test_the_stop_reason_names_the_unbeatable_epoch_or_the_patience():
+    from transfer.selection import SELECT_BY
+    from transfer.training import EpochRecord, TrainingState, _stop_reason
+
+    def record(epoch, accuracy):
+        return EpochRecord(epoch, 0.0, None, None, 0.1, accuracy, accuracy)
+
+    state = TrainingState(2, [record(0, 0.9), record(1, 0.95), record(2, 1.0)], best_epoch=2)
+    assert _stop_reason(state, SELECT_BY["accuracy"], None, 40).startswith(
+        "epoch 2 has a validation accuracy of 1 on the 40 validation images")
+    assert _stop_reason(state, SELECT_BY["log_loss"], None, 40) is None  # a loss can fall
+    state.best_epoch, state.epochs_without_improvement = 1, 1
+    assert _stop_reason(state, SELECT_BY["accuracy"], 1, 40) == \
+        "no better validation accuracy for 1 epoch"
+    assert _stop_reason(state, SELECT_BY["accuracy"], 2, 40) is None
+
+
 def test_lr_auto_is_recorded_and_a_loss_that_diverges_at_once_is_one_error(tmp_path):
     labels = np.arange(24) % 3
     data = LabelledImages(_separable(24, labels), labels, _tensor_transform)
-    params = FinetuneParams(enabled=True, strategy="head", epochs=1, batch_size=4, lr="auto")
+    params = FinetuneParams(enabled=True, strategy="head", epochs=1, batch_size=4, lr="auto",
+                            select_by="log_loss")  # accuracy: right from the start, no epoch
     result = train(_flat_net(), data, data, params, 0, CPU, tmp_path / "a.pt", "a")
     assert result.lr_range is not None and result.lr == result.lr_range.lr
     assert result.state.history[1].lr == pytest.approx(result.lr)  # no warm-up left at the end

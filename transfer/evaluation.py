@@ -162,8 +162,10 @@ def summary_markdown(evaluations: Sequence[ModelEvaluation], finetune_status: Ma
     if "reason" in finetune_status:
         finetune += f" ({finetune_status['reason']})"
     if finetune == "trained":
+        stopped = finetune_status.get("stop_reason")
         finetune += (f" ({finetune_status['strategy']}, best epoch "
-                     f"{finetune_status['best_epoch']} of {finetune_status['epochs_run']})")
+                     f"{finetune_status['best_epoch']} of {finetune_status['epochs_run']}"
+                     f"{'; stopped: ' + stopped if stopped else ''})")
     lines = [
         "# Evaluation summary",
         "",

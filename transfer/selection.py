@@ -47,6 +47,11 @@ class Criterion:
         new, old = self.value(candidate), self.value(best)
         return new > old if self.higher_is_better else new < old
 
+    def unbeatable(self, scores: ValidationScores) -> bool:
+        """Whether no epoch can score better: an accuracy of 1 (every validation image
+        right). A log loss is never unbeatable."""
+        return self.higher_is_better and self.value(scores) >= 1.0
+
 
 SELECT_BY: dict[str, Criterion] = {c.name: c for c in (
     Criterion("accuracy", "accuracy", True),

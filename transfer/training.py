@@ -57,7 +57,7 @@ from transfer.network import (
 from transfer.objective import Objective, balanced_sample_weights
 from transfer.params import FinetuneParams, Params
 from transfer.runtime import Runtime, end_process_group, resolve_runtime, set_determinism
-from transfer.selection import SELECT_BY, ValidationScores
+from transfer.selection import SELECT_BY, Criterion, ValidationScores
 from transfer.strategies import STRATEGIES
 
 log = logging.getLogger(__name__)
@@ -162,6 +162,7 @@ class FinetuneResult:
     stopped_early: bool
     lr: float  # the head's peak learning rate: finetune.lr, or the range test's choice
     lr_range: LrRange | None = None
+    stop_reason: str | None = None  # why it stopped before finetune.epochs
 
 
 def checkpoint_key(params: FinetuneParams, seed: int, identity: dict[str, Any]) -> str:
@@ -426,8 +427,8 @@ def train(net: FinetuneNet, train_set: LabelledImages, val_set: LabelledImages,
         on_epoch(state)
 
     train_seconds, train_images = 0.0, 0
-    stopped_early = state.patience_spent(params.patience)
-    while state.epoch < params.epochs and not stopped_early:
+    stop_reason = _stop_reason(state, criterion, params.patience, len(val_set))
+    while state.epoch < params.epochs and stop_reason is None:
         epoch = state.epoch + 1
         epoch_seed = _seed_epoch(seed, epoch)
         set_train_mode(net, params.bn)
@@ -463,7 +464,7 @@ def train(net: FinetuneNet, train_set: LabelledImages, val_set: LabelledImages,
             state.epochs_without_improvement = 0
         else:
             state.epochs_without_improvement += 1
-        stopped_early = state.patience_spent(params.patience)
+        stop_reason = _stop_reason(state, criterion, params.patience, len(val_set))
         log.info("epoch %d: train loss %.4f, train accuracy %.4f, val loss %.4f, "
                  "val accuracy %.4f (%s weights), lr %.3g", epoch, record.train_loss,
                  record.train_accuracy, record.val_loss, record.val_accuracy, record.weights,
@@ -473,12 +474,31 @@ def train(net: FinetuneNet, train_set: LabelledImages, val_set: LabelledImages,
                 on_epoch(state)
             _save_checkpoint(checkpoint, key, net, optimizer, scheduler, scaler, state, ema,
                              lr_range)
-    if stopped_early and state.epoch < params.epochs:
-        log.info("early stop after epoch %d: no better validation %s for %d epochs",
-                 state.epoch, criterion.name.replace("_", " "), params.patience)
+    stopped_early = stop_reason is not None and state.epoch < params.epochs
+    if stopped_early:
+        (log.warning if state.epoch == 0 else log.info)(
+            "fine-tuning stopped after epoch %d of %d: %s", state.epoch, params.epochs,
+            stop_reason)
     rate = train_images / train_seconds if train_seconds else 0.0
-    return FinetuneResult(state, rate, resumed_from, stopped_early and state.epoch < params.epochs,
-                          lr, lr_range)
+    return FinetuneResult(state, rate, resumed_from, stopped_early,
+                          lr, lr_range, stop_reason if stopped_early else None)
+
+
+def _stop_reason(state: TrainingState, criterion: Criterion, patience: int | None,
+                 n_val: int) -> str | None:
+    """Why training should stop before its last epoch, or None: the kept epoch scores as
+    well as any can (no later epoch would be kept over it), or ``patience`` epochs in a row
+    were no better."""
+    score = criterion.name.replace("_", " ")
+    if criterion.unbeatable(state.best.scores):
+        kept = "the network it started from (epoch 0)" if state.best_epoch == 0 \
+            else f"epoch {state.best_epoch}"
+        return (f"{kept} has a validation {score} of 1 on the {n_val} validation images, so "
+                "no later epoch could be kept over it; to compare epochs beyond that, enlarge "
+                "the validation split (data.val_size) or set finetune.select_by: log_loss")
+    if state.patience_spent(patience):
+        return f"no better validation {score} for {patience} epoch{'s' * (patience != 1)}"
+    return None
 
 
 def _copy_state(net: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -574,7 +594,7 @@ def run_finetune(params: Params, *, prepared_dir: Path, embeddings_dir: Path, he
                 "best_weights": best.weights, "val_accuracy": best.val_accuracy,
                 "val_balanced_accuracy": best.val_balanced_accuracy, "val_loss": best.val_loss,
                 "start_val_accuracy": result.state.history[0].val_accuracy,
-                "stopped_early": result.stopped_early,
+                "stopped_early": result.stopped_early, "stop_reason": result.stop_reason,
                 "trainable_parameters": trainable, "total_parameters": total,
                 "device": runtime.device.type, "precision": runtime.precision,
                 "processes": runtime.world_size, "bn": bn, "calibration": calibration})
