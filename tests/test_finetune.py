@@ -233,7 +233,7 @@ def test_a_range_test_that_diverges_at_once_is_one_line_and_writes_nothing(proje
 
 
 @pytest.mark.slow
-def test_class_imbalance_keys_on_a_skewed_subset(tmp_path):
+def test_class_imbalance_keys_on_a_skewed_subset(tmp_path, caplog):
     from stages import extract, prepare
     from tests.conftest import working_directory, write_colour_folder
 
@@ -264,6 +264,7 @@ def test_class_imbalance_keys_on_a_skewed_subset(tmp_path):
         # each class) cannot be beaten: the stage stops before training and says why.
         _enable(root, strategy="head", epochs=1, augment="none", lr=0.01,
                 select_by="balanced_accuracy")
+        caplog.set_level("INFO", logger="transfer.training")
         finetune.main()
         status = json.loads((root / "models" / "finetune" / "status.json").read_text())
     assert losses["plain"] != losses["balanced"]  # weighted loss, other draws
@@ -271,3 +272,4 @@ def test_class_imbalance_keys_on_a_skewed_subset(tmp_path):
     assert status["epochs_run"] == 0 and status["best_epoch"] == 0 and status["stopped_early"]
     assert status["stop_reason"].startswith("the network it started from (epoch 0) has a "
                                             "validation balanced accuracy of 1")
+    assert "(start 1.0000); no epoch trained, " in caplog.text

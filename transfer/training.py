@@ -604,10 +604,11 @@ def run_finetune(params: Params, *, prepared_dir: Path, embeddings_dir: Path, he
     best = result.state.best
     resumed = (f", resumed after epoch {result.resumed_from_epoch}"
                if result.resumed_from_epoch else "")
-    log.info("fine-tuned: best epoch %d, val accuracy %.4f (start %.4f); %.1f training "
-             "images/s, %.1fs in all%s", result.state.best_epoch, best.val_accuracy,
-             result.state.history[0].val_accuracy, result.train_images_per_second,
-             time.perf_counter() - started, resumed)
+    speed = (f"{result.train_images_per_second:.1f} training images/s, "
+             if result.train_images_per_second else "no epoch trained, ")
+    log.info("fine-tuned: best epoch %d, val accuracy %.4f (start %.4f); %s%.1fs in all%s",
+             result.state.best_epoch, best.val_accuracy, result.state.history[0].val_accuracy,
+             speed, time.perf_counter() - started, resumed)
     return result
 
 
