@@ -110,16 +110,18 @@ def _subfolders(root: Path) -> list[Path]:
     if not root.is_dir():
         raise PipelineError(f"data.source: '{root}' is not a directory; expected 'digits', "
                             "'torchvision:<Name>', a .csv manifest or an image-folder root")
-    try:
-        return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    except OSError as err:
-        raise PipelineError(f"data.source: cannot read '{root}' ({err.strerror})") from err
+    return [p for p in _visible_entries(root) if p.is_dir()]
 
 
 def _files_in(folder: Path) -> list[Path]:
     """The visible files directly in ``folder`` (not in its sub-folders), sorted."""
+    return [p for p in _visible_entries(folder) if p.is_file()]
+
+
+def _visible_entries(folder: Path) -> list[Path]:
+    """What ``folder`` holds directly, hidden entries left out, sorted."""
     try:
-        return sorted(p for p in folder.iterdir() if not p.name.startswith(".") and p.is_file())
+        return sorted(p for p in folder.iterdir() if not p.name.startswith("."))
     except OSError as err:
         raise PipelineError(f"data.source: cannot read '{folder}' ({err.strerror})") from err
 
