@@ -244,10 +244,10 @@ def scan(unit: np.ndarray, splits: np.ndarray, labels: np.ndarray, min_margin: f
         beyond = np.flatnonzero(~within)
         if len(beyond):
             scores[block[beyond]] = mean_top_distance(similarities[beyond][:, train], k)
-    first, second, similarity = listed_pairs(
+    first, second, similarity, margin = listed_pairs(
         *(np.concatenate(part) for part in zip(*found, strict=True)), typical, min_margin) \
-        if found else (np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, np.float32))
-    margin = similarity - (typical[first] + typical[second]) / 2
+        if found else (np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, np.float32),
+                       np.empty(0, np.float32))
     keypoints = np.full(len(first), -1, np.int64)
     if matcher is not None and len(first):
         keypoints = np.array(matcher.matches_many(
@@ -263,12 +263,12 @@ def scan(unit: np.ndarray, splits: np.ndarray, labels: np.ndarray, min_margin: f
 
 def listed_pairs(rows: np.ndarray, columns: np.ndarray, similarities: np.ndarray,
                  typical: np.ndarray, min_margin: float
-                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """The pairs among the similarities kept by ``scan`` (image ``rows[i]`` to
     ``columns[i]``) whose margin over their images' ``typical`` similarity is at least
     ``min_margin``: each pair once, the first image the one with the lower index, with the
     similarity as that image's block computed it where it kept the pair (else as the other
-    image's did), in order of the first, then the second image."""
+    image's did), and the margin, in order of the first, then the second image."""
     first, second = np.minimum(rows, columns), np.maximum(rows, columns)
     own_side = rows == first  # found from the first image's row: preferred
     order = np.lexsort((~own_side, second, first))
@@ -278,7 +278,7 @@ def listed_pairs(rows: np.ndarray, columns: np.ndarray, similarities: np.ndarray
     first, second, similarities = first[once], second[once], similarities[once]
     margin = similarities - (typical[first] + typical[second]) / 2
     listed = margin >= min_margin
-    return first[listed], second[listed], similarities[listed]
+    return first[listed], second[listed], similarities[listed], margin[listed]
 
 
 # Familiarity: is a new image like the training images?
