@@ -159,10 +159,13 @@ class FinetuneResult:
     state: TrainingState
     train_images_per_second: float
     resumed_from_epoch: int
-    stopped_early: bool
+    stop_reason: str | None  # why it stopped before finetune.epochs (None: it did not)
     lr: float  # the head's peak learning rate: finetune.lr, or the range test's choice
     lr_range: LrRange | None = None
-    stop_reason: str | None = None  # why it stopped before finetune.epochs
+
+    @property
+    def stopped_early(self) -> bool:
+        return self.stop_reason is not None
 
 
 def checkpoint_key(params: FinetuneParams, seed: int, identity: dict[str, Any]) -> str:
@@ -474,14 +477,14 @@ def train(net: FinetuneNet, train_set: LabelledImages, val_set: LabelledImages,
                 on_epoch(state)
             _save_checkpoint(checkpoint, key, net, optimizer, scheduler, scaler, state, ema,
                              lr_range)
-    stopped_early = stop_reason is not None and state.epoch < params.epochs
-    if stopped_early:
+    if state.epoch >= params.epochs:
+        stop_reason = None  # it ran every epoch
+    if stop_reason is not None:
         (log.warning if state.epoch == 0 else log.info)(
             "fine-tuning stopped after epoch %d of %d: %s", state.epoch, params.epochs,
             stop_reason)
     rate = train_images / train_seconds if train_seconds else 0.0
-    return FinetuneResult(state, rate, resumed_from, stopped_early,
-                          lr, lr_range, stop_reason if stopped_early else None)
+    return FinetuneResult(state, rate, resumed_from, stop_reason, lr, lr_range)
 
 
 def _stop_reason(state: TrainingState, criterion: Criterion, patience: int | None,
