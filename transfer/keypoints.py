@@ -10,6 +10,7 @@ different scenes share almost none (docs/audit.md). Mirrored copies are matched 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -17,6 +18,7 @@ import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -41,20 +43,28 @@ class PairCache:
     file in ``folder`` (outside DVC's outputs, like the embedding store) per configuration
     (these settings, OpenCV's version, the processor), each pair keyed by its images' pixels as
     ``prepare`` stored them (``digests[i]``: image ``i``'s SHA-256) and the ``enough`` the
-    mirror image was tried below. A damaged file is matched again, never trusted."""
+    mirror image was tried below. A damaged file is matched again, never trusted. Nothing is
+    read before a count is asked for (an audit without the keypoint check reads nothing)."""
 
     def __init__(self, folder: Path, digests: Sequence[str]) -> None:
-        import cv2
-
-        self.config = {"features": FEATURES, "ratio": RATIO, "ransac_pixels": RANSAC_PIXELS,
-                       "min_side": MIN_SIDE, "opencv": cv2.__version__, "cpu": cpu_model()}
-        name = hashlib.sha256(json.dumps(self.config, sort_keys=True).encode()).hexdigest()
-        self.path = folder / f"{name[:32]}.json"
+        self._folder = folder
         self._digests = digests
-        self._counts = self._read()
         self._added = False
 
-    def _read(self) -> dict[str, int]:
+    @functools.cached_property
+    def config(self) -> dict[str, Any]:
+        import cv2
+
+        return {"features": FEATURES, "ratio": RATIO, "ransac_pixels": RANSAC_PIXELS,
+                "min_side": MIN_SIDE, "opencv": cv2.__version__, "cpu": cpu_model()}
+
+    @functools.cached_property
+    def path(self) -> Path:
+        name = hashlib.sha256(json.dumps(self.config, sort_keys=True).encode()).hexdigest()
+        return self._folder / f"{name[:32]}.json"
+
+    @functools.cached_property
+    def _counts(self) -> dict[str, int]:
         if not self.path.exists():
             return {}
         try:
