@@ -198,6 +198,59 @@ WIDER = 4
 CANDIDATE_SLACK = np.float32(1e-6)
 
 
+class Nearest:
+    """Each image's ``wide`` largest similarities met so far, with the images they are to,
+    merged as blocks of the similarity matrix come."""
+
+    def __init__(self, n: int, wide: int):
+        self.wide = wide
+        self.similarity = np.full((n, wide), -np.inf, np.float32)
+        self.column = np.full((n, wide), -1, np.int64)
+        self.floor = np.full(n, -np.inf, np.float32)  # the smallest kept: no less enters
+
+    def meet(self, images: np.ndarray, similarities: np.ndarray, first_column: int) -> None:
+        """Images ``images`` meet images ``first_column``, ``first_column + 1``, ...: row i of
+        ``similarities`` holds ``images[i]``'s similarity to each. Only values above what an
+        image keeps are taken: past the first blocks, a few per image, gathered one by one;
+        where there are more than ``wide``, the row's ``wide`` largest."""
+        above = similarities > self.floor[images][:, None]
+        counts = above.sum(axis=1)
+        many = counts > self.wide
+        if many.any():
+            top, columns = largest(similarities[many], self.wide)
+            self._merge(images[many], top, columns + first_column)
+        few = (counts > 0) & ~many
+        if few.any():
+            above[many] = False
+            row, column = np.nonzero(above)  # row by row
+            taken = counts[few]
+            slot = np.arange(len(row)) - np.repeat(np.cumsum(taken) - taken, taken)
+            at = np.repeat(np.arange(len(taken)), taken)
+            top = np.full((len(taken), int(taken.max())), -np.inf, np.float32)
+            columns = np.full(top.shape, -1, np.int64)
+            top[at, slot] = similarities[row, column]
+            columns[at, slot] = column + first_column
+            self._merge(images[few], top, columns)
+
+    def _merge(self, images: np.ndarray, similarity: np.ndarray, column: np.ndarray) -> None:
+        values = np.concatenate([self.similarity[images], similarity], axis=1)
+        columns = np.concatenate([self.column[images], column], axis=1)
+        keep = np.argpartition(values, values.shape[1] - self.wide, axis=1)[:, -self.wide:]
+        self.similarity[images] = np.take_along_axis(values, keep, axis=1)
+        self.column[images] = np.take_along_axis(columns, keep, axis=1)
+        self.floor[images] = self.similarity[images].min(axis=1)
+
+
+def largest(similarities: np.ndarray, wide: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's ``wide`` largest values (all of them where it has no more) and their
+    columns."""
+    m = similarities.shape[1]
+    if m <= wide:
+        return similarities, np.broadcast_to(np.arange(m), similarities.shape)
+    columns = np.argpartition(similarities, m - wide, axis=1)[:, -wide:]
+    return np.take_along_axis(similarities, columns, axis=1), columns
+
+
 def scan(unit: np.ndarray, splits: np.ndarray, labels: np.ndarray, min_margin: float, k: int,
          limit: int, rows: int = ROWS, matcher: KeypointMatcher | None = None,
          min_keypoints: int = 0) -> tuple[Pairs, np.ndarray]:
@@ -217,22 +270,29 @@ def scan(unit: np.ndarray, splits: np.ndarray, labels: np.ndarray, min_margin: f
     k = max(1, min(k, int(train.sum()) - 1))  # as mean_top_distance counts them
     typical, scores = np.zeros(n, dtype=np.float32), np.empty(n)
     near = min(NEAR + 1, n - 1)
-    # Each row's most similar images: the typical similarity is the mean of the 2nd to
+    # Each image's most similar images: the typical similarity is the mean of the 2nd to
     # (NEAR+1)th, and the k most similar training images, for the outlier score, are nearly
-    # always among the first WIDER * k (where not, the row searches every training image).
+    # always among the first WIDER * k (where not, the image searches every training image).
     wide = min(n - 1, max(near, WIDER * k))
+    blocks = range(0, n if wide >= 1 else 0, rows)
+    nearest = Nearest(n, max(wide, 1))
+    # The matrix is symmetric: each block of rows is multiplied with itself and the images
+    # after it only, and what it holds for those later images is offered to them too.
+    for start in blocks:
+        end = min(start + rows, n)
+        block = unit[start:end] @ unit[start:].T
+        block[np.arange(end - start), np.arange(end - start)] = -np.inf
+        nearest.meet(np.arange(start, end), block, start)
+        nearest.meet(np.arange(end, n), block[:, end - start:].T, start)
     # The mean of two typical similarities is at least the smaller one, so a listed pair is
     # min_margin above the typical similarity of one of its images, and is among that image's
-    # NEAR most similar (the (NEAR+1)th is not above the typical similarity): each block keeps
-    # those of its rows' top similarities that are that high (CANDIDATE_SLACK: whatever float32
-    # rounding), and the pairs are decided once every image's typical similarity is known.
+    # NEAR most similar (the (NEAR+1)th is not above the typical similarity): each image
+    # offers those of its top similarities that are that high (CANDIDATE_SLACK: whatever
+    # float32 rounding), and the pairs are decided once every typical similarity is known.
     found = []
-    for start in range(0, n if wide >= 1 else 0, rows):
+    for start in blocks:
         block = np.arange(start, min(start + rows, n))
-        similarities = unit[block] @ unit.T
-        similarities[np.arange(len(block)), block] = -np.inf
-        columns = np.argpartition(similarities, n - wide, axis=1)[:, -wide:]
-        top = np.take_along_axis(similarities, columns, axis=1)
+        top, columns = nearest.similarity[block], nearest.column[block]
         if near >= 2:
             typical[block] = np.sort(top, axis=1)[:, -near:-1].mean(axis=1)
         floor = np.maximum(typical[block] + np.float32(min_margin), np.float32(MIN_SIMILARITY))
@@ -241,9 +301,11 @@ def scan(unit: np.ndarray, splits: np.ndarray, labels: np.ndarray, min_margin: f
         top_train = np.where(train[columns], top, -np.inf)
         within = (top_train > -np.inf).sum(axis=1) >= k
         scores[block[within]] = mean_top_distance(top_train[within], k)
-        beyond = np.flatnonzero(~within)
+        beyond = block[~within]
         if len(beyond):
-            scores[block[beyond]] = mean_top_distance(similarities[beyond][:, train], k)
+            similarities = unit[beyond] @ unit.T
+            similarities[np.arange(len(beyond)), beyond] = -np.inf
+            scores[beyond] = mean_top_distance(similarities[:, train], k)
     first, second, similarity, margin = listed_pairs(
         *(np.concatenate(part) for part in zip(*found, strict=True)), typical, min_margin) \
         if found else (np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, np.float32),
