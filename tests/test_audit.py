@@ -11,6 +11,7 @@ from transfer.audit import (
     AuditImages,
     AuditSettings,
     Familiarity,
+    Nearest,
     Pairs,
     power_normalised,
     run_audit,
@@ -108,6 +109,23 @@ def test_the_one_pass_scan_finds_what_the_whole_similarity_matrix_defines(train_
     assert pairs.total == len(expected_pairs) >= 20
     assert np.all(pairs.first < pairs.second)
     np.testing.assert_allclose(scores, expected_scores, atol=1e-5)
+
+
+def test_nearest_keeps_each_images_largest_similarities_whatever_order_they_come_in():
+    """Values met a few at a time (taken one by one) or many at a time (partitioned), in any
+    order: each image ends with its largest ones and the columns they came from."""
+    rng = np.random.default_rng(5)
+    similarities = rng.normal(size=(30, 90)).astype(np.float32)
+    nearest = Nearest(30, wide=6)
+    images = np.arange(30)
+    for start, end in [(40, 60), (0, 10), (85, 90), (10, 20), (60, 85), (20, 40)]:
+        nearest.meet(images, similarities[:, start:end], start)
+    expected = np.sort(similarities, axis=1)[:, -6:]
+    order = np.argsort(nearest.similarity, axis=1)
+    np.testing.assert_array_equal(np.take_along_axis(nearest.similarity, order, axis=1), expected)
+    np.testing.assert_array_equal(np.take_along_axis(similarities, nearest.column, axis=1),
+                                  nearest.similarity)
+    np.testing.assert_array_equal(nearest.floor, expected[:, 0])
 
 
 def test_pairs_keep_those_across_splits_or_labels_before_more_similar_ones():
