@@ -13,6 +13,7 @@ from transfer.audit import (
     Familiarity,
     Nearest,
     Pairs,
+    out_of_fold_probabilities,
     power_normalised,
     run_audit,
     scan,
@@ -62,6 +63,27 @@ def test_flipped_labels_are_ranked_first_with_the_label_they_came_from():
         assert entry["suggested"] == classes[images.labels[i]]
         assert entry["id"] == f"{i:016x}" and 0 <= entry["score"] < 0.5
     assert report["counts"]["label_issues"] == len(report["label_issues"]) >= 3
+
+
+def test_out_of_fold_probabilities_are_those_of_the_folds_fitted_one_after_another():
+    """The folds are fitted on several threads at once: each image still gets the
+    probabilities of the one fit that held it out, to the bit."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold
+    from sklearn.preprocessing import StandardScaler
+
+    images = clusters(per_class=30, classes=4, dim=16, seed=2)
+    features = images.features + np.random.default_rng(4).normal(scale=3.0,
+                                                                  size=images.features.shape)
+    labels = images.labels
+    got = out_of_fold_probabilities(features, labels, n_classes=5, folds=4, C=0.1, seed=7)
+    X = StandardScaler().fit_transform(features).astype(np.float32)
+    expected = np.zeros((len(labels), 5))
+    for fit_rows, held_out in StratifiedKFold(4, shuffle=True, random_state=7).split(X, labels):
+        model = LogisticRegression(C=0.1, max_iter=1000).fit(X[fit_rows], labels[fit_rows])
+        expected[np.ix_(held_out, model.classes_)] = model.predict_proba(X[held_out])
+    np.testing.assert_array_equal(got, expected)
+    assert np.all(got[:, 4] == 0) and 0.3 < (got.argmax(axis=1) == labels).mean() < 1
 
 
 def test_a_copy_across_splits_is_a_pair_and_the_counts_cover_all():

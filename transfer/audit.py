@@ -15,6 +15,7 @@ import functools
 import json
 import logging
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from transfer.embeddings import EmbeddingMeta, read_rows
 from transfer.errors import PipelineError
 from transfer.keypoints import KeypointMatcher, PairCache
 from transfer.layout import AUDIT_PICTURE, AUDIT_REPORT
+from transfer.machine import usable_cores
 
 log = logging.getLogger(__name__)
 
@@ -88,12 +90,21 @@ def out_of_fold_probabilities(features: np.ndarray, labels: np.ndarray, n_classe
     X = StandardScaler().fit_transform(features).astype(np.float32)
     probabilities = np.zeros((len(labels), n_classes))
     splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
-    # One thread: these fits are small, and scikit-learn's OpenMP loss with two threads ran
-    # 30-70x slower on a busy 2-core machine (docs/audit.md).
-    with threadpool_limits(limits=1):
-        for fit_rows, held_out in splitter.split(X, labels):
+
+    def fit(rows: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        fit_rows, held_out = rows
+        # OpenMP's thread count is each thread's own: one here too (older scikit-learn).
+        with threadpool_limits(limits=1, user_api="openmp"):
             model = LogisticRegression(C=C, max_iter=1000).fit(X[fit_rows], labels[fit_rows])
-            probabilities[np.ix_(held_out, model.classes_)] = model.predict_proba(X[held_out])
+        return held_out, model.classes_, model.predict_proba(X[held_out])
+
+    # Each fit on one thread, as many fits at a time as there are cores: the same numbers as
+    # one after the other. BLAS or OpenMP on two threads within a fit ran slower on 1,300
+    # images, and scikit-learn's OpenMP loss 30-70x slower on a busy machine (docs/audit.md).
+    with threadpool_limits(limits=1), \
+            ThreadPoolExecutor(min(folds, usable_cores())) as pool:
+        for held_out, classes, fold in pool.map(fit, splitter.split(X, labels)):
+            probabilities[np.ix_(held_out, classes)] = fold
     return probabilities
 
 

@@ -14,7 +14,6 @@ import functools
 import hashlib
 import json
 import logging
-import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -23,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from transfer.artifacts import write_json
-from transfer.machine import cpu_model
+from transfer.machine import cpu_model, usable_cores
 
 log = logging.getLogger(__name__)
 
@@ -123,8 +122,7 @@ class KeypointMatcher:
         known = [cache.get(pair, enough) if cache else None for pair in pairs]
         todo = [pair for pair, count in zip(pairs, known, strict=True) if count is None]
         images = sorted({i for pair in todo for i in pair})
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
-        with ThreadPoolExecutor(cores or os.cpu_count() or 1) as pool:
+        with ThreadPoolExecutor(usable_cores()) as pool:
             list(pool.map(self._keypoints, images))
             found = iter(pool.map(lambda pair: self.matches(*pair, enough), todo))
         counts = [count if count is not None else next(found) for count in known]
