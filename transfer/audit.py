@@ -340,8 +340,9 @@ def listed_pairs(rows: np.ndarray, columns: np.ndarray, similarities: np.ndarray
     """The pairs among the similarities kept by ``scan`` (image ``rows[i]`` to
     ``columns[i]``) whose margin over their images' ``typical`` similarity is at least
     ``min_margin``: each pair once, the first image the one with the lower index, with the
-    similarity as that image's block computed it where it kept the pair (else as the other
-    image's did), and the margin, in order of the first, then the second image."""
+    similarity the first image kept where it kept the pair (else the one the second kept: the
+    same value, unless both images are in one block), and the margin, in order of the first,
+    then the second image."""
     first, second = np.minimum(rows, columns), np.maximum(rows, columns)
     own_side = rows == first  # found from the first image's row: preferred
     order = np.lexsort((~own_side, second, first))
