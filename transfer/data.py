@@ -37,6 +37,7 @@ from transfer.artifacts import (
 from transfer.catalog import SPLITS, STORE_OFFSET, Catalog, DecodedFile
 from transfer.curation import Curation, check_labels, content_id
 from transfer.errors import PipelineError
+from transfer.machine import usable_cores
 
 log = logging.getLogger(__name__)
 
@@ -174,7 +175,7 @@ def decode_all(paths: Iterable[Path], total: int, short_side: int, staging_dir: 
     Only a few chunks per worker are in flight at a time, so memory does not grow with the
     number of files (``Executor.map`` would submit them all at once).
     """
-    workers = workers or len(os.sched_getaffinity(0))
+    workers = workers or usable_cores()
     progress = {"desc": "decode", "unit": "img", "total": total, "leave": False,
                 "disable": None}  # no bar, and no cursor escapes, where stderr is not a terminal
     if workers <= 1 or total < PARALLEL_MIN_FILES:
