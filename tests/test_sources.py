@@ -269,6 +269,63 @@ def test_torchvision_splits_are_written_as_a_pre_split_folder(tmp_path, monkeypa
     assert len(listing) == 8
 
 
+class NumberedDataset(torchvision.datasets.VisionDataset):
+    """Enough samples for the writing processes: sample i is a 7x5 image of one colour, its
+    class i % 3; ``broken`` names a sample whose file cannot be read."""
+
+    classes = ["ant", "bee", "wasp/hornet"]
+
+    def __init__(self, root, size=300, broken=None):
+        super().__init__(root)
+        self.size, self.broken = size, broken
+
+    def __len__(self):
+        return self.size
+
+    def __getitem__(self, index):
+        if index == self.broken:
+            raise OSError("image file is truncated (3 bytes not processed)")
+        return Image.new("RGB", (7, 5), (index % 256, index // 256, 9)), index % 3
+
+
+def written(folder):
+    return {path.relative_to(folder).as_posix(): np.asarray(Image.open(path)).tobytes()
+            for path in sorted(folder.rglob("*.png"))}
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_torchvision_samples_are_written_by_every_process_alike(tmp_path, monkeypatch, workers):
+    monkeypatch.setattr(torchvision.datasets, "NumberedDataset", NumberedDataset, raising=False)
+    write_torchvision_dataset("NumberedDataset", tmp_path / "in", tmp_path / "out",
+                              workers=workers)
+    files = written(tmp_path / "out")
+    assert len(files) == 300
+    for index in (0, 1, 2, 257, 299):
+        label = ["ant", "bee", "wasp_hornet"][index % 3]
+        pixels = np.asarray(Image.new("RGB", (7, 5), (index % 256, index // 256, 9)))
+        assert files[f"train/{label}/{index:06d}.png"] == pixels.tobytes()
+
+
+def test_torchvision_processes_write_what_one_process_writes(tmp_path, monkeypatch):
+    monkeypatch.setattr(torchvision.datasets, "NumberedDataset", NumberedDataset, raising=False)
+    for workers in (1, 2):
+        write_torchvision_dataset("NumberedDataset", tmp_path / "in", tmp_path / str(workers),
+                                  workers=workers)
+    assert written(tmp_path / "1") == written(tmp_path / "2")
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_an_unreadable_torchvision_sample_is_named(tmp_path, monkeypatch, workers):
+    class Broken(NumberedDataset):
+        def __init__(self, root):
+            super().__init__(root, broken=270)
+
+    monkeypatch.setattr(torchvision.datasets, "Broken", Broken, raising=False)
+    with pytest.raises(PipelineError, match=r"^data.source: torchvision:Broken, train sample "
+                                            r"270 cannot be read: image file is truncated"):
+        write_torchvision_dataset("Broken", tmp_path / "in", tmp_path / "out", workers=workers)
+
+
 def test_an_unreadable_folder_is_named_not_skipped(image_folder, monkeypatch):
     write_image(image_folder / "red" / "nested" / "x.png", (200, 0, 0), seed=99)
     real_scandir = os.scandir
