@@ -1,4 +1,6 @@
 import errno
+import subprocess
+import sys
 
 import pytest
 
@@ -16,7 +18,7 @@ def _fails_with(error):
      "error: data.source: 'x' is not a directory\n"),
     (OSError(errno.ENOSPC, "No space left on device", "data/embeddings/train.npy"), 1,
      "error: no space left on the disk writing data/embeddings/train.npy; free space and run "
-     "the stage again\n"),
+     "it again\n"),
     (KeyboardInterrupt(), 130, "interrupted; nothing was written\n"),
     (KeyboardInterrupt("interrupted after the outputs were written"), 130,
      "interrupted after the outputs were written\n"),
@@ -29,6 +31,22 @@ def test_a_failure_is_one_line_and_an_exit_code(capsys, error, code, stderr):
         run_stage(_fails_with(error))
     assert exit_info.value.code == code
     assert capsys.readouterr().err == stderr
+
+
+def test_a_reader_that_goes_away_ends_the_output_quietly():
+    # `python -m stages.predict photos/ | head`: head leaves after a few lines.
+    program = ("from transfer.errors import run_stage\n"
+               "def main():\n"
+               "    for _ in range(100_000):\n"
+               "        print('cat.jpg,cat,0.99')\n"
+               "run_stage(main)\n")
+    process = subprocess.Popen([sys.executable, "-c", program], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE)
+    assert process.stdout.read(18) == b"cat.jpg,cat,0.99\nc"
+    process.stdout.close()
+    stderr = process.stderr.read()
+    assert process.wait() == 141
+    assert stderr == b""
 
 
 def test_other_errors_keep_their_traceback():

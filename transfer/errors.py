@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import errno
 import logging
+import os
 import sys
 import unicodedata
 from collections.abc import Callable
@@ -18,6 +19,8 @@ log = logging.getLogger(__name__)
 UNPRINTABLE_CATEGORIES = ("Cc", "Zl", "Zp", "Cs")
 # The exit status of a process stopped by Ctrl-C (128 + SIGINT), as shells report it.
 INTERRUPTED_EXIT_CODE = 130
+# ... and of one whose output's reader went away (128 + SIGPIPE), as for `yes | head`.
+BROKEN_PIPE_EXIT_CODE = 141
 
 
 class PipelineError(Exception):
@@ -64,6 +67,8 @@ def run_stage(main: Callable[[], None]) -> None:
 
     - ``PipelineError``: its message, exit code 1 (2 for a bad command-line argument).
     - A full disk: the file being written, exit code 1.
+    - The reader of standard output gone (``predict ... | head``): silence, exit code 141, as
+      command-line tools stop.
     - Ctrl-C (``KeyboardInterrupt``): "interrupted; nothing was written", exit code 130.
       Outputs are written to temporaries and renamed into place together at the end, so an
       interrupt leaves the previous outputs as they were (one that comes during the renames
@@ -79,11 +84,16 @@ def run_stage(main: Callable[[], None]) -> None:
     except KeyboardInterrupt as err:
         # An interrupt held back while outputs were renamed into place says so in its message.
         _fail(str(err) or "interrupted; nothing was written", INTERRUPTED_EXIT_CODE, prefix="")
+    except BrokenPipeError:
+        # Nothing more can be written there; point standard output at nothing so that the
+        # flush at exit does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(BROKEN_PIPE_EXIT_CODE)
     except OSError as err:
         if err.errno != errno.ENOSPC:
             raise
         where = f" writing {err.filename}" if err.filename else ""
-        _fail(f"no space left on the disk{where}; free space and run the stage again", 1)
+        _fail(f"no space left on the disk{where}; free space and run it again", 1)
 
 
 def _fail(message: str, code: int, prefix: str = "error: ") -> NoReturn:
