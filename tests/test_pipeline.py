@@ -17,7 +17,8 @@ from transfer.evaluation import HEADLINE_METRICS
 PROJECT_FILES = ["stages", "transfer", "params.yaml", "dvc.yaml", ".dvc/config", ".dvc/.gitignore",
                  ".dvc/plots", ".dvcignore", ".gitignore", "data/raw/.gitkeep", "data/exclude.txt",
                  "data/relabel.csv"]
-STAGES = ["prepare", "extract", "audit", "train_head", "finetune", "evaluate", "export"]
+STAGES = ["check_params", "prepare", "extract", "audit", "train_head", "finetune", "evaluate",
+          "export"]
 EVALUATE_PLOTS = ["confusion.csv", "per_class_f1.csv", "calibration.csv", "roc.csv",
                   "precision_recall.csv", "mistakes.png"]
 
@@ -88,6 +89,23 @@ def test_repro_trains_and_evaluates_then_a_second_repro_runs_nothing(repo):
     assert "Data and pipelines are up to date" in again
 
 
+def test_a_misspelt_key_stops_repro_instead_of_leaving_everything_up_to_date(repo):
+    run(["dvc", "repro"], repo)
+    original = (repo / "params.yaml").read_text()
+    try:
+        for typo in ("evalute:\n  split: val\n", "sede: 7\n"):
+            (repo / "params.yaml").write_text(original + typo)
+            result = subprocess.run(["dvc", "repro"], cwd=repo, env=command_environment(),
+                                    capture_output=True, text=True, timeout=900)
+            assert result.returncode != 0
+            name = typo.split(":")[0]
+            assert f"error: params.yaml: unknown key '{name}'" in result.stdout + result.stderr
+    finally:
+        (repo / "params.yaml").write_text(original)
+    # The file as it was when the stage last passed: nothing to run.
+    assert stages_run(run(["dvc", "repro"], repo)) == []
+
+
 def set_params(repo: Path, **sections: dict) -> None:
     params = yaml.safe_load((repo / "params.yaml").read_text())
     for section, values in sections.items():
@@ -121,8 +139,9 @@ def test_head_experiment_reruns_the_head_and_what_follows_never_extraction(repo)
     run(["git", "commit", "-qm", "baseline results"], repo)
     output = run(["dvc", "exp", "run", "-S", "head.C=0.1"], repo)
     # finetune and export run too (disabled, each says so in a fraction of a second): they
-    # depend on the head, for when they are enabled.
-    assert stages_run(output) == ["train_head", "finetune", "evaluate", "export"]
+    # depend on the head, for when they are enabled. check_params runs on any edit of
+    # params.yaml.
+    assert stages_run(output) == ["check_params", "train_head", "finetune", "evaluate", "export"]
     diff = run(["dvc", "params", "diff"], repo)
     assert "head.C" in diff and "0.1" in diff
 

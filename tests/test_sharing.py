@@ -81,7 +81,7 @@ def test_a_registered_model_version_is_fetched_by_name_in_a_fresh_folder(pushed,
     params = yaml.safe_load((owner / "params.yaml").read_text())
     params["export"]["enabled"] = True
     (owner / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    assert stages_run(run(["dvc", "repro"], owner)) == ["export"]
+    assert stages_run(run(["dvc", "repro"], owner)) == ["check_params", "export"]
     run(["dvc", "push"], owner)
     run(["git", "add", "-A"], owner)
     run(["git", "commit", "-qm", "export the classifier"], owner)

@@ -1,0 +1,31 @@
+"""DVC stage ``check_params``: read and validate the whole of ``params.yaml``.
+
+Every other stage depends on the keys it reads, one by one, so a key that no stage reads
+(a misspelt section such as ``evalute:``, a top-level ``sede: 7``) would change none of
+them, and ``dvc repro`` would say that everything is up to date while the change the user
+meant never happens. This stage depends on the whole file: any edit runs it, and a key that
+is unknown or a value out of range stops ``dvc repro`` with one line naming it. It writes
+nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+from transfer.errors import run_stage
+from transfer.layout import PARAMS
+from transfer.params import load_params
+
+log = logging.getLogger(__name__)
+
+
+def main() -> None:
+    params = load_params(PARAMS)
+    sections = [f.name for f in dataclasses.fields(params)
+                if dataclasses.is_dataclass(getattr(params, f.name))]
+    log.info("%s: every key is known and every value valid (%s)", PARAMS, ", ".join(sections))
+
+
+if __name__ == "__main__":
+    run_stage(main)
