@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sqlite3
 from pathlib import Path
 
@@ -21,10 +22,7 @@ def main() -> None:
     params = load_params(PARAMS)
     data = params.data
     curation = read_curation(data.exclude, data.relabel)
-    generated = data.source in BUILTIN_SOURCES or data.source.startswith(TORCHVISION_PREFIX)
-    if not generated and RAW_DIR.resolve() not in Path(data.source).resolve().parents:
-        log.warning("data.source '%s' is outside %s/: DVC will not notice when it changes",
-                    data.source, RAW_DIR)
+    check_tracked(data.source)
     try:
         # Generated sources (digits, torchvision) are written to a scratch folder beside the
         # store, where the next run removes it should this one be killed; the store and the
@@ -48,6 +46,21 @@ def main() -> None:
     if untrained:
         log.warning("no training image for class %s: the model can never predict it; add "
                     "images or lower data.val_size/data.test_size", ", ".join(untrained))
+
+
+def check_tracked(source: str) -> None:
+    """A source of files must lie under ``data/raw/``, the folder ``dvc.yaml`` watches: from
+    anywhere else, ``dvc repro`` would call the results up to date after its files changed."""
+    if source in BUILTIN_SOURCES or source.startswith(TORCHVISION_PREFIX):
+        return
+    path = Path(os.path.normpath(Path(source).absolute()))
+    if RAW_DIR.absolute() not in path.parents:
+        name = path.name if path.suffix.lower() != ".csv" else path.parent.name
+        raise PipelineError(
+            f"data.source: '{source}' is outside {RAW_DIR}/, which dvc.yaml watches for "
+            "changes, so dvc repro would call the results up to date after its files change; "
+            f"copy it in (e.g. cp -r '{path if path.suffix.lower() != '.csv' else path.parent}' "
+            f"{RAW_DIR}/{name}, then dvc add {RAW_DIR}/{name}) and point data.source there")
 
 
 def summarize(report: dict) -> list[str]:

@@ -60,7 +60,7 @@ def test_missing_source_and_tiny_class_are_named(tmp_path):
     write_params(tmp_path, {"data": {"source": "data/raw/nothing"}})
     result = run_stage_cli("prepare", tmp_path)
     assert result.returncode == 1
-    assert "error: data.source: 'data/raw/nothing' is not a directory" in result.stderr
+    assert "error: data.source: 'data/raw/nothing' does not exist" in result.stderr
     assert "Traceback" not in result.stderr
 
     write_colour_folder(tmp_path / "data" / "raw" / "few", per_class=2)
@@ -70,6 +70,30 @@ def test_missing_source_and_tiny_class_are_named(tmp_path):
     assert ("error: classes 'blue' (2), 'green' (2), 'red' (2) have fewer usable images than "
             "data.min_per_class=5" in result.stderr)
     assert not (tmp_path / "data" / "prepared").exists()
+
+
+@pytest.mark.parametrize("source", ["elsewhere/photos", "data/raw/../photos",
+                                    "elsewhere/labels.csv"])
+def test_a_source_dvc_does_not_watch_is_refused(tmp_path, source):
+    write_colour_folder(tmp_path / "elsewhere" / "photos", per_class=6)
+    write_params(tmp_path, {"data": {"source": source}})
+    result = run_stage_cli("prepare", tmp_path)
+    assert one_error_line(result).startswith(
+        f"error: data.source: '{source}' is outside data/raw/, which dvc.yaml watches for "
+        "changes, so dvc repro would call the results up to date after its files change; "
+        "copy it in (e.g. cp -r ")
+    assert not (tmp_path / "data" / "prepared").exists()
+
+
+def test_a_folder_holding_a_manifest_points_to_it(tmp_path, caplog):
+    root = tmp_path / "data" / "raw" / "set"
+    write_colour_folder(root / "img", per_class=6)
+    (root / "labels.csv").write_text("path,label\n")
+    write_params(tmp_path, {"data": {"source": "data/raw/set"}})
+    with working_directory(tmp_path), pytest.raises(PipelineError, match="one class"):
+        prepare.main()
+    assert "to read labels.csv as a manifest, point data.source at it " \
+           "('data/raw/set/labels.csv')" in caplog.text
 
 
 @pytest.mark.slow

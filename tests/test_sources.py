@@ -148,8 +148,11 @@ def test_files_beside_the_class_folders_are_skipped_and_reported(image_folder, t
 
 
 def test_missing_and_empty_roots_are_named(tmp_path):
-    with pytest.raises(PipelineError, match=r"'.*nowhere' is not a directory"):
+    with pytest.raises(PipelineError, match=r"'.*nowhere' does not exist"):
         list_source(str(tmp_path / "nowhere"), tmp_path)
+    (tmp_path / "a-file").write_text("not a folder")
+    with pytest.raises(PipelineError, match=r"'.*a-file' is not a directory"):
+        list_source(str(tmp_path / "a-file"), tmp_path)
     (tmp_path / "empty" / "cls").mkdir(parents=True)
     with pytest.raises(PipelineError, match=r"'.*empty' holds no files in class sub-folders"):
         list_source(str(tmp_path / "empty"), tmp_path)

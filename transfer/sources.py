@@ -114,12 +114,18 @@ def list_image_folder(root: Path) -> Catalog:
     for path in loose:
         catalog.skip(_shown(path.relative_to(root).as_posix()),
                      "not in a class folder, so it has no label")
+    manifests = [path.name for path in _files_in(root) if path.suffix.lower() == ".csv"]
+    if manifests:
+        log.warning("data.source '%s' is read as an image-folder root; to read %s as a "
+                    "manifest, point data.source at it ('%s')", root, manifests[0],
+                    (root / manifests[0]).as_posix())
     return catalog
 
 
 def _subfolders(root: Path) -> list[Path]:
     if not root.is_dir():
-        raise PipelineError(f"data.source: '{root}' is not a directory; expected 'digits', "
+        what = "is not a directory" if os.path.lexists(root) else "does not exist"
+        raise PipelineError(f"data.source: '{root}' {what}; expected 'digits', "
                             "'torchvision:<Name>', a .csv manifest or an image-folder root")
     return [p for p in _visible_entries(root) if p.is_dir()]
 
