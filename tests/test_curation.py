@@ -127,6 +127,43 @@ def test_a_bad_relabel_file_is_one_line_and_no_store(colours, relabel, message):
     assert not (colours / "data" / "prepared").exists()
 
 
+def test_an_id_with_a_label_that_is_not_a_class_stops_after_matching(colours):
+    prepared(colours)
+    red_id = stored(colours)["red/1.png"][2]
+    (colours / "data" / "relabel.csv").write_text(f"image,label\n{red_id},purple\n")
+    assert one_error_line(run_stage_cli("prepare", colours)) == (
+        "error: data/relabel.csv:2 (data.relabel): 'purple' is not a class; classes: blue, "
+        "green, red")
+
+
+def test_rows_for_another_source_are_unmatched_not_an_error(colours):
+    # Curated on another set (its classes, its ids and paths), then data.source switched.
+    report = prepared(colours, exclude="n3/monkey.jpg\n",
+                      relabel="image,label\nn1/monkey.jpg,n2\n6eed51473ac2629b,n1\n"
+                              "green/1.png,red\n")
+    relabel = report["curation"]["relabel"]
+    assert relabel["unmatched"] == ["data/relabel.csv:2", "data/relabel.csv:3"]
+    assert [r["path"] for r in relabel["relabelled"]] == ["green/1.png"]
+    assert report["curation"]["exclude"]["unmatched"] == ["data/exclude.txt:1"]
+
+
+def test_one_image_named_twice_with_two_labels_is_refused(colours):
+    prepared(colours)
+    green_id = stored(colours)["green/2.png"][2]
+    (colours / "data" / "relabel.csv").write_text(
+        f"image,label\n{green_id},red\ngreen/2.png,blue\n")
+    assert one_error_line(run_stage_cli("prepare", colours)) == (
+        f"error: data/relabel.csv:3 (data.relabel): 'green/2.png' names green/2.png, which "
+        f"data/relabel.csv:2 ('{green_id}') relabels 'red'; here 'blue': keep one")
+    assert (colours / "data" / "prepared").exists()  # the store of the run before, untouched
+    (colours / "data" / "relabel.csv").write_text(
+        f"image,label\n{green_id},red\ngreen/2.png,red\n")  # the same label twice: fine
+    with working_directory(colours):
+        from stages import prepare
+        prepare.main()
+    assert stored(colours)["green/2.png"][1] == "red"
+
+
 def test_a_curation_file_params_name_must_exist(colours):
     write_params(colours, {"seed": 0, "data": {"source": "data/raw/colours", "val_size": 0.25,
                                                "test_size": 0.25, "exclude": "lists/gone.txt"}})

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from transfer.curation import Entry, is_content_id
+from transfer.curation import Entry, is_content_id, not_a_class
+from transfer.errors import PipelineError
 
 SPLITS = ("train", "val", "test")
 
@@ -179,11 +180,22 @@ class Catalog:
             excluded.append({"path": id_, "entry": entry.where})
         return {"excluded": excluded, "unmatched": unmatched}
 
-    def relabel(self, entries: list[Entry]) -> dict[str, Any]:
+    def relabel(self, entries: list[Entry], classes: list[str]) -> dict[str, Any]:
         """File every file an entry names under its new label; returns what changed and which
-        entries named nothing."""
+        entries named nothing (rows for another source, say). An entry that names a file and
+        a label that is not one of ``classes``, or a file another entry (by its path, or by
+        its id) gives another label, stops with one line."""
         relabelled, unmatched = [], []
+        given: dict[int, Entry] = {}
         for entry, rank, id_, label in self._matches(entries, unmatched):
+            if entry.label not in classes:
+                raise not_a_class(entry, classes)
+            earlier = given.setdefault(rank, entry)
+            if earlier.label != entry.label:
+                raise PipelineError(
+                    f"{entry.where} (data.relabel): '{entry.image}' names {id_}, which "
+                    f"{earlier.where} ('{earlier.image}') relabels '{earlier.label}'; here "
+                    f"'{entry.label}': keep one")
             self._db.execute("UPDATE images SET label = ? WHERE rank = ?", (entry.label, rank))
             if label != entry.label:
                 relabelled.append({"path": id_, "from": label, "to": entry.label,

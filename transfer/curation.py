@@ -116,9 +116,7 @@ def read_relabel(path: str | Path) -> list[Entry]:
     return entries
 
 
-def check_labels(curation: Curation, classes: list[str]) -> None:
-    """Every relabel entry must name one of the source's classes."""
-    for entry in curation.relabel:
-        if entry.label not in classes:
-            raise PipelineError(f"{entry.where} (data.relabel): '{entry.label}' is not a class; "
-                                f"classes: {', '.join(classes)}")
+def not_a_class(entry: Entry, classes: list[str]) -> PipelineError:
+    """The error for a relabel entry that names an image and a label that is not a class."""
+    return PipelineError(f"{entry.where} (data.relabel): '{entry.label}' is not a class; "
+                         f"classes: {', '.join(classes)}")

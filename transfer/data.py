@@ -35,7 +35,7 @@ from transfer.artifacts import (
     write_json,
 )
 from transfer.catalog import SPLITS, STORE_OFFSET, Catalog, DecodedFile
-from transfer.curation import Curation, check_labels, content_id
+from transfer.curation import Curation, content_id, is_content_id, not_a_class
 from transfer.errors import PipelineError
 from transfer.machine import usable_cores
 
@@ -259,7 +259,10 @@ def prepare_store(catalog: Catalog, out_dir: Path, *, source: str, short_side: i
     classes = catalog.classes()
     _check_class_count(classes, source, "found")
     curation = curation or Curation()
-    check_labels(curation, classes)
+    for entry in curation.relabel:  # what a path shows already stops before the decoding
+        if entry.label not in classes and not is_content_id(entry.image) \
+                and catalog.matching(entry.image):
+            raise not_a_class(entry, classes)
     with atomic_output(out_dir) as tmp:
         tmp.mkdir()
         staging = tmp / "staging"
@@ -272,7 +275,7 @@ def prepare_store(catalog: Catalog, out_dir: Path, *, source: str, short_side: i
             "exclude": {"file": curation.exclude_file, "entries": len(curation.exclude),
                         **catalog.exclude(curation.exclude)},
             "relabel": {"file": curation.relabel_file, "entries": len(curation.relabel),
-                        **catalog.relabel(curation.relabel)}}
+                        **catalog.relabel(curation.relabel, classes)}}
         catalog.find_duplicates()
         small_count, small = catalog.small_images(limit=100)
         conflicts = catalog.exclude_conflicts()
