@@ -107,6 +107,17 @@ def test_an_image_with_too_many_pixels_is_refused_before_it_is_decoded(client, t
                                             "server's limit of 1 megapixels")
 
 
+def test_an_image_pillow_calls_a_decompression_bomb_is_too_large_too(client, tmp_path,
+                                                                     monkeypatch):
+    path = tmp_path / "bomb.png"
+    Image.new("RGB", (2000, 600)).save(path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 200_000)  # 2000 x 600 is over twice that
+    response = client.post("/predict", data=_upload(path))
+    assert response.status_code == 413
+    assert response.get_json()["error"] == ("bomb.png: over 0.4 megapixels, more than this "
+                                            "server's limit of 1 megapixels")
+
+
 def test_unknown_routes_and_methods_are_json_errors(client):
     assert client.get("/nothing").status_code == 404
     response = client.get("/predict")

@@ -53,6 +53,10 @@ def read_upload(predictor: Predictor, name: str, data: bytes, max_pixels: int) -
             warnings.simplefilter("ignore")  # Pillow's notes on damaged metadata
             with Image.open(io.BytesIO(data)) as image:  # reads the header only
                 width, height = image.size
+    except Image.DecompressionBombError:  # over twice Pillow's own limit: it will not say
+        raise BadImage(f"{name}: over {2 * Image.MAX_IMAGE_PIXELS / 1e6:.3g} megapixels, more "
+                       f"than this server's limit of {max_pixels / 1e6:g} megapixels",
+                       413) from None
     except Exception:  # what is not an image is refused below, with the decoder's reason
         width = height = 0
     if width * height > max_pixels:
