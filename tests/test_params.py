@@ -65,6 +65,9 @@ def test_unknown_section_lists_top_level_keys():
     ({"head": {"C": 0}}, r"head.C=0 is out of range; allowed: auto or a number in \(0.0, inf\)"),
     ({"head": {"C": -1.5}}, r"head.C=-1.5 is out of range"),
     ({"data": {"test_size": 0.9}}, r"data.test_size=0.9 is out of range; allowed: \(0.0, 0.5\]"),
+    ({"data": {"val_size": 0.5, "test_size": 0.5}}, r"data.val_size=0.5 and data.test_size=0.5 "
+                                                    r"leave no image for training; their sum "
+                                                    r"must be below 1"),
     ({"backbone": {"batch_size": 0}}, r"batch_size=0 is out of range; allowed: auto or a number "
                                       r"in \[1, 65536\]"),
     ({"backbone": {"batch_size": "max"}}, r"batch_size='max' is not valid; expected auto or a "

@@ -91,6 +91,13 @@ class DataParams:
         "help": "a Git-tracked CSV file with the header image,label: images to file under "
                 "another of the classes"})
 
+    def conflict(self) -> str | None:
+        """What the keys say together that each alone does not."""
+        if self.val_size + self.test_size >= 1.0:
+            return (f"data.val_size={self.val_size:g} and data.test_size={self.test_size:g} "
+                    "leave no image for training; their sum must be below 1")
+        return None
+
 
 @dataclass(frozen=True)
 class BackboneParams:
@@ -303,7 +310,11 @@ def _build(cls: type, raw: Any, prefix: str, source: str) -> Any:
             values[name] = _build(hint, raw[name] or {}, prefix=f"{key}.", source=source)
         else:
             values[name] = _check_value(key, raw[name], hint, f.metadata, source)
-    return cls(**values)
+    built = cls(**values)
+    problem = built.conflict() if hasattr(built, "conflict") else None
+    if problem:
+        raise ParamsError(f"{source}: {problem}")
+    return built
 
 
 def _check_value(key: str, value: Any, hint: Any, meta: Any, source: str) -> Any:
