@@ -33,14 +33,16 @@ from transfer.params import EXPORT_FORMATS, EXPORT_SUFFIXES, MODEL_CHOICES, load
 
 log = logging.getLogger(__name__)
 
-def write_export(model_choice: str, fmt: str, path: Path) -> dict:
-    """Export the model chosen by ``model_choice`` as ``fmt`` to ``path``; its metadata."""
+def write_export(model_choice: str, fmt: str, path: Path, final: Path | None = None) -> dict:
+    """Export the model chosen by ``model_choice`` as ``fmt`` to ``path`` (a temporary that
+    becomes ``final``, where given); its metadata."""
     from transfer.exported import export_model
     from transfer.inference import load_predictor
 
     model = load_predictor(model_choice, EMBEDDINGS_DIR, HEAD_PATH, FINETUNE_DIR)
     metadata = export_model(model, fmt, path)
-    log.info("wrote %s (%s model, %s, %d classes, input uint8 %s)", path, metadata["model"],
+    log.info("wrote %s (%s model, %s, %d classes, input uint8 %s)", final or path,
+             metadata["model"],
              fmt, len(metadata["classes"]), metadata["preprocessing"]["input_size"])
     return metadata
 
@@ -57,7 +59,7 @@ def run_stage_export() -> None:
             log.info("export skipped (export.enabled is false)")
             return
         file = tmp / EXPORT_OUTPUTS[params.format].name
-        metadata = write_export(params.model, params.format, file)
+        metadata = write_export(params.model, params.format, file, EXPORT_OUTPUTS[params.format])
         write_json(tmp / EXPORT_METADATA.name, {"enabled": True, "file": file.name,
                                                 "format": params.format, **metadata})
 

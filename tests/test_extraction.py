@@ -103,7 +103,7 @@ def test_prepare_records_each_images_store_key_and_an_older_store_is_hashed_inst
         assert ImageStore(project / "data" / "prepared", split).stored_digests() is None
     with caplog.at_level(logging.INFO, "stages.extract"):
         extract.main()
-    assert "embedded 0 images (30 more from the embedding store)" in caplog.text
+    assert "every image's embedding (30) came from the embedding store" in caplog.text
     assert cache_files(project) == before
 
 
@@ -217,7 +217,7 @@ def test_a_run_after_one_with_pytorch_loads_no_network_and_writes_the_same_files
     assert len(list((project / "cache" / "embeddings" / "warm").glob("*.json"))) >= 1
     second = run_extract_reporting_imports(project)
     assert "imported: []" in second and "not loaded" in second
-    assert "embedded 0 images (30 more from the embedding store)" in second
+    assert "every image's embedding (30) came from the embedding store" in second
     assert cache_files(project) == reference
     # New images, embedded by ONNX Runtime over the cached graph, still without torch: the
     # same files as an extraction with PyTorch and no store.
