@@ -63,10 +63,14 @@ def check_tracked(source: str) -> None:
             f"{RAW_DIR}/{name}, then dvc add {RAW_DIR}/{name}) and point data.source there")
 
 
+def images(n: int) -> str:
+    return f"{n} image" if n == 1 else f"{n} images"
+
+
 def summarize(report: dict) -> list[str]:
     """A few lines a person reads at the end of the stage; the details are in the report."""
     totals = ", ".join(f"{split} {n}" for split, n in report["totals"].items())
-    lines = [f"{len(report['classes'])} classes, {sum(report['totals'].values())} images: "
+    lines = [f"{len(report['classes'])} classes, {images(sum(report['totals'].values()))}: "
              f"{totals}"]
     reasons: dict[str, int] = {}
     for item in report["skipped"]:
@@ -77,21 +81,23 @@ def summarize(report: dict) -> list[str]:
     if report["duplicates"]:
         lines.append(f"{len(report['duplicates'])} exact duplicates kept once")
     if report["conflicts"]:
-        lines.append(f"{len(report['conflicts'])} images under several labels excluded")
+        lines.append(f"{images(len(report['conflicts']))} under several labels excluded")
     for split, names in report["missing_from_split"].items():
         if split != "train":  # a warning of its own
             lines.append(f"no {split} image for class {', '.join(names)}")
     if report["small_images"]["count"]:
-        lines.append(f"{report['small_images']['count']} images smaller than "
+        lines.append(f"{images(report['small_images']['count'])} smaller than "
                      f"{report['small_images']['min_side_below']} px on a side")
     for kind, done in (("exclude", "excluded"), ("relabel", "relabelled")):
         changes = report["curation"][kind]
         if changes["entries"]:
-            unmatched = f" ({len(changes['unmatched'])} of its entries name no image: " \
-                f"{', '.join(changes['unmatched'][:3])})" if changes["unmatched"] else ""
-            lines.append(f"{changes['file']}: {len(changes[done])} images {done}{unmatched}")
+            missing = changes["unmatched"]
+            more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+            unmatched = f" ({len(missing)} of its entries name no image: " \
+                f"{', '.join(missing[:3])}{more})" if missing else ""
+            lines.append(f"{changes['file']}: {images(len(changes[done]))} {done}{unmatched}")
     if report["left_out_by_max_per_class"]:
-        lines.append(f"{report['left_out_by_max_per_class']} images left out by "
+        lines.append(f"{images(report['left_out_by_max_per_class'])} left out by "
                      "data.max_per_class")
     lines.append(f"details: {DATA_REPORT}")
     return lines

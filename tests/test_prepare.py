@@ -243,3 +243,21 @@ def test_a_killed_runs_scratch_folder_is_removed_by_the_next_run(tmp_path):
         prepare.main()
     assert not left.exists()
     assert sorted(p.name for p in scratch.iterdir()) == ["prepared"]
+
+
+def test_the_closing_summary_counts_in_words_and_says_how_many_it_does_not_list():
+    report = {"classes": ["a", "b"], "totals": {"train": 1, "val": 0, "test": 0}, "skipped": [],
+              "duplicates": [], "conflicts": [{"ids": ["x", "y"], "labels": ["a", "b"]}],
+              "missing_from_split": {}, "small_images": {"count": 0},
+              "left_out_by_max_per_class": 0,
+              "curation": {"exclude": {"file": "data/exclude.txt", "entries": 5,
+                                       "excluded": [{"path": "a/1.png"}],
+                                       "unmatched": [f"data/exclude.txt:{i}" for i in
+                                                     range(2, 7)]},
+                           "relabel": {"file": "data/relabel.csv", "entries": 0}}}
+    assert prepare.summarize(report) == [
+        "2 classes, 1 image: train 1, val 0, test 0",
+        "1 image under several labels excluded",
+        "data/exclude.txt: 1 image excluded (5 of its entries name no image: "
+        "data/exclude.txt:2, data/exclude.txt:3, data/exclude.txt:4 and 2 more)",
+        "details: reports/data.json"]
