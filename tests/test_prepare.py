@@ -203,13 +203,14 @@ def test_huge_files_and_devices_are_skipped_unread(tmp_path, monkeypatch):
     root = write_colour_folder(tmp_path / "data" / "raw" / "colours")
     with open(root / "red" / "huge.png", "wb") as f:  # sparse: no disk used, nothing read
         f.truncate(600 * 2**20)
-    os.mkfifo(root / "blue" / "pipe.png")  # listed only as a file; reading it would block
+    os.mkfifo(root / "blue" / "pipe.png")  # reading it would block
     write_params(tmp_path, {"data": {"source": "data/raw/colours"}})
     monkeypatch.chdir(tmp_path)
     prepare.main()
     report = json.loads((tmp_path / "reports" / "data.json").read_text())
-    assert report["skipped"] == [{"path": "red/huge.png",
-                                  "reason": "larger than 512 MiB (not read)"}]
+    assert report["skipped"] == [
+        {"path": "blue/pipe.png", "reason": "not a regular file (a pipe, socket or device)"},
+        {"path": "red/huge.png", "reason": "larger than 512 MiB (not read)"}]
 
 
 def test_ctrl_c_leaves_nothing_and_says_so_in_one_line(tmp_path):

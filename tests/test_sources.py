@@ -147,6 +147,24 @@ def test_files_beside_the_class_folders_are_skipped_and_reported(image_folder, t
                                                {"path": "train/stray.png", "reason": reason}]
 
 
+def test_links_to_folders_and_to_nothing_are_reported_and_empty_classes_named(
+        image_folder, caplog):
+    elsewhere = image_folder.parent / "elsewhere"
+    elsewhere.mkdir()
+    (image_folder / "red" / "more").symlink_to(elsewhere, target_is_directory=True)
+    (image_folder / "red" / "gone.png").symlink_to(image_folder / "nothing.png")
+    (image_folder / "purple").mkdir()
+    (image_folder / "purple" / ".DS_Store").write_bytes(b"\0")
+    listing = list_image_folder(image_folder)
+    assert listing.skipped == [
+        {"path": "red/gone.png", "reason": "a link to nothing (its target is gone)"},
+        {"path": "red/more", "reason": "a link to a folder, not followed; copy the folder into "
+                                       "the data instead"}]
+    assert "purple" not in listing.classes()
+    assert f"class folder '{image_folder / 'purple'}' holds no files, so it is no class" \
+        in caplog.text
+
+
 def test_missing_and_empty_roots_are_named(tmp_path):
     with pytest.raises(PipelineError, match=r"'.*nowhere' does not exist"):
         list_source(str(tmp_path / "nowhere"), tmp_path)

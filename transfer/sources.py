@@ -148,30 +148,48 @@ def visible_files(folder: Path) -> list[Path]:
     return sorted(walk_visible_files(folder))
 
 
-def walk_visible_files(folder: Path) -> Iterator[Path]:
+def walk_visible_files(folder: Path,
+                       passed: Callable[[Path, str], None] | None = None) -> Iterator[Path]:
     """Every file below ``folder``, in the order folders list them, skipping hidden files and
-    folders and not following links to folders. Entries are read one at a time, so a folder
-    of a million files costs no memory (``glob`` lists each folder whole)."""
+    folders and not following links to folders; ``passed(path, why)`` hears of every other
+    visible entry left out (a link to a folder or to nothing, a pipe). Entries are read one
+    at a time, so a folder of a million files costs no memory (``glob`` lists each folder
+    whole)."""
     try:
         with os.scandir(folder) as entries:
             for entry in entries:
                 if entry.name.startswith("."):
                     continue
                 if entry.is_dir(follow_symlinks=False):
-                    yield from walk_visible_files(Path(entry.path))
+                    yield from walk_visible_files(Path(entry.path), passed)
                 elif entry.is_file():
                     yield Path(entry.path)
+                elif passed is not None:
+                    passed(Path(entry.path), _not_a_file(entry))
     except OSError as err:
         raise PipelineError(f"cannot read folder '{folder}' ({err.strerror}); fix its "
                             "permissions or move it out of the data") from err
 
 
+def _not_a_file(entry: os.DirEntry) -> str:
+    if entry.is_symlink():
+        if entry.is_dir():
+            return "a link to a folder, not followed; copy the folder into the data instead"
+        return "a link to nothing (its target is gone)"
+    return "not a regular file (a pipe, socket or device)"
+
+
 def _list_class_folders(root: Path, parent: Path, split: str | None, catalog: Catalog) -> None:
     resolved_root = root.resolve()
+
+    def passed(path: Path, why: str) -> None:
+        catalog.skip(_shown(path.relative_to(root).as_posix()), why)
+
     for class_dir in _subfolders(parent):
         label = check_label(class_dir.name, f"data.source: class folder '{class_dir}'",
                             "rename the folder")
-        for path in walk_visible_files(class_dir):
+        before = len(catalog), len(catalog.skipped)
+        for path in walk_visible_files(class_dir, passed):
             relative = path.relative_to(root).as_posix()
             if not _is_inside(path, resolved_root):
                 # `dvc add` would follow the link and put the file it points to in the cache
@@ -184,6 +202,9 @@ def _list_class_folders(root: Path, parent: Path, split: str | None, catalog: Ca
                                                "character; rename the file")
                 continue
             catalog.add(SourceImage(relative, path, label, split))
+        if (len(catalog), len(catalog.skipped)) == before:
+            log.warning("data.source: class folder '%s' holds no files, so it is no class",
+                        class_dir)
 
 
 def check_label(label: str, where: str, fix: str) -> str:
