@@ -5,7 +5,7 @@ import pytest
 import torchvision.datasets
 from PIL import Image
 
-from tests.conftest import write_image
+from tests.conftest import write_colour_folder, write_image
 from transfer.errors import PipelineError
 from transfer.sources import (
     list_image_folder,
@@ -54,6 +54,16 @@ def test_a_link_out_of_the_root_is_refused(image_folder, tmp_path):
     assert str(err.value) == (f"data.source: '{image_folder}/red/link.png' is a link to "
                               f"'{outside}', outside the data root '{image_folder}'; copy the "
                               "file into the data root or remove the link")
+
+
+def test_a_class_folder_linked_from_outside_the_root_is_named(image_folder, tmp_path):
+    outside = write_colour_folder(tmp_path / "elsewhere") / "red"
+    os.symlink(outside, image_folder / "crimson", target_is_directory=True)
+    with pytest.raises(PipelineError) as err:
+        list_image_folder(image_folder)
+    assert str(err.value) == (f"data.source: class folder '{image_folder}/crimson' is a link "
+                              f"to '{outside}', outside the data root '{image_folder}'; copy "
+                              "the folder into the data root or remove the link")
 
 
 def test_a_link_inside_the_root_is_read(image_folder):

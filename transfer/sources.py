@@ -188,6 +188,10 @@ def _list_class_folders(root: Path, parent: Path, split: str | None, catalog: Ca
     for class_dir in _subfolders(parent):
         label = check_label(class_dir.name, f"data.source: class folder '{class_dir}'",
                             "rename the folder")
+        if not _is_inside(class_dir, resolved_root):
+            raise PipelineError(f"data.source: class folder '{class_dir}' is a link to "
+                                f"'{class_dir.resolve()}', outside the data root '{root}'; "
+                                "copy the folder into the data root or remove the link")
         before = len(catalog), len(catalog.skipped)
         for path in walk_visible_files(class_dir, passed):
             relative = path.relative_to(root).as_posix()
