@@ -118,6 +118,14 @@ def test_missing_file_is_named(tmp_path):
         load_params(tmp_path / "nowhere.yaml")
 
 
+def test_a_whole_number_in_exponent_or_decimal_form_is_read_as_an_integer():
+    # `dvc exp run -S head.max_iter=1e3` writes 1e3, which PyYAML reads as a string.
+    for written in ("1e3", 1000.0, "1000.0"):
+        assert params_from_dict({"head": {"max_iter": written}}).head.max_iter == 1000
+    with pytest.raises(ParamsError, match=r"head.max_iter='1.5e0' has the wrong type"):
+        params_from_dict({"head": {"max_iter": "1.5e0"}})
+
+
 def test_exponent_without_dot_is_read_as_a_float():
     # PyYAML reads 1e-4 as a string; `dvc exp run -S finetune.lr=1e-4` writes exactly that.
     assert params_from_dict({"finetune": {"lr": "1e-4"}}).finetune.lr == pytest.approx(1e-4)

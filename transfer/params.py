@@ -379,6 +379,15 @@ def _coerce(key: str, value: Any, allowed: tuple[Any, ...], source: str) -> Any:
             return value
         if typ is int and isinstance(value, int) and not isinstance(value, bool):
             return value
+        if typ is int and isinstance(value, (float, str)):
+            # A whole number written as 1e3 or 1000.0: PyYAML reads "1e3" (no dot) as a
+            # string, and `dvc exp run -S head.max_iter=1e3` writes just that.
+            try:
+                number = float(value)
+            except ValueError:
+                number = math.nan
+            if math.isfinite(number) and number.is_integer():
+                return int(number)
         if typ is float and isinstance(value, (int, float)) and not isinstance(value, bool):
             return _float(value)
         if typ is str and isinstance(value, str):
