@@ -227,6 +227,18 @@ def test_an_empty_split_fails_with_what_to_change(tmp_path):
         prepare(list_image_folder(root), tmp_path / "prepared", val_size=0.01, test_size=0.01)
 
 
+def test_an_empty_carved_split_says_it_was_carved_from_the_training_images(tmp_path):
+    root = tmp_path / "raw"
+    write_colour_folder(root / "train", per_class=2)
+    write_colour_folder(root / "val", per_class=2)
+    with pytest.raises(PipelineError) as err:
+        prepare(list_image_folder(root), tmp_path / "prepared", test_size=0.01)
+    assert str(err.value) == (
+        "split 'test' ends up empty: the source gives no test folder or rows, so it is carved "
+        "from its 6 usable training images (data.test_size=0.01 of them), and none fell there; "
+        "add images, give that split, or raise data.test_size")
+
+
 def test_image_store_rejects_unknown_split(tmp_path):
     with pytest.raises(ValueError, match="unknown split 'dev'"):
         ImageStore(tmp_path, "dev")

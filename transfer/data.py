@@ -288,11 +288,20 @@ def prepare_store(catalog: Catalog, out_dir: Path, *, source: str, short_side: i
         totals = catalog.assign_splits(lambda sha, given: assign_split(
             split_fraction(seed, "split", sha), given, given_splits, val_size, test_size))
         for split, n in totals.items():
-            if not n:
-                raise PipelineError(f"split '{split}' ends up empty ({sum(totals.values())} "
-                                    f"usable images, data.val_size={val_size}, "
-                                    f"data.test_size={test_size}); add images or give that "
-                                    "split a larger share")
+            if n:
+                continue
+            if given_splits and split not in given_splits:  # carved from the given train/
+                carved = sum(totals[s] for s in totals if s == "train" or s not in given_splits)
+                raise PipelineError(
+                    f"split '{split}' ends up empty: the source gives no {split} folder or "
+                    f"rows, so it is carved from its {carved} usable training images "
+                    f"(data.{split}_size={val_size if split == 'val' else test_size} of "
+                    f"them), and none fell there; add images, give that split, or raise "
+                    f"data.{split}_size")
+            raise PipelineError(f"split '{split}' ends up empty ({sum(totals.values())} "
+                                f"usable images, data.val_size={val_size}, "
+                                f"data.test_size={test_size}); add images or give that "
+                                "split a larger share")
         counts = catalog.split_counts(classes)
         _check_class_count([name for name, n in counts["train"].items() if n], source,
                            "with a training image")
