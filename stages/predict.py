@@ -16,6 +16,7 @@ import csv
 import json
 import logging
 import sys
+import unicodedata
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -70,8 +71,15 @@ def predict_files(classifier: Predictor, files: list[Path], top_k: int, batch_si
             yield from results
 
 
+def columns(text: str) -> int:
+    """How many terminal columns ``text`` takes: two for a wide character (CJK), none for a
+    combining mark."""
+    return sum(2 if unicodedata.east_asian_width(c) in "WF" else
+               0 if unicodedata.combining(c) else 1 for c in text)
+
+
 def write_table(predictions: list[Prediction], out) -> None:
-    width = max((len(p.path) for p in predictions), default=4)
+    width = max((columns(p.path) for p in predictions), default=4)
     for p in predictions:
         if p.error:
             cells = f"error: {p.error}"
@@ -79,7 +87,7 @@ def write_table(predictions: list[Prediction], out) -> None:
             cells = "  ".join(f"{name} {probability:.3f}" for name, probability in p.top)
             if p.flags:
                 cells = f"{', '.join(p.flags)}: {cells}"
-        out.write(f"{p.path:<{width}}  {cells}\n")
+        out.write(f"{p.path}{' ' * (width - columns(p.path))}  {cells}\n")
 
 
 def write_csv(predictions: list[Prediction], out, top_k: int) -> None:

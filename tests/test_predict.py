@@ -230,3 +230,16 @@ def test_onnx_runtime_and_pytorch_give_the_same_probabilities(flip_finetuned, ca
     assert sorted(found["torch"]) == ["a-red.png", "a.png", "b-green.jpg", "b.png", "c-blue"]
     for name, probabilities in found["torch"].items():
         assert found["onnxruntime"][name] == pytest.approx(probabilities, abs=1e-4)
+
+
+def test_the_table_lines_up_names_with_wide_and_combining_characters():
+    from transfer.prediction import Prediction
+
+    out = io.StringIO()
+    predict.write_table([Prediction("猫/写真.jpg", [("cat", 0.9)]),
+                         Prediction("cafe\u0301/a.jpg", [("dog", 0.8)]),
+                         Prediction("plain/abc.jpg", error="not an image")], out)
+    lines = out.getvalue().splitlines()
+    assert lines == ["猫/写真.jpg    cat 0.900",
+                     "cafe\u0301/a.jpg     dog 0.800",
+                     "plain/abc.jpg  error: not an image"]
