@@ -55,6 +55,21 @@ def test_several_images_get_one_entry_each_in_order(client, trained):
     assert probabilities == sorted(probabilities, reverse=True) and probabilities[0] > 0.5
 
 
+def test_a_bad_file_among_good_ones_gets_its_error_and_the_others_their_classes(client,
+                                                                               trained):
+    response = client.post("/predict", data={"file": [
+        (io.BytesIO((trained / "inputs" / "a-red.png").read_bytes()), "a-red.png"),
+        (io.BytesIO(b"plain text"), "notes.txt"),
+        (io.BytesIO((trained / "inputs" / "more" / "c-blue").read_bytes()), "c-blue")]})
+    assert response.status_code == 200
+    red, notes, blue = response.get_json()
+    assert (red["prediction"], red["error"]) == ("red", None)
+    assert (blue["prediction"], blue["error"]) == ("blue", None)
+    assert notes["file"] == "notes.txt" and notes["prediction"] is None
+    assert notes["predictions"] == []
+    assert notes["error"].startswith("notes.txt: not an image (content not recognised)")
+
+
 def test_the_answers_are_the_predict_commands(client, trained, capsys):
     from stages import predict
 
@@ -83,6 +98,7 @@ def test_the_answers_are_the_predict_commands(client, trained, capsys):
      "request larger than this server's limit of 1 MiB"),
 ])
 def test_bad_requests_get_a_4xx_with_a_clear_message(client, data, status, message):
+    # Where no file can be classified; a bad file among good ones is an entry of its own.
     response = client.post("/predict", data=data)
     assert response.status_code == status
     assert response.get_json()["error"].startswith(message)

@@ -110,19 +110,24 @@ def create_app(predictor: Predictor, familiarity: FamiliarityCheck | None = None
         if len(uploads) > limits.max_files:
             return _error(f"{len(uploads)} files in one request; at most {limits.max_files}",
                           413)
-        names = [upload.filename or f"{FIELD}{i + 1}" for i, upload in enumerate(uploads)]
-        try:
-            images = [read_upload(predictor, name, upload.read(), limits.max_pixels)
-                      for name, upload in zip(names, uploads, strict=True)]
-        except BadImage as err:
-            return _error(str(err), err.status)
-        results = [Prediction(name) for name in names]
+        results = [Prediction(upload.filename or f"{FIELD}{i + 1}")
+                   for i, upload in enumerate(uploads)]
+        read, images, refused = [], [], []
+        for result, upload in zip(results, uploads, strict=True):
+            try:
+                images.append(read_upload(predictor, result.path, upload.read(),
+                                          limits.max_pixels))
+                read.append(result)
+            except BadImage as err:  # the other files are still classified
+                result.error = str(err)
+                refused.append(err)
+        if not read:  # nothing to classify: the first file's reason, with its status
+            return _error(str(refused[0]), refused[0].status)
         with model_lock:
-            classify(predictor, results, images, top_k, batch_size, min_confidence,
-                     familiarity)
-        # As predict --format json gives them, ``file`` for ``path`` (no errors: a bad file
-        # fails the whole request).
-        return jsonify([{"file": result.path, **result.answer()} for result in results])
+            classify(predictor, read, images, top_k, batch_size, min_confidence, familiarity)
+        # As predict --format json gives them, ``file`` for ``path``.
+        return jsonify([{"file": result.path, **result.answer(),
+                         "error": result.error or None} for result in results])
 
     @app.errorhandler(HTTPException)
     def http_error(err: HTTPException) -> tuple[Response, int]:
