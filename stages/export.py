@@ -73,8 +73,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--format", choices=EXPORT_FORMATS,
                         help="with --output: the format, whatever the suffix")
     parser.add_argument("--model", choices=MODEL_CHOICES,
-                        help="with --output: auto (default; the fine-tuned model when there "
-                             "is one, else the head on the frozen backbone), head or finetune")
+                        help="with --output: auto (default; the fine-tuned model when "
+                             "fine-tuning kept an epoch after its start, else the head on the "
+                             "frozen backbone), head or finetune")
     args = parser.parse_args(argv)
     if args.output is None:
         if args.format or args.model:

@@ -111,8 +111,8 @@ def write_json(predictions: list[Prediction], out) -> None:
 def add_model_arguments(parser: ArgumentParser) -> None:
     """The options that choose the model, its engine, and the answers' thresholds."""
     parser.add_argument("--model", choices=MODEL_CHOICES, default="auto",
-                        help="auto (default): the fine-tuned model when there is one, else "
-                             "the head on the frozen backbone")
+                        help="auto (default): the fine-tuned model when fine-tuning kept an "
+                             "epoch after its start, else the head on the frozen backbone")
     parser.add_argument("--exported", type=Path, metavar="FILE",
                         help="use an exported model file (.onnx or .pt, from "
                              "python -m stages.export) instead of the pipeline's models")

@@ -108,11 +108,16 @@ def test_the_fine_tuned_model_is_exported_by_default_once_it_exists(trained):
     from stages import finetune
 
     params = yaml.safe_load((trained / "params.yaml").read_text())
+    # From a fresh head, so that the epoch trained is kept over the start: a run that kept
+    # its start (the probe again) leaves auto to the head.
     params["finetune"] = {"enabled": True, "strategy": "head", "epochs": 1, "batch_size": 8,
-                          "augment": "none"}
+                          "augment": "none", "init_from_head": False, "lr": 0.01,
+                          "select_by": "log_loss"}
     params["export"] = {"enabled": True}
     write_params(trained, params)
     finetune.main()
+    assert json.loads((trained / "models" / "finetune" / "model.json").read_text()
+                      )["best_epoch"] == 1
     images = _images(trained)
     reference = _probabilities(load_finetuned(trained / "models" / "finetune"), images)
     export.main([])
@@ -143,7 +148,7 @@ def test_a_flip_averaged_fine_tuned_model_averages_inside_the_exported_file(flip
     model = load_finetuned(flip_finetuned / "models" / "finetune")
     images = _mirrored(flip_finetuned)
     reference = _probabilities(model, images)
-    export.main(["--output", "flip.onnx"])
+    export.main(["--model", "finetune", "--output", "flip.onnx"])
     exported = load_exported(flip_finetuned / "flip.onnx")
     assert exported.metadata["flip_average"] is True
     _assert_mirror_equal(_probabilities(exported, images), reference)

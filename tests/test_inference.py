@@ -75,3 +75,24 @@ def test_all_right_validation_images_leave_the_temperature_at_one():
     predicted = np.concatenate(list(model.scores(pictures, runtime=CPU))).argmax(axis=1)
     result = fit_temperature_on(model.net, Store(pictures, predicted), TINY, 4, CPU, 3)
     assert result["temperature"] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize(("best_epoch", "model", "chosen"), [
+    (2, "auto", "finetune"), (0, "auto", "head"), (0, "finetune", "finetune"),
+    (None, "auto", "head"), ("damaged", "auto", "finetune"), (1, "head", "head")])
+def test_auto_takes_the_fine_tuned_network_only_where_it_moved_from_its_start(
+        tmp_path, monkeypatch, best_epoch, model, chosen):
+    import json
+
+    from transfer import inference
+
+    monkeypatch.setattr(inference, "load_finetuned", lambda *args: "finetune")
+    monkeypatch.setattr(inference, "load_classifier", lambda *args: "head")
+    finetune_dir = tmp_path / "finetune"
+    finetune_dir.mkdir()
+    if best_epoch == "damaged":  # loading it says what is wrong
+        (finetune_dir / "model.json").write_text("{not json")
+    elif best_epoch is not None:
+        (finetune_dir / "model.json").write_text(json.dumps({"best_epoch": best_epoch}))
+    assert inference.load_predictor(model, tmp_path, tmp_path / "head.npz",
+                                    finetune_dir) == chosen

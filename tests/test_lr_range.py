@@ -58,6 +58,7 @@ def test_a_loss_lowest_at_the_start_or_never_finite_is_one_error():
                                             r"diverged at 1e-07, at its first step; set "
                                             r"finetune.lr to a number$"):
         _run([math.nan] * 50).result()
-    with pytest.raises(PipelineError, match=r"lowest at 1e-07, the start of the range, and the "
-                                            r"loss diverged at .*; set finetune.lr to a number$"):
+    with pytest.raises(PipelineError, match=r"lowest at 1e-07, too near the start of the range "
+                                            r"\(1e-07\) for a rate 10x below it, and the loss "
+                                            r"diverged at .*; set finetune.lr to a number$"):
         _run([1.0] + [1.0 + step for step in range(1, 50)]).result()

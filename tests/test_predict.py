@@ -70,8 +70,21 @@ def test_predict_prefers_the_fine_tuned_model_and_explains_when_there_is_none(tr
     with pytest.raises(PipelineError, match="no fine-tuned model .* use --model head"):
         predict.main(["inputs/a-red.png", "--model", "finetune"])
     params = yaml.safe_load((trained / "params.yaml").read_text())
+    # From the probe, right on every validation image: the run keeps its start, the probe
+    # again, and auto keeps to the head, saying why.
     params["finetune"] = {"enabled": True, "strategy": "head", "epochs": 1, "batch_size": 8,
                           "augment": "none"}
+    write_params(trained, params)
+    finetune.main()
+    with caplog.at_level(logging.INFO):
+        predict.main(["inputs/a-red.png"])
+    assert "model auto: the head, since fine-tuning kept the network it started from " \
+           "(epoch 0)" in caplog.text and "with the head model" in caplog.text
+    capsys.readouterr()
+    caplog.clear()
+    # From a fresh head, the epoch trained is kept: auto takes the fine-tuned network.
+    params["finetune"].update(init_from_head=False, lr=0.01, select_by="log_loss", epochs=3,
+                              warmup_epochs=0)
     write_params(trained, params)
     finetune.main()
     with caplog.at_level(logging.INFO):

@@ -283,6 +283,24 @@ def test_lr_auto_is_recorded_and_a_loss_that_diverges_at_once_is_one_error(tmp_p
         train(nan_net, data, data, params, 0, CPU, tmp_path / "b.pt", "b")
 
 
+def test_lr_auto_runs_no_range_test_where_no_epoch_could_beat_the_start(tmp_path, caplog):
+    labels = np.arange(24) % 3
+    data = LabelledImages(_separable(24, labels), labels, _tensor_transform)
+    params = FinetuneParams(enabled=True, strategy="head", epochs=3, batch_size=4, lr="auto")
+    net = _flat_net()
+    with torch.no_grad():  # a head that reads each class's bright channel: a perfect start
+        net.head.weight.zero_()
+        net.head.bias.zero_()
+        for c in range(3):
+            net.head.weight[c, c * 64:(c + 1) * 64] = 1.0
+    caplog.set_level("INFO", logger="transfer.training")
+    result = train(net, data, data, params, 0, CPU, tmp_path / "a.pt", "a")
+    assert result.state.history[0].val_accuracy == 1.0  # every validation image right
+    assert result.state.epoch == 0 and result.stopped_early
+    assert result.lr_range is None and result.lr is None
+    assert "learning-rate range test" not in caplog.text
+
+
 def test_the_balanced_sampler_draws_every_class_about_equally(tmp_path):
     from transfer.training import _loader
 

@@ -141,17 +141,32 @@ def predict_batches(predictor: Predictor, images: Sequence[np.ndarray], batch_si
 def load_predictor(model: str, embeddings_dir: Path, head_path: Path, finetune_dir: Path,
                    engine: Engine | None = None) -> Predictor:
     """The model to classify with: ``head`` (frozen backbone + probe), ``finetune`` (the
-    fine-tuned network), or ``auto``: the fine-tuned one when the pipeline trained one. Its
-    network runs on ``engine`` (PyTorch unless given)."""
+    fine-tuned network), or ``auto``: the fine-tuned one when the pipeline trained one and
+    kept an epoch after its start. Its network runs on ``engine`` (PyTorch unless given)."""
     engine = engine or TorchEngine()
     trained = (finetune_dir / "model.json").is_file()
     if model == "finetune" and not trained:
         raise PipelineError(f"{finetune_dir}: no fine-tuned model (finetune.enabled is false "
                             "or the stage has not run); use --model head, or run "
                             "`dvc exp run -S finetune.enabled=true`")
+    if model == "auto" and trained and kept_its_start(finetune_dir):
+        log.info("model auto: the head, since fine-tuning kept the network it started from "
+                 "(epoch 0); --model finetune takes that network")
+        trained = False
     if model == "finetune" or (model == "auto" and trained):
         return load_finetuned(finetune_dir, engine)
     return load_classifier(embeddings_dir, head_path, engine)
+
+
+def kept_its_start(finetune_dir: Path) -> bool:
+    """Whether the fine-tuned model in ``finetune_dir`` is the network fine-tuning started from
+    (no epoch scored better on validation): the probe's own predictions, when it started from
+    the head, under a temperature fitted on a validation split it may have got all right.
+    A description that cannot be read says no, so that loading it says what is wrong."""
+    try:
+        return int(read_json(finetune_dir / "model.json")["best_epoch"]) == 0
+    except (PipelineError, OSError, UnicodeDecodeError, KeyError, TypeError, ValueError):
+        return False
 
 
 def load_classifier(embeddings_dir: Path, head_path: Path,

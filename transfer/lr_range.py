@@ -73,8 +73,9 @@ class RangeTest:
         if chosen < self.min_lr:
             raise PipelineError(
                 f"finetune.lr: auto: the learning-rate range test found no usable rate: the "
-                f"loss was lowest at {self.lrs[lowest]:.3g}, the start of the range, and "
-                f"{how}; set finetune.lr to a number")
+                f"loss was lowest at {self.lrs[lowest]:.3g}, too near the start of the range "
+                f"({self.min_lr:.3g}) for a rate {BELOW_MINIMUM:g}x below it, and {how}; set "
+                "finetune.lr to a number")
         return LrRange(chosen, self.lrs, self.losses, self.diverged_at)
 
 

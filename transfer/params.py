@@ -244,8 +244,8 @@ class ExportParams:
     format: str = _choice("onnx", EXPORT_FORMATS, help=(
         "onnx: runs on ONNX Runtime, in any language; torchscript: runs on PyTorch"))
     model: str = _choice("auto", MODEL_CHOICES, help=(
-        "auto: the fine-tuned model when finetune ran, else the head on the frozen backbone; "
-        "head; finetune"))
+        "auto: the fine-tuned model when fine-tuning kept an epoch after its start, else the "
+        "head on the frozen backbone; head; finetune"))
 
 
 @dataclass(frozen=True)

@@ -160,7 +160,8 @@ class FinetuneResult:
     train_images_per_second: float
     resumed_from_epoch: int
     stop_reason: str | None  # why it stopped before finetune.epochs (None: it did not)
-    lr: float  # the head's peak learning rate: finetune.lr, or the range test's choice
+    lr: float | None  # the head's peak learning rate: finetune.lr, or the range test's
+    # choice (None: lr: auto, and no epoch to train)
     lr_range: LrRange | None = None
 
     @property
@@ -371,12 +372,16 @@ def train(net: FinetuneNet, train_set: LabelledImages, val_set: LabelledImages,
     objective = Objective(params, net.head.out_features, train_set.labels, runtime.device)
     criterion = SELECT_BY[params.select_by]
     saved = _load_checkpoint(checkpoint, key)
+    start = None if saved is not None else validation_scores(net, val_set, batch_size, runtime,
+                                                             params.flip_average)
     lr_range = None
-    if params.lr == "auto":
+    if params.lr == "auto" and not (start is not None and criterion.unbeatable(start)):
         lr_range = (LrRange(**saved["lr_range"]) if saved is not None else find_learning_rate(
             net, model, train_set, params, batch_size, seed, runtime, objective))
-    lr = lr_range.lr if lr_range is not None else params.lr
-    optimizer = _optimizer(net, lr, params)
+    # Where the start scores as well as any epoch could, no epoch is trained, and lr: auto
+    # needs no rate (nor its range test, minutes on a small set).
+    lr = lr_range.lr if lr_range is not None else None if params.lr == "auto" else params.lr
+    optimizer = _optimizer(net, 0.0 if lr is None else lr, params)
     steps_per_epoch = len(_loader(train_set, batch_size, runtime, train=True,
                                   sampler=params.sampler))
     total_steps = steps_per_epoch * params.epochs
@@ -391,9 +396,11 @@ def train(net: FinetuneNet, train_set: LabelledImages, val_set: LabelledImages,
 
         ema = ModelEmaV3(net, decay=params.ema_decay, use_warmup=True)
 
-    def validate(epoch: int) -> EpochRecord:
-        """The epoch's record: the raw weights' scores, or the average's where better."""
-        scores = validation_scores(net, val_set, batch_size, runtime, params.flip_average)
+    def validate(epoch: int, scores: ValidationScores | None = None) -> EpochRecord:
+        """The epoch's record: the raw weights' scores (``scores`` where already known), or
+        the average's where better."""
+        scores = scores or validation_scores(net, val_set, batch_size, runtime,
+                                             params.flip_average)
         weights = "raw"
         if ema is not None and epoch > 0:
             averaged = validation_scores(ema.module, val_set, batch_size, runtime,
@@ -421,7 +428,7 @@ def train(net: FinetuneNet, train_set: LabelledImages, val_set: LabelledImages,
         log.info("resuming fine-tuning after epoch %d of %d from %s", state.epoch,
                  params.epochs, checkpoint)
     else:
-        state.history.append(validate(0))
+        state.history.append(validate(0, start))
         state.best_state = _copy_state(net)
         log.info("epoch 0 (start): val loss %.4f, val accuracy %.4f", state.best.val_loss,
                  state.best.val_accuracy)
