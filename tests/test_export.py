@@ -202,3 +202,15 @@ def test_predict_runs_an_exported_file(trained, capsys):
 def test_temporaries_are_ignored_by_git(path):
     ignored = subprocess.run(["git", "check-ignore", "-q", "--no-index", path], cwd=REPO_ROOT)
     assert ignored.returncode == 0
+
+
+def test_a_missing_file_names_the_export_beside_it(tmp_path):
+    from transfer.errors import PipelineError
+
+    with pytest.raises(PipelineError, match=r"no such file; export one with dvc exp run -S "):
+        load_exported(tmp_path / "classifier.onnx")
+    (tmp_path / "classifier.pt").write_bytes(b"")
+    with pytest.raises(PipelineError) as err:
+        load_exported(tmp_path / "classifier.onnx")
+    assert str(err.value) == (f"{tmp_path / 'classifier.onnx'}: no such file; {tmp_path} holds "
+                              "classifier.pt: pass that, or set export.format")

@@ -287,18 +287,37 @@ def test_lr_auto_runs_no_range_test_where_no_epoch_could_beat_the_start(tmp_path
     labels = np.arange(24) % 3
     data = LabelledImages(_separable(24, labels), labels, _tensor_transform)
     params = FinetuneParams(enabled=True, strategy="head", epochs=3, batch_size=4, lr="auto")
-    net = _flat_net()
-    with torch.no_grad():  # a head that reads each class's bright channel: a perfect start
-        net.head.weight.zero_()
-        net.head.bias.zero_()
-        for c in range(3):
-            net.head.weight[c, c * 64:(c + 1) * 64] = 1.0
     caplog.set_level("INFO", logger="transfer.training")
-    result = train(net, data, data, params, 0, CPU, tmp_path / "a.pt", "a")
+    result = train(_perfect_flat_net(), data, data, params, 0, CPU, tmp_path / "a.pt", "a")
     assert result.state.history[0].val_accuracy == 1.0  # every validation image right
     assert result.state.epoch == 0 and result.stopped_early
     assert result.lr_range is None and result.lr is None
     assert "learning-rate range test" not in caplog.text
+
+
+def _perfect_flat_net() -> FinetuneNet:
+    net = _flat_net()
+    with torch.no_grad():  # a head that reads each class's bright channel
+        net.head.weight.zero_()
+        net.head.bias.zero_()
+        for c in range(3):
+            net.head.weight[c, c * 64:(c + 1) * 64] = 1.0
+    return net
+
+
+def test_an_epoch_far_worse_than_the_start_warns_that_the_rate_is_too_high(tmp_path, caplog):
+    labels = np.arange(24) % 3
+    data = LabelledImages(_separable(24, labels), labels, _tensor_transform)
+    params = FinetuneParams(enabled=True, strategy="head", epochs=1, batch_size=4, lr=10.0,
+                            warmup_epochs=0, select_by="log_loss")
+    result = train(_perfect_flat_net(), data, data, params, 0, CPU, tmp_path / "a.pt", "a")
+    assert result.state.best_epoch == 0  # kept the start, as before
+    assert "epoch 1: the validation loss is" in caplog.text
+    assert "the learning rate (10 at its peak) is likely too high" in caplog.text
+    caplog.clear()
+    gentle = dataclasses.replace(params, lr=1e-4)
+    train(_perfect_flat_net(), data, data, gentle, 0, CPU, tmp_path / "b.pt", "b")
+    assert "likely too high" not in caplog.text
 
 
 def test_the_balanced_sampler_draws_every_class_about_equally(tmp_path):

@@ -186,6 +186,11 @@ def load_exported(path: str | Path) -> ExportedModel:
         raise PipelineError(f"{path}: not an exported model file; expected one of "
                             f"{', '.join(EXPORT_SUFFIXES)} written by python -m stages.export")
     if not path.is_file():
+        beside = sorted(p.name for p in path.parent.glob("*") if p.suffix in EXPORT_SUFFIXES) \
+            if path.parent.is_dir() else []
+        if beside:  # exported in the other format (export.format)
+            raise PipelineError(f"{path}: no such file; {path.parent} holds "
+                                f"{', '.join(beside)}: pass that, or set export.format")
         raise PipelineError(f"{path}: no such file; export one with dvc exp run -S "
                             "export.enabled=true (or python -m stages.export --output FILE)")
     try:

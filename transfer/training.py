@@ -45,7 +45,14 @@ from transfer.layout import (
     FINETUNE_LR_RANGE,
     finetune_checkpoint,
 )
-from transfer.lr_range import BELOW_MINIMUM, LrRange, RangeTest, curve_text, range_test_steps
+from transfer.lr_range import (
+    BELOW_MINIMUM,
+    DIVERGED,
+    LrRange,
+    RangeTest,
+    curve_text,
+    range_test_steps,
+)
 from transfer.network import (
     FinetuneNet,
     FlipAveraged,
@@ -479,6 +486,14 @@ def train(net: FinetuneNet, train_set: LabelledImages, val_set: LabelledImages,
                  "val accuracy %.4f (%s weights), lr %.3g", epoch, record.train_loss,
                  record.train_accuracy, record.val_loss, record.val_accuracy, record.weights,
                  record.lr)
+        first = state.history[0]  # diverged as the range test calls it, and worse than the start
+        if record.val_loss > DIVERGED * first.val_loss \
+                and record.val_accuracy < first.val_accuracy:
+            log.warning("epoch %d: the validation loss is %.3g, %.0fx the start's (%.3g), and "
+                        "the accuracy fell from %.4f to %.4f: the learning rate (%.3g at its "
+                        "peak) is likely too high; lower finetune.lr or set it to auto", epoch,
+                        record.val_loss, record.val_loss / first.val_loss, first.val_loss,
+                        first.val_accuracy, record.val_accuracy, lr)
         if runtime.is_main:
             if on_epoch is not None:  # first: an epoch with a checkpoint has its curves too
                 on_epoch(state)
