@@ -168,8 +168,8 @@ def test_links_to_folders_and_to_nothing_are_reported_and_empty_classes_named(
     listing = list_image_folder(image_folder)
     assert listing.skipped == [
         {"path": "red/gone.png", "reason": "a link to nothing (its target is gone)"},
-        {"path": "red/more", "reason": "a link to a folder, not followed; copy the folder into "
-                                       "the data instead"}]
+        {"path": "red/more", "reason": "a link to a folder (not followed: copy the folder into "
+                                       "the data instead)"}]
     assert "purple" not in listing.classes()
     assert f"class folder '{image_folder / 'purple'}' holds no files, so it is no class" \
         in caplog.text

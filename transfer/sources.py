@@ -174,7 +174,7 @@ def walk_visible_files(folder: Path,
 def _not_a_file(entry: os.DirEntry) -> str:
     if entry.is_symlink():
         if entry.is_dir():
-            return "a link to a folder, not followed; copy the folder into the data instead"
+            return "a link to a folder (not followed: copy the folder into the data instead)"
         return "a link to nothing (its target is gone)"
     return "not a regular file (a pipe, socket or device)"
 
