@@ -183,7 +183,8 @@ def main(argv: list[str] | None = None) -> None:
     if failed == len(predictions):
         raise PipelineError(f"none of the {len(predictions)} files could be classified "
                             f"(first: {predictions[0].path}: {predictions[0].error})")
-    log.info("classified %d files with the %s model", len(predictions) - failed,
+    classified = len(predictions) - failed
+    log.info("classified %d file%s with the %s model", classified, "s" * (classified != 1),
              classifier.name)
     if failed:
         log.warning("%d of %d files could not be classified", failed, len(predictions))
