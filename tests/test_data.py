@@ -221,6 +221,20 @@ def test_small_classes_fail_naming_them_and_leave_no_store(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["raw"]
 
 
+def test_a_class_short_of_images_names_the_files_skipped(tmp_path):
+    root = write_colour_folder(tmp_path / "raw", per_class=6)
+    for i in range(2):
+        (root / "red" / f"cut{i}.png").write_bytes((root / "red" / "0.png").read_bytes()[:40])
+    (root / "red" / "0.png").unlink()
+    with pytest.raises(PipelineError) as err:
+        prepare(list_image_folder(root), tmp_path / "prepared", min_per_class=6)
+    assert str(err.value).startswith(
+        "class 'red' (5) has fewer usable images than data.min_per_class=6 (2 files of the "
+        "source skipped, the first red/cut0.png: not an image (content not recognised))")
+    assert str(err.value).endswith("; add images, remove the class folder, or lower "
+                                   "data.min_per_class")
+
+
 def test_an_empty_split_fails_with_what_to_change(tmp_path):
     root = write_colour_folder(tmp_path / "raw", per_class=2)
     with pytest.raises(PipelineError, match="split '.*' ends up empty .*data.val_size=0.01"):

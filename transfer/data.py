@@ -279,7 +279,8 @@ def prepare_store(catalog: Catalog, out_dir: Path, *, source: str, short_side: i
         catalog.find_duplicates()
         small_count, small = catalog.small_images(limit=100)
         conflicts = catalog.exclude_conflicts()
-        _check_class_sizes(catalog.kept_per_class(), classes, min_per_class)
+        _check_class_sizes(catalog.kept_per_class(), classes, min_per_class,
+                           catalog.skipped + catalog.undecodable())
         left_out = 0
         if max_per_class is not None:
             left_out = catalog.cap_per_class(
@@ -339,15 +340,19 @@ def _check_class_count(classes: Sequence[str], source: str, which: str) -> None:
                             "two classes (two class folders, or two labels in the manifest)")
 
 
-def _check_class_sizes(per_class: dict[str, int], classes: Sequence[str],
-                       min_per_class: int) -> None:
+def _check_class_sizes(per_class: dict[str, int], classes: Sequence[str], min_per_class: int,
+                       skipped: Sequence[dict[str, str]] = ()) -> None:
+    """Stop where a class has too few usable images; the files skipped (which the report,
+    not written then, would have listed) are counted in the message, the first named."""
     short = [f"'{name}' ({per_class.get(name, 0)})" for name in classes
              if per_class.get(name, 0) < min_per_class]
     if short:
         subject = f"class {short[0]} has" if len(short) == 1 else \
             f"classes {', '.join(short)} have"
+        note = f" ({len(skipped)} file{'s' * (len(skipped) != 1)} of the source skipped, the " \
+            f"first {skipped[0]['path']}: {skipped[0]['reason']})" if skipped else ""
         raise PipelineError(f"{subject} fewer usable images than "
-                            f"data.min_per_class={min_per_class}; add images, remove the "
+                            f"data.min_per_class={min_per_class}{note}; add images, remove the "
                             "class folder, or lower data.min_per_class")
 
 
