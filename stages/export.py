@@ -42,8 +42,8 @@ def write_export(model_choice: str, fmt: str, path: Path, final: Path | None = N
     model = load_predictor(model_choice, EMBEDDINGS_DIR, HEAD_PATH, FINETUNE_DIR)
     metadata = export_model(model, fmt, path)
     log.info("wrote %s (%s model, %s, %d classes, input uint8 %s)", final or path,
-             metadata["model"],
-             fmt, len(metadata["classes"]), metadata["preprocessing"]["input_size"])
+             metadata["model"], fmt, len(metadata["classes"]),
+             metadata["preprocessing"]["input_size"])
     return metadata
 
 

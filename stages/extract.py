@@ -123,16 +123,16 @@ def extract(extraction: Any, stores: dict[str, ImageStore], params: Any, store_r
         # Timings are logged, not written: every output of this stage is deterministic and
         # DVC-cached, so a teammate's pushed run cache can restore it (DVC cannot restore runs
         # with uncached outputs from a remote).
-        device = getattr(runtime, "device_type", None) or runtime.device.type
         if not done["embedded"]:
             log.info("every image's embedding (%d) came from the embedding store, in %.1fs",
                      done["reused"], seconds)
-            return
-        log.info("embedded %d images (%d more from the embedding store) with %s (%d-d) in "
-                 "%.1fs, %.1f images/s on %s x %d process(es) with %s (batch %d)",
-                 done["embedded"], done["reused"], extraction.name, extraction.dim, seconds,
-                 done["embedded"] / seconds, device, runtime.world_size, extraction.engine,
-                 extraction.batch_size)
+        else:
+            device = getattr(runtime, "device_type", None) or runtime.device.type
+            log.info("embedded %d images (%d more from the embedding store) with %s (%d-d) "
+                     "in %.1fs, %.1f images/s on %s x %d process(es) with %s (batch %d)",
+                     done["embedded"], done["reused"], extraction.name, extraction.dim,
+                     seconds, done["embedded"] / seconds, device, runtime.world_size,
+                     extraction.engine, extraction.batch_size)
 
 
 if __name__ == "__main__":

@@ -55,12 +55,12 @@ def check_tracked(source: str) -> None:
         return
     path = Path(os.path.normpath(Path(source).absolute()))
     if RAW_DIR.absolute() not in path.parents:
-        name = path.name if path.suffix.lower() != ".csv" else path.parent.name
+        folder = path.parent if path.suffix.lower() == ".csv" else path  # a manifest's folder
         raise PipelineError(
             f"data.source: '{source}' is outside {RAW_DIR}/, which dvc.yaml watches for "
             "changes, so dvc repro would call the results up to date after its files change; "
-            f"copy it in (e.g. cp -r '{path if path.suffix.lower() != '.csv' else path.parent}' "
-            f"{RAW_DIR}/{name}, then dvc add {RAW_DIR}/{name}) and point data.source there")
+            f"copy it in (e.g. cp -r '{folder}' {RAW_DIR}/{folder.name}, then dvc add "
+            f"{RAW_DIR}/{folder.name}) and point data.source there")
 
 
 def images(n: int) -> str:

@@ -406,8 +406,8 @@ def train(net: FinetuneNet, train_set: LabelledImages, val_set: LabelledImages,
     def validate(epoch: int, scores: ValidationScores | None = None) -> EpochRecord:
         """The epoch's record: the raw weights' scores (``scores`` where already known), or
         the average's where better."""
-        scores = scores or validation_scores(net, val_set, batch_size, runtime,
-                                             params.flip_average)
+        if scores is None:
+            scores = validation_scores(net, val_set, batch_size, runtime, params.flip_average)
         weights = "raw"
         if ema is not None and epoch > 0:
             averaged = validation_scores(ema.module, val_set, batch_size, runtime,
