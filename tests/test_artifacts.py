@@ -1,5 +1,7 @@
 import os
+import shutil
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -158,6 +160,32 @@ def test_a_scratch_directory_is_removed_and_a_killed_runs_one_too(tmp_path):
         assert scratch.parent == tmp_path and scratch.name == f".prepared.scratch-{os.getpid()}"
         assert not stale.exists()
         (scratch / "0.png").write_bytes(b"x")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_killed_runs_temporaries_cleared_by_another_run_at_once_are_no_error(tmp_path,
+                                                                              monkeypatch):
+    # Two extractions sharing the embedding store both find a killed run's scratch folder
+    # and remove it; the other one gets there first.
+    stale = tmp_path / f".shard.scratch-{_finished_pid()}"
+    (stale / "rows").mkdir(parents=True)
+    stale_file = tmp_path / f".shard.tmp-{_finished_pid()}"
+    stale_file.write_bytes(b"half")
+    real_rmtree, real_unlink = shutil.rmtree, Path.unlink
+
+    def removed_by_the_other_run_first(path, *args, **kwargs):
+        real_rmtree(path)
+        real_rmtree(path, *args, **kwargs)  # FileNotFoundError, as the tree is gone
+
+    def unlinked_by_the_other_run_first(path, missing_ok=False):
+        if path == stale_file and path.exists():
+            real_unlink(path)
+        real_unlink(path, missing_ok=missing_ok)
+
+    monkeypatch.setattr(shutil, "rmtree", removed_by_the_other_run_first)
+    monkeypatch.setattr(Path, "unlink", unlinked_by_the_other_run_first)
+    with scratch_directory(tmp_path / "shard") as scratch:
+        (scratch / "rows.npz").write_bytes(b"x")
     assert list(tmp_path.iterdir()) == []
 
 

@@ -144,10 +144,13 @@ def _alive(pid: int) -> bool:
 
 
 def _remove(path: Path) -> None:
+    """Remove a file, link or folder; one that another process removes first is no error (two
+    runs sharing a folder both clear a killed run's temporaries)."""
     if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    elif path.exists() or path.is_symlink():
-        path.unlink()
+        with contextlib.suppress(FileNotFoundError):  # the other one finishes the job
+            shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager

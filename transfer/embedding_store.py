@@ -12,7 +12,7 @@ bytes, checked on every read together with its configuration: a damaged or forei
 deleted and its images embedded again, never used.
 
 The store is bounded: ``prune`` deletes the least recently used shards beyond a size limit
-(``backbone.store_max_gb``). Deleting the whole folder is always safe.
+(``backbone.store_max_gb``). Deleting the whole folder between runs is always safe.
 """
 
 from __future__ import annotations
@@ -147,8 +147,12 @@ def store_size(root: Path) -> int:
 
 def prune(root: Path, max_bytes: int) -> int:
     """Delete the least recently used shards under ``root`` until the shards left take at most
-    ``max_bytes``; a configuration folder left with no shard goes too. Returns the bytes
-    deleted."""
+    ``max_bytes``. Returns the bytes deleted.
+
+    Only shards go: folders stay, with their ``config.json`` (a few hundred bytes). Another
+    extraction sharing the store (``dvc queue start -j 2``) may have just made a folder it is
+    about to write into, a configuration's or the warm records' (``transfer.warm``); removing
+    one that looks empty would make that write fail."""
     shards = []
     for path in Path(root).glob("*/*.npz"):
         try:
@@ -162,11 +166,6 @@ def prune(root: Path, max_bytes: int) -> int:
             break
         path.unlink(missing_ok=True)
         deleted += size
-    for folder in Path(root).glob("*"):
-        if folder.is_dir() and not any(folder.glob("*.npz")):
-            (folder / "config.json").unlink(missing_ok=True)
-            with contextlib.suppress(OSError):  # a writer's scratch folder is in it
-                folder.rmdir()
     if deleted:
         log.info("embedding store: deleted %.1f MB of least recently used shards (limit %.1f "
                  "MB)", deleted / 1e6, max_bytes / 1e6)
