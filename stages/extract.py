@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -35,10 +36,13 @@ log = logging.getLogger(__name__)
 
 def main() -> None:
     params = load_params(PARAMS).backbone
+    # Both kept in the workspace while `dvc queue` runs an experiment in a temporary copy, so
+    # that the experiment reuses the graph and the record that let it skip PyTorch.
     store_root = shared_by_experiments(EMBEDDING_STORE)
-    warm = warm_extraction(params, store_root, ONNX_CACHE) if params.store_max_gb > 0 else None
+    graphs = shared_by_experiments(ONNX_CACHE)
+    warm = warm_extraction(params, store_root, graphs) if params.store_max_gb > 0 else None
     if warm is None:
-        extract_with_torch(params, store_root)
+        extract_with_torch(params, store_root, graphs)
         return
     log.info("%s: the backbone as the last run resolved it (its weights and ONNX graph "
              "unchanged): not loaded", params.name)
@@ -51,7 +55,7 @@ def _prepared() -> dict[str, ImageStore]:
     return {split: ImageStore(PREPARED_DIR, split) for split in SPLITS}
 
 
-def extract_with_torch(params: Any, store_root) -> None:
+def extract_with_torch(params: Any, store_root: Path, graphs: Path) -> None:
     """Load the backbone with PyTorch and extract; leave a record for the next run where it
     ran with ONNX Runtime (``transfer.warm``)."""
     import torch
@@ -71,7 +75,7 @@ def extract_with_torch(params: Any, store_root) -> None:
     stores = _prepared()
     if runtime.is_main:
         _check_short_side(stores, backbone.preprocessing.resize_size)
-    encoder = compile_encoder(backbone, engine_named(params.engine, ONNX_CACHE, "backbone.engine"),
+    encoder = compile_encoder(backbone, engine_named(params.engine, graphs, "backbone.engine"),
                               runtime)
     extraction = Extraction(backbone, encoder, runtime, batch_size, params.flip_average)
     extract(extraction, stores, params, store_root)

@@ -116,13 +116,26 @@ def test_float16_files_from_the_store_equal_fresh_ones(project):
     assert cache_files(project) == from_store
 
 
-def test_queued_experiments_use_the_store_of_the_workspace_dvc_names(project, tmp_path,
-                                                                     monkeypatch):
-    # `dvc queue start` runs an experiment in a temporary copy, with DVC_ROOT the workspace.
+def test_queued_experiments_use_the_store_and_graph_of_the_workspace_dvc_names(project,
+                                                                               tmp_path,
+                                                                               monkeypatch):
+    # `dvc queue start` runs an experiment in a temporary copy, with DVC_ROOT the workspace;
+    # the Git-ignored cache/ starts empty there.
+    reference = cache_files(project)
     workspace = tmp_path / "workspace"
     monkeypatch.setenv("DVC_ROOT", str(workspace))
+    shutil.rmtree(project / "cache")
     extract.main()
     assert len(list((workspace / "cache" / "embeddings").glob("*/*.npz"))) == 1
+    assert len(list((workspace / "cache" / "onnx").glob("*.onnx"))) == 1
+    assert not (project / "cache").exists() and cache_files(project) == reference
+    # The next experiment embeds new images over the workspace's graph, without PyTorch
+    # (before, it exported the graph again in its own copy, and so loaded the backbone).
+    add_images(project, 4)
+    prepare.main()
+    output = run_extract_reporting_imports(project)
+    assert "imported: []" in output and "embedded 4 images (30 more" in output
+    assert not (project / "cache").exists()
 
 
 def test_damaged_and_foreign_shards_are_embedded_again(project, caplog):
