@@ -1,7 +1,11 @@
 import hashlib
+import io
 import json
+import os
+import shutil
 import subprocess
 import sys
+import zipfile
 
 import numpy as np
 import pytest
@@ -74,6 +78,31 @@ def test_two_exports_of_one_model_are_byte_identical(trained):
             assert result.returncode == 0, result.stderr
         digests.add(tuple(hashlib.sha256((trained / f"{attempt}" / f"model{s}").read_bytes())
                           .hexdigest() for s in (".onnx", ".pt")))
+    assert len(digests) == 1
+
+
+@pytest.mark.slow
+def test_exports_from_checkouts_in_two_places_are_the_same_bytes(trained, tmp_path):
+    # A queued experiment runs in a temporary copy of the workspace (.dvc/tmp/exps/...); the
+    # ONNX exporter recorded each node's source line, with the checkout's absolute path.
+    digests = set()
+    for place in ("a", "checkout-b"):
+        code = tmp_path / place
+        for package in ("stages", "transfer"):
+            shutil.copytree(REPO_ROOT / package, code / package,
+                            ignore=shutil.ignore_patterns("__pycache__"))
+        for suffix in (".onnx", ".pt"):
+            result = subprocess.run(
+                [sys.executable, "-m", "stages.export", "--output", f"{place}/model{suffix}"],
+                cwd=trained, env={**os.environ, "PYTHONPATH": str(code)}, capture_output=True,
+                text=True, timeout=600)
+            assert result.returncode == 0, result.stderr
+        files = [(trained / place / f"model{s}").read_bytes() for s in (".onnx", ".pt")]
+        with zipfile.ZipFile(io.BytesIO(files[1])) as archive:  # compressed records
+            records = [archive.read(name) for name in archive.namelist()]
+        for data in (files[0], *records):
+            assert str(code).encode() not in data and b"site-packages" not in data
+        digests.add(tuple(hashlib.sha256(data).hexdigest() for data in files))
     assert len(digests) == 1
 
 

@@ -27,7 +27,7 @@ import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -273,7 +273,24 @@ def export_onnx(module: torch.nn.Module, example: torch.Tensor, path: Path, *,
             if printed.getvalue():
                 log.debug("the ONNX exporter printed:\n%s", printed.getvalue())
     program.model.metadata_props.update(metadata or {})
+    _drop_stack_traces(program.model)
     program.save(str(path), external_data=False)
+
+
+# Each node's source line, as the exporter records it: absolute paths of this checkout and of
+# site-packages. Without them a graph is the same bytes wherever it is exported (a queued
+# experiment runs in a temporary copy of the workspace) and names no one's folders.
+STACK_TRACE = "pkg.torch.onnx.stack_trace"
+
+
+def _drop_stack_traces(model: Any) -> None:
+    """Remove ``STACK_TRACE`` from every node of the exporter's model (``onnx_ir``, which
+    onnxscript's ``ir`` names), functions and subgraphs included."""
+    from onnxscript import ir
+
+    for graph in (model.graph, *model.functions.values()):
+        for node in ir.traversal.RecursiveGraphIterator(graph):
+            node.metadata_props.pop(STACK_TRACE, None)
 
 
 @contextlib.contextmanager

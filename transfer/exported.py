@@ -136,11 +136,28 @@ def export_model(model: Classifier | FinetunedModel, fmt: str, path: Path) -> di
                 # would make two exports of one model differ.
                 buffer = io.BytesIO()
                 torch.jit.save(traced, buffer, _extra_files={METADATA_FILE: text})
-            tmp.write_bytes(buffer.getvalue())
+            tmp.write_bytes(_without_debug_records(buffer.getvalue()))
         else:
             export_onnx(module, example, tmp, output_name="probabilities",
                         metadata={METADATA_FILE: text})
     return metadata
+
+
+def _without_debug_records(archive: bytes) -> bytes:
+    """A TorchScript archive without its ``*.debug_pkl`` records: the traced source lines,
+    with the absolute paths of this checkout and of site-packages, which made an export from
+    another folder (a queued experiment's copy of the workspace) other bytes and named the
+    folders of whoever exported it. Loading needs none of them; the archive's
+    ``serialization_id`` is written anew from what is left."""
+    reader = torch._C.PyTorchFileReader(io.BytesIO(archive))
+    out = io.BytesIO()
+    writer = torch._C.PyTorchFileWriter(out)
+    for name in reader.get_all_records():
+        if not name.endswith(".debug_pkl") and name != ".data/serialization_id":
+            record = reader.get_record(name)
+            writer.write_record(name, record, len(record))
+    writer.write_end_of_file()
+    return out.getvalue()
 
 
 @dataclass
