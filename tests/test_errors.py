@@ -4,6 +4,7 @@ import sys
 
 import pytest
 
+from tests.conftest import one_error_line, run_stage_cli
 from transfer.errors import ArgumentParser, PipelineError, one_line, run_stage, unprintable
 
 
@@ -74,3 +75,20 @@ def test_a_bad_command_line_argument_is_one_line_and_exit_code_2(capsys):
     assert capsys.readouterr().err == (
         "error: python -m stages.predict: argument --top-k: invalid int value: 'many' "
         "(see --help)\n")
+
+
+@pytest.mark.parametrize("where", ["workspace experiment", "queued experiment", "dvc repro"])
+def test_a_bad_parameter_in_a_workspace_experiment_says_how_to_put_params_back(
+        tmp_path, monkeypatch, where):
+    # After a failed `dvc exp run -S`, DVC leaves the value in params.yaml, where the next
+    # `dvc exp run -S` of another key fails on it again.
+    (tmp_path / "params.yaml").write_text("finetune:\n  epochs: 0\n")
+    if where != "dvc repro":
+        monkeypatch.setenv("DVC_EXP_NAME", "fleet-lees")
+    workspace = tmp_path / "workspace"
+    workspace.mkdir()
+    monkeypatch.setenv("DVC_ROOT", str(workspace if where == "queued experiment" else tmp_path))
+    line = one_error_line(run_stage_cli("check_params", tmp_path))
+    assert line.startswith("error: params.yaml: finetune.epochs=0 is out of range")
+    hint = "`touch params.yaml && git checkout params.yaml` puts back the committed file"
+    assert (hint in line) == (where == "workspace experiment")

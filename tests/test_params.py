@@ -101,6 +101,8 @@ def test_unknown_section_lists_top_level_keys():
                                           r"allowed: \[0.0, 10.0\]"),
     ({"finetune": {"cutmix_alpha": 11}}, r"finetune.cutmix_alpha=11 is out of range"),
     ({"finetune": {"flip_average": "yes"}}, r"finetune.flip_average='yes' has the wrong type"),
+    ({"head": {"C": [1, 2]}}, r"head.C=\[1, 2\] has the wrong type; expected auto or a number "
+                              r"in \(0.0, inf\)$"),
 ])
 def test_bad_values_name_the_key_and_what_is_allowed(raw, expected):
     with pytest.raises(ParamsError, match=expected):

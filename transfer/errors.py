@@ -29,6 +29,18 @@ class PipelineError(Exception):
     exit_code = 1
 
 
+class ParamsError(PipelineError):
+    """``params.yaml`` is malformed, has an unknown key, or a value out of range."""
+
+
+# Said after a ParamsError in an experiment DVC runs in the workspace: after a failed run,
+# DVC leaves the values `-S` set in params.yaml, and the next `dvc exp run -S` (of another
+# key) fails on them again; Git may not even show the file as changed (docs/experiments.md).
+AFTER_A_FAILED_EXPERIMENT = ("; a value `dvc exp run -S` set stays in params.yaml after a "
+                             "failed run: `touch params.yaml && git checkout params.yaml` puts "
+                             "back the committed file")
+
+
 class UsageError(PipelineError):
     """A command-line argument that is missing or not valid."""
 
@@ -80,7 +92,9 @@ def run_stage(main: Callable[[], None]) -> None:
     try:
         main()
     except PipelineError as err:
-        _fail(str(err), err.exit_code)
+        hint = AFTER_A_FAILED_EXPERIMENT if isinstance(err, ParamsError) and \
+            _in_a_workspace_experiment() else ""
+        _fail(str(err) + hint, err.exit_code)
     except KeyboardInterrupt as err:
         # An interrupt held back while outputs were renamed into place says so in its message.
         _fail(str(err) or "interrupted; nothing was written", INTERRUPTED_EXIT_CODE, prefix="")
@@ -94,6 +108,19 @@ def run_stage(main: Callable[[], None]) -> None:
             raise
         where = f" writing {err.filename}" if err.filename else ""
         _fail(f"no space left on the disk{where}; free space and run it again", 1)
+
+
+def _in_a_workspace_experiment() -> bool:
+    """Whether DVC runs this stage for `dvc exp run` in the workspace itself (DVC names the
+    experiment in ``DVC_EXP_NAME``); a queued experiment runs in a temporary copy, whose
+    params.yaml is thrown away."""
+    root = os.environ.get("DVC_ROOT")
+    if not os.environ.get("DVC_EXP_NAME") or not root:
+        return False
+    try:
+        return os.path.samefile(root, os.getcwd())
+    except OSError:
+        return False
 
 
 def _fail(message: str, code: int, prefix: str = "error: ") -> NoReturn:

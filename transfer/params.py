@@ -20,7 +20,7 @@ from typing import Any
 import yaml
 
 from transfer.artifacts import read_utf8
-from transfer.errors import PipelineError, first_line, unprintable
+from transfer.errors import ParamsError, first_line, unprintable
 from transfer.layout import EXCLUDE_FILE, RELABEL_FILE
 from transfer.selection import SELECT_BY
 from transfer.strategies import STRATEGIES
@@ -48,10 +48,6 @@ MAX_BATCH_SIZE = 65536
 MAX_TEXT_LENGTH = 4096
 # Longer values are shortened in messages.
 SHOWN_CHARACTERS = 60
-
-
-class ParamsError(PipelineError):
-    """``params.yaml`` is malformed, has an unknown key, or a value out of range."""
 
 
 def _bounded(default: Any, low: float | None = None, high: float | None = None, *,
@@ -323,7 +319,13 @@ def _check_value(key: str, value: Any, hint: Any, meta: Any, source: str) -> Any
     if type(value) is int and str in allowed and not {int, float} & set(allowed) \
             and "choices" in meta:
         value = str(value)  # `precision: 32` in YAML means the choice "32"
-    given, value = value, _coerce(key, value, allowed, source)
+    try:
+        given, value = value, _coerce(key, value, allowed, source)
+    except ParamsError:
+        if "range" in meta and "choices" in meta:  # the only words it takes are its choices
+            raise ParamsError(f"{source}: {key}={_show(value)} has the wrong type; expected "
+                              f"{_allowed(meta)}") from None
+        raise
     if value in meta.get("old_spellings", {}):
         value = meta["old_spellings"][value]
         log.warning("%s: %s=%s is an old spelling, read as %s; write that instead", source, key,
