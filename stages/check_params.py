@@ -4,8 +4,9 @@ Every other stage depends on the keys it reads, one by one, so a key that no sta
 (a misspelt section such as ``evalute:``, a top-level ``sede: 7``) would change none of
 them, and ``dvc repro`` would say that everything is up to date while the change the user
 meant never happens. This stage depends on the whole file: any edit runs it, and a key that
-is unknown or a value out of range stops ``dvc repro`` with one line naming it. It writes
-nothing.
+is unknown or a value out of range stops ``dvc repro`` with one line naming it, as does a
+``data.source`` that does not exist or lies outside ``data/raw/`` (before DVC deletes the
+outputs of ``prepare`` to run it). It writes nothing.
 """
 
 from __future__ import annotations
@@ -16,12 +17,15 @@ import logging
 from transfer.errors import run_stage
 from transfer.layout import PARAMS
 from transfer.params import load_params
+from transfer.sources import check_source
 
 log = logging.getLogger(__name__)
 
 
 def main() -> None:
     params = load_params(PARAMS)
+    # Also checked by prepare; here it stops `dvc repro` before DVC deletes prepare's outputs.
+    check_source(params.data.source)
     sections = [f.name for f in dataclasses.fields(params)
                 if dataclasses.is_dataclass(getattr(params, f.name))]
     log.info("%s: every key is known and every value valid (%s)", PARAMS, ", ".join(sections))

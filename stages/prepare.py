@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import logging
-import os
 import sqlite3
-from pathlib import Path
 
 from transfer.artifacts import atomic_outputs, scratch_directory, write_json
 from transfer.curation import read_curation
 from transfer.data import prepare_store
 from transfer.errors import PipelineError, run_stage
-from transfer.layout import DATA_REPORT, PARAMS, PREPARED_DIR, RAW_DIR
+from transfer.layout import DATA_REPORT, PARAMS, PREPARED_DIR
 from transfer.params import load_params
-from transfer.sources import BUILTIN_SOURCES, TORCHVISION_PREFIX, list_source
+from transfer.sources import check_source, list_source
 
 log = logging.getLogger(__name__)
 
@@ -22,7 +20,7 @@ def main() -> None:
     params = load_params(PARAMS)
     data = params.data
     curation = read_curation(data.exclude, data.relabel)
-    check_tracked(data.source)
+    check_source(data.source)
     try:
         # Generated sources (digits, torchvision) are written to a scratch folder beside the
         # store, where the next run removes it should this one be killed; the store and the
@@ -46,21 +44,6 @@ def main() -> None:
     if untrained:
         log.warning("no training image for class %s: the model can never predict it; add "
                     "images or lower data.val_size/data.test_size", ", ".join(untrained))
-
-
-def check_tracked(source: str) -> None:
-    """A source of files must lie under ``data/raw/``, the folder ``dvc.yaml`` watches: from
-    anywhere else, ``dvc repro`` would call the results up to date after its files changed."""
-    if source in BUILTIN_SOURCES or source.startswith(TORCHVISION_PREFIX):
-        return
-    path = Path(os.path.normpath(Path(source).absolute()))
-    if RAW_DIR.absolute() not in path.parents:
-        folder = path.parent if path.suffix.lower() == ".csv" else path  # a manifest's folder
-        raise PipelineError(
-            f"data.source: '{source}' is outside {RAW_DIR}/, which dvc.yaml watches for "
-            "changes, so dvc repro would call the results up to date after its files change; "
-            f"copy it in (e.g. cp -r '{folder}' {RAW_DIR}/{folder.name}, then dvc add "
-            f"{RAW_DIR}/{folder.name}) and point data.source there")
 
 
 def images(n: int) -> str:

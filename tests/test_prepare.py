@@ -72,10 +72,12 @@ def test_missing_source_and_tiny_class_are_named(tmp_path):
     assert not (tmp_path / "data" / "prepared").exists()
 
 
-@pytest.mark.parametrize("source", ["elsewhere/photos", "data/raw/../photos",
+@pytest.mark.parametrize("source", ["elsewhere/photos", "data/raw/../../elsewhere/photos",
                                     "elsewhere/labels.csv"])
 def test_a_source_dvc_does_not_watch_is_refused(tmp_path, source):
     write_colour_folder(tmp_path / "elsewhere" / "photos", per_class=6)
+    (tmp_path / "elsewhere" / "labels.csv").write_text("path,label\n")
+    (tmp_path / "data" / "raw").mkdir(parents=True)
     write_params(tmp_path, {"data": {"source": source}})
     result = run_stage_cli("prepare", tmp_path)
     assert one_error_line(result).startswith(
@@ -83,6 +85,23 @@ def test_a_source_dvc_does_not_watch_is_refused(tmp_path, source):
         "changes, so dvc repro would call the results up to date after its files change; "
         "copy it in (e.g. cp -r ")
     assert not (tmp_path / "data" / "prepared").exists()
+
+
+@pytest.mark.parametrize(("source", "suggested"), [
+    ("Digits", "digits"), ("data/raw/monkey10", "data/raw/monkeys10"),
+    ("~/photos/monkeys10", "data/raw/monkeys10"), ("data/raw/lemurs", None)])
+@pytest.mark.parametrize("stage", ["check_params", "prepare"])
+def test_a_source_that_does_not_exist_is_named_before_anything_else(tmp_path, source,
+                                                                    suggested, stage):
+    # check_params says it first, so that `dvc repro` stops before DVC deletes prepare's
+    # outputs; 'Digits' was called a folder outside data/raw/ to copy in.
+    write_colour_folder(tmp_path / "data" / "raw" / "monkeys10", per_class=6)
+    write_params(tmp_path, {"data": {"source": source}})
+    line = one_error_line(run_stage_cli(stage, tmp_path))
+    hint = f" (did you mean '{suggested}'?)" if suggested else ""
+    assert line == (f"error: data.source: '{source}' does not exist{hint}; expected 'digits', "
+                    "'torchvision:<Name>', or a .csv manifest or an image-folder root under "
+                    "data/raw/")
 
 
 def test_a_folder_holding_a_manifest_points_to_it(tmp_path, caplog):

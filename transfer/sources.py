@@ -9,6 +9,7 @@ data set (written out as PNG files) or the built-in digits (likewise). The files
 from __future__ import annotations
 
 import csv
+import difflib
 import inspect
 import logging
 import os
@@ -26,7 +27,7 @@ from transfer.artifacts import open_utf8
 from transfer.catalog import Catalog, SourceImage
 from transfer.data import PARALLEL_MIN_FILES
 from transfer.errors import PipelineError, one_line, unprintable
-from transfer.layout import TORCHVISION_ROOT
+from transfer.layout import RAW_DIR, TORCHVISION_ROOT
 from transfer.machine import usable_cores
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,41 @@ TORCHVISION_PREFIX = "torchvision:"
 # (benchmarks.torchvision_source, docs/data.md).
 PNG_LEVEL = 1
 SAMPLES_PER_TASK = 64  # samples a writing process writes per task
+
+
+def check_source(source: str) -> None:
+    """``data.source`` names what ``prepare`` can read and ``dvc.yaml`` watches: a built-in
+    or torchvision set, or an existing path under ``data/raw/``. Anywhere else, ``dvc repro``
+    would call the results up to date after its files changed. Else one line saying which."""
+    if source in BUILTIN_SOURCES or source.startswith(TORCHVISION_PREFIX):
+        return
+    path = Path(source)
+    if not os.path.lexists(path):
+        raise PipelineError(f"data.source: '{source}' does not exist{_did_you_mean(source)}; "
+                            f"expected {', '.join(map(repr, BUILTIN_SOURCES))}, "
+                            f"'{TORCHVISION_PREFIX}<Name>', or a .csv manifest or an "
+                            f"image-folder root under {RAW_DIR}/")
+    if RAW_DIR.absolute() not in Path(os.path.normpath(path.absolute())).parents:
+        folder = path.parent if path.suffix.lower() == ".csv" else path  # a manifest's folder
+        folder = Path(os.path.normpath(folder.absolute()))
+        raise PipelineError(
+            f"data.source: '{source}' is outside {RAW_DIR}/, which dvc.yaml watches for "
+            "changes, so dvc repro would call the results up to date after its files change; "
+            f"copy it in (e.g. cp -r '{folder}' {RAW_DIR}/{folder.name}, then dvc add "
+            f"{RAW_DIR}/{folder.name}) and point data.source there")
+
+
+def _did_you_mean(source: str) -> str:
+    """`` (did you mean 'x'?)`` for the built-in set or the entry of ``data/raw/`` that
+    ``source`` looks like a misspelling of, or nothing."""
+    name = Path(source).name
+    candidates = {builtin: builtin for builtin in BUILTIN_SOURCES}
+    if RAW_DIR.is_dir():
+        candidates.update((p.name, p.as_posix()) for p in RAW_DIR.iterdir()
+                          if not p.name.startswith("."))
+    close = [candidates[c] for c in candidates if c.casefold() == name.casefold()] or \
+        [candidates[c] for c in difflib.get_close_matches(name, list(candidates), n=1)]
+    return f" (did you mean '{close[0]}'?)" if close and close[0] != source else ""
 
 
 def list_source(source: str, scratch: Path) -> Catalog:
