@@ -26,7 +26,7 @@ from tqdm import tqdm
 from transfer.artifacts import open_utf8
 from transfer.catalog import Catalog, SourceImage
 from transfer.data import PARALLEL_MIN_FILES
-from transfer.errors import PipelineError, one_line, unprintable
+from transfer.errors import ParamsError, PipelineError, one_line, unprintable
 from transfer.layout import RAW_DIR, TORCHVISION_ROOT
 from transfer.machine import usable_cores
 
@@ -52,14 +52,14 @@ def check_source(source: str) -> None:
         return
     path = Path(source)
     if not os.path.lexists(path):
-        raise PipelineError(f"data.source: '{source}' does not exist{_did_you_mean(source)}; "
+        raise ParamsError(f"data.source: '{source}' does not exist{_did_you_mean(source)}; "
                             f"expected {', '.join(map(repr, BUILTIN_SOURCES))}, "
                             f"'{TORCHVISION_PREFIX}<Name>', or a .csv manifest or an "
                             f"image-folder root under {RAW_DIR}/")
     if RAW_DIR.absolute() not in Path(os.path.normpath(path.absolute())).parents:
         folder = path.parent if path.suffix.lower() == ".csv" else path  # a manifest's folder
         folder = Path(os.path.normpath(folder.absolute()))
-        raise PipelineError(
+        raise ParamsError(
             f"data.source: '{source}' is outside {RAW_DIR}/, which dvc.yaml watches for "
             "changes, so dvc repro would call the results up to date after its files change; "
             f"copy it in (e.g. cp -r '{folder}' {RAW_DIR}/{folder.name}, then dvc add "
