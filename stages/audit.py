@@ -62,12 +62,17 @@ def main() -> None:
         picture_file.write_bytes(png_bytes(picture))
         familiarity.save(reference_file)
     counts = report["counts"]
-    log.info("%d images: %d likely label issues, %d near-duplicate pairs (%d across splits, %d "
-             "across labels), %d beyond the unfamiliar distance", counts["images"],
-             counts["label_issues"], counts["near_duplicate_pairs"],
+    log.info("%d images: %s, %s (%d across splits, %d across labels), %d beyond the unfamiliar "
+             "distance", counts["images"],
+             counted(counts["label_issues"], "likely label issue"),
+             counted(counts["near_duplicate_pairs"], "near-duplicate pair"),
              counts["near_duplicates_across_splits"], counts["near_duplicates_across_labels"],
              counts["unfamiliar"])
     log.info("details: %s; picture: %s", AUDIT_REPORT, AUDIT_PICTURE)
+
+
+def counted(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 def pair_cache(stores: Iterable[ImageStore]) -> PairCache | None:

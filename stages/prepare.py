@@ -40,10 +40,29 @@ def main() -> None:
                             "disk") from err
     for line in summarize(report):
         log.info("%s", line)
+    for line in copies_left(report["curation"]):
+        log.warning("%s", line)
     untrained = report["missing_from_split"].get("train")
     if untrained:
         log.warning("no training image for class %s: the model can never predict it; add "
                     "images or lower data.val_size/data.test_size", ", ".join(untrained))
+
+
+def copies_left(curated: dict) -> list[str]:
+    """Warnings for files a curation file named by their path whose exact copies (another
+    path, the same pixels) it left as they were: only the picture's id reaches every copy."""
+    lines = []
+    for kind, effect in (("exclude", "stay in"),
+                         ("relabel", "keep their label, so every copy is set aside as filed "
+                                     "under two labels")):
+        for left in curated[kind]["copies_left"]:
+            copies = left["copies"]
+            shown = ", ".join(copies[:3]) + (f" and {len(copies) - 3} more"
+                                             if len(copies) > 3 else "")
+            lines.append(f"{left['entry']}: '{left['path']}' has exact copies that {effect}: "
+                         f"{shown}; to {kind} every copy, name the picture by its id, "
+                         f"{left['id']}")
+    return lines
 
 
 def images(n: int) -> str:
@@ -60,7 +79,7 @@ def summarize(report: dict) -> list[str]:
         reason = item["reason"].split(" (")[0]
         reasons[reason] = reasons.get(reason, 0) + 1
     if reasons:
-        lines.append("skipped " + ", ".join(f"{n} {r}" for r, n in sorted(reasons.items())))
+        lines.append("skipped: " + ", ".join(f"{r} ({n})" for r, n in sorted(reasons.items())))
     if report["duplicates"]:
         lines.append(f"{len(report['duplicates'])} exact duplicates kept once")
     if report["conflicts"]:

@@ -109,6 +109,33 @@ def test_an_id_excludes_every_copy_and_a_path_only_that_file(colours):
     assert not {"red/1.png", "red/1-copy.png"} & set(stored(colours))
 
 
+def test_a_path_with_exact_copies_says_which_stay_and_names_the_id(colours, caplog):
+    # The audit shows one path of a picture that has exact copies: excluding or relabelling
+    # that path leaves the copies as they were (relabelled, they then conflict and every copy
+    # is set aside), which the log and the report now say, with the id that reaches them all.
+    raw = colours / "data" / "raw" / "colours"
+    shutil.copy(raw / "red" / "1.png", raw / "red" / "1-copy.png")
+    prepared(colours)
+    red_id = stored(colours)["red/1-copy.png"][2]
+    with caplog.at_level("WARNING", "stages.prepare"):
+        report = prepared(colours, exclude="red/1-copy.png\n",
+                          relabel="image,label\nred/1-copy.png,blue\ngreen/2.png,blue\n")
+    exclude, relabel = report["curation"]["exclude"], report["curation"]["relabel"]
+    assert exclude["copies_left"] == [{"entry": "data/exclude.txt:1", "path": "red/1-copy.png",
+                                       "copies": ["red/1.png"], "id": red_id}]
+    assert relabel["copies_left"] == [{"entry": "data/relabel.csv:2", "path": "red/1-copy.png",
+                                       "copies": ["red/1.png"], "id": red_id}]
+    assert "data/exclude.txt:1: 'red/1-copy.png' has exact copies that stay in: red/1.png; to " \
+        f"exclude every copy, name the picture by its id, {red_id}" in caplog.text
+    assert "data/relabel.csv:2: 'red/1-copy.png' has exact copies that keep their label" \
+        in caplog.text
+    # Named by its id (in capitals, as some viewers show hex), every copy goes.
+    report = prepared(colours, exclude=f"{red_id.upper()}\n")
+    assert report["curation"]["exclude"]["copies_left"] == []
+    assert {e["path"] for e in report["curation"]["exclude"]["excluded"]} == \
+        {"red/1.png", "red/1-copy.png"}
+
+
 @pytest.mark.parametrize(("relabel", "message"), [
     ("image,label\nred/1.png,purple\n",
      "data/relabel.csv:2 (data.relabel): 'purple' is not a class; classes: blue, green, red"),

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from transfer.curation import Entry, is_content_id, not_a_class
+from transfer.curation import Entry, content_id, is_content_id, not_a_class
 from transfer.errors import PipelineError
 
 SPLITS = ("train", "val", "test")
@@ -172,22 +172,27 @@ class Catalog:
                 yield entry, rank, id_, label
 
     def exclude(self, entries: list[Entry]) -> dict[str, Any]:
-        """Leave out every file an entry names; returns what was left out and which entries
-        named nothing."""
-        excluded, unmatched = [], []
+        """Leave out every file an entry names; returns what was left out, which entries
+        named nothing, and the exact copies of a file named by its path that stay in."""
+        excluded, unmatched, by_path = [], [], []
         for entry, rank, id_, _ in self._matches(entries, unmatched):
             self._db.execute("UPDATE images SET status = 'excluded' WHERE rank = ?", (rank,))
             excluded.append({"path": id_, "entry": entry.where})
-        return {"excluded": excluded, "unmatched": unmatched}
+            if not is_content_id(entry.image):
+                by_path.append((entry, rank, id_))
+        return {"excluded": excluded, "unmatched": unmatched,
+                "copies_left": self._copies_left(by_path, "status IS NOT 'excluded'")}
 
     def relabel(self, entries: list[Entry], classes: list[str]) -> dict[str, Any]:
         """File every file an entry names under its new label; returns what changed and which
         entries named nothing (rows for another source, say). An entry that names a file and
         a label that is not one of ``classes``, or a file another entry (by its path, or by
         its id) gives another label, stops with one line."""
-        relabelled, unmatched = [], []
+        relabelled, unmatched, by_path = [], [], []
         given: dict[int, Entry] = {}
         for entry, rank, id_, label in self._matches(entries, unmatched):
+            if not is_content_id(entry.image):
+                by_path.append((entry, rank, id_))
             if entry.label not in classes:
                 raise not_a_class(entry, classes)
             earlier = given.setdefault(rank, entry)
@@ -200,7 +205,26 @@ class Catalog:
             if label != entry.label:
                 relabelled.append({"path": id_, "from": label, "to": entry.label,
                                    "entry": entry.where})
-        return {"relabelled": relabelled, "unmatched": unmatched}
+        return {"relabelled": relabelled, "unmatched": unmatched,
+                "copies_left": self._copies_left(
+                    by_path, "label IS NOT (SELECT label FROM images WHERE rank = ?)")}
+
+    def _copies_left(self, named: list[tuple[Entry, int, str]],
+                     condition: str) -> list[dict[str, Any]]:
+        """For each file an entry named by its path, the other copies of its picture (the same
+        decoded pixels) for which ``condition`` holds (``?``: the named file's rank): those a
+        path leaves as they were, and only the picture's id would reach."""
+        left = []
+        for entry, rank, id_ in named:
+            rows = self._db.execute(
+                "SELECT copy.id, copy.pixel_sha256 FROM images AS copy JOIN images AS named "
+                "ON copy.pixel_sha256 = named.pixel_sha256 WHERE named.rank = ? AND "
+                f"copy.rank != ? AND copy.reason IS NULL AND copy.{condition} ORDER BY copy.rank",
+                (rank, rank, *([rank] if "?" in condition else []))).fetchall()
+            if rows:
+                left.append({"entry": entry.where, "path": id_, "copies": [r[0] for r in rows],
+                             "id": content_id(rows[0][1])})
+        return left
 
     # De-duplication
 

@@ -4,7 +4,7 @@
 header ``image,label``. An image is named by its path relative to the source (as in
 ``reports/data.json``) or by its id: the first hex digits of the SHA-256 of its decoded pixels
 (as in ``reports/audit.json``), which stays the same when files are added, removed, renamed or
-moved between class folders. Lines starting with ``#`` and blank lines are ignored; in the
+moved between class folders (in either case). Lines starting with ``#`` and blank lines are ignored; in the
 exclude file, text after whitespace and ``#`` is a comment. A file missing from its default
 place (``data/exclude.txt``, ``data/relabel.csv``) decides nothing; one missing from a place
 ``params.yaml`` names is an error.
@@ -25,6 +25,7 @@ from transfer.layout import EXCLUDE_FILE, RELABEL_FILE
 # 16 to 64 hex digits is read as an id (a prefix of the hash); anything else as a path.
 ID_DIGITS = 16
 _ID = re.compile(r"[0-9a-f]{16,64}")
+_ANY_CASE_ID = re.compile(r"[0-9a-fA-F]{16,64}")
 _TRAILING_COMMENT = re.compile(r"\s+#.*$")
 RELABEL_HEADER = ["image", "label"]
 
@@ -83,9 +84,16 @@ def _lines(path: str | Path, key: str) -> list[tuple[int, str]]:
             if line.strip() and not line.lstrip().startswith("#")]
 
 
+def _image(text: str) -> str:
+    """An image as a curation file names it: a path (without a leading ``./``), or an id, in
+    lower case however it was typed."""
+    text = text.strip().removeprefix("./")
+    return text.lower() if _ANY_CASE_ID.fullmatch(text) else text
+
+
 def read_exclude(path: str | Path) -> list[Entry]:
     """The images listed in the exclude file, one per line."""
-    return [Entry(_TRAILING_COMMENT.sub("", line).strip().removeprefix("./"), f"{path}:{number}")
+    return [Entry(_image(_TRAILING_COMMENT.sub("", line)), f"{path}:{number}")
             for number, line in _lines(path, "exclude")]
 
 
@@ -106,7 +114,7 @@ def read_relabel(path: str | Path) -> list[Entry]:
         if len(row) != 2 or not row[0].strip() or not row[1].strip():
             raise PipelineError(f"{where} (data.relabel): expected two cells, image,label; got "
                                 f"'{one_line(text)[:60]}'")
-        entry = Entry(row[0].strip().removeprefix("./"), where, row[1].strip())
+        entry = Entry(_image(row[0]), where, row[1].strip())
         earlier = seen.setdefault(entry.image, entry)
         if earlier.label != entry.label:
             raise PipelineError(f"{where} (data.relabel): '{entry.image}' is relabelled "
