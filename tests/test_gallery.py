@@ -68,3 +68,16 @@ def test_any_class_name_is_drawn_on_one_line(label):
     a store made some other way cannot stop evaluate inside Pillow."""
     sheet = draw_gallery([("head", [Mistake("0.png", label, "dog", 0.9)])], red_square)
     assert sheet.width == MARGIN + COLUMNS * (TILE + MARGIN)
+
+
+def test_a_long_path_keeps_its_file_name_and_other_captions_their_start():
+    from transfer.gallery import _clip, _font
+
+    draw, font = ImageDraw.Draw(Image.new("RGB", (10, 10))), _font(13)
+    paths = [f"training/n4/moved_from_another_folder_n30{i}.jpg" for i in range(2)]
+    clipped = [_clip(path, draw, font) for path in paths]
+    assert clipped[0] != clipped[1]  # two tiles of one folder told apart
+    assert all(c.startswith("…") and p.endswith(c[1:]) for c, p in zip(clipped, paths, strict=True))
+    assert all(draw.textlength(c, font=font) <= TILE for c in clipped)
+    label = _clip("given: a class with a very long name indeed, longer than a tile", draw, font)
+    assert label.startswith("given: a class") and label.endswith("…")

@@ -3,11 +3,11 @@
 ``data.exclude`` names a text file, one image per line; ``data.relabel`` a CSV file with the
 header ``image,label``. An image is named by its path relative to the source (as in
 ``reports/data.json``) or by its id: the first hex digits of the SHA-256 of its decoded pixels
-(as in ``reports/audit.json``), which stays the same when files are added, removed, renamed or
-moved between class folders (in either case). Lines starting with ``#`` and blank lines are ignored; in the
-exclude file, text after whitespace and ``#`` is a comment. A file missing from its default
-place (``data/exclude.txt``, ``data/relabel.csv``) decides nothing; one missing from a place
-``params.yaml`` names is an error.
+(as in ``reports/audit.json``; capitals are read too), which stays the same when files are
+added, removed, renamed or moved between class folders. Lines starting with ``#`` and blank
+lines are ignored; in the exclude file, text after whitespace and ``#`` is a comment. A file
+missing from its default place (``data/exclude.txt``, ``data/relabel.csv``) decides nothing;
+one missing from a place ``params.yaml`` names is an error.
 """
 
 from __future__ import annotations

@@ -120,10 +120,15 @@ def _fit(image: Image.Image) -> Image.Image:
 
 def _clip(text: str, draw: ImageDraw.ImageDraw, font: ImageFont.ImageFont) -> str:
     """``text`` on one line (control characters escaped), shortened with an ellipsis until it
-    fits under its tile."""
+    fits under its tile: a path (with a ``/``) loses its start, so that the file name, which
+    tells tiles of one folder apart, stays."""
     text = one_line(text)
     if draw.textlength(text, font=font) <= TILE:
         return text
+    if "/" in text:
+        while text and draw.textlength("…" + text, font=font) > TILE:
+            text = text[1:]
+        return "…" + text
     while text and draw.textlength(text + "…", font=font) > TILE:
         text = text[:-1]
     return text + "…"
