@@ -17,6 +17,7 @@ from transfer.audit import (
     power_normalised,
     run_audit,
     scan,
+    summary_section,
     unit_rows,
     usable_folds,
 )
@@ -382,3 +383,22 @@ def test_images_too_small_for_keypoints_are_left_to_the_embeddings():
 
     tiny = np.zeros((8, 8, 3), np.uint8)
     assert KeypointMatcher(lambda i: tiny).matches(0, 1, enough=8) == -1
+
+
+def test_the_summary_says_when_a_list_holds_only_the_first_ones():
+    # With audit.max_listed below the counts, reports/audit.json lists the first ones only: the
+    # summary says so (two of four planted copies sat beyond the first 50 pairs of monkeys10).
+    images = clusters()
+    labels = images.labels.copy()
+    labels[[3, 50, 95]] = (labels[[3, 50, 95]] + 1) % 3
+    noisy = AuditImages(images.features, labels, images.splits, images.paths, images.content_ids)
+    classes = ["a", "b", "c"]
+    short = AuditSettings(**{**vars(SETTINGS), "max_listed": 1})
+    report, _ = run_audit(noisy, classes, short, seed=0, meta=meta(32, classes))
+    assert report["counts"]["label_issues"] >= 3 and len(report["label_issues"]) == 1
+    assert report["settings"]["max_listed"] == 1
+    text = summary_section(report)
+    assert f"lists the first 1 of the {report['counts']['label_issues']} likely mislabelled " \
+           "images" in text and "`audit.max_listed` (1) sets how many" in text
+    full, _ = run_audit(noisy, classes, SETTINGS, seed=0, meta=meta(32, classes))
+    assert "lists the first" not in summary_section(full)

@@ -500,7 +500,8 @@ def run_audit(images: AuditImages, classes: Sequence[str], settings: AuditSettin
                      "duplicate_keypoints": settings.duplicate_keypoints if matcher else 0,
                      "neighbours": familiarity.k,
                      "unfamiliar_percentile": settings.unfamiliar_percentile,
-                     "unfamiliar_distance": round(familiarity.threshold, 6)},
+                     "unfamiliar_distance": round(familiarity.threshold, 6),
+                     "max_listed": settings.max_listed},
         "label_issues": issues,
         "near_duplicates": [
             {"a": str(images.paths[a]), "b": str(images.paths[b]),
@@ -535,4 +536,12 @@ def summary_section(report: dict[str, Any]) -> str:
               f"{settings['unfamiliar_percentile']:g}% of validation images.",
               f"- Details: `{AUDIT_REPORT}`; the suspects: `{AUDIT_PICTURE}`. Act on them with "
               "`data/exclude.txt` and `data/relabel.csv` (see docs/audit.md)."]
+    cut = [f"{len(report[key])} of the {counts[count]} {what}" for key, count, what in (
+        ("label_issues", "label_issues", "likely mislabelled images"),
+        ("near_duplicates", "near_duplicate_pairs",
+         "near-duplicate pairs (those across splits or labels first)"))
+        if len(report[key]) < counts[count]]
+    if cut:  # a short list must not read as all there is
+        lines.insert(-1, f"- `{AUDIT_REPORT}` lists the first {' and '.join(cut)}; "
+                         f"`audit.max_listed` ({settings['max_listed']}) sets how many.")
     return "\n".join(lines) + "\n"
