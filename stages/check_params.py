@@ -5,8 +5,9 @@ Every other stage depends on the keys it reads, one by one, so a key that no sta
 them, and ``dvc repro`` would say that everything is up to date while the change the user
 meant never happens. This stage depends on the whole file: any edit runs it, and a key that
 is unknown or a value out of range stops ``dvc repro`` with one line naming it, as does a
-``data.source`` that does not exist or lies outside ``data/raw/`` (before DVC deletes the
-outputs of ``prepare`` to run it). It writes nothing.
+``data.source`` that does not exist or lies outside ``data/raw/`` and a malformed
+``data.exclude`` or ``data.relabel`` file (before DVC deletes the outputs of ``prepare`` to
+run it). It writes nothing.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 
+from transfer.curation import read_curation
 from transfer.errors import run_stage
 from transfer.layout import PARAMS
 from transfer.params import load_params
@@ -24,8 +26,10 @@ log = logging.getLogger(__name__)
 
 def main() -> None:
     params = load_params(PARAMS)
-    # Also checked by prepare; here it stops `dvc repro` before DVC deletes prepare's outputs.
+    # Also checked by prepare; here they stop `dvc repro` before DVC deletes prepare's outputs
+    # (a relabel to a label that is not a class is left to prepare, which lists the classes).
     check_source(params.data.source)
+    read_curation(params.data.exclude, params.data.relabel)
     sections = [f.name for f in dataclasses.fields(params)
                 if dataclasses.is_dataclass(getattr(params, f.name))]
     log.info("%s: every key is known and every value valid (%s)", PARAMS, ", ".join(sections))

@@ -207,3 +207,12 @@ def test_default_files_may_be_missing_or_empty(tmp_path):
         assert read_relabel("data/relabel.csv") == []
     with pytest.raises(PipelineError, match="missing"):
         read_exclude(tmp_path / "elsewhere.txt")
+
+
+def test_check_params_stops_on_a_malformed_relabel_file_before_prepare_runs(colours):
+    # dvc repro runs check_params first: a bad header stops it there, before DVC deletes
+    # prepare's outputs to run it.
+    (colours / "data" / "relabel.csv").write_text("path,class\nred/1.png,blue\n")
+    assert one_error_line(run_stage_cli("check_params", colours)) == (
+        "error: data/relabel.csv:1 (data.relabel): the first row must be the header "
+        "image,label, got 'path,class'")
