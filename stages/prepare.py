@@ -11,7 +11,7 @@ from transfer.data import prepare_store
 from transfer.errors import PipelineError, run_stage
 from transfer.layout import DATA_REPORT, PARAMS, PREPARED_DIR
 from transfer.params import load_params
-from transfer.sources import check_source, list_source
+from transfer.sources import check_source, list_source, source_root
 
 log = logging.getLogger(__name__)
 
@@ -20,6 +20,8 @@ def main() -> None:
     params = load_params(PARAMS)
     data = params.data
     curation = read_curation(data.exclude, data.relabel)
+    if source_root(data.source) is not None:
+        curation = curation.relative_to(source_root(data.source))
     check_source(data.source)
     try:
         # Generated sources (digits, torchvision) are written to a scratch folder beside the

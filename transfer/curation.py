@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import csv
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from transfer.artifacts import read_utf8
@@ -60,6 +60,17 @@ class Curation:
     @property
     def empty(self) -> bool:
         return not self.exclude and not self.relabel
+
+    def relative_to(self, root: str) -> Curation:
+        """The entries with paths written from the repository (``data/raw/set/cats/1.jpg``, as
+        ``find`` or a file manager gives them) made relative to the source's ``root``, as
+        ``reports/data.json`` and ``reports/audit.json`` write them."""
+        prefix = Path(root).as_posix().rstrip("/") + "/"
+
+        def relative(entries: list[Entry]) -> list[Entry]:
+            return [replace(entry, image=entry.image.removeprefix(prefix)) for entry in entries]
+
+        return replace(self, exclude=relative(self.exclude), relabel=relative(self.relabel))
 
 
 def read_curation(exclude_file: str | Path, relabel_file: str | Path) -> Curation:

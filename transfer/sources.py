@@ -66,6 +66,14 @@ def check_source(source: str) -> None:
             f"{RAW_DIR}/{folder.name}) and point data.source there")
 
 
+def source_root(source: str) -> str | None:
+    """The folder the paths of a source's images are relative to: the image-folder root, or
+    a manifest's folder; None for the built-in and torchvision sets."""
+    if source in BUILTIN_SOURCES or source.startswith(TORCHVISION_PREFIX):
+        return None
+    return str(Path(source).parent) if Path(source).suffix.lower() == ".csv" else source
+
+
 def _did_you_mean(source: str) -> str:
     """`` (did you mean 'x'?)`` for the built-in set or the entry of ``data/raw/`` that
     ``source`` looks like a misspelling of, or nothing."""
