@@ -29,7 +29,7 @@ from transfer.inference import FamiliarityCheck, Predictor, familiarity_check, l
 from transfer.layout import EMBEDDINGS_DIR, FAMILIARITY, FINETUNE_DIR, HEAD_PATH, ONNX_CACHE
 from transfer.params import ENGINES, MAX_BATCH_SIZE, MODEL_CHOICES
 from transfer.prediction import UNCERTAIN, UNFAMILIAR, Prediction, classify, decode_for
-from transfer.sources import visible_files
+from transfer.sources import walk_visible_files
 
 log = logging.getLogger(__name__)
 
@@ -37,15 +37,20 @@ CHUNK = 256  # files decoded and held in memory at a time
 
 
 def list_inputs(paths: Iterable[str]) -> list[Path]:
-    """Files as given, and every non-hidden file below the given folders, in sorted order."""
+    """Files as given, and every non-hidden entry below the given folders that is not a
+    folder, in sorted order: what cannot be read there (a link to nothing or to a folder, a
+    pipe) gets an error row like a damaged file, instead of going unmentioned."""
     found: list[Path] = []
     for raw in paths:
         path = Path(raw)
-        if path.is_dir():
-            found.extend(visible_files(path))
-        else:
-            found.append(path)
+        found.extend(_entries_below(path) if path.is_dir() else [path])
     return found
+
+
+def _entries_below(folder: Path) -> list[Path]:
+    left_out: list[Path] = []
+    files = list(walk_visible_files(folder, lambda entry, why: left_out.append(entry)))
+    return sorted(files + left_out)
 
 
 def predict_files(classifier: Predictor, files: list[Path], top_k: int, batch_size: int,

@@ -108,6 +108,19 @@ def test_devices_pipes_and_huge_files_are_error_rows_never_read(trained, capsys)
     assert rows["inputs/a-red.png"].split()[1] == "red"
 
 
+def test_a_folder_s_dead_links_and_pipes_are_error_rows_not_left_out(trained, capsys):
+    import os
+
+    folder = trained / "inputs" / "more"
+    (folder / "gone.jpg").symlink_to(trained / "nowhere.jpg")
+    os.mkfifo(folder / "pipe.png")
+    predict.main(["inputs"])
+    rows = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()}
+    assert "error: No such file or directory" in rows["inputs/more/gone.jpg"]
+    assert "error: not a regular file" in rows["inputs/more/pipe.png"]
+    assert rows["inputs/a-red.png"].split()[1] == "red"
+
+
 def test_bad_inputs_through_the_command_are_one_line(trained):
     from tests.conftest import one_error_line, run_stage_cli
 

@@ -187,11 +187,6 @@ def _visible_entries(folder: Path) -> list[Path]:
         raise PipelineError(f"data.source: cannot read '{folder}' ({err.strerror})") from err
 
 
-def visible_files(folder: Path) -> list[Path]:
-    """Every file below ``folder``, in sorted order, skipping hidden files and folders."""
-    return sorted(walk_visible_files(folder))
-
-
 def walk_visible_files(folder: Path,
                        passed: Callable[[Path, str], None] | None = None) -> Iterator[Path]:
     """Every file below ``folder``, in the order folders list them, skipping hidden files and
