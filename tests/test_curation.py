@@ -227,3 +227,11 @@ def test_paths_written_from_the_repository_name_the_same_images(colours):
         ["red/0.png", "red/1.png"]
     assert [r["path"] for r in report["curation"]["relabel"]["relabelled"]] == ["green/1.png"]
     assert not report["curation"]["exclude"]["unmatched"]
+
+
+def test_an_image_both_excluded_and_relabelled_is_reported_excluded_only(colours):
+    report = prepared(colours, exclude="green/1.png\n",
+                      relabel="image,label\ngreen/1.png,red\ngreen/2.png,red\n")
+    assert [e["path"] for e in report["curation"]["exclude"]["excluded"]] == ["green/1.png"]
+    assert [r["path"] for r in report["curation"]["relabel"]["relabelled"]] == ["green/2.png"]
+    assert "green/1.png" not in stored(colours)

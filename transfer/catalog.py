@@ -202,7 +202,9 @@ class Catalog:
                     f"{earlier.where} ('{earlier.image}') relabels '{earlier.label}'; here "
                     f"'{entry.label}': keep one")
             self._db.execute("UPDATE images SET label = ? WHERE rank = ?", (entry.label, rank))
-            if label != entry.label:
+            excluded = self._db.execute("SELECT status IS 'excluded' FROM images WHERE rank = ?",
+                                        (rank,)).fetchone()[0]
+            if label != entry.label and not excluded:  # an excluded file is not relabelled
                 relabelled.append({"path": id_, "from": label, "to": entry.label,
                                    "entry": entry.where})
         return {"relabelled": relabelled, "unmatched": unmatched,
