@@ -112,7 +112,7 @@ def test_an_id_excludes_every_copy_and_a_path_only_that_file(colours):
 def test_a_path_with_exact_copies_says_which_stay_and_names_the_id(colours, caplog):
     # The audit shows one path of a picture that has exact copies: excluding or relabelling
     # that path leaves the copies as they were (relabelled, they then conflict and every copy
-    # is set aside), which the log and the report now say, with the id that reaches them all.
+    # is set aside), which the log and the report say, with the id that reaches them all.
     raw = colours / "data" / "raw" / "colours"
     shutil.copy(raw / "red" / "1.png", raw / "red" / "1-copy.png")
     prepared(colours)

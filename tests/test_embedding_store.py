@@ -102,7 +102,7 @@ def test_prune_deletes_the_least_recently_used_shards_first(tmp_path):
 def test_prune_leaves_folders_another_extraction_is_about_to_write_into(tmp_path):
     # Two extractions share the store (dvc queue start -j 2): one has just opened its
     # configuration's folder and the warm records' folder, with nothing in them yet, when the
-    # other finishes and prunes. Removing them made the first one's writes fail.
+    # other finishes and prunes; removing them would fail the first one's writes.
     store = EmbeddingStore(tmp_path, CONFIG, dim=4)
     records = tmp_path / "warm"
     records.mkdir()

@@ -84,7 +84,7 @@ def test_two_exports_of_one_model_are_byte_identical(trained):
 @pytest.mark.slow
 def test_exports_from_checkouts_in_two_places_are_the_same_bytes(trained, tmp_path):
     # A queued experiment runs in a temporary copy of the workspace (.dvc/tmp/exps/...); the
-    # ONNX exporter recorded each node's source line, with the checkout's absolute path.
+    # exporters record each node's source line, with the checkout's absolute path.
     digests = set()
     for place in ("a", "checkout-b"):
         code = tmp_path / place

@@ -130,7 +130,7 @@ def test_queued_experiments_use_the_store_and_graph_of_the_workspace_dvc_names(p
     assert len(list((workspace / "cache" / "onnx").glob("*.onnx"))) == 1
     assert not (project / "cache").exists() and cache_files(project) == reference
     # The next experiment embeds new images over the workspace's graph, without PyTorch
-    # (before, it exported the graph again in its own copy, and so loaded the backbone).
+    # (with a graph cache of its own copy it would export the graph again, with PyTorch).
     add_images(project, 4)
     prepare.main()
     output = run_extract_reporting_imports(project)

@@ -94,7 +94,7 @@ def test_a_source_dvc_does_not_watch_is_refused(tmp_path, source):
 def test_a_source_that_does_not_exist_is_named_before_anything_else(tmp_path, source,
                                                                     suggested, stage):
     # check_params says it first, so that `dvc repro` stops before DVC deletes prepare's
-    # outputs; 'Digits' was called a folder outside data/raw/ to copy in.
+    # outputs; 'Digits' is a misspelt built-in set, not a folder outside data/raw/ to copy in.
     write_colour_folder(tmp_path / "data" / "raw" / "monkeys10", per_class=6)
     write_params(tmp_path, {"data": {"source": source}})
     line = one_error_line(run_stage_cli(stage, tmp_path))

@@ -145,8 +145,8 @@ def export_model(model: Classifier | FinetunedModel, fmt: str, path: Path) -> di
 
 def _without_debug_records(archive: bytes) -> bytes:
     """A TorchScript archive without its ``*.debug_pkl`` records: the traced source lines,
-    with the absolute paths of this checkout and of site-packages, which made an export from
-    another folder (a queued experiment's copy of the workspace) other bytes and named the
+    with the absolute paths of this checkout and of site-packages, which would make an export
+    from another folder (a queued experiment's copy of the workspace) other bytes and name the
     folders of whoever exported it. Loading needs none of them; the archive's
     ``serialization_id`` is written anew from what is left."""
     reader = torch._C.PyTorchFileReader(io.BytesIO(archive))
