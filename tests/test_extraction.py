@@ -1,3 +1,4 @@
+import hashlib
 import logging
 import shutil
 import subprocess
@@ -285,3 +286,30 @@ def test_a_record_that_no_longer_holds_is_not_used(project, caplog, damage):
     assert "not loaded" not in caplog.text and "embedded 30 images (0 more" in caplog.text
     assert cache_files(project) == reference
     assert yaml.safe_load(record.read_text())["weights_sha256"] != "0" * 64  # written again
+
+
+def test_a_record_is_not_used_for_another_file_under_the_weights_path_it_names(tmp_path,
+                                                                            monkeypatch):
+    # backbone.weights: models/w.pth in the workspace and in a queued experiment's copy of it
+    # is one record key; the copy's file, not the workspace's, decides whether it holds.
+    from transfer.params import BackboneParams
+    from transfer.warm import META_FIELDS, warm_extraction, write_record
+
+    workspace, copy = tmp_path / "workspace", tmp_path / "copy"
+    for root, content in ((workspace, b"workspace weights"), (copy, b"the copy's weights")):
+        (root / "models").mkdir(parents=True)
+        (root / "models" / "w.pth").write_bytes(content)
+    params = BackboneParams(weights="models/w.pth")
+    graph = b"an ONNX graph"
+    graph_sha = hashlib.sha256(graph).hexdigest()
+    (workspace / "cache" / "onnx").mkdir(parents=True)
+    (workspace / "cache" / "onnx" / f"net-{graph_sha[:16]}.onnx").write_bytes(graph)
+    store = workspace / "cache" / "embeddings"
+    meta = {key: "x" for key in META_FIELDS} | {
+        "weights_sha256": hashlib.sha256(b"workspace weights").hexdigest()}
+    monkeypatch.chdir(workspace)
+    write_record(store, params, configuration={}, meta=meta, weights_file=Path("models/w.pth"),
+                 graph_sha256=graph_sha, batch_size=8, threads=1)
+    assert warm_extraction(params, store, workspace / "cache" / "onnx") is not None
+    monkeypatch.chdir(copy)
+    assert warm_extraction(params, store, workspace / "cache" / "onnx") is None

@@ -30,6 +30,7 @@ from transfer.artifacts import sha256_file
 from transfer.embeddings import EmbeddingMeta
 from transfer.engines import CompiledNetwork, Engine, TorchEngine
 from transfer.errors import PipelineError, first_line
+from transfer.params import weights_file_named
 from transfer.pixels import ResizeCrop, pixel_arrays, read_ahead
 from transfer.runtime import Runtime, resolve_runtime
 
@@ -296,7 +297,7 @@ def _load_torchvision(arch: str, weights: str | None, pretrained: bool = True) -
         state, path = _torchvision_state_dict(chosen)
         model.load_state_dict(state)
         weights_id, sha = f"torchvision:{enum.__name__}.{chosen.name}", sha256_file(path)
-    elif Path(weights).suffix or "/" in weights:
+    elif weights_file_named(f"{TORCHVISION_PREFIX}{arch}", weights) is not None:
         path = Path(weights)
         _load_state_dict_file(model, path, f"torchvision:{arch}")
         chosen = enum["DEFAULT"]  # the architecture's reference preprocessing

@@ -95,6 +95,17 @@ class DataParams:
         return None
 
 
+def weights_file_named(backbone: str, weights: str | None) -> Path | None:
+    """The state-dict file ``backbone.weights`` names, or None: null (the model's own
+    weights, packaged or downloaded), or for a ``torchvision:`` model a weights name such as
+    IMAGENET1K_V2 (a value with neither a suffix nor a folder)."""
+    if weights is None:
+        return None
+    if backbone.startswith("torchvision:") and not (Path(weights).suffix or "/" in weights):
+        return None
+    return Path(weights)
+
+
 @dataclass(frozen=True)
 class BackboneParams:
     name: str = field(default="tf_efficientnet_lite0", metadata={

@@ -31,6 +31,7 @@ import numpy as np
 
 from transfer.artifacts import sha256_file, write_json
 from transfer.machine import cpu_model
+from transfer.params import weights_file_named
 from transfer.pixels import ResizeCrop, pixel_arrays
 
 log = logging.getLogger(__name__)
@@ -180,9 +181,12 @@ def warm_extraction(params: Any, store_root: Path, graph_cache: Path) -> WarmExt
     path = store_root / RECORDS / f"{record_key(params)}.json"
     try:
         record = json.loads(path.read_text(encoding="utf-8"))
-        weights = Path(record["weights_file"])
+        # A file backbone.weights names is read from here: a queued experiment runs in a copy
+        # of the workspace, whose file of that name may differ from the one the record read.
+        weights = weights_file_named(params.name, params.weights) or \
+            Path(record["weights_file"])
         if sha256_file(weights) != record["weights_sha256"]:
-            raise WarmMiss(f"{weights} changed since the record was written")
+            raise WarmMiss(f"{weights} is not the weights file the record was written for")
         graph_sha = record["graph_sha256"]
         graph = next((data for candidate in sorted(graph_cache.glob(f"*-{graph_sha[:16]}.onnx"))
                       if hashlib.sha256(data := candidate.read_bytes()).hexdigest() == graph_sha),
