@@ -118,13 +118,15 @@ def test_a_path_with_exact_copies_says_which_stay_and_names_the_id(colours, capl
     prepared(colours)
     red_id = stored(colours)["red/1-copy.png"][2]
     with caplog.at_level("WARNING", "stages.prepare"):
-        report = prepared(colours, exclude="red/1-copy.png\n",
+        exclude = prepared(colours, exclude="red/1-copy.png\n")["curation"]["exclude"]
+        report = prepared(colours,
                           relabel="image,label\nred/1-copy.png,blue\ngreen/2.png,blue\n")
-    exclude, relabel = report["curation"]["exclude"], report["curation"]["relabel"]
+    relabel = report["curation"]["relabel"]
     assert exclude["copies_left"] == [{"entry": "data/exclude.txt:1", "path": "red/1-copy.png",
                                        "copies": ["red/1.png"], "id": red_id}]
     assert relabel["copies_left"] == [{"entry": "data/relabel.csv:2", "path": "red/1-copy.png",
                                        "copies": ["red/1.png"], "id": red_id}]
+    assert [c["labels"] for c in report["conflicts"]] == [["blue", "red"]]  # as it warns
     assert "data/exclude.txt:1: 'red/1-copy.png' has exact copies that stay in: red/1.png; to " \
         f"exclude every copy, name the picture by its id, {red_id}" in caplog.text
     assert "data/relabel.csv:2: 'red/1-copy.png' has exact copies that keep their label" \
@@ -235,3 +237,21 @@ def test_an_image_both_excluded_and_relabelled_is_reported_excluded_only(colours
     assert [e["path"] for e in report["curation"]["exclude"]["excluded"]] == ["green/1.png"]
     assert [r["path"] for r in report["curation"]["relabel"]["relabelled"]] == ["green/2.png"]
     assert "green/1.png" not in stored(colours)
+
+
+@pytest.mark.parametrize(("exclude", "relabel"), [
+    ("red/1-copy.png\n", "image,label\nred/1.png,blue\n"),   # the copy is excluded
+    ("red/1.png\n", "image,label\nred/1.png,blue\n./red/1.png,blue\n"),  # the file itself
+])
+def test_no_copies_left_warning_where_no_copy_keeps_the_old_label(colours, exclude, relabel):
+    raw = colours / "data" / "raw" / "colours"
+    shutil.copy(raw / "red" / "1.png", raw / "red" / "1-copy.png")
+    report = prepared(colours, exclude=exclude, relabel=relabel)
+    assert report["curation"]["relabel"]["copies_left"] == [] and report["conflicts"] == []
+
+
+def test_a_file_named_twice_is_warned_about_once(colours):
+    raw = colours / "data" / "raw" / "colours"
+    shutil.copy(raw / "red" / "1.png", raw / "red" / "1-copy.png")
+    report = prepared(colours, exclude="red/1-copy.png\n./red/1-copy.png\n")
+    assert len(report["curation"]["exclude"]["copies_left"]) == 1
