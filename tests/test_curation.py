@@ -223,8 +223,9 @@ def test_check_params_stops_on_a_malformed_relabel_file_before_prepare_runs(colo
 def test_paths_written_from_the_repository_name_the_same_images(colours):
     # As `find data/raw -name ...` or a file manager gives them, beside paths relative to the
     # source as the reports write them.
-    report = prepared(colours, exclude="data/raw/colours/red/0.png\n./data/raw/colours/red/1.png\n",
-                      relabel="image,label\ndata/raw/colours/green/1.png,red\n")
+    absolute = (colours / "data" / "raw" / "colours" / "red" / "1.png").as_posix()
+    report = prepared(colours, exclude=f"data/raw/colours/red/0.png\n{absolute}\n",
+                      relabel="image,label\n./data/raw/colours/green/1.png,red\n")
     assert [e["path"] for e in report["curation"]["exclude"]["excluded"]] == \
         ["red/0.png", "red/1.png"]
     assert [r["path"] for r in report["curation"]["relabel"]["relabelled"]] == ["green/1.png"]

@@ -13,6 +13,7 @@ one missing from a place ``params.yaml`` names is an error.
 from __future__ import annotations
 
 import csv
+import os
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -63,14 +64,20 @@ class Curation:
 
     def relative_to(self, root: str) -> Curation:
         """The entries with paths written from the repository (``data/raw/set/cats/1.jpg``, as
-        ``find`` or a file manager gives them) made relative to the source's ``root``, as
-        ``reports/data.json`` and ``reports/audit.json`` write them."""
-        prefix = Path(root).as_posix().rstrip("/") + "/"
+        ``find`` gives them) or absolute (as a file manager copies them) made relative to the
+        source's ``root``, as ``reports/data.json`` and ``reports/audit.json`` write them."""
+        base = os.path.abspath(root)
 
-        def relative(entries: list[Entry]) -> list[Entry]:
-            return [replace(entry, image=entry.image.removeprefix(prefix)) for entry in entries]
+        def relative(entry: Entry) -> Entry:
+            if is_content_id(entry.image):
+                return entry
+            inside = os.path.relpath(os.path.abspath(entry.image), base)
+            if inside == os.curdir or inside.split(os.sep)[0] == os.pardir:
+                return entry  # already relative to the root, or elsewhere
+            return replace(entry, image=Path(inside).as_posix())
 
-        return replace(self, exclude=relative(self.exclude), relabel=relative(self.relabel))
+        return replace(self, exclude=[relative(e) for e in self.exclude],
+                       relabel=[relative(e) for e in self.relabel])
 
 
 def read_curation(exclude_file: str | Path, relabel_file: str | Path) -> Curation:
