@@ -6,8 +6,9 @@ them, and ``dvc repro`` would say that everything is up to date while the change
 meant never happens. This stage depends on the whole file: any edit runs it, and a key that
 is unknown or a value out of range stops ``dvc repro`` with one line naming it, as does a
 ``data.source`` that does not exist or lies outside ``data/raw/`` and a malformed
-``data.exclude`` or ``data.relabel`` file (before DVC deletes the outputs of ``prepare`` to
-run it). It writes nothing.
+``data.exclude`` or ``data.relabel`` file: ``dvc repro`` runs this stage first, before it
+deletes the outputs of ``prepare`` to run it (``dvc repro prepare`` alone skips it, and
+``prepare`` checks them too). It writes nothing.
 """
 
 from __future__ import annotations

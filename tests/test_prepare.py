@@ -104,6 +104,25 @@ def test_a_source_that_does_not_exist_is_named_before_anything_else(tmp_path, so
                     "data/raw/")
 
 
+def test_a_source_tracked_by_dvc_but_not_pulled_says_to_pull_it(tmp_path):
+    (tmp_path / "data" / "raw").mkdir(parents=True)
+    (tmp_path / "data" / "raw" / "monkeys10.dvc").write_text("outs:\n- path: monkeys10\n")
+    write_params(tmp_path, {"data": {"source": "data/raw/monkeys10"}})
+    assert one_error_line(run_stage_cli("check_params", tmp_path)) == (
+        "error: data.source: 'data/raw/monkeys10' is tracked by DVC (data/raw/monkeys10.dvc) "
+        "but not in the workspace; fetch it: dvc pull data/raw/monkeys10.dvc")
+
+
+def test_a_misspelt_folder_is_matched_among_folders_before_the_built_in_set(tmp_path):
+    write_colour_folder(tmp_path / "data" / "raw" / "Digits", per_class=6)
+    (tmp_path / "data" / "raw" / "gone").symlink_to(tmp_path / "nowhere")
+    for source, hint in (("data/raw/digits", "data/raw/Digits"), ("data/raw/gone", None)):
+        write_params(tmp_path, {"data": {"source": source}})
+        line = one_error_line(run_stage_cli("check_params", tmp_path))
+        assert line.startswith(f"error: data.source: '{source}' does not exist")
+        assert (f"(did you mean '{hint}'?)" in line) if hint else "did you mean" not in line
+
+
 def test_a_folder_holding_a_manifest_points_to_it(tmp_path, caplog):
     root = tmp_path / "data" / "raw" / "set"
     write_colour_folder(root / "img", per_class=6)

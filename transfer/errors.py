@@ -37,8 +37,9 @@ class ParamsError(PipelineError):
 # DVC leaves the values `-S` set in params.yaml, and the next `dvc exp run -S` (of another
 # key) fails on them again; Git may not even show the file as changed (docs/experiments.md).
 AFTER_A_FAILED_EXPERIMENT = ("; a value `dvc exp run -S` set stays in params.yaml after a "
-                             "failed run: `touch params.yaml && git checkout params.yaml` puts "
-                             "back the committed file")
+                             "failed run (`touch params.yaml && git diff params.yaml` shows it; "
+                             "`git checkout params.yaml` puts back the committed file, without "
+                             "any edit of yours)")
 
 
 class UsageError(PipelineError):

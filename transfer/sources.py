@@ -51,11 +51,15 @@ def check_source(source: str) -> None:
     if source in BUILTIN_SOURCES or source.startswith(TORCHVISION_PREFIX):
         return
     path = Path(source)
-    if not os.path.lexists(path):
+    if not path.exists():  # a link to nothing included
+        tracked = _dvc_file_of(path)
+        if tracked is not None:  # a fresh clone, before its data was pulled
+            raise PipelineError(f"data.source: '{source}' is tracked by DVC ({tracked}) but "
+                                f"not in the workspace; fetch it: dvc pull {tracked}")
         raise ParamsError(f"data.source: '{source}' does not exist{_did_you_mean(source)}; "
-                            f"expected {', '.join(map(repr, BUILTIN_SOURCES))}, "
-                            f"'{TORCHVISION_PREFIX}<Name>', or a .csv manifest or an "
-                            f"image-folder root under {RAW_DIR}/")
+                          f"expected {', '.join(map(repr, BUILTIN_SOURCES))}, "
+                          f"'{TORCHVISION_PREFIX}<Name>', or a .csv manifest or an "
+                          f"image-folder root under {RAW_DIR}/")
     if RAW_DIR.absolute() not in Path(os.path.normpath(path.absolute())).parents:
         folder = path.parent if path.suffix.lower() == ".csv" else path  # a manifest's folder
         folder = Path(os.path.normpath(folder.absolute()))
@@ -74,11 +78,19 @@ def source_root(source: str) -> str | None:
     return str(Path(source).parent) if Path(source).suffix.lower() == ".csv" else source
 
 
+def _dvc_file_of(path: Path) -> Path | None:
+    """The ``.dvc`` file that tracks ``path`` or a folder above it, if there is one."""
+    for tracked in (path, *path.parents):
+        if tracked.name and tracked.with_name(f"{tracked.name}.dvc").is_file():
+            return tracked.with_name(f"{tracked.name}.dvc")
+    return None
+
+
 def _did_you_mean(source: str) -> str:
     """`` (did you mean 'x'?)`` for the built-in set or the entry of ``data/raw/`` that
-    ``source`` looks like a misspelling of, or nothing."""
+    ``source`` looks like a misspelling of (only the entries for a path), or nothing."""
     name = Path(source).name
-    candidates = {builtin: builtin for builtin in BUILTIN_SOURCES}
+    candidates = {} if "/" in source else {builtin: builtin for builtin in BUILTIN_SOURCES}
     if RAW_DIR.is_dir():
         candidates.update((p.name, p.as_posix()) for p in RAW_DIR.iterdir()
                           if not p.name.startswith("."))
