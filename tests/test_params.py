@@ -297,3 +297,16 @@ def test_every_text_key_refuses_control_characters_and_overlong_values(name, val
     assert ("is not valid; a name or path of at most 4096 characters, without control "
             "characters") in str(err.value) or "choose one of" in str(err.value) \
         or "is not valid; expected auto or a number in" in str(err.value)
+
+
+@pytest.mark.parametrize("word", ["yes", "No", "on", "OFF"])
+def test_yaml_1_1_booleans_are_text_as_dvc_reads_them_and_refused_for_a_bool(tmp_path, word):
+    # `dvc exp run -S finetune.enabled=yes` writes `yes`, which DVC shows and compares as text;
+    # PyYAML's YAML 1.1 read it as true, so the stage fine-tuned on a value DVC did not see.
+    path = tmp_path / "params.yaml"
+    path.write_text(f"finetune:\n  enabled: {word}\n  strategy: full\n")
+    with pytest.raises(ParamsError, match=rf"finetune.enabled='{word}' has the wrong type; "
+                                          r"expected bool: write true or false"):
+        load_params(path)
+    path.write_text("finetune:\n  enabled: True\n")
+    assert load_params(path).finetune.enabled is True

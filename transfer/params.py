@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 import logging
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -267,6 +268,24 @@ class Params:
     export: ExportParams = field(default_factory=ExportParams)
 
 
+YAML11_BOOLEANS = ("yes", "no", "on", "off")
+
+
+class ParamsLoader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2's booleans, as DVC reads ``params.yaml``: only
+    ``true`` and ``false``. YAML 1.1 also reads ``yes``, ``no``, ``on`` and ``off`` as
+    booleans, which DVC shows, compares and writes back as text; read as text here too, a bool
+    key refuses them instead of acting on a value DVC does not see."""
+
+
+ParamsLoader.yaml_implicit_resolvers = {
+    first: [(tag, pattern) for tag, pattern in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+ParamsLoader.add_implicit_resolver("tag:yaml.org,2002:bool",
+                                   re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                                   list("tTfF"))
+
+
 def load_params(path: str | Path = "params.yaml") -> Params:
     """Read and validate ``path``; missing keys take their defaults."""
     path = Path(path)
@@ -275,7 +294,7 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     except OSError as err:
         raise ParamsError(f"{path}: cannot read parameters file ({err.strerror})") from err
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, Loader=ParamsLoader)  # noqa: S506 (a SafeLoader)
     except yaml.MarkedYAMLError as err:
         mark = err.problem_mark or err.context_mark
         where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -336,6 +355,10 @@ def _check_value(key: str, value: Any, hint: Any, meta: Any, source: str) -> Any
         if "range" in meta and "choices" in meta:  # the only words it takes are its choices
             raise ParamsError(f"{source}: {key}={_show(value)} has the wrong type; expected "
                               f"{_allowed(meta)}") from None
+        if bool in allowed and isinstance(value, str) and value.lower() in YAML11_BOOLEANS:
+            raise ParamsError(f"{source}: {key}={_show(value)} has the wrong type; expected "
+                              "bool: write true or false (DVC reads yes, no, on and off as "
+                              "text)") from None
         raise
     if value in meta.get("old_spellings", {}):
         value = meta["old_spellings"][value]
