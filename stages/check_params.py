@@ -27,8 +27,7 @@ log = logging.getLogger(__name__)
 
 def main() -> None:
     params = load_params(PARAMS)
-    # Also checked by prepare; here they stop `dvc repro` before DVC deletes prepare's outputs
-    # (a relabel to a label that is not a class is left to prepare, which lists the classes).
+    # A relabel to a label that is not a class is left to prepare, which lists the classes.
     check_source(params.data.source)
     read_curation(params.data.exclude, params.data.relabel)
     sections = [f.name for f in dataclasses.fields(params)

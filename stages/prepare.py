@@ -19,10 +19,11 @@ log = logging.getLogger(__name__)
 def main() -> None:
     params = load_params(PARAMS)
     data = params.data
-    curation = read_curation(data.exclude, data.relabel)
-    if source_root(data.source) is not None:
-        curation = curation.relative_to(source_root(data.source))
     check_source(data.source)
+    curation = read_curation(data.exclude, data.relabel)
+    root = source_root(data.source)
+    if root is not None:  # paths written from the repository, or absolute, too
+        curation = curation.relative_to(root)
     try:
         # Generated sources (digits, torchvision) are written to a scratch folder beside the
         # store, where the next run removes it should this one be killed; the store and the
