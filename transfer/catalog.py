@@ -181,7 +181,7 @@ class Catalog:
             if not is_content_id(entry.image):
                 by_path.append((entry, rank, id_))
         return {"excluded": excluded, "unmatched": unmatched,
-                "copies_left": self._copies_left(by_path, "copy.status IS NOT 'excluded'")}
+                "copies_left": self._copies_left(by_path, other_label_only=False)}
 
     def relabel(self, entries: list[Entry], classes: list[str]) -> dict[str, Any]:
         """File every file an entry names under its new label; returns what changed and which
@@ -191,7 +191,8 @@ class Catalog:
         relabelled, unmatched, by_path = [], [], []
         given: dict[int, Entry] = {}
         for entry, rank, id_, label in self._matches(entries, unmatched):
-            if not is_content_id(entry.image):
+            excluded = self._excluded(rank)  # an excluded file is not relabelled
+            if not is_content_id(entry.image) and not excluded:
                 by_path.append((entry, rank, id_))
             if entry.label not in classes:
                 raise not_a_class(entry, classes)
@@ -202,24 +203,22 @@ class Catalog:
                     f"{earlier.where} ('{earlier.image}') relabels '{earlier.label}'; here "
                     f"'{entry.label}': keep one")
             self._db.execute("UPDATE images SET label = ? WHERE rank = ?", (entry.label, rank))
-            if label != entry.label and not self._excluded(rank):  # excluded: not relabelled
+            if label != entry.label and not excluded:
                 relabelled.append({"path": id_, "from": label, "to": entry.label,
                                    "entry": entry.where})
         return {"relabelled": relabelled, "unmatched": unmatched,
-                "copies_left": self._copies_left(
-                    [named for named in by_path if not self._excluded(named[1])],
-                    "copy.status IS NOT 'excluded' AND "
-                    "copy.label IS NOT (SELECT label FROM images WHERE rank = ?)")}
+                "copies_left": self._copies_left(by_path, other_label_only=True)}
 
     def _excluded(self, rank: int) -> bool:
         return bool(self._db.execute("SELECT status IS 'excluded' FROM images WHERE rank = ?",
                                      (rank,)).fetchone()[0])
 
     def _copies_left(self, named: list[tuple[Entry, int, str]],
-                     condition: str) -> list[dict[str, Any]]:
+                     other_label_only: bool) -> list[dict[str, Any]]:
         """For each file an entry named by its path, the other copies of its picture (the same
-        decoded pixels, ``copy`` in SQL) for which ``condition`` holds (``?``: the named file's
-        rank): those a path leaves as they were, and only the picture's id would reach."""
+        decoded pixels) not excluded, and with ``other_label_only`` not under the named file's
+        label: those a path leaves as they were, and only the picture's id would reach."""
+        label = " AND copy.label IS NOT named.label" if other_label_only else ""
         left, seen = [], set()
         for entry, rank, id_ in named:
             if rank in seen:  # one file named twice ('red/1.png', './red/1.png')
@@ -228,8 +227,8 @@ class Catalog:
             rows = self._db.execute(
                 "SELECT copy.id, copy.pixel_sha256 FROM images AS copy JOIN images AS named "
                 "ON copy.pixel_sha256 = named.pixel_sha256 WHERE named.rank = ? AND "
-                f"copy.rank != ? AND copy.reason IS NULL AND {condition} ORDER BY copy.rank",
-                (rank, rank, *([rank] if "?" in condition else []))).fetchall()
+                "copy.rank != named.rank AND copy.reason IS NULL AND "
+                f"copy.status IS NOT 'excluded'{label} ORDER BY copy.rank", (rank,)).fetchall()
             if rows:
                 left.append({"entry": entry.where, "path": id_, "copies": [r[0] for r in rows],
                              "id": content_id(rows[0][1])})
