@@ -14,7 +14,7 @@ from transfer.audit import AuditImages, AuditSettings, run_audit
 from transfer.catalog import SPLITS
 from transfer.data import ImageStore
 from transfer.embeddings import EmbeddingMeta, load_split
-from transfer.errors import PipelineError, run_stage
+from transfer.errors import PipelineError, counted, run_stage
 from transfer.gallery import Section, Tile, draw_sheet, images_by_id, png_bytes
 from transfer.keypoints import PairCache
 from transfer.layout import (
@@ -69,10 +69,6 @@ def main() -> None:
              counts["near_duplicates_across_splits"], counts["near_duplicates_across_labels"],
              counts["unfamiliar"])
     log.info("details: %s; picture: %s", AUDIT_REPORT, AUDIT_PICTURE)
-
-
-def counted(n: int, noun: str) -> str:
-    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 def pair_cache(stores: Iterable[ImageStore]) -> PairCache | None:

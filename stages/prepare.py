@@ -8,7 +8,7 @@ import sqlite3
 from transfer.artifacts import atomic_outputs, scratch_directory, write_json
 from transfer.curation import read_curation
 from transfer.data import prepare_store
-from transfer.errors import PipelineError, run_stage
+from transfer.errors import PipelineError, counted, run_stage
 from transfer.layout import DATA_REPORT, PARAMS, PREPARED_DIR
 from transfer.params import load_params
 from transfer.sources import check_source, list_source, source_root
@@ -68,15 +68,11 @@ def copies_left(curated: dict) -> list[str]:
     return lines
 
 
-def images(n: int) -> str:
-    return f"{n} image" if n == 1 else f"{n} images"
-
-
 def summarize(report: dict) -> list[str]:
     """A few lines a person reads at the end of the stage; the details are in the report."""
     totals = ", ".join(f"{split} {n}" for split, n in report["totals"].items())
-    lines = [f"{len(report['classes'])} classes, {images(sum(report['totals'].values()))}: "
-             f"{totals}"]
+    total = counted(sum(report["totals"].values()), "image")
+    lines = [f"{len(report['classes'])} classes, {total}: {totals}"]
     reasons: dict[str, int] = {}
     for item in report["skipped"]:
         reason = item["reason"].split(" (")[0]
@@ -86,12 +82,12 @@ def summarize(report: dict) -> list[str]:
     if report["duplicates"]:
         lines.append(f"{len(report['duplicates'])} exact duplicates kept once")
     if report["conflicts"]:
-        lines.append(f"{images(len(report['conflicts']))} under several labels excluded")
+        lines.append(f"{counted(len(report['conflicts']), 'image')} under several labels excluded")
     for split, names in report["missing_from_split"].items():
         if split != "train":  # a warning of its own
             lines.append(f"no {split} image for class {', '.join(names)}")
     if report["small_images"]["count"]:
-        lines.append(f"{images(report['small_images']['count'])} smaller than "
+        lines.append(f"{counted(report['small_images']['count'], 'image')} smaller than "
                      f"{report['small_images']['min_side_below']} px on a side")
     for kind, done in (("exclude", "excluded"), ("relabel", "relabelled")):
         changes = report["curation"][kind]
@@ -100,9 +96,10 @@ def summarize(report: dict) -> list[str]:
             more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
             unmatched = f" ({len(missing)} of its entries name no image: " \
                 f"{', '.join(missing[:3])}{more})" if missing else ""
-            lines.append(f"{changes['file']}: {images(len(changes[done]))} {done}{unmatched}")
+            lines.append(f"{changes['file']}: {counted(len(changes[done]), 'image')} "
+                         f"{done}{unmatched}")
     if report["left_out_by_max_per_class"]:
-        lines.append(f"{images(report['left_out_by_max_per_class'])} left out by "
+        lines.append(f"{counted(report['left_out_by_max_per_class'], 'image')} left out by "
                      "data.max_per_class")
     lines.append(f"details: {DATA_REPORT}")
     return lines

@@ -67,6 +67,11 @@ def unprintable(text: str) -> list[str]:
     return [c for c in text if unicodedata.category(c) in UNPRINTABLE_CATEGORIES]
 
 
+def counted(n: int, noun: str) -> str:
+    """``n`` and ``noun``, in the plural unless ``n`` is 1: "1 image", "3 images"."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def one_line(text: str) -> str:
     """``text`` with every unprintable character written as its escape (``\\n``, ``\\udcff``)."""
     bad = set(unprintable(text))
