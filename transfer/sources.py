@@ -44,11 +44,16 @@ PNG_LEVEL = 1
 SAMPLES_PER_TASK = 64  # samples a writing process writes per task
 
 
+def generated(source: str) -> bool:
+    """Whether ``prepare`` writes the source's files itself: a built-in or torchvision set."""
+    return source in BUILTIN_SOURCES or source.startswith(TORCHVISION_PREFIX)
+
+
 def check_source(source: str) -> None:
     """``data.source`` names what ``prepare`` can read and ``dvc.yaml`` watches: a built-in
     or torchvision set, or an existing path under ``data/raw/``. Anywhere else, ``dvc repro``
     would call the results up to date after its files changed. Else one line saying which."""
-    if source in BUILTIN_SOURCES or source.startswith(TORCHVISION_PREFIX):
+    if generated(source):
         return
     path = Path(source)
     if not path.exists():  # a link to nothing included
@@ -73,7 +78,7 @@ def check_source(source: str) -> None:
 def source_root(source: str) -> str | None:
     """The folder the paths of a source's images are relative to: the image-folder root, or
     a manifest's folder; None for the built-in and torchvision sets."""
-    if source in BUILTIN_SOURCES or source.startswith(TORCHVISION_PREFIX):
+    if generated(source):
         return None
     return str(Path(source).parent) if Path(source).suffix.lower() == ".csv" else source
 
