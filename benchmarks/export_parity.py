@@ -35,7 +35,7 @@ def main() -> None:
     parser.add_argument("--images", type=Path, required=True)
     parser.add_argument("--model", default="auto", choices=("auto", "head", "finetune"))
     args = parser.parse_args()
-    files = list_inputs([str(args.images)])
+    files, _ = list_inputs([str(args.images)])
     pipeline = {engine: load_predictor(args.model, EMBEDDINGS_DIR, HEAD_PATH, FINETUNE_DIR,
                                        engine_named(engine, ONNX_CACHE, "engine"))
                 for engine in ("torch", "onnxruntime")}

@@ -36,27 +36,32 @@ log = logging.getLogger(__name__)
 CHUNK = 256  # files decoded and held in memory at a time
 
 
-def list_inputs(paths: Iterable[str]) -> list[Path]:
+def list_inputs(paths: Iterable[str]) -> tuple[list[Path], dict[Path, str]]:
     """Files as given, and every non-hidden entry below the given folders that is not a
-    folder, in sorted order: what cannot be read there (a link to nothing or to a folder, a
-    pipe) gets an error row like a damaged file, instead of going unmentioned."""
+    folder, in sorted order; and why each entry found below a folder cannot be read (a link to
+    nothing or to a folder, a pipe, a folder it cannot list), so that it gets an error row
+    like a damaged file instead of going unmentioned."""
     found: list[Path] = []
+    unreadable: dict[Path, str] = {}
     for raw in paths:
         path = Path(raw)
-        found.extend(_entries_below(path) if path.is_dir() else [path])
-    return found
-
-
-def _entries_below(folder: Path) -> list[Path]:
-    left_out: list[Path] = []
-    files = list(walk_visible_files(folder, lambda entry, why: left_out.append(entry)))
-    return sorted(files + left_out)
+        if path.is_dir():
+            left_out: dict[Path, str] = {}
+            files = list(walk_visible_files(path, left_out.__setitem__, lenient=True,
+                                            link_hint="name the folder itself instead"))
+            found.extend(sorted(files + list(left_out)))
+            unreadable.update(left_out)
+        else:
+            found.append(path)
+    return found, unreadable
 
 
 def predict_files(classifier: Predictor, files: list[Path], top_k: int, batch_size: int,
-                  min_confidence: float = 0.0,
-                  familiarity: FamiliarityCheck | None = None) -> Iterator[Prediction]:
-    """Decode and classify ``files`` chunk by chunk, in input order (``classify`` says how)."""
+                  min_confidence: float = 0.0, familiarity: FamiliarityCheck | None = None,
+                  unreadable: dict[Path, str] | None = None) -> Iterator[Prediction]:
+    """Decode and classify ``files`` chunk by chunk, in input order (``classify`` says how);
+    a file in ``unreadable`` gets its reason as the error, without being opened."""
+    unreadable = unreadable or {}
     # No bar where stderr is not a terminal (a log file, CI): no cursor escapes end up there.
     with tqdm(total=len(files), desc="predict", unit="img", leave=False,
               disable=None) as progress:
@@ -65,6 +70,9 @@ def predict_files(classifier: Predictor, files: list[Path], top_k: int, batch_si
             results = [Prediction(str(path)) for path in chunk]
             images, readable = [], []
             for result, path in zip(results, chunk, strict=True):
+                if path in unreadable:
+                    result.error = unreadable[path]
+                    continue
                 try:
                     images.append(decode_for(classifier, read_image_file(path)))
                     readable.append(result)
@@ -163,12 +171,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--format", choices=("table", "csv", "json"), default="table")
     add_model_arguments(parser)
     args = parser.parse_args(argv)
-    files = list_inputs(args.paths)
+    files, unreadable = list_inputs(args.paths)
     if not files:
         raise PipelineError(f"no files found in {', '.join(args.paths)}")
     classifier, familiarity = open_model(parser, args)
     predictions = list(predict_files(classifier, files, args.top_k, args.batch_size,
-                                     args.min_confidence, familiarity))
+                                     args.min_confidence, familiarity, unreadable))
     if args.format == "csv":
         write_csv(predictions, sys.stdout, min(args.top_k, len(classifier.classes)))
     elif args.format == "json":

@@ -21,7 +21,7 @@ from transfer.layout import EMBEDDINGS_DIR, EXPORT_METADATA, EXPORT_OUTPUTS, HEA
 
 
 def _images(project, folder="inputs") -> list[np.ndarray]:
-    return [np.asarray(Image.open(p).convert("RGB")) for p in list_inputs([folder])
+    return [np.asarray(Image.open(p).convert("RGB")) for p in list_inputs([folder])[0]
             if p.suffix != ".txt"]
 
 

@@ -116,9 +116,33 @@ def test_a_folder_s_dead_links_and_pipes_are_error_rows_not_left_out(trained, ca
     os.mkfifo(folder / "pipe.png")
     predict.main(["inputs"])
     rows = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()}
-    assert "error: No such file or directory" in rows["inputs/more/gone.jpg"]
+    assert rows["inputs/more/gone.jpg"].endswith("error: a link to nothing (its target is gone)")
     assert "error: not a regular file" in rows["inputs/more/pipe.png"]
     assert rows["inputs/a-red.png"].split()[1] == "red"
+
+
+def test_a_folder_s_links_to_folders_and_unreadable_folders_are_error_rows(trained, capsys,
+                                                                          monkeypatch):
+    import os
+
+    (trained / "inputs" / "elsewhere").symlink_to(trained / "inputs" / "more")
+    locked = trained / "inputs" / "locked"
+    locked.mkdir()
+    scandir = os.scandir
+
+    def refusing(path):  # the tests run as root, whom permissions do not stop
+        if Path(path).absolute() == locked:
+            raise PermissionError(13, "Permission denied", str(path))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", refusing)
+    predict.main(["inputs"])
+    rows = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()}
+    assert rows["inputs/elsewhere"].endswith(
+        "error: a link to a folder (not followed: name the folder itself instead)")
+    assert rows["inputs/locked"].endswith("error: cannot read this folder (Permission denied)")
+    assert rows["inputs/a-red.png"].split()[1] == "red"
+    assert rows["inputs/more/b-green.jpg"].split()[1] == "green"
 
 
 def test_bad_inputs_through_the_command_are_one_line(trained):

@@ -204,33 +204,42 @@ def _visible_entries(folder: Path) -> list[Path]:
         raise PipelineError(f"data.source: cannot read '{folder}' ({err.strerror})") from err
 
 
-def walk_visible_files(folder: Path,
-                       passed: Callable[[Path, str], None] | None = None) -> Iterator[Path]:
+def walk_visible_files(folder: Path, passed: Callable[[Path, str], None] | None = None, *,
+                       link_hint: str = "copy the folder into the data instead",
+                       lenient: bool = False) -> Iterator[Path]:
     """Every file below ``folder``, in the order folders list them, skipping hidden files and
     folders and not following links to folders; ``passed(path, why)`` hears of every other
-    visible entry left out (a link to a folder or to nothing, a pipe). Entries are read one
-    at a time, so a folder of a million files costs no memory (``glob`` lists each folder
-    whole)."""
-    try:
-        with os.scandir(folder) as entries:
-            for entry in entries:
-                if entry.name.startswith("."):
-                    continue
-                if entry.is_dir(follow_symlinks=False):
-                    yield from walk_visible_files(Path(entry.path), passed)
-                elif entry.is_file():
-                    yield Path(entry.path)
-                elif passed is not None:
-                    passed(Path(entry.path), _not_a_file(entry))
-    except OSError as err:
-        raise PipelineError(f"cannot read folder '{folder}' ({err.strerror}); fix its "
-                            "permissions or move it out of the data") from err
+    visible entry left out (a link to a folder or to nothing, a pipe), ``link_hint`` saying
+    what to do about a link to a folder. A folder that cannot be read stops the walk, or with
+    ``lenient`` is passed too (below ``folder``). Entries are read one at a time, so a folder
+    of a million files costs no memory (``glob`` lists each folder whole)."""
+
+    def walk(path: Path) -> Iterator[Path]:
+        try:
+            with os.scandir(path) as entries:
+                for entry in entries:
+                    if entry.name.startswith("."):
+                        continue
+                    if entry.is_dir(follow_symlinks=False):
+                        yield from walk(Path(entry.path))
+                    elif entry.is_file():
+                        yield Path(entry.path)
+                    elif passed is not None:
+                        passed(Path(entry.path), _not_a_file(entry, link_hint))
+        except OSError as err:
+            if not (lenient and passed is not None and path != folder):
+                elsewhere = "" if lenient else " or move it out of the data"
+                raise PipelineError(f"cannot read folder '{path}' ({err.strerror}); fix its "
+                                    f"permissions{elsewhere}") from err
+            passed(path, f"cannot read this folder ({err.strerror})")
+
+    return walk(folder)
 
 
-def _not_a_file(entry: os.DirEntry) -> str:
+def _not_a_file(entry: os.DirEntry, link_hint: str) -> str:
     if entry.is_symlink():
         if entry.is_dir():
-            return "a link to a folder (not followed: copy the folder into the data instead)"
+            return f"a link to a folder (not followed: {link_hint})"
         return "a link to nothing (its target is gone)"
     return "not a regular file (a pipe, socket or device)"
 
