@@ -93,3 +93,33 @@ def test_a_bad_parameter_in_a_workspace_experiment_says_how_to_put_params_back(
     hint = "`touch params.yaml && git diff params.yaml` shows it; `git checkout params.yaml` " \
         "puts back the committed file"
     assert (hint in line) == (where == "workspace experiment")
+
+
+@pytest.mark.parametrize("where", ["dvc repro", "queued experiment", "by hand"])
+def test_a_failed_stage_under_dvc_says_how_to_get_back_the_outputs_dvc_deleted(
+        tmp_path, monkeypatch, capsys, where):
+    # DVC deletes a stage's outputs before running its command: a stage stopped by bad input
+    # leaves none, and the user is told how to bring back the last ones.
+    (tmp_path / "dvc.yaml").write_text(
+        "stages:\n  prepare:\n    cmd: python -m stages.prepare\n"
+        "    outs:\n      - data/prepared\n      - kept:\n          persist: true\n"
+        "    metrics:\n      - reports/data.json:\n          cache: false\n"
+        "      - still/there.json:\n          cache: false\n")
+    (tmp_path / "still").mkdir()
+    (tmp_path / "still" / "there.json").write_text("{}")
+    monkeypatch.chdir(tmp_path)
+    workspace = tmp_path / "workspace"
+    workspace.mkdir()
+    if where != "by hand":
+        monkeypatch.setenv("DVC_STAGE", "prepare")
+        monkeypatch.setenv("DVC_ROOT", str(workspace if where == "queued experiment" else tmp_path))
+
+    def main():
+        raise PipelineError("data.source: 'Digits' does not exist")
+
+    with pytest.raises(SystemExit):
+        run_stage(main)
+    hint = ("; DVC deleted this stage's outputs before it ran: `dvc checkout prepare` brings "
+            "back data/prepared and `git checkout -- reports/data.json` the files Git keeps")
+    expected = "error: data.source: 'Digits' does not exist" + (hint if where == "dvc repro" else "")
+    assert capsys.readouterr().err == expected + "\n"

@@ -100,7 +100,7 @@ def run_stage(main: Callable[[], None]) -> None:
     except PipelineError as err:
         hint = AFTER_A_FAILED_EXPERIMENT if isinstance(err, ParamsError) and \
             _in_a_workspace_experiment() else ""
-        _fail(str(err) + hint, err.exit_code)
+        _fail(str(err) + hint + _outputs_dvc_deleted(), err.exit_code)
     except KeyboardInterrupt as err:
         # An interrupt held back while outputs were renamed into place says so in its message.
         _fail(str(err) or "interrupted; nothing was written", INTERRUPTED_EXIT_CODE, prefix="")
@@ -120,13 +120,47 @@ def _in_a_workspace_experiment() -> bool:
     """Whether DVC runs this stage for `dvc exp run` in the workspace itself (DVC names the
     experiment in ``DVC_EXP_NAME``); a queued experiment runs in a temporary copy, whose
     params.yaml is thrown away."""
+    return bool(os.environ.get("DVC_EXP_NAME")) and _run_by_dvc_in_the_workspace()
+
+
+def _run_by_dvc_in_the_workspace() -> bool:
     root = os.environ.get("DVC_ROOT")
-    if not os.environ.get("DVC_EXP_NAME") or not root:
+    if not root:
         return False
     try:
         return os.path.samefile(root, os.getcwd())
     except OSError:
         return False
+
+
+def _outputs_dvc_deleted() -> str:
+    """The way back to the outputs DVC deleted before running the stage that failed (DVC
+    names it in ``DVC_STAGE``): `dvc repro` removes a stage's outputs before its command runs,
+    so a stage stopped by bad input leaves none, not the previous ones (the stages themselves
+    write nothing until they succeed). Empty outside DVC, in a queued experiment's copy, or
+    when every output is still there."""
+    stage = os.environ.get("DVC_STAGE")
+    if not stage or not _run_by_dvc_in_the_workspace():
+        return ""
+    import yaml
+
+    try:
+        with open("dvc.yaml", encoding="utf-8") as f:
+            spec = yaml.safe_load(f)["stages"][stage]
+        entries = [entry for kind in ("outs", "metrics", "plots") for entry in spec.get(kind, [])]
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, KeyError, TypeError, AttributeError):
+        return ""
+    cached, in_git = [], []
+    for entry in entries:
+        path, options = (entry, {}) if isinstance(entry, str) else next(iter(entry.items()))
+        if not isinstance(path, str) or "${" in path or os.path.lexists(path) or \
+                (options or {}).get("persist"):
+            continue
+        (cached if (options or {}).get("cache", True) else in_git).append(path)
+    ways = ([f"`dvc checkout {stage}` brings back {', '.join(cached)}"] if cached else []) + \
+        ([f"`git checkout -- {' '.join(in_git)}` the files Git keeps"] if in_git else [])
+    return f"; DVC deleted this stage's outputs before it ran: {' and '.join(ways)}" \
+        if ways else ""
 
 
 def _fail(message: str, code: int, prefix: str = "error: ") -> NoReturn:
