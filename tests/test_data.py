@@ -230,7 +230,8 @@ def test_a_class_short_of_images_names_the_files_skipped(tmp_path):
         prepare(list_image_folder(root), tmp_path / "prepared", min_per_class=6)
     assert str(err.value).startswith(
         "class 'red' (5) has fewer usable images than data.min_per_class=6 (2 files of the "
-        "source skipped, the first red/cut0.png: not an image (content not recognised))")
+        "source skipped, the first red/cut0.png: not an image (content not recognised as JPEG, "
+        "PNG, WebP, GIF, BMP, TIFF, PNM or AVIF))")
     assert str(err.value).endswith("; add images, remove the class folder, or lower "
                                    "data.min_per_class")
 

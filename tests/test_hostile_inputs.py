@@ -231,6 +231,27 @@ def test_images_of_damaged_bytes_decode_or_give_a_reason():
             assert image.mode == "RGB"
 
 
+def test_formats_outside_the_list_are_not_offered_to_pillow(tmp_path, monkeypatch):
+    # Pillow's EPS reader runs Ghostscript on the file: a photo set, an upload or a file
+    # handed to predict must never start a program.
+    ran = tmp_path / "gs-ran"
+    gs = tmp_path / "bin" / "gs"
+    gs.parent.mkdir()
+    gs.write_text(f"#!/bin/sh\ntouch {ran}\nexit 1\n")
+    gs.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{gs.parent}{os.pathsep}{os.environ['PATH']}")
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 100 100\nshowpage\n"
+    with pytest.raises(ValueError, match=r"^not an image \(content not recognised as JPEG, "):
+        decode_image(eps)
+    assert not ran.exists()
+    formats = image_bytes()
+    for fmt in ("TGA", "PCX", "SGI", "ICO"):  # decoders a photo set has no use for
+        with pytest.raises(ValueError, match="^not an image"):
+            decode_image(formats[fmt])
+    for fmt in ("PNG", "JPEG", "GIF", "BMP", "TIFF", "WEBP", "PPM"):
+        assert decode_image(formats[fmt]).size == (16, 20)
+
+
 def test_files_that_are_not_regular_files_are_never_read(tmp_path):
     os.mkfifo(tmp_path / "pipe")
     (tmp_path / "folder").mkdir()

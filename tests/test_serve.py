@@ -67,7 +67,7 @@ def test_a_bad_file_among_good_ones_gets_its_error_and_the_others_their_classes(
     assert (blue["prediction"], blue["error"]) == ("blue", None)
     assert notes["file"] == "notes.txt" and notes["prediction"] is None
     assert notes["predictions"] == []
-    assert notes["error"].startswith("notes.txt: not an image (content not recognised)")
+    assert notes["error"].startswith("notes.txt: not an image (content not recognised as")
 
 
 def test_the_answers_are_the_predict_commands(client, trained, capsys):
@@ -85,7 +85,8 @@ def test_the_answers_are_the_predict_commands(client, trained, capsys):
 
 @pytest.mark.parametrize(("data", "status", "message"), [
     ({"file": [(io.BytesIO(b"plain text"), "notes.txt")]}, 400,
-     "notes.txt: not an image (content not recognised); send a JPEG, PNG"),
+     "notes.txt: not an image (content not recognised as JPEG, PNG, WebP, GIF, BMP, TIFF, "
+     "PNM or AVIF)"),
     ({"file": [(io.BytesIO(b""), "empty.png")]}, 400, "empty.png: empty file"),
     ({"photo": [(io.BytesIO(b"x"), "a.png")]}, 400,
      "unexpected field 'photo': send each image as a multipart/form-data file field named "

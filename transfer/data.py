@@ -51,6 +51,11 @@ BACKGROUND_RGB = (255, 255, 255)
 MAX_IMAGE_BYTES = 512 * 2**20
 # Below this many files, starting worker processes costs more than it saves.
 PARALLEL_MIN_FILES = 64
+# The formats read, by Pillow's names (JPEG includes the multi-picture JPEGs cameras write;
+# PPM the whole PBM/PGM/PPM family). No other of Pillow's decoders is ever offered a file:
+# its EPS reader runs Ghostscript, and the rarely used ones are where decoders break.
+IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "PPM", "AVIF")
+FORMATS_READ = "JPEG, PNG, WebP, GIF, BMP, TIFF, PNM or AVIF"
 
 
 def read_image_file(path: Path, limit: int = MAX_IMAGE_BYTES) -> bytes:
@@ -73,6 +78,13 @@ def read_image_file(path: Path, limit: int = MAX_IMAGE_BYTES) -> bytes:
     return data
 
 
+def open_image(data: bytes) -> Image.Image:
+    """Pillow's lazy image over ``data`` (its header read, its pixels not yet), for the
+    formats in ``IMAGE_FORMATS`` only: anything else is ``UnidentifiedImageError``."""
+    Image.init()
+    return Image.open(io.BytesIO(data), formats=[f for f in IMAGE_FORMATS if f in Image.OPEN])
+
+
 def decode_image(data: bytes) -> Image.Image:
     """Decode image bytes to an RGB image with its EXIF orientation applied.
 
@@ -83,12 +95,12 @@ def decode_image(data: bytes) -> Image.Image:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # Pillow's notes on damaged metadata: not actionable
-            with Image.open(io.BytesIO(data)) as image:
+            with open_image(data) as image:
                 image.load()
                 ImageOps.exif_transpose(image, in_place=True)
                 rgb = _to_rgb(image)
     except UnidentifiedImageError as err:
-        raise ValueError("not an image (content not recognised)") from err
+        raise ValueError(f"not an image (content not recognised as {FORMATS_READ})") from err
     except Image.DecompressionBombError as err:
         raise ValueError(f"too many pixels to decode safely ({err})") from err
     except (OSError, SyntaxError, ValueError) as err:

@@ -8,7 +8,6 @@ the files in it, and the pixels of each image; a bad request gets a 4xx with a J
 
 from __future__ import annotations
 
-import io
 import logging
 import threading
 import warnings
@@ -20,6 +19,7 @@ from flask import Flask, Response, jsonify, request
 from PIL import Image
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
+from transfer.data import open_image
 from transfer.inference import FamiliarityCheck, Predictor
 from transfer.prediction import Prediction, classify, decode_for
 
@@ -51,7 +51,7 @@ def read_upload(predictor: Predictor, name: str, data: bytes, max_pixels: int) -
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # Pillow's notes on damaged metadata
-            with Image.open(io.BytesIO(data)) as image:  # reads the header only
+            with open_image(data) as image:  # reads the header only
                 width, height = image.size
     except Image.DecompressionBombError:  # over twice Pillow's own limit: it will not say
         raise BadImage(f"{name}: over {2 * Image.MAX_IMAGE_PIXELS / 1e6:.3g} megapixels, more "
@@ -65,7 +65,7 @@ def read_upload(predictor: Predictor, name: str, data: bytes, max_pixels: int) -
     try:
         return decode_for(predictor, data)
     except ValueError as err:
-        raise BadImage(f"{name}: {err}; send a JPEG, PNG, WebP, GIF, BMP or TIFF image") from err
+        raise BadImage(f"{name}: {err}") from err
 
 
 def create_app(predictor: Predictor, familiarity: FamiliarityCheck | None = None, *,
