@@ -121,5 +121,6 @@ def test_a_failed_stage_under_dvc_says_how_to_get_back_the_outputs_dvc_deleted(
         run_stage(main)
     hint = ("; DVC deleted this stage's outputs before it ran: `dvc checkout prepare` brings "
             "back data/prepared and `git checkout -- reports/data.json` the files Git keeps")
-    expected = "error: data.source: 'Digits' does not exist" + (hint if where == "dvc repro" else "")
+    expected = "error: data.source: 'Digits' does not exist" + \
+        (hint if where == "dvc repro" else "")
     assert capsys.readouterr().err == expected + "\n"
