@@ -87,6 +87,35 @@ def test_a_source_dvc_does_not_watch_is_refused(tmp_path, source):
     assert not (tmp_path / "data" / "prepared").exists()
 
 
+@pytest.mark.parametrize("source", ["data/raw/linked", "data/raw/linked/labels.csv",
+                                    "data/raw/inside/linked"])
+@pytest.mark.parametrize("stage", ["check_params", "prepare"])
+def test_a_source_reached_through_a_link_out_of_data_raw_is_refused(tmp_path, source, stage):
+    # DVC records a link in data/raw/ as a link, not what it leads to: files added there
+    # later would leave `dvc status` saying everything is up to date.
+    elsewhere = tmp_path / "elsewhere"
+    write_colour_folder(elsewhere, per_class=6)
+    (elsewhere / "labels.csv").write_text("path,label\n")
+    (tmp_path / "data" / "raw" / "inside").mkdir(parents=True)
+    (tmp_path / "data" / "raw" / "linked").symlink_to(elsewhere)
+    (tmp_path / "data" / "raw" / "inside" / "linked").symlink_to(elsewhere)
+    write_params(tmp_path, {"data": {"source": source}})
+    target = elsewhere / "labels.csv" if source.endswith(".csv") else elsewhere
+    assert one_error_line(run_stage_cli(stage, tmp_path)) == (
+        f"error: data.source: '{source}' leads through a link to '{target}', outside "
+        "data/raw/: dvc.yaml watches data/raw/ but not what its links lead to, so dvc repro "
+        "would call the results up to date after those files change; copy the files into "
+        "data/raw/ instead of linking them")
+    assert not (tmp_path / "data" / "prepared").exists()
+
+
+def test_a_link_from_one_folder_of_data_raw_to_another_is_read(tmp_path):
+    write_colour_folder(tmp_path / "data" / "raw" / "photos-v2", per_class=6)
+    (tmp_path / "data" / "raw" / "photos").symlink_to(tmp_path / "data" / "raw" / "photos-v2")
+    write_params(tmp_path, {"data": {"source": "data/raw/photos"}})
+    assert run_stage_cli("prepare", tmp_path).returncode == 0
+
+
 @pytest.mark.parametrize(("source", "suggested"), [
     ("Digits", "digits"), ("data/raw/monkey10", "data/raw/monkeys10"),
     ("~/photos/monkeys10", "data/raw/monkeys10"), ("data/raw/lemurs", None)])

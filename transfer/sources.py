@@ -65,6 +65,13 @@ def check_source(source: str) -> None:
                           f"expected {', '.join(map(repr, BUILTIN_SOURCES))}, "
                           f"'{TORCHVISION_PREFIX}<Name>', or a .csv manifest or an "
                           f"image-folder root under {RAW_DIR}/")
+    if RAW_DIR.absolute() in Path(os.path.normpath(path.absolute())).parents and \
+            RAW_DIR.resolve() not in path.resolve().parents:
+        raise ParamsError(
+            f"data.source: '{source}' leads through a link to '{path.resolve()}', outside "
+            f"{RAW_DIR}/: dvc.yaml watches {RAW_DIR}/ but not what its links lead to, so dvc "
+            "repro would call the results up to date after those files change; copy the "
+            f"files into {RAW_DIR}/ instead of linking them")
     if RAW_DIR.absolute() not in Path(os.path.normpath(path.absolute())).parents:
         folder = path.parent if path.suffix.lower() == ".csv" else path  # a manifest's folder
         folder = Path(os.path.normpath(folder.absolute()))
