@@ -24,7 +24,13 @@ from tqdm import tqdm
 
 from transfer.data import read_image_file
 from transfer.engines import engine_named
-from transfer.errors import ArgumentParser, PipelineError, run_stage
+from transfer.errors import (
+    ArgumentParser,
+    PipelineError,
+    one_line,
+    run_stage,
+    without_surrogates,
+)
 from transfer.inference import FamiliarityCheck, Predictor, familiarity_check, load_predictor
 from transfer.layout import EMBEDDINGS_DIR, FAMILIARITY, FINETUNE_DIR, HEAD_PATH, ONNX_CACHE
 from transfer.params import ENGINES, MAX_BATCH_SIZE, MODEL_CHOICES
@@ -92,18 +98,24 @@ def columns(text: str) -> int:
 
 
 def write_table(predictions: list[Prediction], out) -> None:
-    width = max((columns(p.path) for p in predictions), default=4)
-    for p in predictions:
+    """One line per file for a terminal: a name's line breaks, control characters and bytes
+    that are not UTF-8 are written as escapes, so that no name splits a row or moves the
+    cursor."""
+    paths = [one_line(p.path) for p in predictions]
+    width = max(map(columns, paths), default=4)
+    for path, p in zip(paths, predictions, strict=True):
         if p.error:
-            cells = f"error: {p.error}"
+            cells = f"error: {one_line(p.error)}"
         else:
             cells = "  ".join(f"{name} {probability:.3f}" for name, probability in p.top)
             if p.flags:
                 cells = f"{', '.join(p.flags)}: {cells}"
-        out.write(f"{p.path}{' ' * (width - columns(p.path))}  {cells}\n")
+        out.write(f"{path}{' ' * (width - columns(path))}  {cells}\n")
 
 
 def write_csv(predictions: list[Prediction], out, top_k: int) -> None:
+    """CSV (quoted where a name holds a comma, quote or line break); bytes of a name that are
+    not UTF-8 are written as ``\\udcXX`` escapes."""
     writer = csv.writer(out)
     writer.writerow(["path", *[f"{kind}_{i}" for i in range(1, top_k + 1)
                                for kind in ("class", "probability")], "error", "prediction",
@@ -111,14 +123,16 @@ def write_csv(predictions: list[Prediction], out, top_k: int) -> None:
     for p in predictions:
         cells = [value for name, probability in p.top for value in (name, f"{probability:.6f}")]
         unfamiliar = "" if p.unfamiliar is None else str(p.unfamiliar).lower()
-        writer.writerow([p.path, *cells, *[""] * (2 * top_k - len(cells)), p.error, p.label,
-                         unfamiliar])
+        writer.writerow([without_surrogates(p.path), *cells, *[""] * (2 * top_k - len(cells)),
+                         without_surrogates(p.error), p.label, unfamiliar])
 
 
 def write_json(predictions: list[Prediction], out) -> None:
-    json.dump([{"path": p.path, **p.answer(), "error": p.error or None} for p in predictions],
-              out, indent=2, ensure_ascii=False)
-    out.write("\n")
+    """UTF-8 JSON; a byte of a name that is not UTF-8 is the escape ``\\udcXX``, which
+    Python's ``json`` reads back as the name ``os.fsencode`` turns into the file's bytes."""
+    text = json.dumps([{"path": p.path, **p.answer(), "error": p.error or None}
+                       for p in predictions], indent=2, ensure_ascii=False)
+    out.write(without_surrogates(text) + "\n")
 
 
 def add_model_arguments(parser: ArgumentParser) -> None:

@@ -79,6 +79,14 @@ def one_line(text: str) -> str:
                    for c in text) if bad else text
 
 
+def without_surrogates(text: str) -> str:
+    """``text`` with each lone surrogate (Python's stand-in for a byte of a file name that is
+    not UTF-8) written as its escape, ``\\udce9``: the rest as it is, and all of it
+    writable as UTF-8; inside a JSON string the escape reads back as the same character."""
+    return "".join(f"\\u{ord(c):04x}" if "\ud800" <= c <= "\udfff" else c for c in text) \
+        if any("\ud800" <= c <= "\udfff" for c in text) else text
+
+
 def run_stage(main: Callable[[], None]) -> None:
     """Run a stage's or command's ``main()``; bad input ends as one ``error:`` line on stderr
     and a non-zero exit code, without a traceback.
