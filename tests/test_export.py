@@ -243,3 +243,29 @@ def test_a_missing_file_names_the_export_beside_it(tmp_path):
         load_exported(tmp_path / "classifier.onnx")
     assert str(err.value) == (f"{tmp_path / 'classifier.onnx'}: no such file; {tmp_path} holds "
                               "classifier.pt: pass that, or set export.format")
+
+
+@pytest.mark.parametrize(("classes", "reason"), [
+    (["red", "green"], "the network answers (3,) columns for 2 class names in its metadata"),
+    (["red", "red", "blue"], "a class name twice in its metadata")])
+def test_an_export_whose_class_names_do_not_fit_its_network_is_one_error_line(
+        trained, classes, reason):
+    # Before, too few names were an IndexError traceback in predict and a 500 per request in
+    # the service; names for columns the network lacks passed unseen.
+    import onnx
+
+    from transfer.exported import METADATA_FILE
+
+    export.main(["--output", "model.onnx"])
+    model = onnx.load(str(trained / "model.onnx"))
+    [entry] = [p for p in model.metadata_props if p.key == METADATA_FILE]
+    metadata = json.loads(entry.value)
+    assert len(metadata["classes"]) == 3
+    entry.value = json.dumps({**metadata, "classes": classes})
+    onnx.save(model, str(trained / "altered.onnx"))
+    for stage in ("predict", "serve"):
+        assert one_error_line(run_stage_cli(stage, trained, *(["inputs"] if stage == "predict"
+                                                              else ["--port", "0"]),
+                                            "--exported", "altered.onnx")) == (
+            "error: altered.onnx: cannot be read as a model exported by this pipeline "
+            f"({reason}); export it again")

@@ -390,6 +390,51 @@ def test_embedding_meta_of_the_wrong_shape(outputs, tmp_path):
     assert refused == len(variants)
 
 
+def test_embedding_meta_whose_preprocessing_would_size_images_absurdly(outputs, tmp_path):
+    # A side of 60,000 pixels got predict killed for memory, and short_side 0 shrank every
+    # image to one pixel and changed its answers, without a word.
+    from transfer.backbones import preprocessing_of
+
+    cache = tmp_path / "embeddings"
+    shutil.copytree(outputs / "data" / "embeddings", cache)
+    meta = json.loads((cache / "meta.json").read_text())
+    pre = meta["preprocessing"]
+    variants = [{**meta, "short_side": 0}] + [
+        {**meta, "preprocessing": {**pre, key: value}} for key, value in (
+            ("input_size", [3, 60000, 60000]), ("input_size", [3, 0, 224]),
+            ("input_size", [1, 224, 224]), ("input_size", [3, 224]), ("input_size", "224"),
+            ("input_size", [3, 224.5, 224]), ("input_size", [3, True, 224]),
+            ("resize_size", 100000), ("resize_size", 0), ("resize_size", "256"),
+            ("interpolation", "sinc"), ("mean", [0.5, 0.5]), ("mean", [0.5, 0.5, "x"]),
+            ("std", [0.2, 0.0, 0.2]), ("std", [0.2, -1, 0.2]))]
+    refused = each_survives((json.dumps(v).encode() for v in variants), cache / "meta.json",
+                            lambda _: preprocessing_of(EmbeddingMeta.read(cache)))
+    assert refused == len(variants)
+    (cache / "meta.json").write_text(json.dumps(meta))
+    assert preprocessing_of(EmbeddingMeta.read(cache)).input_size == tuple(pre["input_size"])
+
+
+def test_a_familiarity_reference_that_does_not_fit_is_refused(outputs, tmp_path):
+    # A reference of another width was a NumPy traceback; a threshold of NaN or an empty
+    # reference marked no image unfamiliar, silently.
+    from transfer.audit import Familiarity
+
+    rows = np.ones((4, 6), dtype=np.float16)
+    good = {"centre": np.zeros(6), "reference": rows, "k": np.int64(2),
+            "percentile": np.float64(99), "threshold": np.float64(0.3),
+            "embeddings": np.str_(json.dumps({"dim": 6}))}
+    variants = [{**good, "reference": np.ones((4, 5), dtype=np.float16)},
+                {**good, "reference": rows[:0]}, {**good, "threshold": np.float64(np.nan)},
+                {**good, "k": np.int64(5)}, {**good, "embeddings": np.str_("[]")},
+                {**good, "embeddings": np.str_(json.dumps({"dim": 5}))}]
+    path = tmp_path / "familiarity.npz"
+    refused = each_survives((npz_bytes(**v) for v in variants), path,
+                            lambda p: Familiarity.load(p).unfamiliar(np.ones((2, 6))))
+    assert refused == len(variants)
+    path.write_bytes(npz_bytes(**good))
+    assert Familiarity.load(path).unfamiliar(np.ones((2, 6))).tolist() == [False, False]
+
+
 @pytest.mark.parametrize("name", ["meta.json", "train.npz", "train.bin"])
 def test_prepared_store_files_of_damaged_bytes(outputs, tmp_path, name):
     each_damaged_copy_survives(outputs, tmp_path, "prepared", name, lambda store: sum(

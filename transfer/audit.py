@@ -14,6 +14,7 @@ import dataclasses
 import functools
 import json
 import logging
+import math
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -402,8 +403,13 @@ class Familiarity:
         except (KeyError, TypeError, ValueError) as err:
             raise PipelineError(f"{path}: not a familiarity reference ({err}); re-run: dvc "
                                 "repro audit") from err
-        if reference.ndim != 2 or centre.shape != (reference.shape[1],) or familiarity.k < 1:
-            raise PipelineError(f"{path}: arrays of the wrong shape; re-run: dvc repro audit")
+        if reference.ndim != 2 or centre.shape != (reference.shape[1],) or \
+                not isinstance(familiarity.embeddings, dict) or \
+                familiarity.embeddings.get("dim") != reference.shape[1] or \
+                not 1 <= familiarity.k <= len(reference) or \
+                not math.isfinite(familiarity.threshold):
+            raise PipelineError(f"{path}: arrays of the wrong shape or values; re-run: dvc "
+                                "repro audit")
         return familiarity
 
     def matches(self, meta: EmbeddingMeta) -> bool:

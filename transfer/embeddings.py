@@ -47,7 +47,8 @@ class EmbeddingMeta:
     @classmethod
     def read(cls, directory: str | Path) -> EmbeddingMeta:
         raw = read_json(Path(directory) / "meta.json")
-        problem = _field_problem(cls, raw)
+        problem = _field_problem(cls, raw) or \
+            ("'short_side' is 0: images stored 0 pixels small" if raw["short_side"] == 0 else "")
         if problem:
             raise PipelineError(f"{directory}/meta.json: not an embedding meta file ({problem}); "
                                 "re-run the extract stage")

@@ -216,8 +216,17 @@ def load_exported(path: str | Path) -> ExportedModel:
         preprocessing = Preprocessing.from_dict(metadata["preprocessing"])
         if int(metadata["resize"]["short_side"]) < 1:
             raise ValueError("resize.short_side below 1")
-        if not metadata["classes"] or not all(isinstance(c, str) for c in metadata["classes"]):
+        classes = metadata["classes"]
+        if not classes or not all(isinstance(c, str) for c in classes):
             raise ValueError("no class names")
+        if len(set(classes)) != len(classes):
+            raise ValueError("a class name twice in its metadata")
+        # One image of zeros through the network: its answer has a column per class name.
+        _, height, width = preprocessing.input_size
+        answer = np.asarray(run(np.zeros((1, 3, height, width), dtype=np.uint8)))
+        if answer.shape != (1, len(classes)):
+            raise ValueError(f"the network answers {answer.shape[1:]} columns for "
+                             f"{len(classes)} class names in its metadata")
     except PipelineError:
         raise
     except Exception as err:  # each runtime raises its own kinds for a damaged file

@@ -32,7 +32,12 @@ from torchvision.transforms import v2
 from tqdm import tqdm
 
 from transfer.artifacts import atomic_output, sha256_file, write_json
-from transfer.backbones import PreprocessedImages, Preprocessing, compile_on_pixels
+from transfer.backbones import (
+    PreprocessedImages,
+    Preprocessing,
+    compile_on_pixels,
+    preprocessing_of,
+)
 from transfer.calibration import calibrate, report
 from transfer.data import ImageStore
 from transfer.embeddings import EmbeddingMeta
@@ -545,7 +550,7 @@ def run_finetune(params: Params, *, prepared_dir: Path, embeddings_dir: Path, he
     runtime = resolve_runtime(ft.device, ft.precision, key="finetune.precision", training=True,
                               distributed=True)
     meta = EmbeddingMeta.read(embeddings_dir)
-    preprocessing = Preprocessing.from_dict(meta.preprocessing)
+    preprocessing = preprocessing_of(meta)
     stores = {split: ImageStore(prepared_dir, split) for split in ("train", "val")}
     classes = stores["train"].classes
     net = starting_network(params, meta, classes, head_path)
