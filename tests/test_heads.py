@@ -227,3 +227,27 @@ def test_fine_tuning_starts_from_the_untempered_probe():
     head.temperature_ = 4.0
     for a, b in zip(head.as_linear(n_classes=3), before, strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def test_a_head_for_other_embeddings_or_other_classes_names_the_difference(tmp_path):
+    from transfer.embeddings import EmbeddingMeta
+
+    X, y = make_classification(n_samples=60, n_features=6, n_informative=4, n_classes=3,
+                               random_state=0)
+    LogisticHead().fit(X, y).save(tmp_path / "head.npz", ["cat", "dog", "fox"])
+
+    def meta(dim, classes):
+        return EmbeddingMeta(backbone="b", weights="w", weights_sha256=None, preprocessing={},
+                             dim=dim, dtype="float32", classes=classes, count={},
+                             flip_average=False, precision="float32", engine="torch",
+                             short_side=64, versions={})
+
+    assert heads.load_head_for(tmp_path / "head.npz", meta(6, ["cat", "dog", "fox"]))[1] == [
+        "cat", "dog", "fox"]
+    with pytest.raises(PipelineError, match=r"other embeddings \(6-d, 3 classes\) than the "
+                                            r"cache holds \(8-d, 3 classes\)"):
+        heads.load_head_for(tmp_path / "head.npz", meta(8, ["cat", "dog", "fox"]))
+    with pytest.raises(PipelineError, match=r"head.npz was trained on other classes than the "
+                                            r"cache holds \(its class 1 is 'dog', the cache's "
+                                            r"'wolf'\); run dvc repro$"):
+        heads.load_head_for(tmp_path / "head.npz", meta(6, ["cat", "wolf", "fox"]))

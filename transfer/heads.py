@@ -411,10 +411,15 @@ def load_head_for(path: str | Path, meta: EmbeddingMeta) -> tuple[Head, list[str
     """``load_head``, refused unless the head was trained on embeddings like ``meta``'s
     (same dimension, same classes)."""
     head, classes = load_head(path)
-    if len(head.mean_) != meta.dim or classes != meta.classes:
+    if len(head.mean_) != meta.dim or len(classes) != len(meta.classes):
         raise PipelineError(f"{path} was trained on other embeddings ({len(head.mean_)}-d, "
                             f"{len(classes)} classes) than the cache holds ({meta.dim}-d, "
                             f"{len(meta.classes)} classes); run dvc repro")
+    if classes != meta.classes:
+        i = next(i for i, (a, b) in enumerate(zip(classes, meta.classes)) if a != b)
+        raise PipelineError(f"{path} was trained on other classes than the cache holds (its "
+                            f"class {i} is '{classes[i]}', the cache's '{meta.classes[i]}'); "
+                            "run dvc repro")
     return head, classes
 
 
