@@ -416,7 +416,8 @@ def load_head_for(path: str | Path, meta: EmbeddingMeta) -> tuple[Head, list[str
                             f"{len(classes)} classes) than the cache holds ({meta.dim}-d, "
                             f"{len(meta.classes)} classes); run dvc repro")
     if classes != meta.classes:
-        i = next(i for i, (a, b) in enumerate(zip(classes, meta.classes)) if a != b)
+        i = next(i for i, (a, b) in enumerate(zip(classes, meta.classes, strict=True))
+                 if a != b)
         raise PipelineError(f"{path} was trained on other classes than the cache holds (its "
                             f"class {i} is '{classes[i]}', the cache's '{meta.classes[i]}'); "
                             "run dvc repro")
