@@ -126,6 +126,7 @@ def test_a_folder_s_links_to_folders_and_unreadable_folders_are_error_rows(train
     import os
 
     (trained / "inputs" / "elsewhere").symlink_to(trained / "inputs" / "more")
+    (trained / "inputs" / "more" / "loop.png").symlink_to("loop.png")  # leads to itself
     locked = trained / "inputs" / "locked"
     locked.mkdir()
     scandir = os.scandir
@@ -141,6 +142,8 @@ def test_a_folder_s_links_to_folders_and_unreadable_folders_are_error_rows(train
     assert rows["inputs/elsewhere"].endswith(
         "error: a link to a folder (not followed: name the folder itself instead)")
     assert rows["inputs/locked"].endswith("error: cannot read this folder (Permission denied)")
+    assert rows["inputs/more/loop.png"].endswith(
+        "error: cannot be read (Too many levels of symbolic links)")
     assert rows["inputs/a-red.png"].split()[1] == "red"
     assert rows["inputs/more/b-green.jpg"].split()[1] == "green"
 

@@ -163,13 +163,16 @@ def test_links_to_folders_and_to_nothing_are_reported_and_empty_classes_named(
     elsewhere.mkdir()
     (image_folder / "red" / "more").symlink_to(elsewhere, target_is_directory=True)
     (image_folder / "red" / "gone.png").symlink_to(image_folder / "nothing.png")
+    (image_folder / "red" / "loop.png").symlink_to("loop.png")  # a link that leads to itself
     (image_folder / "purple").mkdir()
     (image_folder / "purple" / ".DS_Store").write_bytes(b"\0")
     listing = list_image_folder(image_folder)
-    assert listing.skipped == [
+    assert sorted(listing.skipped, key=lambda s: s["path"]) == [
         {"path": "red/gone.png", "reason": "a link to nothing (its target is gone)"},
+        {"path": "red/loop.png", "reason": "cannot be read (Too many levels of symbolic links)"},
         {"path": "red/more", "reason": "a link to a folder (not followed: copy the folder into "
                                        "the data instead)"}]
+    assert len(listing) == 18  # the class folders' images, all of them
     assert "purple" not in listing.classes()
     assert f"class folder '{image_folder / 'purple'}' holds no files, so it is no class" \
         in caplog.text

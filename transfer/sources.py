@@ -227,12 +227,13 @@ def walk_visible_files(folder: Path, passed: Callable[[Path, str], None] | None 
                 for entry in entries:
                     if entry.name.startswith("."):
                         continue
-                    if entry.is_dir(follow_symlinks=False):
+                    kind, why = _kind_of(entry, link_hint)
+                    if kind == "folder":
                         yield from walk(Path(entry.path))
-                    elif entry.is_file():
+                    elif kind == "file":
                         yield Path(entry.path)
                     elif passed is not None:
-                        passed(Path(entry.path), _not_a_file(entry, link_hint))
+                        passed(Path(entry.path), why)
         except OSError as err:
             if not (lenient and passed is not None and path != folder):
                 elsewhere = "" if lenient else " or move it out of the data"
@@ -243,12 +244,21 @@ def walk_visible_files(folder: Path, passed: Callable[[Path, str], None] | None 
     return walk(folder)
 
 
-def _not_a_file(entry: os.DirEntry, link_hint: str) -> str:
-    if entry.is_symlink():
-        if entry.is_dir():
-            return f"a link to a folder (not followed: {link_hint})"
-        return "a link to nothing (its target is gone)"
-    return "not a regular file (a pipe, socket or device)"
+def _kind_of(entry: os.DirEntry, link_hint: str) -> tuple[str, str]:
+    """``("folder", "")``, ``("file", "")`` or ``("other", why it is left out)``: a link to
+    nothing, to a folder or to itself, a pipe, or an entry that cannot be looked at."""
+    try:
+        if entry.is_dir(follow_symlinks=False):
+            return "folder", ""
+        if entry.is_file():
+            return "file", ""
+        if entry.is_symlink():
+            if entry.is_dir():
+                return "other", f"a link to a folder (not followed: {link_hint})"
+            return "other", "a link to nothing (its target is gone)"
+        return "other", "not a regular file (a pipe, socket or device)"
+    except OSError as err:  # a link that leads to itself, a target it may not look at
+        return "other", f"cannot be read ({err.strerror})"
 
 
 def _list_class_folders(root: Path, parent: Path, split: str | None, catalog: Catalog) -> None:
