@@ -321,3 +321,31 @@ def test_images_are_read_by_position_without_mapping_the_store(embedded_project)
         h, w = (int(v) for v in shapes[i])
         assert images[i].shape == (h, w, 3) and images[i].dtype == np.uint8
         assert images[i].tobytes() == raw[int(offsets[i]):int(offsets[i]) + h * w * 3]
+
+
+def test_the_report_lists_what_was_skipped_by_path_whatever_order_folders_list_it(
+        tmp_path, monkeypatch):
+    # os.scandir gives a folder's entries in the file system's order, which differs between
+    # machines: the Git-tracked report must not.
+    import os
+
+    root = write_colour_folder(tmp_path / "raw", per_class=6)
+    for name in ("zz-gone.png", "aa-gone.png", "mm-gone.png"):
+        (root / "red" / name).symlink_to(tmp_path / "nothing.png")
+    scandir = os.scandir
+
+    class Reversed:
+        def __init__(self, path):
+            with scandir(path) as entries:
+                self.entries = sorted(entries, key=lambda e: e.name, reverse=True)
+
+        def __enter__(self):
+            return iter(self.entries)
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(os, "scandir", Reversed)
+    report = prepare(list_image_folder(root), tmp_path / "prepared")
+    assert [entry["path"] for entry in report["skipped"]] == [
+        "red/aa-gone.png", "red/mm-gone.png", "red/zz-gone.png"]

@@ -141,6 +141,12 @@ class Catalog:
              decoded.stored_sha256, decoded.staging_file, decoded.offset, *decoded.shape, small,
              *decoded.channel_sums, *decoded.channel_squares, rank))
 
+    def left_out(self) -> list[dict[str, str]]:
+        """Every file skipped, with its reason: those skipped while listing, by path (the
+        order folders list their entries in differs between file systems), then those that
+        did not decode, by rank."""
+        return sorted(self.skipped, key=lambda entry: entry["path"]) + self.undecodable()
+
     def undecodable(self) -> list[dict[str, str]]:
         return [{"path": id_, "reason": reason} for id_, reason in self._db.execute(
             "SELECT id, reason FROM images WHERE reason IS NOT NULL ORDER BY rank")]

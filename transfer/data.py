@@ -298,7 +298,7 @@ def prepare_store(catalog: Catalog, out_dir: Path, *, source: str, short_side: i
         small_count, small = catalog.small_images(limit=100)
         conflicts = catalog.exclude_conflicts()
         _check_class_sizes(catalog.kept_per_class(), classes, min_per_class,
-                           catalog.skipped + catalog.undecodable())
+                           catalog.left_out())
         left_out = 0
         if max_per_class is not None:
             left_out = catalog.cap_per_class(
@@ -343,7 +343,7 @@ def prepare_store(catalog: Catalog, out_dir: Path, *, source: str, short_side: i
         "train_std": std,
         "left_out_by_max_per_class": left_out,
         "small_images": {"min_side_below": SMALL_SIDE, "count": small_count, "paths": small},
-        "skipped": catalog.skipped + catalog.undecodable(),
+        "skipped": catalog.left_out(),
         "duplicates": catalog.duplicates(),
         "conflicts": conflicts,
         "curation": curated,
