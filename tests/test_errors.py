@@ -95,16 +95,23 @@ def test_a_bad_parameter_in_a_workspace_experiment_says_how_to_put_params_back(
     assert (hint in line) == (where == "workspace experiment")
 
 
-@pytest.mark.parametrize("where", ["dvc repro", "queued experiment", "by hand"])
+@pytest.mark.parametrize("where", ["dvc repro", "first run", "queued experiment", "by hand"])
 def test_a_failed_stage_under_dvc_says_how_to_get_back_the_outputs_dvc_deleted(
         tmp_path, monkeypatch, capsys, where):
     # DVC deletes a stage's outputs before running its command: a stage stopped by bad input
-    # leaves none, and the user is told how to bring back the last ones.
+    # leaves none, and the user is told how to bring back the ones dvc.lock records (on a
+    # first run there are none, and `dvc checkout` would fail).
     (tmp_path / "dvc.yaml").write_text(
         "stages:\n  prepare:\n    cmd: python -m stages.prepare\n"
-        "    outs:\n      - data/prepared\n      - kept:\n          persist: true\n"
+        "    outs:\n      - data/prepared\n"
         "    metrics:\n      - reports/data.json:\n          cache: false\n"
         "      - still/there.json:\n          cache: false\n")
+    if where != "first run":
+        (tmp_path / "dvc.lock").write_text(
+            "schema: '2.0'\nstages:\n  prepare:\n    cmd: python -m stages.prepare\n"
+            "    outs:\n    - path: data/prepared\n      md5: 1.dir\n"
+            "    - path: reports/data.json\n      md5: '2'\n"
+            "    - path: still/there.json\n      md5: '3'\n")
     (tmp_path / "still").mkdir()
     (tmp_path / "still" / "there.json").write_text("{}")
     monkeypatch.chdir(tmp_path)

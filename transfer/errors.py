@@ -145,26 +145,28 @@ def _outputs_dvc_deleted() -> str:
     """The way back to the outputs DVC deleted before running the stage that failed (DVC
     names it in ``DVC_STAGE``): `dvc repro` removes a stage's outputs before its command runs,
     so a stage stopped by bad input leaves none, not the previous ones (the stages themselves
-    write nothing until they succeed). Empty outside DVC, in a queued experiment's copy, or
-    when every output is still there."""
+    write nothing until they succeed). Only outputs ``dvc.lock`` records (those a run made,
+    which `dvc checkout` can bring back) and that are gone now are named; nothing is said
+    outside DVC, in a queued experiment's copy, or when nothing of the kind is missing."""
     stage = os.environ.get("DVC_STAGE")
     if not stage or not _run_by_dvc_in_the_workspace():
         return ""
     import yaml
 
     try:
+        with open("dvc.lock", encoding="utf-8") as f:
+            recorded = [out["path"] for out in yaml.safe_load(f)["stages"][stage]["outs"]]
         with open("dvc.yaml", encoding="utf-8") as f:
             spec = yaml.safe_load(f)["stages"][stage]
-        entries = [entry for kind in ("outs", "metrics", "plots") for entry in spec.get(kind, [])]
+        uncached = {path for kind in ("outs", "metrics", "plots")
+                    for entry in spec.get(kind) or [] if isinstance(entry, dict)
+                    for path, options in entry.items()
+                    if isinstance(options, dict) and options.get("cache") is False}
+        gone = [path for path in recorded if not os.path.lexists(path)]
     except (OSError, UnicodeDecodeError, yaml.YAMLError, KeyError, TypeError, AttributeError):
         return ""
-    cached, in_git = [], []
-    for entry in entries:
-        path, options = (entry, {}) if isinstance(entry, str) else next(iter(entry.items()))
-        if not isinstance(path, str) or "${" in path or os.path.lexists(path) or \
-                (options or {}).get("persist"):
-            continue
-        (cached if (options or {}).get("cache", True) else in_git).append(path)
+    cached = [path for path in gone if path not in uncached]
+    in_git = [path for path in gone if path in uncached]
     ways = ([f"`dvc checkout {stage}` brings back {', '.join(cached)}"] if cached else []) + \
         ([f"`git checkout -- {' '.join(in_git)}` the files Git keeps"] if in_git else [])
     return f"; DVC deleted this stage's outputs before it ran: {' and '.join(ways)}" \
