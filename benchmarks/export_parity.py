@@ -35,7 +35,8 @@ def main() -> None:
     parser.add_argument("--images", type=Path, required=True)
     parser.add_argument("--model", default="auto", choices=("auto", "head", "finetune"))
     args = parser.parse_args()
-    files, _ = list_inputs([str(args.images)])
+    files, unreadable = list_inputs([str(args.images)])
+    files = [path for path in files if path not in unreadable]
     pipeline = {engine: load_predictor(args.model, EMBEDDINGS_DIR, HEAD_PATH, FINETUNE_DIR,
                                        engine_named(engine, ONNX_CACHE, "engine"))
                 for engine in ("torch", "onnxruntime")}

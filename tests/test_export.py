@@ -15,6 +15,7 @@ from PIL import Image
 from stages import export
 from stages.predict import list_inputs
 from tests.conftest import REPO_ROOT, one_error_line, run_stage_cli, write_halves, write_params
+from transfer.errors import PipelineError
 from transfer.exported import load_exported
 from transfer.inference import load_classifier, load_finetuned
 from transfer.layout import EMBEDDINGS_DIR, EXPORT_METADATA, EXPORT_OUTPUTS, HEAD_PATH
@@ -234,8 +235,6 @@ def test_temporaries_are_ignored_by_git(path):
 
 
 def test_a_missing_file_names_the_export_beside_it(tmp_path):
-    from transfer.errors import PipelineError
-
     with pytest.raises(PipelineError, match=r"no such file; export one with dvc exp run -S "):
         load_exported(tmp_path / "classifier.onnx")
     (tmp_path / "classifier.pt").write_bytes(b"")
@@ -245,13 +244,9 @@ def test_a_missing_file_names_the_export_beside_it(tmp_path):
                               "classifier.pt: pass that, or set export.format")
 
 
-@pytest.mark.parametrize(("classes", "reason"), [
-    (["red", "green"], "the network answers (3,) columns for 2 class names in its metadata"),
-    (["red", "red", "blue"], "a class name twice in its metadata")])
-def test_an_export_whose_class_names_do_not_fit_its_network_is_one_error_line(
-        trained, classes, reason):
-    # Before, too few names were an IndexError traceback in predict and a 500 per request in
-    # the service; names for columns the network lacks passed unseen.
+def test_an_export_whose_class_names_do_not_fit_its_network_is_refused_when_opened(trained):
+    # Too few names were an IndexError traceback in predict and a 500 per request in the
+    # service; names for columns the network lacks passed unseen.
     import onnx
 
     from transfer.exported import METADATA_FILE
@@ -261,11 +256,23 @@ def test_an_export_whose_class_names_do_not_fit_its_network_is_one_error_line(
     [entry] = [p for p in model.metadata_props if p.key == METADATA_FILE]
     metadata = json.loads(entry.value)
     assert len(metadata["classes"]) == 3
-    entry.value = json.dumps({**metadata, "classes": classes})
-    onnx.save(model, str(trained / "altered.onnx"))
-    for stage in ("predict", "serve"):
-        assert one_error_line(run_stage_cli(stage, trained, *(["inputs"] if stage == "predict"
-                                                              else ["--port", "0"]),
-                                            "--exported", "altered.onnx")) == (
-            "error: altered.onnx: cannot be read as a model exported by this pipeline "
-            f"({reason}); export it again")
+
+    def altered(classes) -> str:
+        entry.value = json.dumps({**metadata, "classes": classes})
+        onnx.save(model, str(trained / "altered.onnx"))
+        return "altered.onnx"
+
+    wrong_count = "the network answers (1, 3) for one image, not a row of 2 columns for the " \
+        "class names in its metadata"
+    for classes, reason in ((["red", "green"], wrong_count),
+                            (["red", "red", "blue"], "a class name twice in its metadata"),
+                            ("abc", "no list of class names")):
+        with pytest.raises(PipelineError) as err:
+            load_exported(altered(classes))
+        assert str(err.value) == ("altered.onnx: cannot be read as a model exported by this "
+                                  f"pipeline ({reason}); export it again")
+    # The service stops at start, with that line, instead of failing every request.
+    assert one_error_line(run_stage_cli("serve", trained, "--port", "0", "--exported",
+                                        altered(["red", "green"]))) == (
+        f"error: altered.onnx: cannot be read as a model exported by this pipeline "
+        f"({wrong_count}); export it again")

@@ -298,7 +298,8 @@ def test_the_table_lines_up_names_with_wide_and_combining_characters():
                      "plain/abc.jpg  error: not an image"]
 
 
-def test_names_that_are_not_utf8_or_hold_line_breaks_keep_every_format_well_formed(trained):
+def test_names_that_are_not_utf8_or_hold_line_breaks_keep_every_format_well_formed(trained,
+                                                                                   capsys):
     # A byte that is not UTF-8 made the JSON and CSV invalid UTF-8 (or a traceback under a
     # strict locale), and a line break in a name split a table row in two.
     import os
@@ -312,21 +313,21 @@ def test_names_that_are_not_utf8_or_hold_line_breaks_keep_every_format_well_form
     for name in names:
         with open(os.path.join(os.fsencode(folder), name), "wb") as f:
             f.write(red)
-    env = {**os.environ, "PYTHONIOENCODING": "utf-8:strict"}
-
-    def run(*args):
-        result = subprocess.run([sys.executable, "-m", "stages.predict", "odd", *args],
-                                cwd=trained, env=env, capture_output=True, check=False)
-        assert result.returncode == 0, result.stderr.decode(errors="replace")
-        return result.stdout.decode("utf-8")  # strict: the output is UTF-8
-
-    answers = json.loads(run("--format", "json"))
+    result = subprocess.run([sys.executable, "-m", "stages.predict", "odd", "--format", "json"],
+                            cwd=trained, capture_output=True, check=False,
+                            env={**os.environ, "PYTHONIOENCODING": "utf-8:strict"})
+    assert result.returncode == 0, result.stderr.decode(errors="replace")
+    answers = json.loads(result.stdout.decode("utf-8"))  # strict: the output is UTF-8
     assert sorted(os.path.basename(os.fsencode(a["path"])) for a in answers) == sorted(names)
     assert {a["prediction"] for a in answers} == {"red"}
-    table = run()
+
+    predict.main(["odd"])
+    table = capsys.readouterr().out
     assert len(table.splitlines()) == 3
     assert all(line.split()[1] == "red" for line in table.splitlines())
     assert "odd/caf\\udce9.png" in table and "\\x1b" in table and "new\\nline" in table
-    rows = list(csv.reader(io.StringIO(run("--format", "csv"))))
-    assert sorted(row[0] for row in rows[1:]) == [
+    predict.main(["odd", "--format", "csv"])
+    text = capsys.readouterr().out
+    text.encode("utf-8")  # strict: no lone surrogate left
+    assert sorted(row[0] for row in list(csv.reader(io.StringIO(text)))[1:]) == [
         "odd/caf\\udce9.png", "odd/esc\x1b[2J.png", "odd/new\nline.png"]

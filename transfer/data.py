@@ -53,11 +53,12 @@ MAX_IMAGE_BYTES = 512 * 2**20
 GREY_ROWS = 256
 # Below this many files, starting worker processes costs more than it saves.
 PARALLEL_MIN_FILES = 64
-# The formats read, by Pillow's names (JPEG includes the multi-picture JPEGs cameras write;
-# PPM the whole PBM/PGM/PPM family). No other of Pillow's decoders is ever offered a file:
-# its EPS reader runs Ghostscript, and the rarely used ones are where decoders break.
-IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "PPM", "AVIF")
-FORMATS_READ = "JPEG, PNG, WebP, GIF, BMP, TIFF, PNM or AVIF"
+# The formats read: Pillow's name for each, and the one users know (JPEG includes the
+# multi-picture JPEGs cameras write, PPM the whole PBM/PGM/PPM family; AVIF needs a Pillow
+# built with it). No other of Pillow's decoders is ever offered a file: its EPS reader runs
+# Ghostscript, and the rarely used ones are where decoders break.
+IMAGE_FORMATS = {"JPEG": "JPEG", "PNG": "PNG", "WEBP": "WebP", "GIF": "GIF", "BMP": "BMP",
+                 "TIFF": "TIFF", "PPM": "PNM", "AVIF": "AVIF"}
 
 
 def read_image_file(path: Path, limit: int = MAX_IMAGE_BYTES) -> bytes:
@@ -80,11 +81,16 @@ def read_image_file(path: Path, limit: int = MAX_IMAGE_BYTES) -> bytes:
     return data
 
 
+def formats_read() -> list[str]:
+    """The formats of ``IMAGE_FORMATS`` the installed Pillow reads, by Pillow's names."""
+    Image.init()
+    return [name for name in IMAGE_FORMATS if name in Image.OPEN]
+
+
 def open_image(data: bytes) -> Image.Image:
     """Pillow's lazy image over ``data`` (its header read, its pixels not yet), for the
-    formats in ``IMAGE_FORMATS`` only: anything else is ``UnidentifiedImageError``."""
-    Image.init()
-    return Image.open(io.BytesIO(data), formats=[f for f in IMAGE_FORMATS if f in Image.OPEN])
+    formats of ``formats_read`` only: anything else is ``UnidentifiedImageError``."""
+    return Image.open(io.BytesIO(data), formats=formats_read())
 
 
 def decode_image(data: bytes) -> Image.Image:
@@ -102,7 +108,9 @@ def decode_image(data: bytes) -> Image.Image:
                 ImageOps.exif_transpose(image, in_place=True)
                 rgb = _to_rgb(image)
     except UnidentifiedImageError as err:
-        raise ValueError(f"not an image (content not recognised as {FORMATS_READ})") from err
+        names = [IMAGE_FORMATS[name] for name in formats_read()]
+        raise ValueError(f"not an image (content not recognised as {', '.join(names[:-1])} "
+                         f"or {names[-1]})") from err
     except Image.DecompressionBombError as err:
         raise ValueError(f"too many pixels to decode safely ({err})") from err
     except (OSError, SyntaxError, ValueError) as err:

@@ -217,16 +217,17 @@ def load_exported(path: str | Path) -> ExportedModel:
         if int(metadata["resize"]["short_side"]) < 1:
             raise ValueError("resize.short_side below 1")
         classes = metadata["classes"]
-        if not classes or not all(isinstance(c, str) for c in classes):
-            raise ValueError("no class names")
+        if not isinstance(classes, list) or not classes or \
+                not all(isinstance(c, str) for c in classes):
+            raise ValueError("no list of class names")
         if len(set(classes)) != len(classes):
             raise ValueError("a class name twice in its metadata")
         # One image of zeros through the network: its answer has a column per class name.
         _, height, width = preprocessing.input_size
         answer = np.asarray(run(np.zeros((1, 3, height, width), dtype=np.uint8)))
-        if answer.shape != (1, len(classes)):
-            raise ValueError(f"the network answers {answer.shape[1:]} columns for "
-                             f"{len(classes)} class names in its metadata")
+        if answer.ndim != 2 or answer.shape != (1, len(classes)):
+            raise ValueError(f"the network answers {answer.shape} for one image, not a row "
+                             f"of {len(classes)} columns for the class names in its metadata")
     except PipelineError:
         raise
     except Exception as err:  # each runtime raises its own kinds for a damaged file
