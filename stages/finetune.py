@@ -16,7 +16,6 @@ from transfer.artifacts import atomic_outputs, write_json
 from transfer.errors import run_stage
 from transfer.layout import (
     CHECKPOINT_DIR,
-    CURVES,
     EMBEDDINGS_DIR,
     FINETUNE_CHECKPOINTS,
     FINETUNE_CURVES,
@@ -25,7 +24,7 @@ from transfer.layout import (
     HEAD_PATH,
     PARAMS,
     PREPARED_DIR,
-    curve_file,
+    write_missing_curves,
 )
 from transfer.lr_range import curve_text
 from transfer.params import load_params
@@ -42,11 +41,7 @@ def main() -> None:
                                              "reason": "finetune.enabled is false"})
             (tmp / FINETUNE_LR_RANGE.relative_to(FINETUNE_DIR)).write_text(
                 curve_text(None), encoding="utf-8")
-            # Headers and no rows: the plots show nothing, and no error.
-            for curve in CURVES:
-                path = curve_file(curve, curves_tmp)
-                path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_text(f"step\t{curve.rpartition('/')[2]}\n", encoding="utf-8")
+            write_missing_curves(curves_tmp)
         for checkpoint in CHECKPOINT_DIR.glob(FINETUNE_CHECKPOINTS):
             checkpoint.unlink()  # nothing will resume it
         log.info("fine-tuning skipped (finetune.enabled is false)")

@@ -192,7 +192,9 @@ def main(argv: list[str] | None = None) -> None:
         tmp.write_text(f"# Transfer study ({args.epochs} epochs per row)\n\n{table}",
                        encoding="utf-8")
     sys.stdout.write(table)
-    log.info("wrote %s; compare the rows with `dvc exp show --only-changed`", args.output)
+    rev = str(baseline_entry.get("rev") or "")[:7]
+    log.info("wrote %s (git add it to keep it); compare the rows with `dvc exp show "
+             "--only-changed%s`", args.output, f" --rev {rev}" if rev else "")
 
 
 if __name__ == "__main__":

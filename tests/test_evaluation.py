@@ -93,6 +93,9 @@ def test_report_and_summary_name_the_models_numbers_and_plots():
     stopped = {"status": "trained", "strategy": "last_k", "best_epoch": 0, "epochs_run": 0,
                "stop_reason": "the network it started from (epoch 0) has a validation accuracy "
                               "of 1 on the 6 validation images"}
-    assert "Fine-tuning: trained (last_k, best epoch 0 of 0; stopped: the network it started " \
-           "from (epoch 0) has a validation accuracy of 1 on the 6 validation images)." in \
+    assert "Fine-tuning: no epoch trained (last_k; stopped: the network it started from " \
+           "(epoch 0) has a validation accuracy of 1 on the 6 validation images)." in \
            summary_markdown(evaluations, stopped, "plots/evaluate")
+    trained = {**stopped, "best_epoch": 2, "epochs_run": 3, "stop_reason": None}
+    assert "Fine-tuning: trained (last_k, best epoch 2 of 3)." in \
+        summary_markdown(evaluations, trained, "plots/evaluate")

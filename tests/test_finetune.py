@@ -273,3 +273,8 @@ def test_class_imbalance_keys_on_a_skewed_subset(tmp_path, caplog):
     assert status["stop_reason"].startswith("the network it started from (epoch 0) has a "
                                             "validation balanced accuracy of 1")
     assert "(start 1.0000); no epoch trained, " in caplog.text
+    # Every curve dvc.yaml plots exists (the training ones a header alone), so that
+    # `dvc plots show` does not warn that it failed to load them.
+    assert len((root / curve_file("val/loss")).read_text().splitlines()) == 2  # epoch 0
+    for curve in ("train/loss", "train/accuracy", "lr"):
+        assert (root / curve_file(curve)).read_text() == f"step\t{curve.rpartition('/')[2]}\n"

@@ -85,6 +85,25 @@ def test_the_table_puts_the_probe_first_and_marks_missing_experiments(study_repo
     assert lines[4].startswith("| full |") and "failed or missing" in lines[4]
 
 
+@pytest.mark.slow
+def test_the_study_names_the_commit_its_experiments_hang_from(study_repo, monkeypatch, caplog,
+                                                             tmp_path):
+    # Once the report is committed, `dvc exp show` alone shows the new commit, without the
+    # study's rows: the line says which commit to show.
+    repo, exp_show = study_repo
+    monkeypatch.chdir(repo)
+    monkeypatch.setattr(transfer_study, "queue_and_run", lambda rows, *args: [
+        "s-head", *(f"s-missing-{i}" for i in range(1, len(rows)))])
+    monkeypatch.setattr(transfer_study, "dvc", lambda *args: json.dumps(exp_show))
+    caplog.set_level("INFO", logger="stages.transfer_study")
+    transfer_study.main(["--epochs", "1", "--output", str(tmp_path / "study.md")])
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, check=True,
+                          capture_output=True, text=True).stdout.strip()
+    assert f"git add it to keep it); compare the rows with `dvc exp show --only-changed " \
+           f"--rev {head[:7]}`" in caplog.text
+    assert "| s-head |" in (tmp_path / "study.md").read_text()
+
+
 def test_a_failing_dvc_command_stops_with_its_last_line(monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(PipelineError, match=r"`dvc exp show --json` failed: .*"):

@@ -163,9 +163,11 @@ def summary_markdown(evaluations: Sequence[ModelEvaluation], finetune_status: Ma
         finetune += f" ({finetune_status['reason']})"
     if finetune == "trained":
         stopped = finetune_status.get("stop_reason")
-        finetune += (f" ({finetune_status['strategy']}, best epoch "
-                     f"{finetune_status['best_epoch']} of {finetune_status['epochs_run']}"
-                     f"{'; stopped: ' + stopped if stopped else ''})")
+        stopped = f"; stopped: {stopped}" if stopped else ""
+        finetune = (f"trained ({finetune_status['strategy']}, best epoch "
+                    f"{finetune_status['best_epoch']} of {finetune_status['epochs_run']}"
+                    f"{stopped})") if finetune_status["epochs_run"] else \
+            f"no epoch trained ({finetune_status['strategy']}{stopped})"
     lines = [
         "# Evaluation summary",
         "",

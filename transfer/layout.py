@@ -90,6 +90,17 @@ def curve_file(curve: str, curves_dir: Path = FINETUNE_CURVES) -> Path:
     return curves_dir / "plots" / "metrics" / f"{curve}.tsv"
 
 
+def write_missing_curves(curves_dir: Path) -> None:
+    """A header and no rows for each curve of ``CURVES`` not written in ``curves_dir`` (when
+    fine-tuning is skipped, or stops before an epoch trains): its plot shows nothing, where
+    a missing file has `dvc plots show` warn that it failed to load the plots."""
+    for curve in CURVES:
+        path = curve_file(curve, curves_dir)
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(f"step\t{curve.rpartition('/')[2]}\n", encoding="utf-8")
+
+
 def finetune_checkpoint(key: str) -> str:
     """The checkpoint's file name in CHECKPOINT_DIR for the run identified by ``key``."""
     return f"finetune-{key[:16]}.pt"

@@ -49,6 +49,7 @@ from transfer.layout import (
     FINETUNE_DIR,
     FINETUNE_LR_RANGE,
     finetune_checkpoint,
+    write_missing_curves,
 )
 from transfer.lr_range import (
     BELOW_MINIMUM,
@@ -597,6 +598,7 @@ def run_finetune(params: Params, *, prepared_dir: Path, embeddings_dir: Path, he
                 f"try finetune.batch_size={max(1, ft.batch_size // 2)}") from err
         if tmp is not None:
             curves.close()
+            write_missing_curves(curves_dir)  # no epoch trained: no training curves yet
             best = result.state.best
             net.load_state_dict(result.state.best_state)
             scorer = FlipAveraged(net) if ft.flip_average else net  # as evaluate will score
