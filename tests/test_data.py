@@ -335,7 +335,7 @@ def test_the_report_lists_what_was_skipped_by_path_whatever_order_folders_list_i
     scandir = os.scandir
 
     class Reversed:
-        def __init__(self, path):
+        def __init__(self, path="."):
             with scandir(path) as entries:
                 self.entries = sorted(entries, key=lambda e: e.name, reverse=True)
 
