@@ -28,7 +28,7 @@ from transfer.layout import (
     PREPARED_DIR,
     shared_by_experiments,
 )
-from transfer.params import load_params
+from transfer.params import check_weights_file, load_params
 from transfer.warm import warm_extraction, write_record
 
 log = logging.getLogger(__name__)
@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 
 def main() -> None:
     params = load_params(PARAMS).backbone
+    check_weights_file(params.name, params.weights)
     # Both kept in the workspace while `dvc queue` runs an experiment in a temporary copy, so
     # that the experiment reuses the graph and the record that let it skip PyTorch.
     store_root = shared_by_experiments(EMBEDDING_STORE)

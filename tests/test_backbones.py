@@ -215,17 +215,40 @@ class NotATensor:
 def test_a_pickled_weights_file_is_refused_without_suggesting_to_unpickle_it(tmp_path):
     from tests.conftest import one_error_line, run_stage_cli, write_params
 
-    torch.save({"conv1.weight": torch.zeros(1), "extra": NotATensor()}, tmp_path / "w.pth")
-    torch.save(torch.zeros(3), tmp_path / "tensor.pth")
-    write_params(tmp_path, {"backbone": {"name": "resnet18", "weights": "w.pth"}})
+    (tmp_path / "weights").mkdir()
+    torch.save({"conv1.weight": torch.zeros(1), "extra": NotATensor()},
+               tmp_path / "weights" / "w.pth")
+    torch.save(torch.zeros(3), tmp_path / "weights" / "tensor.pth")
+    write_params(tmp_path, {"backbone": {"name": "resnet18", "weights": "weights/w.pth"}})
     line = one_error_line(run_stage_cli("extract", tmp_path))
-    assert line == ("error: backbone.weights: 'w.pth' holds Python objects besides tensors "
-                    f"(such as {NotATensor.__module__}.NotATensor), which are never loaded from a "
+    assert line == ("error: backbone.weights: 'weights/w.pth' holds Python objects besides "
+                    f"tensors (such as {NotATensor.__module__}.NotATensor), which are never "
+                    "loaded from a "
                     "file the pipeline did not write; save the tensors alone: "
                     "torch.save(model.state_dict(), path) or a .safetensors file")
     assert "weights_only" not in line
     with pytest.raises(PipelineError, match="tensor.pth' does not fit 'resnet18': Expected"):
-        load_backbone("resnet18", str(tmp_path / "tensor.pth"))
+        load_backbone("resnet18", str(tmp_path / "weights" / "tensor.pth"))
+
+
+@pytest.mark.parametrize("stage", ["check_params", "extract"])
+def test_a_weights_file_outside_the_weights_folder_is_refused(tmp_path, stage):
+    # dvc.yaml watches weights/ for extract: a file elsewhere could change while `dvc status`
+    # calls the embeddings up to date.
+    from tests.conftest import one_error_line, run_stage_cli, write_params
+
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "w.pth").write_bytes(b"weights")
+    write_params(tmp_path, {"backbone": {"name": "resnet18", "weights": "models/w.pth"}})
+    assert one_error_line(run_stage_cli(stage, tmp_path)) == (
+        "error: backbone.weights: 'models/w.pth' is outside weights/, which "
+        "dvc.yaml watches for extract, so dvc repro would call the embeddings up to date after "
+        "the file changes; copy it in (cp 'models/w.pth' weights/ && dvc add weights/w.pth) "
+        "and set backbone.weights: weights/w.pth")
+    (tmp_path / "weights").mkdir()
+    (tmp_path / "weights" / "w.pth").symlink_to(tmp_path / "models" / "w.pth")
+    write_params(tmp_path, {"backbone": {"name": "resnet18", "weights": "weights/w.pth"}})
+    assert "leads through a link to" in one_error_line(run_stage_cli(stage, tmp_path))
 
 
 def test_read_ahead_keeps_the_order_and_raises_what_its_thread_raised():

@@ -16,7 +16,7 @@ from transfer.evaluation import HEADLINE_METRICS
 
 PROJECT_FILES = ["stages", "transfer", "params.yaml", "dvc.yaml", ".dvc/config", ".dvc/.gitignore",
                  ".dvc/plots", ".dvcignore", ".gitignore", "data/raw/.gitkeep", "data/exclude.txt",
-                 "data/relabel.csv"]
+                 "data/relabel.csv", "weights/README.md"]
 STAGES = ["check_params", "prepare", "extract", "audit", "train_head", "finetune", "evaluate",
           "export"]
 EVALUATE_PLOTS = ["confusion.csv", "per_class_f1.csv", "calibration.csv", "roc.csv",
@@ -119,18 +119,25 @@ def test_switching_backbone_and_back_restores_embeddings_from_the_run_cache(repo
 
     run(["dvc", "repro"], repo)
     before = (repo / "data" / "embeddings" / "train.npy").read_bytes()
-    weights = repo / "data" / "raw" / "test_resnet.pth"  # data/raw is a dependency already
+    weights = repo / "weights" / "test_resnet.pth"
+    torch.manual_seed(0)
     torch.save(timm.create_model("test_resnet").state_dict(), weights)
-    set_params(repo, backbone={"name": "test_resnet", "weights": "data/raw/test_resnet.pth"})
+    set_params(repo, backbone={"name": "test_resnet", "weights": "weights/test_resnet.pth"})
     other = run(["dvc", "repro"], repo)
     assert "Running stage 'extract'" in other
+    # Other weights in the same file: extract is no longer up to date (weights/ is its dep).
+    torch.manual_seed(1)
+    torch.save(timm.create_model("test_resnet").state_dict(), weights)
+    assert "extract:" in run(["dvc", "status", "extract"], repo)
+    assert "Running stage 'extract'" in run(["dvc", "repro"], repo)
+    # Back to the default backbone, with weights/ as it was: every dependency as in the first
+    # run, so DVC's run cache restores its embeddings.
+    weights.unlink()
     set_params(repo, backbone={"name": "tf_efficientnet_lite0", "weights": None})
     back = run(["dvc", "repro"], repo)
     assert "Running stage 'extract'" not in back
     assert "Stage 'extract' is cached - skipping run, checking out outputs" in back
     assert (repo / "data" / "embeddings" / "train.npy").read_bytes() == before
-    weights.unlink()
-    run(["dvc", "repro"], repo)
 
 
 def test_head_experiment_reruns_the_head_and_what_follows_never_extraction(repo):

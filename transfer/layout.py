@@ -11,6 +11,10 @@ from pathlib import Path
 
 PARAMS = Path("params.yaml")
 
+# extract: where a state-dict file named in backbone.weights lives; dvc.yaml watches it for
+# extract, so a changed file re-runs it (the file itself is tracked with `dvc add`).
+WEIGHTS_DIR = Path("weights")
+
 # prepare
 RAW_DIR = Path("data/raw")
 TORCHVISION_ROOT = RAW_DIR / "torchvision"

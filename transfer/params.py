@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 import logging
 import math
+import os
 import re
 import types
 import typing
@@ -22,7 +23,7 @@ import yaml
 
 from transfer.artifacts import read_utf8
 from transfer.errors import ParamsError, first_line, unprintable
-from transfer.layout import EXCLUDE_FILE, RELABEL_FILE
+from transfer.layout import EXCLUDE_FILE, RELABEL_FILE, WEIGHTS_DIR
 from transfer.selection import SELECT_BY
 from transfer.strategies import STRATEGIES
 
@@ -107,13 +108,34 @@ def weights_file_named(backbone: str, weights: str | None) -> Path | None:
     return Path(weights)
 
 
+def check_weights_file(backbone: str, weights: str | None) -> None:
+    """A state-dict file named in ``backbone.weights`` lies in ``weights/``, which dvc.yaml
+    watches for extract: anywhere else (or through a link that leads out of it), ``dvc repro``
+    would call the embeddings up to date after the file changed. Else one line saying how."""
+    path = weights_file_named(backbone, weights)
+    if path is None:
+        return
+    folder = WEIGHTS_DIR.absolute()
+    if folder not in Path(os.path.normpath(path.absolute())).parents:
+        raise ParamsError(
+            f"backbone.weights: '{weights}' is outside {WEIGHTS_DIR}/, which dvc.yaml watches "
+            "for extract, so dvc repro would call the embeddings up to date after the file "
+            f"changes; copy it in (cp '{weights}' {WEIGHTS_DIR}/ && dvc add "
+            f"{WEIGHTS_DIR}/{path.name}) and set backbone.weights: {WEIGHTS_DIR}/{path.name}")
+    if path.exists() and WEIGHTS_DIR.resolve() not in path.resolve().parents:
+        raise ParamsError(
+            f"backbone.weights: '{weights}' leads through a link to '{path.resolve()}', "
+            f"outside {WEIGHTS_DIR}/: dvc.yaml watches {WEIGHTS_DIR}/ but not what its links "
+            f"lead to; copy the file into {WEIGHTS_DIR}/ instead of linking it")
+
+
 @dataclass(frozen=True)
 class BackboneParams:
     name: str = field(default="tf_efficientnet_lite0", metadata={
         "help": "a timm model name, or torchvision:<model name>"})
     weights: str | None = field(default=None, metadata={
         "help": "null: the model's own pretrained weights; a torchvision weights enum name "
-                "(IMAGENET1K_V2, DEFAULT); or a path to a local state-dict file"})
+                "(IMAGENET1K_V2, DEFAULT); or a state-dict file in weights/"})
     batch_size: int | str = field(default="auto", metadata={
         "range": (1, MAX_BATCH_SIZE), "low_open": False, "choices": ("auto",),
         "help": "images per forward pass, or auto (8 on CPU, the largest that fits on a GPU)"})
