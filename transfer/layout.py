@@ -94,6 +94,19 @@ def curve_file(curve: str, curves_dir: Path = FINETUNE_CURVES) -> Path:
     return curves_dir / "plots" / "metrics" / f"{curve}.tsv"
 
 
+def outside(path: Path, folder: Path) -> tuple[str, Path] | None:
+    """How ``path`` lies outside ``folder`` (one that ``dvc.yaml`` watches): ``("written",
+    p)`` where its normalised absolute path ``p`` is elsewhere, ``("linked", target)`` where
+    it is written inside but a link on the way leads out (DVC records the link, not what it
+    leads to); None where it lies inside."""
+    written = Path(os.path.normpath(path.absolute()))
+    if folder.absolute() not in written.parents:
+        return "written", written
+    if path.exists() and folder.resolve() not in path.resolve().parents:
+        return "linked", path.resolve()
+    return None
+
+
 def write_missing_curves(curves_dir: Path) -> None:
     """A header and no rows for each curve of ``CURVES`` not written in ``curves_dir`` (when
     fine-tuning is skipped, or stops before an epoch trains): its plot shows nothing, where

@@ -11,7 +11,6 @@ import dataclasses
 import difflib
 import logging
 import math
-import os
 import re
 import types
 import typing
@@ -23,7 +22,7 @@ import yaml
 
 from transfer.artifacts import read_utf8
 from transfer.errors import ParamsError, first_line, unprintable
-from transfer.layout import EXCLUDE_FILE, RELABEL_FILE, WEIGHTS_DIR
+from transfer.layout import EXCLUDE_FILE, RELABEL_FILE, WEIGHTS_DIR, outside
 from transfer.selection import SELECT_BY
 from transfer.strategies import STRATEGIES
 
@@ -115,18 +114,18 @@ def check_weights_file(backbone: str, weights: str | None) -> None:
     path = weights_file_named(backbone, weights)
     if path is None:
         return
-    folder = WEIGHTS_DIR.absolute()
-    if folder not in Path(os.path.normpath(path.absolute())).parents:
+    where = outside(path, WEIGHTS_DIR)
+    if where is not None and where[0] == "linked":
+        raise ParamsError(
+            f"backbone.weights: '{weights}' leads through a link to '{where[1]}', outside "
+            f"{WEIGHTS_DIR}/: dvc.yaml watches {WEIGHTS_DIR}/ but not what its links lead to; "
+            f"copy the file into {WEIGHTS_DIR}/ instead of linking it")
+    if where is not None:
         raise ParamsError(
             f"backbone.weights: '{weights}' is outside {WEIGHTS_DIR}/, which dvc.yaml watches "
             "for extract, so dvc repro would call the embeddings up to date after the file "
             f"changes; copy it in (cp '{weights}' {WEIGHTS_DIR}/ && dvc add "
             f"{WEIGHTS_DIR}/{path.name}) and set backbone.weights: {WEIGHTS_DIR}/{path.name}")
-    if path.exists() and WEIGHTS_DIR.resolve() not in path.resolve().parents:
-        raise ParamsError(
-            f"backbone.weights: '{weights}' leads through a link to '{path.resolve()}', "
-            f"outside {WEIGHTS_DIR}/: dvc.yaml watches {WEIGHTS_DIR}/ but not what its links "
-            f"lead to; copy the file into {WEIGHTS_DIR}/ instead of linking it")
 
 
 @dataclass(frozen=True)

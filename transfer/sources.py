@@ -27,7 +27,7 @@ from transfer.artifacts import open_utf8
 from transfer.catalog import Catalog, SourceImage
 from transfer.data import PARALLEL_MIN_FILES
 from transfer.errors import ParamsError, PipelineError, one_line, unprintable
-from transfer.layout import RAW_DIR, TORCHVISION_ROOT
+from transfer.layout import RAW_DIR, TORCHVISION_ROOT, outside
 from transfer.machine import usable_cores
 
 log = logging.getLogger(__name__)
@@ -65,16 +65,15 @@ def check_source(source: str) -> None:
                           f"expected {', '.join(map(repr, BUILTIN_SOURCES))}, "
                           f"'{TORCHVISION_PREFIX}<Name>', or a .csv manifest or an "
                           f"image-folder root under {RAW_DIR}/")
-    if RAW_DIR.absolute() in Path(os.path.normpath(path.absolute())).parents and \
-            RAW_DIR.resolve() not in path.resolve().parents:
+    where = outside(path, RAW_DIR)
+    if where is not None and where[0] == "linked":
         raise ParamsError(
-            f"data.source: '{source}' leads through a link to '{path.resolve()}', outside "
+            f"data.source: '{source}' leads through a link to '{where[1]}', outside "
             f"{RAW_DIR}/: dvc.yaml watches {RAW_DIR}/ but not what its links lead to, so dvc "
             "repro would call the results up to date after those files change; copy the "
             f"files into {RAW_DIR}/ instead of linking them")
-    if RAW_DIR.absolute() not in Path(os.path.normpath(path.absolute())).parents:
-        folder = path.parent if path.suffix.lower() == ".csv" else path  # a manifest's folder
-        folder = Path(os.path.normpath(folder.absolute()))
+    if where is not None:
+        folder = where[1].parent if path.suffix.lower() == ".csv" else where[1]  # a manifest's
         raise ParamsError(
             f"data.source: '{source}' is outside {RAW_DIR}/, which dvc.yaml watches for "
             "changes, so dvc repro would call the results up to date after its files change; "
