@@ -10,7 +10,6 @@ embeddings so that every later stage feeds the network exactly what it was train
 from __future__ import annotations
 
 import difflib
-import json
 import logging
 import math
 import pickle
@@ -28,7 +27,7 @@ from torchvision.transforms import v2
 from tqdm import tqdm
 
 from transfer.artifacts import sha256_file
-from transfer.embeddings import EmbeddingMeta
+from transfer.embeddings import EmbeddingMeta, json_preview
 from transfer.engines import CompiledNetwork, Engine, TorchEngine
 from transfer.errors import PipelineError, first_line
 from transfer.params import weights_file_named
@@ -61,11 +60,6 @@ MAX_SIDE = 2048
 
 def _whole(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
-
-
-def json_preview(value: Any) -> str:
-    """``value`` as JSON, cut to 40 characters: how a damaged file's value is quoted."""
-    return json.dumps(value)[:40]
 
 
 @dataclass(frozen=True)

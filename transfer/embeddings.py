@@ -55,6 +55,11 @@ class EmbeddingMeta:
         return cls(**{f.name: raw[f.name] for f in fields(cls)})  # other keys: left alone
 
 
+def json_preview(value: Any) -> str:
+    """``value`` as JSON, cut to 40 characters: how a damaged file's value is quoted."""
+    return json.dumps(value)[:40]
+
+
 def _field_problem(cls: type, raw: Any) -> str:
     """Why ``raw`` (read from JSON) cannot fill the dataclass ``cls``, or ``""``: each field
     present, of its annotated kind (``dict``, ``list``, ``str``, ``int``, ``bool``, or null
@@ -71,7 +76,7 @@ def _field_problem(cls: type, raw: Any) -> str:
                                                           (typing.Union, types.UnionType)
                                                           else (hint,)))
         if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
-            return f"'{f.name}' is {json.dumps(value)[:40]}"
+            return f"'{f.name}' is {json_preview(value)}"
         if isinstance(value, int) and value < 0:
             return f"'{f.name}' is negative"
     return ""
