@@ -147,6 +147,41 @@ def test_timm_offline_download_failure_names_the_cache(monkeypatch):
         load_backbone("resnet18")
 
 
+def _hub_weights(cache, model, commit):
+    """``model``'s weights as the Hugging Face hub's cache keeps timm's, at ``commit``."""
+    from safetensors.torch import save_file
+
+    repo = cache / f"models--{model.pretrained_cfg['hf_hub_id'].replace('/', '--')}"
+    (repo / "snapshots" / commit).mkdir(parents=True)
+    (repo / "refs").mkdir(exist_ok=True)
+    (repo / "refs" / "main").write_text(commit)
+    save_file({name: tensor.contiguous() for name, tensor in model.state_dict().items()},
+              repo / "snapshots" / commit / "model.safetensors")
+
+
+def test_timm_hub_weights_are_identified_by_their_tensors(tmp_path, monkeypatch):
+    import types
+
+    from transfer.backbones import backbone_of
+
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path))
+    torch.manual_seed(0)
+    _hub_weights(tmp_path, timm.create_model("test_efficientnet"), "a" * 40)
+    first = load_backbone("test_efficientnet")
+    assert first.weights_id == "timm:timm/test_efficientnet.r160_in1k"
+    assert len(first.weights_sha256) == 64 and first.weights_file is None
+    assert load_backbone("test_efficientnet").weights_sha256 == first.weights_sha256
+    meta = types.SimpleNamespace(backbone="test_efficientnet", weights=first.weights_id,
+                                 weights_sha256=first.weights_sha256)
+
+    _hub_weights(tmp_path, timm.create_model("test_efficientnet"), "b" * 40)  # a new revision
+    assert load_backbone("test_efficientnet").weights_sha256 != first.weights_sha256
+    with pytest.raises(PipelineError, match="weights of test_efficientnet "
+                                            r"\(timm:timm/test_efficientnet.r160_in1k\) changed"):
+        backbone_of(meta)
+
+
 def test_torchvision_offline_download_failure_names_file_and_folder(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
 

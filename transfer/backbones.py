@@ -10,6 +10,7 @@ embeddings so that every later stage feeds the network exactly what it was train
 from __future__ import annotations
 
 import difflib
+import hashlib
 import logging
 import math
 import pickle
@@ -28,7 +29,7 @@ from tqdm import tqdm
 
 from transfer.artifacts import sha256_file
 from transfer.embeddings import EmbeddingMeta, json_preview
-from transfer.engines import CompiledNetwork, Engine, TorchEngine
+from transfer.engines import CompiledNetwork, Engine, TorchEngine, hash_tensors
 from transfer.errors import PipelineError, first_line
 from transfer.params import weights_file_named
 from transfer.pixels import PIL_FILTERS, ResizeCrop, pixel_arrays, read_ahead
@@ -226,7 +227,8 @@ class Backbone:
     preprocessing: Preprocessing
     # The source task's class names, one per classifier row (ImageNet: "tench, Tinca tinca").
     source_labels: list[str] | None = None
-    # The file the weights came from, where ``weights_sha256`` is its hash.
+    # The file the weights came from, where ``weights_sha256`` is its hash (timm's hub weights
+    # have none here: theirs is the hash of the tensors loaded, as ``hash_tensors`` takes it).
     weights_file: Path | None = None
 
     def to(self, device: torch.device) -> Backbone:
@@ -290,13 +292,16 @@ def _load_timm(name: str, weights: str | None, pretrained: bool = True) -> Backb
         weights_id, sha = f"package:{path.name}", sha256_file(path)
     else:
         model = _create_timm_pretrained(name)
-        weights_id, sha = f"timm:{model.pretrained_cfg.get('hf_hub_id') or name}", None
+        # The hub's file lives in its cache, out of sight: the tensors loaded are hashed
+        # instead, so that other weights under the same name never pass for these.
+        weights_id = f"timm:{model.pretrained_cfg.get('hf_hub_id') or name}"
+        sha = hash_tensors(hashlib.sha256(), model.state_dict()).hexdigest()
     from timm.data import resolve_data_config
 
     preprocessing = Preprocessing.from_timm(resolve_data_config({}, model=model))
     features = int(getattr(model, "head_hidden_size", None) or model.num_features)
     return Backbone(name, _TimmPreLogits(model), model.get_classifier(), features, weights_id,
-                    sha, preprocessing, _timm_source_labels(model), path if sha else None)
+                    sha, preprocessing, _timm_source_labels(model), path)
 
 
 def _timm_source_labels(model: torch.nn.Module) -> list[str] | None:

@@ -229,11 +229,17 @@ def graph_key(network: torch.nn.Module, input_shape: tuple[int, ...]) -> str:
     digest.update(json.dumps({"architecture": repr(network), "input_shape": list(input_shape),
                               "input_dtype": "uint8", "opset": ONNX_OPSET,
                               "versions": versions}, sort_keys=True).encode())
-    for name, tensor in network.state_dict().items():
+    hash_tensors(digest, network.state_dict())
+    return digest.hexdigest()
+
+
+def hash_tensors(digest: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """``digest`` updated with every tensor of ``tensors``: its name, dtype, shape and bytes."""
+    for name, tensor in tensors.items():
         tensor = tensor.detach().cpu().contiguous()
         digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
         digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
+    return digest
 
 
 def _version(package: str) -> str:
