@@ -64,7 +64,8 @@ def main() -> None:
     counts = report["counts"]
     log.info("%d images: %s, %s (%d across splits, %d across labels), %d beyond the unfamiliar "
              "distance", counts["images"],
-             counted(counts["label_issues"], "likely label issue"),
+             counted(counts["label_issues"], "likely label issue")
+             if counts["label_issues"] is not None else "labels not checked",
              counted(counts["near_duplicate_pairs"], "near-duplicate pair"),
              counts["near_duplicates_across_splits"], counts["near_duplicates_across_labels"],
              counts["unfamiliar"])
@@ -105,7 +106,9 @@ def suspect_sections(report: dict) -> list[Section]:
     counts = report["counts"]
     return [
         Section(f"Likely mislabelled: {counts['label_issues']} found, the most likely first",
-                issues, "none found"),
+                issues, "none found") if counts["label_issues"] is not None else
+        Section("Likely mislabelled: not searched", issues,
+                report["settings"]["label_issues_not_searched"]),
         Section(f"Near-duplicate pairs: {counts['near_duplicate_pairs']} "
                 f"({counts['near_duplicates_across_splits']} across splits, "
                 f"{counts['near_duplicates_across_labels']} across labels)", pairs, "none found"),

@@ -202,6 +202,12 @@ def test_a_class_of_one_image_skips_the_label_search_only():
     report, _ = run_audit(small, classes, SETTINGS, seed=0, meta=meta(32, classes))
     assert report["label_issues"] == [] and report["settings"]["folds"] == 0
     assert report["counts"]["images"] == keep.sum()
+    # Not searched is not the same as none found, in the report and in the summary.
+    assert report["counts"]["label_issues"] is None
+    assert report["settings"]["label_issues_not_searched"] == (
+        "class 'c' has 1 image, and cross-validation needs at least two of each")
+    assert "- **Labels not checked**: class 'c' has 1 image" in summary_section(report)
+    assert "look mislabelled" not in summary_section(report)
 
 
 def texture(seed: int, size: int = 128) -> Image.Image:

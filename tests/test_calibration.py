@@ -1,3 +1,5 @@
+import math
+
 import numpy as np
 import pytest
 
@@ -46,9 +48,23 @@ def test_binary_scores_are_one_column_against_zero():
 
 def test_held_out_images_all_right_only_sharpen_and_within_the_bounds():
     scores = np.array([[5.0, 0.0], [0.0, 4.0], [6.0, 1.0]])
-    temperature = fit_temperature(scores, np.array([0, 1, 0]))
-    # The likelihood keeps growing as T shrinks, until it is 1 to machine precision.
-    assert TEMPERATURE_BOUNDS[0] <= temperature < 0.1
+    # By likelihood alone it keeps growing as T shrinks, until it is 1 to machine precision;
+    # the prior holds three images close to T = 1.
+    unlimited = fit_temperature(scores, np.array([0, 1, 0]), prior_sd=math.inf)
+    assert TEMPERATURE_BOUNDS[0] <= unlimited < 0.1
+    assert 0.9 < fit_temperature(scores, np.array([0, 1, 0])) < 1.0
+
+
+def test_the_prior_moves_a_temperature_on_few_images_part_of_the_way_only():
+    scores, labels = calibrated_scores(seed=4)
+    distorted = scores * 3.0
+    for rows in (10, 30, 100):
+        likelihood = fit_temperature(distorted[:rows], labels[:rows], prior_sd=math.inf)
+        posterior = fit_temperature(distorted[:rows], labels[:rows])
+        assert 1.0 < posterior < likelihood
+    # Thousands of images leave it where they say.
+    assert fit_temperature(distorted, labels) == pytest.approx(
+        fit_temperature(distorted, labels, prior_sd=math.inf), rel=0.01)
 
 
 def test_no_held_out_rows_leave_the_scores_as_they_are():

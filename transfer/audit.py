@@ -25,7 +25,7 @@ import numpy as np
 
 from transfer.artifacts import load_arrays, save_arrays
 from transfer.embeddings import EmbeddingMeta, read_rows
-from transfer.errors import PipelineError
+from transfer.errors import PipelineError, counted
 from transfer.keypoints import KeypointMatcher, PairCache
 from transfer.layout import AUDIT_PICTURE, AUDIT_REPORT
 from transfer.machine import usable_cores
@@ -469,7 +469,13 @@ def run_audit(images: AuditImages, classes: Sequence[str], settings: AuditSettin
 
     folds = usable_folds(images.labels, settings.folds)
     issues: list[dict[str, Any]] = []
-    flagged = 0
+    flagged: int | None = None  # not searched
+    present, sizes = np.unique(images.labels, return_counts=True)
+    smallest = (classes[int(present[np.argmin(sizes)])], int(sizes.min())) if len(sizes) else None
+    not_searched = None
+    if 0 < folds < settings.folds:
+        log.warning("audit.folds: %d folds instead of %d: class '%s' has %d images", folds,
+                    settings.folds, *smallest)
     if folds:
         probabilities = out_of_fold_probabilities(images.features, images.labels, len(classes),
                                                   folds, settings.C, seed)
@@ -480,8 +486,10 @@ def run_audit(images: AuditImages, classes: Sequence[str], settings: AuditSettin
                    "score": round(float(quality[i]), 4)}
                   for i in ranked[:settings.max_listed]]
     else:
-        log.warning("label issues not searched: a class has a single image, and "
-                    "cross-validation needs at least two of each")
+        not_searched = (f"class '{smallest[0]}' has {counted(smallest[1], 'image')}, and "
+                        "cross-validation needs at least two of each") if smallest else \
+            "no labelled images"
+        log.warning("label issues not searched: %s", not_searched)
 
     centre = training_centre(images)
     matcher = KeypointMatcher(pixels, pair_cache) \
@@ -501,7 +509,8 @@ def run_audit(images: AuditImages, classes: Sequence[str], settings: AuditSettin
             "near_duplicates_across_labels": pairs.across_labels,
             "unfamiliar": int((scores > familiarity.threshold).sum()),
         },
-        "settings": {"folds": folds, "C": settings.C,
+        "settings": {"folds": folds, "label_issues_not_searched": not_searched,
+                     "C": settings.C,
                      "duplicate_margin": settings.duplicate_margin,
                      "duplicate_keypoints": settings.duplicate_keypoints if matcher else 0,
                      "neighbours": familiarity.k,
@@ -529,7 +538,9 @@ def summary_section(report: dict[str, Any]) -> str:
     counts, settings = report["counts"], report["settings"]
     lines = ["", "## Data audit", "",
              f"- {counts['label_issues']} of {counts['images']} images look mislabelled "
-             f"(confident learning on {settings['folds']}-fold out-of-fold probabilities)."]
+             f"(confident learning on {settings['folds']}-fold out-of-fold probabilities)."
+             if counts["label_issues"] is not None else
+             f"- **Labels not checked**: {settings['label_issues_not_searched']}."]
     if report["label_issues"]:
         top = report["label_issues"][0]
         lines[-1] = lines[-1][:-1] + f"; the most likely: `{top['path']}`, filed as " \
@@ -546,7 +557,7 @@ def summary_section(report: dict[str, Any]) -> str:
         ("label_issues", "label_issues", "likely mislabelled images"),
         ("near_duplicates", "near_duplicate_pairs",
          "near-duplicate pairs (those across splits or labels first)"))
-        if len(report[key]) < counts[count]]
+        if counts[count] is not None and len(report[key]) < counts[count]]
     if cut:  # a short list must not read as all there is
         lines.insert(-1, f"- `{AUDIT_REPORT}` lists the first {' and '.join(cut)}; "
                          f"`audit.max_listed` ({settings['max_listed']}) sets how many.")
