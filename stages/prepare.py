@@ -43,7 +43,7 @@ def main() -> None:
                             "disk") from err
     for line in summarize(report):
         log.info("%s", line)
-    for line in copies_left(report["curation"]):
+    for line in copies_left(report["curation"]) + not_applied(report["curation"]):
         log.warning("%s", line)
     untrained = report["missing_from_split"].get("train")
     if untrained:
@@ -65,6 +65,23 @@ def copies_left(curated: dict) -> list[str]:
             lines.append(f"{left['entry']}: '{left['path']}' has exact copies that {effect}: "
                          f"{shown}; to {kind} every copy, name the picture by its id, "
                          f"{left['id']}")
+    return lines
+
+
+def not_applied(curated: dict) -> list[str]:
+    """Warnings for curation entries that changed nothing: those naming no image of the source
+    (a typo, or rows for another data set) and relabels of excluded images."""
+    lines = []
+    for kind in ("exclude", "relabel"):
+        missing = curated[kind].get("unmatched") or []
+        if missing:
+            more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+            verb = "names" if len(missing) == 1 else "name"
+            lines.append(f"{curated[kind]['file']}: {counted(len(missing), 'line')} {verb} no "
+                         f"image of data.source (a typo, or rows for another data set?): "
+                         f"{', '.join(missing[:3])}{more}")
+    lines += [f"{named['entry']}: '{named['path']}' is excluded, so it is not relabelled"
+              for named in curated["relabel"].get("of_excluded") or []]
     return lines
 
 
@@ -92,12 +109,7 @@ def summarize(report: dict) -> list[str]:
     for kind, done in (("exclude", "excluded"), ("relabel", "relabelled")):
         changes = report["curation"][kind]
         if changes["entries"]:
-            missing = changes["unmatched"]
-            more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
-            unmatched = f" ({len(missing)} of its entries name no image: " \
-                f"{', '.join(missing[:3])}{more})" if missing else ""
-            lines.append(f"{changes['file']}: {counted(len(changes[done]), 'image')} "
-                         f"{done}{unmatched}")
+            lines.append(f"{changes['file']}: {counted(len(changes[done]), 'image')} {done}")
     if report["left_out_by_max_per_class"]:
         lines.append(f"{counted(report['left_out_by_max_per_class'], 'image')} left out by "
                      "data.max_per_class")

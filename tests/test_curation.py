@@ -238,6 +238,9 @@ def test_an_image_both_excluded_and_relabelled_is_reported_excluded_only(colours
     assert [e["path"] for e in report["curation"]["exclude"]["excluded"]] == ["green/1.png"]
     assert [r["path"] for r in report["curation"]["relabel"]["relabelled"]] == ["green/2.png"]
     assert "green/1.png" not in stored(colours)
+    # The relabel row that changed nothing is not lost: the report names it.
+    assert report["curation"]["relabel"]["of_excluded"] == [
+        {"path": "green/1.png", "entry": "data/relabel.csv:2"}]
 
 
 @pytest.mark.parametrize(("exclude", "relabel"), [

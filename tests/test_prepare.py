@@ -326,6 +326,15 @@ def test_the_closing_summary_counts_in_words_and_says_how_many_it_does_not_list(
     assert prepare.summarize(report) == [
         "2 classes, 1 image: train 1, val 0, test 0",
         "1 image under several labels excluded",
-        "data/exclude.txt: 1 image excluded (5 of its entries name no image: "
-        "data/exclude.txt:2, data/exclude.txt:3, data/exclude.txt:4 and 2 more)",
+        "data/exclude.txt: 1 image excluded",
         "details: reports/data.json"]
+    report["curation"]["relabel"] = {"file": "data/relabel.csv", "entries": 2,
+                                     "unmatched": ["data/relabel.csv:3"],
+                                     "of_excluded": [{"path": "a/1.png",
+                                                      "entry": "data/relabel.csv:2"}]}
+    assert prepare.not_applied(report["curation"]) == [
+        "data/exclude.txt: 5 lines name no image of data.source (a typo, or rows for another "
+        "data set?): data/exclude.txt:2, data/exclude.txt:3, data/exclude.txt:4 and 2 more",
+        "data/relabel.csv: 1 line names no image of data.source (a typo, or rows for another "
+        "data set?): data/relabel.csv:3",
+        "data/relabel.csv:2: 'a/1.png' is excluded, so it is not relabelled"]

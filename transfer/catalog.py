@@ -190,14 +190,16 @@ class Catalog:
                 "copies_left": self._copies_left(by_path, other_label_only=False)}
 
     def relabel(self, entries: list[Entry], classes: list[str]) -> dict[str, Any]:
-        """File every file an entry names under its new label; returns what changed and which
-        entries named nothing (rows for another source, say). An entry that names a file and
-        a label that is not one of ``classes``, or a file another entry (by its path, or by
-        its id) gives another label, stops with one line."""
-        relabelled, unmatched, by_path = [], [], []
+        """File every file an entry names under its new label; returns what changed, which
+        entries named nothing (rows for another source, say) and which named excluded files.
+        An entry that names a file and a label that is not one of ``classes``, or a file
+        another entry (by its path, or by its id) gives another label, stops with one line."""
+        relabelled, unmatched, by_path, of_excluded = [], [], [], []
         given: dict[int, Entry] = {}
         for entry, rank, id_, label in self._matches(entries, unmatched):
             excluded = self._excluded(rank)  # an excluded file is not relabelled
+            if excluded:
+                of_excluded.append({"path": id_, "entry": entry.where})
             if not is_content_id(entry.image) and not excluded:
                 by_path.append((entry, rank, id_))
             if entry.label not in classes:
@@ -212,7 +214,7 @@ class Catalog:
             if label != entry.label and not excluded:
                 relabelled.append({"path": id_, "from": label, "to": entry.label,
                                    "entry": entry.where})
-        return {"relabelled": relabelled, "unmatched": unmatched,
+        return {"relabelled": relabelled, "unmatched": unmatched, "of_excluded": of_excluded,
                 "copies_left": self._copies_left(by_path, other_label_only=True)}
 
     def _excluded(self, rank: int) -> bool:
