@@ -90,8 +90,9 @@ def test_a_bad_parameter_in_a_workspace_experiment_says_how_to_put_params_back(
     monkeypatch.setenv("DVC_ROOT", str(workspace if where == "queued experiment" else tmp_path))
     line = one_error_line(run_stage_cli("check_params", tmp_path))
     assert line.startswith("error: params.yaml: finetune.epochs=0 is out of range")
-    hint = "`touch params.yaml && git diff params.yaml` shows it; `git checkout params.yaml` " \
-        "puts back the committed file"
+    # Both commands touch the file first: Git may trust its index and see no change.
+    hint = "`touch params.yaml && git diff params.yaml` shows it; " \
+        "`touch params.yaml && git checkout params.yaml` puts back the committed file"
     assert (hint in line) == (where == "workspace experiment")
 
 

@@ -36,10 +36,12 @@ class ParamsError(PipelineError):
 # Said after a ParamsError in an experiment DVC runs in the workspace: after a failed run,
 # DVC leaves the values `-S` set in params.yaml, and the next `dvc exp run -S` (of another
 # key) fails on them again; Git may not even show the file as changed (docs/experiments.md).
+# The `touch` is in both commands: without it Git may trust its index, see no change, and
+# `git checkout` puts back nothing.
 AFTER_A_FAILED_EXPERIMENT = ("; a value `dvc exp run -S` set stays in params.yaml after a "
                              "failed run (`touch params.yaml && git diff params.yaml` shows it; "
-                             "`git checkout params.yaml` puts back the committed file, without "
-                             "any edit of yours)")
+                             "`touch params.yaml && git checkout params.yaml` puts back the "
+                             "committed file, without any edit of yours)")
 
 
 class UsageError(PipelineError):
