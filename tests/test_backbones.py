@@ -1,3 +1,4 @@
+import sys
 import urllib.error
 
 import numpy as np
@@ -137,6 +138,37 @@ def test_unknown_backbone_suggests_close_names():
     with pytest.raises(PipelineError, match="unknown torchvision classification model "
                                            "'resnet51'; did you mean resnet50"):
         load_backbone("torchvision:resnet51")
+
+
+def test_check_params_refuses_an_unknown_backbone_name_before_extraction(tmp_path):
+    # DVC deletes the embeddings before extract runs: a misspelt backbone.name stops the run
+    # in check_params instead, with the names it begins as suggestions.
+    from tests.conftest import one_error_line, run_stage_cli, write_params
+
+    write_params(tmp_path, {"backbone": {"name": "tf_efficientnet_lite"}})
+    assert one_error_line(run_stage_cli("check_params", tmp_path)) == (
+        "error: backbone.name: unknown timm model 'tf_efficientnet_lite'; did you mean "
+        "tf_efficientnet_lite0, tf_efficientnet_lite1, tf_efficientnet_lite2?")
+    write_params(tmp_path, {"backbone": {"name": "torchvision:resnet51"}})
+    assert "unknown torchvision classification model 'resnet51'; did you mean resnet50" in \
+        one_error_line(run_stage_cli("check_params", tmp_path))
+
+
+
+def test_the_last_extracted_backbone_name_is_checked_without_importing_timm(
+        tmp_path, monkeypatch):
+    # Listing timm's models imports it (seconds on every edit of params.yaml); the default
+    # and the name the embeddings were last extracted with are known good.
+    from transfer.params import check_backbone_name
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setitem(sys.modules, "timm", None)  # any import of timm now fails
+    check_backbone_name("tf_efficientnet_lite0")
+    with pytest.raises(ImportError):
+        check_backbone_name("resnet18")
+    (tmp_path / "data" / "embeddings").mkdir(parents=True)
+    (tmp_path / "data" / "embeddings" / "meta.json").write_text('{"backbone": "resnet18"}')
+    check_backbone_name("resnet18")
 
 
 def test_timm_offline_download_failure_names_the_cache(monkeypatch):
@@ -284,6 +316,37 @@ def test_a_weights_file_outside_the_weights_folder_is_refused(tmp_path, stage):
     (tmp_path / "weights" / "w.pth").symlink_to(tmp_path / "models" / "w.pth")
     write_params(tmp_path, {"backbone": {"name": "resnet18", "weights": "weights/w.pth"}})
     assert "leads through a link to" in one_error_line(run_stage_cli(stage, tmp_path))
+
+
+@pytest.mark.parametrize("stage", ["check_params", "extract"])
+def test_a_weights_value_that_names_no_state_dict_stops_before_extraction(tmp_path, stage):
+    # check_params runs before DVC deletes the embeddings to re-extract them: a file that is
+    # missing or is no state dict, or a torchvision weights name given to a timm model, stops
+    # the run there with one line.
+    from tests.conftest import one_error_line, run_stage_cli, write_params
+
+    def error(weights: str, name: str = "resnet18") -> str:
+        write_params(tmp_path, {"backbone": {"name": name, "weights": weights}})
+        return one_error_line(run_stage_cli(stage, tmp_path))
+
+    (tmp_path / "weights").mkdir()
+    (tmp_path / "weights" / "README.md").write_text("# Backbone weights\n")
+    assert error("weights/resnet50.safetensors") == (
+        "error: backbone.weights: 'weights/resnet50.safetensors' is not a file; weights/ holds "
+        "no weights file")
+    torch.save({"conv1.weight": torch.zeros(1)}, tmp_path / "weights" / "mine.pth")
+    assert error("weights/resnet50.safetensors").endswith("weights/ holds mine.pth")
+    (tmp_path / "weights" / "resnet50.safetensors.dvc").write_text("outs:\n- path: x\n")
+    assert error("weights/resnet50.safetensors") == (
+        "error: backbone.weights: 'weights/resnet50.safetensors' is tracked by DVC but not in "
+        "the workspace; fetch it with dvc pull weights/resnet50.safetensors")
+    assert error("weights/README.md") == (
+        "error: backbone.weights: 'weights/README.md' is not a state-dict file (neither "
+        "torch.save's format nor safetensors); give one saved from the same architecture")
+    assert error("IMAGENET1K_V2") == (
+        "error: backbone.weights: 'IMAGENET1K_V2' reads as a torchvision weights name, which "
+        "only a torchvision:<model> backbone takes; for 'resnet18' give null (its own "
+        "pretrained weights) or a state-dict file in weights/")
 
 
 def test_read_ahead_keeps_the_order_and_raises_what_its_thread_raised():

@@ -220,6 +220,21 @@ def test_check_params_stops_on_a_malformed_relabel_file_before_prepare_runs(colo
         "image,label, got 'path,class'")
 
 
+@pytest.mark.parametrize("key", ["exclude", "relabel"])
+def test_a_curation_file_outside_the_project_is_refused(colours, key):
+    # Git cannot version a decision kept outside the repository; one line, before prepare.
+    outside = colours.parent / f"{colours.name}-{key}.txt"
+    outside.write_text("image,label\n" if key == "relabel" else "")
+    write_params(colours, {"seed": 0, "data": {"source": "data/raw/colours", key: str(outside)}})
+    assert one_error_line(run_stage_cli("check_params", colours)) == (
+        f"error: params.yaml: data.{key}: '{outside}' lies outside the project, so Git cannot "
+        f"track it; give a path inside it (default data/{key}."
+        f"{'csv' if key == 'relabel' else 'txt'})")
+    write_params(colours, {"seed": 0, "data": {"source": "data/raw/colours",
+                                               key: f"../{outside.name}"}})
+    assert "lies outside the project" in one_error_line(run_stage_cli("check_params", colours))
+
+
 def test_paths_written_from_the_repository_name_the_same_images(colours):
     # As `find data/raw -name ...` or a file manager gives them, beside paths relative to the
     # source as the reports write them.

@@ -103,6 +103,8 @@ def test_unknown_section_lists_top_level_keys():
     ({"finetune": {"flip_average": "yes"}}, r"finetune.flip_average='yes' has the wrong type"),
     ({"head": {"C": [1, 2]}}, r"head.C=\[1, 2\] has the wrong type; expected auto or a number "
                               r"in \(0.0, inf\)$"),
+    ({"backbone": {"batch_size": 8.5}}, r"backbone.batch_size=8.5 has the wrong type; expected "
+                                        r"auto or a whole number in \[1, \d+\]$"),
 ])
 def test_bad_values_name_the_key_and_what_is_allowed(raw, expected):
     with pytest.raises(ParamsError, match=expected):

@@ -9,7 +9,6 @@ embeddings so that every later stage feeds the network exactly what it was train
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import logging
 import math
@@ -31,14 +30,13 @@ from transfer.artifacts import sha256_file
 from transfer.embeddings import EmbeddingMeta, json_preview
 from transfer.engines import CompiledNetwork, Engine, TorchEngine, hash_tensors
 from transfer.errors import PipelineError, first_line
-from transfer.params import weights_file_named
+from transfer.params import TORCHVISION_PREFIX, check_model_name, weights_file_named
 from transfer.pixels import PIL_FILTERS, ResizeCrop, pixel_arrays, read_ahead
 from transfer.runtime import Runtime, resolve_runtime
 
 log = logging.getLogger(__name__)
 
 DEFAULT_BACKBONE = "tf_efficientnet_lite0"
-TORCHVISION_PREFIX = "torchvision:"
 # On CPU small batches stay in cache: on 2 cores lite0 ran 2x faster at 4-8 than at 64.
 CPU_BATCH_SIZE = 8
 RANDOM_INIT = "random-init"
@@ -275,7 +273,7 @@ def weights_argument(weights_id: str) -> str | None:
 
 
 def _load_timm(name: str, weights: str | None, pretrained: bool = True) -> Backbone:
-    _check_name(name, timm.list_models(), "timm model", "timm.list_models()")
+    check_model_name(name, timm.list_models(), "timm model", "timm.list_models()")
     path = None
     if not pretrained:
         model = timm.create_model(name, pretrained=False)
@@ -319,7 +317,7 @@ def _timm_source_labels(model: torch.nn.Module) -> list[str] | None:
 def _load_torchvision(arch: str, weights: str | None, pretrained: bool = True) -> Backbone:
     import torchvision.models
 
-    _check_name(arch, torchvision.models.list_models(module=torchvision.models),
+    check_model_name(arch, torchvision.models.list_models(module=torchvision.models),
                 "torchvision classification model", "torchvision.models.list_models()")
     model = torchvision.models.get_model(arch, weights=None)
     enum = torchvision.models.get_model_weights(arch)
@@ -375,13 +373,6 @@ def _replace_module(model: torch.nn.Module, dotted: str, replacement: torch.nn.M
     parent_name, _, child = dotted.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, replacement)
-
-
-def _check_name(name: str, known: Sequence[str], what: str, where: str) -> None:
-    if name not in known:
-        close = difflib.get_close_matches(name, known, n=3)
-        hint = f"; did you mean {', '.join(close)}?" if close else f"; see {where}"
-        raise PipelineError(f"backbone.name: unknown {what} '{name}'{hint}")
 
 
 def _create_timm_pretrained(name: str) -> torch.nn.Module:

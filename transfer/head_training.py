@@ -91,8 +91,10 @@ HEAD_TRAINERS: dict[str, type[HeadTrainer]] = {"logistic": LogisticTrainer, "mlp
 def log_search(trainer: HeadTrainer, fitted: Fitted) -> None:
     search, key = fitted.search, f"head.{trainer.parameter}"
     held_out: HeldOut = search.held_out
+    what = f"{key} chosen" if search.auto else f"{key}={search.chosen:g} scored"
     (log.warning if held_out.fallback else log.info)(
-        "%s scored on the %s: %s", key, held_out.description, held_out.reason)
+        "%s, and the temperature fitted, on the %s: %s", what, held_out.description,
+        held_out.reason)
     if not search.auto:
         return
     chosen = search.points[[p.value for p in search.points].index(search.chosen)]

@@ -14,15 +14,16 @@ import math
 import re
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from transfer.artifacts import read_utf8
-from transfer.errors import ParamsError, first_line, unprintable
-from transfer.layout import EXCLUDE_FILE, RELABEL_FILE, WEIGHTS_DIR, outside
+from transfer.artifacts import read_json, read_utf8
+from transfer.errors import ParamsError, PipelineError, first_line, unprintable
+from transfer.layout import EMBEDDINGS_DIR, EXCLUDE_FILE, RELABEL_FILE, WEIGHTS_DIR, outside
 from transfer.selection import SELECT_BY
 from transfer.strategies import STRATEGIES
 
@@ -93,7 +94,18 @@ class DataParams:
         if self.val_size + self.test_size >= 1.0:
             return (f"data.val_size={self.val_size:g} and data.test_size={self.test_size:g} "
                     "leave no image for training; their sum must be below 1")
+        for key, path in (("exclude", self.exclude), ("relabel", self.relabel)):
+            # A decision that Git does not track is not versioned, and dvc.yaml's dependency
+            # on a file outside the project is not one a teammate's clone can satisfy.
+            if outside(Path(path), Path(".")) is not None:
+                return (f"data.{key}: '{path}' lies outside the project, so Git cannot track "
+                        f"it; give a path inside it (default "
+                        f"{(EXCLUDE_FILE if key == 'exclude' else RELABEL_FILE).as_posix()})")
         return None
+
+
+# How backbone.name names a torchvision model: torchvision:resnet50; any other name is timm's.
+TORCHVISION_PREFIX = "torchvision:"
 
 
 def weights_file_named(backbone: str, weights: str | None) -> Path | None:
@@ -102,18 +114,32 @@ def weights_file_named(backbone: str, weights: str | None) -> Path | None:
     IMAGENET1K_V2 (a value with neither a suffix nor a folder)."""
     if weights is None:
         return None
-    if backbone.startswith("torchvision:") and not (Path(weights).suffix or "/" in weights):
+    if backbone.startswith(TORCHVISION_PREFIX) and not (Path(weights).suffix or "/" in weights):
         return None
     return Path(weights)
 
 
+# How the files a state dict is read from begin: torch.save's zip archive, its legacy
+# pickle (protocol 2 or later), and safetensors (an 8-byte header length, then JSON).
+_STATE_DICT_STARTS = (re.compile(rb"PK\x03\x04"), re.compile(rb"\x80"),
+                      re.compile(rb".{8}\{", re.S))
+# A torchvision weights enum name, such as IMAGENET1K_V2 or DEFAULT.
+_WEIGHTS_ENUM_NAME = re.compile(r"[A-Z][A-Z0-9_]*")
+
+
 def check_weights_file(backbone: str, weights: str | None) -> None:
-    """A state-dict file named in ``backbone.weights`` lies in ``weights/``, which dvc.yaml
-    watches for extract: anywhere else (or through a link that leads out of it), ``dvc repro``
-    would call the embeddings up to date after the file changed. Else one line saying how."""
+    """A state-dict file named in ``backbone.weights`` exists, looks like one, and lies in
+    ``weights/``, which dvc.yaml watches for extract: anywhere else (or through a link that
+    leads out of it), ``dvc repro`` would call the embeddings up to date after the file
+    changed. Else one line saying how, before DVC deletes the embeddings to re-extract."""
     path = weights_file_named(backbone, weights)
     if path is None:
         return
+    if _WEIGHTS_ENUM_NAME.fullmatch(weights):
+        raise ParamsError(
+            f"backbone.weights: '{weights}' reads as a torchvision weights name, which only a "
+            f"torchvision:<model> backbone takes; for '{backbone}' give null (its own "
+            f"pretrained weights) or a state-dict file in {WEIGHTS_DIR}/")
     where = outside(path, WEIGHTS_DIR)
     if where is not None and where[0] == "linked":
         raise ParamsError(
@@ -126,6 +152,55 @@ def check_weights_file(backbone: str, weights: str | None) -> None:
             "for extract, so dvc repro would call the embeddings up to date after the file "
             f"changes; copy it in (cp '{weights}' {WEIGHTS_DIR}/ && dvc add "
             f"{WEIGHTS_DIR}/{path.name}) and set backbone.weights: {WEIGHTS_DIR}/{path.name}")
+    if not path.is_file():
+        if path.with_name(f"{path.name}.dvc").is_file():
+            raise ParamsError(f"backbone.weights: '{weights}' is tracked by DVC but not in the "
+                              f"workspace; fetch it with dvc pull {weights}")
+        held = sorted(p.name for p in WEIGHTS_DIR.glob("*") if p.is_file() and not (
+            p.name.startswith(".") or p.suffix in (".dvc", ".md")))
+        raise ParamsError(f"backbone.weights: '{weights}' is not a file; {WEIGHTS_DIR}/ holds "
+                          + (", ".join(held) if held else "no weights file"))
+    with path.open("rb") as file:
+        start = file.read(9)
+    if not any(pattern.match(start) for pattern in _STATE_DICT_STARTS):
+        raise ParamsError(
+            f"backbone.weights: '{weights}' is not a state-dict file (neither torch.save's "
+            "format nor safetensors); give one saved from the same architecture")
+
+
+def check_model_name(name: str, known: Sequence[str], what: str, where: str) -> None:
+    """``name`` is one of the ``known`` models, else one line suggesting the names it begins
+    (``tf_efficientnet_lite`` → lite0, lite1, lite2) or, failing those, the closest."""
+    if name in known:
+        return
+    close = sorted(k for k in known if k.startswith(name))[:3] or \
+        difflib.get_close_matches(name, known, n=3)
+    hint = f"; did you mean {', '.join(close)}?" if close else f"; see {where}"
+    raise ParamsError(f"backbone.name: unknown {what} '{name}'{hint}")
+
+
+def check_backbone_name(name: str) -> None:
+    """``backbone.name`` names a model timm or torchvision builds. Listing them imports the
+    library (several seconds), so the default and the backbone the embeddings were last
+    extracted with (data/embeddings/meta.json; only read, as a name known to be good) pass
+    without it: the import is paid when the name changes, and extract with it."""
+    if name == BackboneParams.name:
+        return
+    try:
+        if read_json(EMBEDDINGS_DIR / "meta.json").get("backbone") == name:
+            return
+    except (PipelineError, AttributeError):
+        pass  # no embeddings yet, or a damaged meta file that extract will replace
+    if name.startswith(TORCHVISION_PREFIX):
+        import torchvision.models
+
+        check_model_name(name[len(TORCHVISION_PREFIX):],
+                         torchvision.models.list_models(module=torchvision.models),
+                         "torchvision classification model", "torchvision.models.list_models()")
+    else:
+        import timm
+
+        check_model_name(name, timm.list_models(), "timm model", "timm.list_models()")
 
 
 @dataclass(frozen=True)
@@ -375,7 +450,8 @@ def _check_value(key: str, value: Any, hint: Any, meta: Any, source: str) -> Any
     except ParamsError:
         if "range" in meta and "choices" in meta:  # the only words it takes are its choices
             raise ParamsError(f"{source}: {key}={_show(value)} has the wrong type; expected "
-                              f"{_allowed(meta)}") from None
+                              f"{_allowed(meta, int in allowed and float not in allowed)}"
+                              ) from None
         if bool in allowed and isinstance(value, str) and value.lower() in YAML11_BOOLEANS:
             raise ParamsError(f"{source}: {key}={_show(value)} has the wrong type; expected "
                               "bool: write true or false (DVC reads yes, no, on and off as "
@@ -422,9 +498,11 @@ def _choices(meta: Any) -> str:
     return ", ".join("null" if c is None else str(c) for c in meta["choices"])
 
 
-def _allowed(meta: Any) -> str:
-    """The range of a numeric field, after its word choices if it has any."""
-    return f"{_choices(meta)} or a number in {_range(meta)}" if "choices" in meta \
+def _allowed(meta: Any, whole: bool = False) -> str:
+    """The range of a numeric field, after its word choices if it has any (``whole``: it
+    takes integers only)."""
+    number = "a whole number" if whole else "a number"
+    return f"{_choices(meta)} or {number} in {_range(meta)}" if "choices" in meta \
         else _range(meta)
 
 
