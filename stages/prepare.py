@@ -45,10 +45,15 @@ def main() -> None:
         log.info("%s", line)
     for line in copies_left(report["curation"]) + not_applied(report["curation"]):
         log.warning("%s", line)
-    untrained = report["missing_from_split"].get("train")
-    if untrained:
+    missing = report["missing_from_split"]
+    if missing.get("train"):
         log.warning("no training image for class %s: the model can never predict it; add "
-                    "images or lower data.val_size/data.test_size", ", ".join(untrained))
+                    "images or lower data.val_size/data.test_size", ", ".join(missing["train"]))
+    for split, unseen in (("val", "the head's regularisation and temperature and the "
+                                  "fine-tuned epoch kept are chosen without it"),
+                          ("test", "evaluate cannot measure how well it is recognised")):
+        if missing.get(split):
+            log.warning("no %s image for class %s: %s", split, ", ".join(missing[split]), unseen)
 
 
 def copies_left(curated: dict) -> list[str]:
@@ -100,9 +105,6 @@ def summarize(report: dict) -> list[str]:
         lines.append(f"{len(report['duplicates'])} exact duplicates kept once")
     if report["conflicts"]:
         lines.append(f"{counted(len(report['conflicts']), 'image')} under several labels excluded")
-    for split, names in report["missing_from_split"].items():
-        if split != "train":  # a warning of its own
-            lines.append(f"no {split} image for class {', '.join(names)}")
     if report["small_images"]["count"]:
         lines.append(f"{counted(report['small_images']['count'], 'image')} smaller than "
                      f"{report['small_images']['min_side_below']} px on a side")

@@ -243,6 +243,22 @@ def test_a_class_without_training_images_is_a_warning(tmp_path, monkeypatch, cap
     assert report["missing_from_split"] == {"train": ["c"]}
 
 
+def test_a_class_without_validation_or_test_images_is_a_warning(tmp_path, monkeypatch, caplog):
+    import logging
+
+    write_pre_split(tmp_path / "data" / "raw" / "set",
+                    {"train": ["a", "b", "c"], "val": ["a", "b"], "test": ["a", "c"]})
+    write_params(tmp_path, {"data": {"source": "data/raw/set", "min_per_class": 1}})
+    monkeypatch.chdir(tmp_path)
+    with caplog.at_level(logging.INFO):
+        prepare.main()
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == [
+        "no val image for class c: the head's regularisation and temperature and the "
+        "fine-tuned epoch kept are chosen without it",
+        "no test image for class b: evaluate cannot measure how well it is recognised"]
+
+
 @pytest.mark.parametrize(("name", "shown", "escape"), [("new\nline", "new\\nline", "\\n"),
                                                       ("bell\a", "bell\\x07", "\\x07")])
 def test_a_label_with_a_control_character_stops_prepare_in_one_line(tmp_path, name, shown,
