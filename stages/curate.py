@@ -1,0 +1,65 @@
+"""Turn the audit's findings into lines of the curation files (not a DVC stage).
+
+    python -m stages.curate leaks              # print what it would append to data.exclude
+    python -m stages.curate leaks --apply      # append it; review with git diff, then dvc repro
+    python -m stages.curate labels --apply     # likely mislabelled images, to data.relabel
+    python -m stages.curate outliers --top 5   # the 5 farthest beyond the unfamiliar distance
+
+Reads ``reports/audit.json``; each line names an image by its id, with its path and the reason
+in a comment. Images the file already names (by id or path) are left out, so running it again
+adds nothing. The files are those ``params.yaml`` names (``data.exclude``, ``data.relabel``).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+from transfer.artifacts import read_utf8
+from transfer.errors import ArgumentParser, run_stage
+from transfer.layout import AUDIT_REPORT, PARAMS
+from transfer.params import load_params
+from transfer.suggestions import KINDS, append, new_text, not_listed, plan, read_report, summary
+
+log = logging.getLogger(__name__)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = ArgumentParser(prog="python -m stages.curate",
+                            description=__doc__.splitlines()[0])
+    parser.add_argument("kind", choices=list(KINDS),
+                        help="leaks: the later-split copy of each near-duplicate pair across "
+                             "splits (to data.exclude); labels: likely mislabelled images "
+                             "(to data.relabel); outliers: images beyond the unfamiliar "
+                             "distance (to data.exclude)")
+    parser.add_argument("--apply", action="store_true",
+                        help="append the lines to the file instead of printing them")
+    parser.add_argument("--top", type=int, metavar="N",
+                        help="at most N suggestions (the report's order: strongest first)")
+    args = parser.parse_args(argv)
+    if args.top is not None and args.top < 1:
+        parser.error("--top must be 1 or more")
+    data = load_params(PARAMS).data
+    spec = KINDS[args.kind]
+    file = Path(data.relabel if spec.relabel else data.exclude)
+    report = read_report(AUDIT_REPORT, args.kind)
+    suggestions, already = plan(report, args.kind, file, args.top)
+    if args.apply and suggestions:
+        append(file, suggestions, spec.relabel)
+    elif not args.apply and suggestions:
+        try:
+            existing = read_utf8(file)
+        except FileNotFoundError:
+            existing = ""
+        sys.stdout.write(new_text(existing, suggestions, spec.relabel).lstrip("\n"))
+    log.info("%s", summary(args.kind, file, len(suggestions), already, args.apply))
+    note = not_listed(report, args.kind, AUDIT_REPORT)
+    if note:
+        log.warning("%s", note)
+    if args.apply and suggestions:
+        log.info("review with git diff %s, then dvc repro", file)
+
+
+if __name__ == "__main__":
+    run_stage(main)

@@ -1,0 +1,148 @@
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import one_error_line, run_stage_cli, working_directory
+from tests.test_curation import colours, prepared, stored  # noqa: F401 (a fixture)
+from transfer.suggestions import Suggestion, leaks, new_text
+
+
+def pair(a: tuple, b: tuple, similarity: float = 0.99) -> dict:
+    """A near-duplicate pair of reports/audit.json from two (path, split, label, id)."""
+    return {"a": a[0], "b": b[0], "ids": [a[3], b[3]], "similarity": similarity, "margin": 0.5,
+            "keypoints": 40, "splits": [a[1], b[1]], "labels": [a[2], b[2]]}
+
+
+def audit_report(root: Path, pairs=(), issues=(), outliers=(), listed: int = 50,
+                 counted: dict | None = None) -> None:
+    counts = {"images": 24, "label_issues": len(issues), "near_duplicate_pairs": len(pairs),
+              "near_duplicates_across_splits": 0, "near_duplicates_across_labels": 0,
+              "unfamiliar": 1, **(counted or {})}
+    report = {"counts": counts,
+              "settings": {"folds": 5, "label_issues_not_searched": None, "C": 0.1,
+                           "unfamiliar_distance": 0.5, "max_listed": listed},
+              "label_issues": list(issues), "near_duplicates": list(pairs),
+              "outliers": list(outliers)}
+    (root / "reports").mkdir(exist_ok=True)
+    (root / "reports" / "audit.json").write_text(json.dumps(report))
+
+
+def images_by_split(root: Path) -> dict[str, list[tuple]]:
+    """Every prepared image as (path, split, label, id), by split."""
+    out: dict[str, list[tuple]] = {}
+    for path, (split, label, image_id) in sorted(stored(root).items()):
+        out.setdefault(split, []).append((path, split, label, image_id))
+    return out
+
+
+def curate(root: Path, *args: str) -> None:
+    from stages import curate as command
+
+    with working_directory(root):
+        command.main(list(args))
+
+
+def test_leaks_exclude_the_later_split_copy_once_and_prepare_applies_them(colours):  # noqa: F811
+    prepared(colours)
+    split = images_by_split(colours)
+    train, val, test = split["train"][0], split["val"][0], split["test"][0]
+    audit_report(colours, pairs=[pair(test, train), pair(val, test), pair(train, val),
+                                 pair(train, split["train"][1])])
+    curate(colours, "leaks", "--apply")
+    text = (colours / "data" / "exclude.txt").read_text()
+    def labels(a: tuple, b: tuple) -> str:
+        return "" if a[2] == b[2] else f", labelled '{a[2]}' against '{b[2]}'"
+
+    assert text.splitlines() == [
+        f"{test[3]}  # {test[0]}: test copy of {train[0]} (train), similarity 0.99"
+        f"{labels(test, train)}",
+        f"{val[3]}  # {val[0]}: val copy of {train[0]} (train), similarity 0.99"
+        f"{labels(val, train)}"]
+    from stages import prepare
+
+    with working_directory(colours):
+        prepare.main()
+    left = stored(colours)
+    assert test[0] not in left and val[0] not in left and train[0] in left
+    report = json.loads((colours / "reports" / "data.json").read_text())
+    assert sorted(e["path"] for e in report["curation"]["exclude"]["excluded"]) == \
+        sorted([test[0], val[0]])
+    curate(colours, "leaks", "--apply")  # again: nothing new
+    assert (colours / "data" / "exclude.txt").read_text() == text
+
+
+def test_label_fixes_go_to_the_relabel_file_with_its_header(colours, capsys):  # noqa: F811
+    prepared(colours)
+    image = images_by_split(colours)["train"][0]
+    other = "green" if image[2] != "green" else "red"
+    issue = {"id": image[3], "path": image[0], "split": "train", "given": image[2],
+             "suggested": other, "score": 0.97}
+    audit_report(colours, issues=[issue])
+    curate(colours, "labels")  # a preview: the file stays as it was
+    assert capsys.readouterr().out == (
+        f"image,label\n# {image[0]}: train, labelled '{image[2]}', likely '{other}' "
+        f"(score 0.97)\n{image[3]},{other}\n")
+    assert (colours / "data" / "relabel.csv").read_text() == ""
+    curate(colours, "labels", "--apply")
+    from stages import prepare
+
+    with working_directory(colours):
+        prepare.main()
+    assert stored(colours)[image[0]][1] == other
+
+
+def test_outliers_are_those_beyond_the_unfamiliar_distance_strongest_first(tmp_path):
+    near, far, farther = (
+        {"id": f"{n:016x}", "path": f"c/{n}.png", "split": "train", "label": "c", "score": s}
+        for n, s in ((1, 0.4), (2, 0.6), (3, 0.8)))
+    audit_report(tmp_path, outliers=[farther, far, near])
+    (tmp_path / "params.yaml").write_text("data:\n  source: digits\n")
+    result = run_stage_cli("curate", tmp_path, "outliers", "--top", "1")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"{3:016x}  # c/3.png: train, 'c', distance 0.8 (unfamiliar " \
+                            "beyond 0.5)\n"
+    assert "1 image to append to data/exclude.txt (outliers)" in result.stderr
+
+
+def test_a_report_that_lists_fewer_than_it_counted_says_how_to_see_the_rest(tmp_path):
+    audit_report(tmp_path, listed=1, counted={"near_duplicate_pairs": 7})
+    (tmp_path / "params.yaml").write_text("data:\n  source: digits\n")
+    result = run_stage_cli("curate", tmp_path, "leaks")
+    assert "reports/audit.json lists 1 of 7 near-duplicate pairs; raise audit.max_listed " \
+           "(dvc exp run -S audit.max_listed=7)" in result.stderr
+
+
+@pytest.mark.parametrize(("setup", "args", "message"), [
+    (lambda root: None, ["leaks"],
+     "error: reports/audit.json: missing; run the stage that writes it (dvc repro)"),
+    (lambda root: (root / "reports" / "audit.json").write_text('{"counts": {}}'), ["leaks"],
+     "error: reports/audit.json: not an audit report this version reads (no 'settings'); run "
+     "dvc repro to write it again"),
+    (lambda root: audit_report(root, counted={"label_issues": None}), ["labels"],
+     "error: reports/audit.json: the audit did not search for label issues (None), so there "
+     "is nothing to suggest"),
+    (lambda root: None, ["leaks", "--top", "0"],
+     "error: python -m stages.curate: --top must be 1 or more (see --help)"),
+])
+def test_bad_input_is_one_line(tmp_path, setup, args, message):
+    (tmp_path / "reports").mkdir()
+    (tmp_path / "params.yaml").write_text("data:\n  source: digits\n")
+    setup(tmp_path)
+    code = 2 if args[-1] == "0" else 1
+    assert one_error_line(run_stage_cli("curate", tmp_path, *args), code) == message
+
+
+def test_appended_lines_start_on_a_line_of_their_own_and_the_header_is_written_once():
+    suggestion = Suggestion("ab" * 8, "x/1.png", "why", "cat")
+    assert new_text("# a comment", [suggestion], relabel=True) == \
+        f"\nimage,label\n# x/1.png: why\n{'ab' * 8},cat\n"
+    assert new_text("image,label\n", [suggestion], relabel=True) == \
+        f"# x/1.png: why\n{'ab' * 8},cat\n"
+    assert new_text("", [Suggestion("ab" * 8, "x/\n.png", "why")], relabel=False) == \
+        f"{'ab' * 8}  # x/\\n.png: why\n"
+
+
+def test_a_pair_in_one_split_is_no_leak():
+    one = ("a.png", "test", "c", "1" * 16)
+    assert leaks({"near_duplicates": [pair(one, ("b.png", "test", "d", "2" * 16))]}) == []
