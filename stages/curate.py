@@ -20,6 +20,7 @@ from transfer.artifacts import read_utf8
 from transfer.errors import ArgumentParser, run_stage
 from transfer.layout import AUDIT_REPORT, PARAMS
 from transfer.params import load_params
+from transfer.sources import source_root
 from transfer.suggestions import KINDS, append, new_text, not_listed, plan, read_report, summary
 
 log = logging.getLogger(__name__)
@@ -44,7 +45,7 @@ def main(argv: list[str] | None = None) -> None:
     spec = KINDS[args.kind]
     file = Path(data.relabel if spec.relabel else data.exclude)
     report = read_report(AUDIT_REPORT, args.kind)
-    suggestions, already = plan(report, args.kind, file, args.top)
+    suggestions, already = plan(report, args.kind, file, args.top, source_root(data.source))
     if args.apply and suggestions:
         append(file, suggestions, spec.relabel)
     elif not args.apply and suggestions:

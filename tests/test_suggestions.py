@@ -70,6 +70,11 @@ def test_leaks_exclude_the_later_split_copy_once_and_prepare_applies_them(colour
         sorted([test[0], val[0]])
     curate(colours, "leaks", "--apply")  # again: nothing new
     assert (colours / "data" / "exclude.txt").read_text() == text
+    # Nor where the file names them by their path from the repository, as `find` writes it.
+    (colours / "data" / "exclude.txt").write_text(f"data/raw/colours/{test[0]}\n"
+                                                  f"{(colours / 'data/raw/colours' / val[0])}\n")
+    curate(colours, "leaks", "--apply")
+    assert len((colours / "data" / "exclude.txt").read_text().splitlines()) == 2
 
 
 def test_label_fixes_go_to_the_relabel_file_with_its_header(colours, capsys):  # noqa: F811

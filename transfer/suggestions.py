@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from transfer.artifacts import atomic_output, read_json, read_utf8
-from transfer.curation import RELABEL_HEADER, Entry, read_exclude, read_relabel
+from transfer.curation import RELABEL_HEADER, Curation, Entry, read_exclude, read_relabel
 from transfer.errors import PipelineError, counted, one_line
 
 SPLIT_ORDER = {"train": 0, "val": 1, "test": 2}
@@ -147,10 +147,15 @@ def new_text(existing: str, suggestions: list[Suggestion], relabel: bool) -> str
     return out.getvalue()
 
 
-def plan(report: dict, kind: str, file: Path, top: int | None) -> tuple[list[Suggestion], int]:
-    """The suggestions of ``kind`` not yet in ``file`` (at most ``top``), and how many were."""
+def plan(report: dict, kind: str, file: Path, top: int | None,
+         root: str | None) -> tuple[list[Suggestion], int]:
+    """The suggestions of ``kind`` not yet in ``file`` (at most ``top``), and how many were;
+    a path the file writes from the repository or absolute is read against the source's
+    ``root``, as ``prepare`` reads it."""
     spec = KINDS[kind]
     entries = (read_relabel if spec.relabel else read_exclude)(file)
+    if root is not None:
+        entries = Curation(exclude=entries).relative_to(root).exclude
     found = spec.find(report)
     fresh = [s for s in found if not decided(entries, s)]
     return fresh[:top], len(found) - len(fresh)
