@@ -552,7 +552,9 @@ def summary_section(report: dict[str, Any]) -> str:
               f"- {counts['unfamiliar']} images are farther from the training images than "
               f"{settings['unfamiliar_percentile']:g}% of validation images.",
               f"- Details: `{AUDIT_REPORT}`; the suspects: `{AUDIT_PICTURE}`. Act on them with "
-              "`data/exclude.txt` and `data/relabel.csv` (see docs/audit.md)."]
+              "`data/exclude.txt` and `data/relabel.csv`: `python -m stages.curate leaks` "
+              "(or `labels`, `outliers`) previews the lines, `--apply` appends them (see "
+              "docs/audit.md)."]
     cut = [f"{len(report[key])} of the {counts[count]} {what}" for key, count, what in (
         ("label_issues", "label_issues", "likely mislabelled images"),
         ("near_duplicates", "near_duplicate_pairs",

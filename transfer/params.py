@@ -97,10 +97,13 @@ class DataParams:
         for key, path in (("exclude", self.exclude), ("relabel", self.relabel)):
             # A decision that Git does not track is not versioned, and dvc.yaml's dependency
             # on a file outside the project is not one a teammate's clone can satisfy.
+            default = (EXCLUDE_FILE if key == "exclude" else RELABEL_FILE).as_posix()
+            if not path.strip() or Path(path) == Path("."):
+                return (f"data.{key}={_show(path)} names no file; give a path inside the "
+                        f"project (default {default})")
             if outside(Path(path), Path(".")) is not None:
-                return (f"data.{key}: '{path}' lies outside the project, so Git cannot track "
-                        f"it; give a path inside it (default "
-                        f"{(EXCLUDE_FILE if key == 'exclude' else RELABEL_FILE).as_posix()})")
+                return (f"data.{key}={_show(path)} lies outside the project, so Git cannot "
+                        f"track it; give a path inside it (default {default})")
         return None
 
 
