@@ -16,12 +16,20 @@ import logging
 import sys
 from pathlib import Path
 
-from transfer.artifacts import read_utf8
 from transfer.errors import ArgumentParser, run_stage
 from transfer.layout import AUDIT_REPORT, PARAMS
 from transfer.params import load_params
 from transfer.sources import source_root
-from transfer.suggestions import KINDS, append, new_text, not_listed, plan, read_report, summary
+from transfer.suggestions import (
+    KINDS,
+    append,
+    current_text,
+    new_text,
+    not_listed,
+    plan,
+    read_report,
+    summary,
+)
 
 log = logging.getLogger(__name__)
 
@@ -46,14 +54,10 @@ def main(argv: list[str] | None = None) -> None:
     file = Path(data.relabel if spec.relabel else data.exclude)
     report = read_report(AUDIT_REPORT, args.kind)
     suggestions, already = plan(report, args.kind, file, args.top, source_root(data.source))
-    if args.apply and suggestions:
+    if suggestions and args.apply:
         append(file, suggestions, spec.relabel)
-    elif not args.apply and suggestions:
-        try:
-            existing = read_utf8(file)
-        except FileNotFoundError:
-            existing = ""
-        sys.stdout.write(new_text(existing, suggestions, spec.relabel).lstrip("\n"))
+    elif suggestions:
+        sys.stdout.write(new_text(current_text(file), suggestions, spec.relabel).lstrip("\n"))
     log.info("%s", summary(args.kind, file, len(suggestions), already, args.apply))
     note = not_listed(report, args.kind, AUDIT_REPORT)
     if note:

@@ -30,7 +30,7 @@ from transfer.artifacts import sha256_file
 from transfer.embeddings import EmbeddingMeta, json_preview
 from transfer.engines import CompiledNetwork, Engine, TorchEngine, hash_tensors
 from transfer.errors import PipelineError, first_line
-from transfer.params import TORCHVISION_PREFIX, check_model_name, weights_file_named
+from transfer.params import TORCHVISION_PREFIX, check_known_model, weights_file_named
 from transfer.pixels import PIL_FILTERS, ResizeCrop, pixel_arrays, read_ahead
 from transfer.runtime import Runtime, resolve_runtime
 
@@ -273,7 +273,7 @@ def weights_argument(weights_id: str) -> str | None:
 
 
 def _load_timm(name: str, weights: str | None, pretrained: bool = True) -> Backbone:
-    check_model_name(name, timm.list_models(), "timm model", "timm.list_models()")
+    check_known_model(name)
     path = None
     if not pretrained:
         model = timm.create_model(name, pretrained=False)
@@ -317,8 +317,7 @@ def _timm_source_labels(model: torch.nn.Module) -> list[str] | None:
 def _load_torchvision(arch: str, weights: str | None, pretrained: bool = True) -> Backbone:
     import torchvision.models
 
-    check_model_name(arch, torchvision.models.list_models(module=torchvision.models),
-                "torchvision classification model", "torchvision.models.list_models()")
+    check_known_model(f"{TORCHVISION_PREFIX}{arch}")
     model = torchvision.models.get_model(arch, weights=None)
     enum = torchvision.models.get_model_weights(arch)
     names = list(enum.__members__)

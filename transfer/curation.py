@@ -66,18 +66,19 @@ class Curation:
         """The entries with paths written from the repository (``data/raw/set/cats/1.jpg``, as
         ``find`` gives them) or absolute (as a file manager copies them) made relative to the
         source's ``root``, as ``reports/data.json`` and ``reports/audit.json`` write them."""
-        base = os.path.abspath(root)
+        return replace(self, exclude=[relative_to(e, root) for e in self.exclude],
+                       relabel=[relative_to(e, root) for e in self.relabel])
 
-        def relative(entry: Entry) -> Entry:
-            if is_content_id(entry.image):
-                return entry
-            inside = os.path.relpath(os.path.abspath(entry.image), base)
-            if inside == os.curdir or inside.split(os.sep)[0] == os.pardir:
-                return entry  # already relative to the root, or elsewhere
-            return replace(entry, image=Path(inside).as_posix())
 
-        return replace(self, exclude=[relative(e) for e in self.exclude],
-                       relabel=[relative(e) for e in self.relabel])
+def relative_to(entry: Entry, root: str) -> Entry:
+    """``entry`` with a path written from the repository or absolute made relative to the
+    source's ``root``; an id, or a path already relative to the root, as it was."""
+    if is_content_id(entry.image):
+        return entry
+    inside = os.path.relpath(os.path.abspath(entry.image), os.path.abspath(root))
+    if inside == os.curdir or inside.split(os.sep)[0] == os.pardir:
+        return entry  # already relative to the root, or elsewhere
+    return replace(entry, image=Path(inside).as_posix())
 
 
 def read_curation(exclude_file: str | Path, relabel_file: str | Path) -> Curation:

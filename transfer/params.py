@@ -94,16 +94,16 @@ class DataParams:
         if self.val_size + self.test_size >= 1.0:
             return (f"data.val_size={self.val_size:g} and data.test_size={self.test_size:g} "
                     "leave no image for training; their sum must be below 1")
-        for key, path in (("exclude", self.exclude), ("relabel", self.relabel)):
+        for key, path, default in (("exclude", self.exclude, EXCLUDE_FILE),
+                                   ("relabel", self.relabel, RELABEL_FILE)):
             # A decision that Git does not track is not versioned, and dvc.yaml's dependency
             # on a file outside the project is not one a teammate's clone can satisfy.
-            default = (EXCLUDE_FILE if key == "exclude" else RELABEL_FILE).as_posix()
             if not path.strip() or Path(path) == Path("."):
                 return (f"data.{key}={_show(path)} names no file; give a path inside the "
-                        f"project (default {default})")
+                        f"project (default {default.as_posix()})")
             if outside(Path(path), Path(".")) is not None:
                 return (f"data.{key}={_show(path)} lies outside the project, so Git cannot "
-                        f"track it; give a path inside it (default {default})")
+                        f"track it; give a path inside it (default {default.as_posix()})")
         return None
 
 
@@ -171,7 +171,7 @@ def check_weights_file(backbone: str, weights: str | None) -> None:
             "format nor safetensors); give one saved from the same architecture")
 
 
-def check_model_name(name: str, known: Sequence[str], what: str, where: str) -> None:
+def _check_model_name(name: str, known: Sequence[str], what: str, where: str) -> None:
     """``name`` is one of the ``known`` models, else one line suggesting the names it begins
     (``tf_efficientnet_lite`` → lite0, lite1, lite2) or, failing those, the closest."""
     if name in known:
@@ -194,16 +194,22 @@ def check_backbone_name(name: str) -> None:
             return
     except (PipelineError, AttributeError):
         pass  # no embeddings yet, or a damaged meta file that extract will replace
+    check_known_model(name)
+
+
+def check_known_model(name: str) -> None:
+    """``name`` (a ``backbone.name``) is a model timm or torchvision builds; this imports the
+    library to list them."""
     if name.startswith(TORCHVISION_PREFIX):
         import torchvision.models
 
-        check_model_name(name[len(TORCHVISION_PREFIX):],
-                         torchvision.models.list_models(module=torchvision.models),
-                         "torchvision classification model", "torchvision.models.list_models()")
+        _check_model_name(name.removeprefix(TORCHVISION_PREFIX),
+                          torchvision.models.list_models(module=torchvision.models),
+                          "torchvision classification model", "torchvision.models.list_models()")
     else:
         import timm
 
-        check_model_name(name, timm.list_models(), "timm model", "timm.list_models()")
+        _check_model_name(name, timm.list_models(), "timm model", "timm.list_models()")
 
 
 @dataclass(frozen=True)

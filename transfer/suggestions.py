@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from transfer.artifacts import atomic_output, read_json, read_utf8
-from transfer.curation import RELABEL_HEADER, Curation, Entry, read_exclude, read_relabel
+from transfer.curation import RELABEL_HEADER, Entry, read_exclude, read_relabel, relative_to
 from transfer.errors import PipelineError, counted, one_line
 
 SPLIT_ORDER = {"train": 0, "val": 1, "test": 2}
@@ -79,14 +79,17 @@ class Kind:
 
     find: Callable[[dict], list[Suggestion]]
     relabel: bool
-    counted_as: str  # the key of reports/audit.json's counts
+    listed_as: str  # the key of reports/audit.json's list it reads
+    counted_as: str  # the key of its counts
     noun: str
 
 
 KINDS = {
-    "leaks": Kind(leaks, False, "near_duplicate_pairs", "near-duplicate pair"),
-    "labels": Kind(label_fixes, True, "label_issues", "likely label issue"),
-    "outliers": Kind(far_outliers, False, "unfamiliar", "image beyond the unfamiliar distance"),
+    "leaks": Kind(leaks, False, "near_duplicates", "near_duplicate_pairs",
+                  "near-duplicate pair"),
+    "labels": Kind(label_fixes, True, "label_issues", "label_issues", "likely label issue"),
+    "outliers": Kind(far_outliers, False, "outliers", "unfamiliar",
+                     "image beyond the unfamiliar distance"),
 }
 
 
@@ -95,10 +98,8 @@ def read_report(path: Path, kind: str) -> dict:
     report = read_json(path)
     try:
         counts, settings = report["counts"], report["settings"]
-        listed = {"leaks": "near_duplicates", "labels": "label_issues",
-                  "outliers": "outliers"}[kind]
-        entries = report[listed]
-        if not isinstance(entries, list) or not isinstance(counts, dict) or \
+        listed = KINDS[kind].listed_as
+        if not isinstance(report[listed], list) or not isinstance(counts, dict) or \
                 not isinstance(settings, dict):
             raise TypeError(listed)
     except (KeyError, TypeError) as err:
@@ -155,18 +156,23 @@ def plan(report: dict, kind: str, file: Path, top: int | None,
     spec = KINDS[kind]
     entries = (read_relabel if spec.relabel else read_exclude)(file)
     if root is not None:
-        entries = Curation(exclude=entries).relative_to(root).exclude
+        entries = [relative_to(e, root) for e in entries]
     found = spec.find(report)
     fresh = [s for s in found if not decided(entries, s)]
     return fresh[:top], len(found) - len(fresh)
 
 
+def current_text(file: Path) -> str:
+    """What a curation file holds now: nothing where it does not exist yet."""
+    try:
+        return read_utf8(file)
+    except FileNotFoundError:
+        return ""
+
+
 def append(file: Path, suggestions: list[Suggestion], relabel: bool) -> None:
     """Append the suggestions' lines to ``file`` (created where missing), all or nothing."""
-    try:
-        existing = read_utf8(file)
-    except FileNotFoundError:
-        existing = ""
+    existing = current_text(file)
     file.parent.mkdir(parents=True, exist_ok=True)
     with atomic_output(file) as tmp:
         tmp.write_text(existing + new_text(existing, suggestions, relabel), encoding="utf-8")
