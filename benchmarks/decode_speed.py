@@ -1,7 +1,9 @@
 """Decoding speed of ``prepare``, as ratios measured in one run.
 
-Images per second of ``prepare_store`` (read, decode, hash, shrink, store, on every core)
-against a plain single-process PIL loop over the same files (open, convert to RGB, resize), on
+Images per second of ``prepare_store`` (read, decode, hash, resize to ``data.short_side``, store,
+on every core)
+against a plain single-process PIL loop over the same files (open, convert to RGB, the same
+resize), on
 ``../shared/data/monkeys10`` (small 250-pixel JPEGs) when present, and on generated 1600x1200
 JPEGs, the size of ordinary camera photos. Memory at scale is measured by ``benchmarks.scale``.
 
@@ -20,19 +22,14 @@ import numpy as np
 from PIL import Image
 
 from benchmarks import MONKEYS
-from transfer.data import prepare_store
+from transfer.data import fit_short_side, prepare_store
 from transfer.sources import list_image_folder
 
 
 def plain_pil_loop(paths: list[Path], short_side: int) -> None:
     for path in paths:
         with Image.open(path) as image:
-            rgb = image.convert("RGB")
-            if min(rgb.size) > short_side:
-                scale = short_side / min(rgb.size)
-                rgb = rgb.resize((round(rgb.width * scale), round(rgb.height * scale)),
-                                 Image.Resampling.BICUBIC)
-            np.asarray(rgb)
+            np.asarray(fit_short_side(image.convert("RGB"), short_side))
 
 
 def generate(root: Path, count: int, size: tuple[int, int] = (320, 240),

@@ -14,8 +14,8 @@ from transfer.data import (
     assign_split,
     decode_file,
     decode_image,
+    fit_short_side,
     prepare_store,
-    shrink,
     split_fraction,
 )
 from transfer.errors import PipelineError
@@ -82,8 +82,24 @@ def test_exif_orientation_is_applied():
 
 
 def test_large_images_shrink_to_the_short_side_and_small_ones_stay():
-    assert shrink(Image.new("RGB", (1000, 500)), 100).size == (200, 100)
-    assert shrink(Image.new("RGB", (50, 40)), 100).size == (50, 40)
+    assert fit_short_side(Image.new("RGB", (1000, 500)), 100).size == (200, 100)
+    assert fit_short_side(Image.new("RGB", (50, 40)), 100).size == (50, 40)
+    assert fit_short_side(Image.new("RGB", (223, 300)), 256).size == (223, 300)  # < 7/8 of it
+
+
+@pytest.mark.parametrize("size", [(250, 333), (333, 250), (224, 224), (255, 1000)])
+def test_images_a_little_small_are_stored_as_extraction_would_resize_them(size):
+    # Upscaled as torchvision's Resize(256) upscales (the longer side truncated), so that
+    # extraction only crops them and their embeddings are those it made before.
+    from torchvision.transforms import v2
+
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+    stored = fit_short_side(image, 256)
+    expected = v2.Resize(256, interpolation=v2.InterpolationMode.BICUBIC, antialias=True)(image)
+    assert min(stored.size) == 256
+    assert stored.size == expected.size
+    assert np.array_equal(np.asarray(stored), np.asarray(expected))
 
 
 @pytest.mark.parametrize(("data", "reason"), [

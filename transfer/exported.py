@@ -14,6 +14,7 @@ import contextlib
 import io
 import json
 import logging
+import math
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ import torch
 
 from transfer.artifacts import atomic_output
 from transfer.backbones import Normalized, Preprocessing, pixel_batches
+from transfer.data import UPSCALE_FROM
 from transfer.engines import INPUT_NAME, export_onnx
 from transfer.errors import PipelineError, first_line
 from transfer.inference import Classifier, FinetunedModel
@@ -41,8 +43,9 @@ def resize_steps(preprocessing: Preprocessing, short_side: int) -> dict[str, Any
     """How a caller turns a photo into the exported model's input, in words and in numbers."""
     _, height, width = preprocessing.input_size
     return {
-        "steps": [f"convert to RGB; if the shorter side is above {short_side} px, downscale it "
-                  "to that (bicubic), as the training images were",
+        "steps": [f"convert to RGB; if the shorter side is above {short_side} px, or at least "
+                  f"{math.ceil(UPSCALE_FROM * short_side)} px, resize it to {short_side} px "
+                  "(bicubic), as the training images were",
                   f"resize the shorter side to {preprocessing.resize_size} px "
                   f"({preprocessing.interpolation}, antialiased)",
                   f"centre-crop to {height} x {width} (height x width)",
@@ -181,7 +184,7 @@ class ExportedModel:
 
     def pixel_batches(self, images: Sequence[np.ndarray],
                       batch_size: int = 8) -> Iterator[np.ndarray]:
-        """The model's input for ``images`` (already downscaled to ``short_side``), batch by
+        """The model's input for ``images`` (already brought to ``short_side``), batch by
         batch: resized and centre-cropped as the pipeline's own models are fed
         (``transfer.backbones.pixel_batches``), uint8 ``(N, 3, H, W)``."""
         runtime = resolve_runtime("cpu")  # the file runs on the CPU (ONNX Runtime or PyTorch)

@@ -69,7 +69,7 @@ class Classifier:
 
     @property
     def short_side(self) -> int:
-        """New images are first downscaled like the training images were."""
+        """New images are first brought to this shorter side as the training images were."""
         return self.meta.short_side
 
     def embed(self, images: Sequence[np.ndarray], batch_size: int = 8,
@@ -191,7 +191,7 @@ class FinetunedModel:
 
     @property
     def short_side(self) -> int:
-        """New images are first downscaled like the training images were."""
+        """New images are first brought to this shorter side as the training images were."""
         return int(self.info["short_side"])
 
     @property

@@ -81,7 +81,8 @@ class DataParams:
     max_per_class: int | None = _bounded(None, 1, MAX_IMAGES_PER_CLASS,
                                          help="cap on images per class (null: no cap)")
     short_side: int = _bounded(256, 32, 4096,
-                               help="larger images are downscaled to this shorter side")
+                               help="images are stored with this shorter side: larger "
+                                    "ones downscaled, ones at least 7/8 of it upscaled")
     exclude: str = field(default=EXCLUDE_FILE.as_posix(), metadata={
         "help": "a Git-tracked text file: images to leave out, one per line (a path "
                 "relative to the source, or an image id from reports/audit.json)"})

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from transfer.data import decode_image, shrink
+from transfer.data import decode_image, fit_short_side
 from transfer.inference import FamiliarityCheck, Predictor, predict_batches
 
 UNCERTAIN = "uncertain"
@@ -50,9 +50,10 @@ class Prediction:
 
 
 def decode_for(predictor: Predictor, data: bytes) -> np.ndarray:
-    """Image bytes as the RGB pixels ``predictor`` takes: downscaled like the training images
-    were. ``ValueError`` with a short reason for bytes that are not a readable image."""
-    return np.asarray(shrink(decode_image(data), predictor.short_side))
+    """Image bytes as the RGB pixels ``predictor`` takes: brought to ``short_side`` like the
+    training images were. ``ValueError`` with a short reason for bytes that are not a readable
+    image."""
+    return np.asarray(fit_short_side(decode_image(data), predictor.short_side))
 
 
 def classify(predictor: Predictor, results: Sequence[Prediction], images: Sequence[np.ndarray],
