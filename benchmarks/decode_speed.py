@@ -22,7 +22,8 @@ import numpy as np
 from PIL import Image
 
 from benchmarks import MONKEYS
-from transfer.data import fit_short_side, prepare_store
+from transfer.data import prepare_store
+from transfer.pixels import fit_short_side
 from transfer.sources import list_image_folder
 
 

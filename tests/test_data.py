@@ -14,11 +14,11 @@ from transfer.data import (
     assign_split,
     decode_file,
     decode_image,
-    fit_short_side,
     prepare_store,
     split_fraction,
 )
 from transfer.errors import PipelineError
+from transfer.pixels import fit_short_side
 from transfer.sources import list_image_folder
 
 

@@ -38,16 +38,12 @@ from transfer.catalog import SPLITS, STORE_OFFSET, Catalog, DecodedFile
 from transfer.curation import Curation, content_id, is_content_id, not_a_class
 from transfer.errors import PipelineError
 from transfer.machine import usable_cores
+from transfer.pixels import fit_short_side
 
 log = logging.getLogger(__name__)
 
 # Images whose shorter side is below this are reported: they will be upscaled a lot.
 SMALL_SIDE = 32
-# Images whose shorter side is below data.short_side but at least this fraction of it are
-# stored upscaled to it (at most 1.31x their bytes), so that extraction, which would resize
-# them to the backbone's size, only crops them: on 2 cores that resize cost ONNX Runtime a
-# tenth of its speed on 250-pixel photos (docs/engines.md).
-UPSCALE_FROM = 0.875
 # Transparent pixels are composited over this background so that RGBA, LA and P images with
 # transparency all turn into the same RGB image.
 BACKGROUND_RGB = (255, 255, 255)
@@ -125,30 +121,6 @@ def decode_image(data: bytes) -> Image.Image:
 
         raise ValueError(f"truncated or corrupt image ({type(err).__name__}: {err})") from err
     return rgb
-
-
-def fit_short_side(image: Image.Image, short_side: int) -> Image.Image:
-    """The image at the size it is stored (and predicted) at: the shorter side brought to
-    ``short_side`` when it is larger, or smaller by at most ``UPSCALE_FROM``; smaller images are
-    left alone (stored upscaled they would take many times the bytes).
-
-    Upscaled the way extraction resizes (the shorter side to exactly ``short_side``, the
-    longer one truncated, bicubic): a photo a little under the backbone's resize size then has
-    the pixels extraction would have made from it, and extraction only crops it.
-    """
-    width, height = image.size
-    short = min(width, height)
-    if short == short_side or short < UPSCALE_FROM * short_side:
-        return image
-    if short < short_side:
-        long = int(short_side * max(width, height) / short)
-        size = (short_side, long) if width <= height else (long, short_side)
-        return image.resize(size, Image.Resampling.BICUBIC)
-    scale = short_side / short
-    size = (max(1, round(width * scale)), max(1, round(height * scale)))
-    # reducing_gap=2 first shrinks by whole factors in a cheap box step: several times faster
-    # on camera-sized photos, and per Pillow's docs indistinguishable from a full resample.
-    return image.resize(size, Image.Resampling.BICUBIC, reducing_gap=2.0)
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:

@@ -26,12 +26,12 @@ import torch
 
 from transfer.artifacts import atomic_output
 from transfer.backbones import Normalized, Preprocessing, pixel_batches
-from transfer.data import UPSCALE_FROM
 from transfer.engines import INPUT_NAME, export_onnx
 from transfer.errors import PipelineError, first_line
 from transfer.inference import Classifier, FinetunedModel
 from transfer.network import FlipAveraged
 from transfer.params import EXPORT_SUFFIXES
+from transfer.pixels import UPSCALE_FROM
 from transfer.runtime import resolve_runtime
 
 log = logging.getLogger(__name__)

@@ -1,6 +1,7 @@
-"""Pixels for a network, without PyTorch: the eval-time resize and centre crop
-(``ResizeCrop``, torchvision's ``Resize`` and ``CenterCrop`` to the byte), uint8 batches of
-them, and a background thread that makes the next batches while the network runs.
+"""Pixels for a network, without PyTorch: the size images are stored at (``fit_short_side``),
+the eval-time resize and centre crop (``ResizeCrop``, torchvision's ``Resize`` and
+``CenterCrop`` to the byte), uint8 batches of them, and a background thread that makes the
+next batches while the network runs.
 
 Importing this module does not import torch, so that ``extract`` can assemble embeddings from
 the store, and embed a few new images with ONNX Runtime, without paying for it
@@ -30,6 +31,43 @@ PIL_FILTERS = {
     "lanczos": Image.Resampling.LANCZOS,
 }
 
+# Images whose shorter side is below data.short_side but at least this fraction of it are
+# stored upscaled to it (at most 1.31x their bytes), so that extraction, which would resize
+# them to the backbone's size, only crops them: on 2 cores that resize cost ONNX Runtime a
+# tenth of its speed on 250-pixel photos (docs/engines.md).
+UPSCALE_FROM = 0.875
+
+
+def resized_shape(height: int, width: int, size: int) -> tuple[int, int]:
+    """The (height, width) that torchvision's ``Resize(size)`` gives an image of that size:
+    the shorter side ``size``, the longer one scaled and truncated."""
+    if width <= height:
+        return int(size * height / width), size
+    return size, int(size * width / height)
+
+
+def fit_short_side(image: Image.Image, short_side: int) -> Image.Image:
+    """The image at the size it is stored (and predicted) at: the shorter side brought to
+    ``short_side`` when it is larger, or smaller but at least ``UPSCALE_FROM`` of it; smaller
+    images are left alone (stored upscaled they would take many times the bytes).
+
+    Upscaled the way extraction resizes (the shorter side to exactly ``short_side``, the
+    longer one truncated, bicubic): a photo a little under the backbone's resize size then has
+    the pixels extraction would have made from it, and extraction only crops it.
+    """
+    width, height = image.size
+    short = min(width, height)
+    if short == short_side or short < UPSCALE_FROM * short_side:
+        return image
+    if short < short_side:
+        return image.resize(resized_shape(height, width, short_side)[::-1],
+                            Image.Resampling.BICUBIC)
+    scale = short_side / short
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    # reducing_gap=2 first shrinks by whole factors in a cheap box step: several times faster
+    # on camera-sized photos, and per Pillow's docs indistinguishable from a full resample.
+    return image.resize(size, Image.Resampling.BICUBIC, reducing_gap=2.0)
+
 
 @dataclass(frozen=True)
 class ResizeCrop:
@@ -53,16 +91,10 @@ class ResizeCrop:
     crop: tuple[int, int]
     interpolation: str
 
-    def resized_shape(self, height: int, width: int) -> tuple[int, int]:
-        """The (height, width) that ``Resize(size)`` gives an image of that size."""
-        if width <= height:
-            return int(self.size * height / width), self.size
-        return self.size, int(self.size * width / height)
-
     def __call__(self, image: Image.Image | np.ndarray) -> np.ndarray:
         pixels = image if isinstance(image, np.ndarray) else None
         height, width = pixels.shape[:2] if pixels is not None else image.size[::-1]
-        new_height, new_width = self.resized_shape(height, width)
+        new_height, new_width = resized_shape(height, width, self.size)
         crop_height, crop_width = self.crop
         if crop_height > new_height or crop_width > new_width:  # torchvision pads: rare
             return self._torchvision(image)

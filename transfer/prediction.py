@@ -9,8 +9,9 @@ from typing import Any
 
 import numpy as np
 
-from transfer.data import decode_image, fit_short_side
+from transfer.data import decode_image
 from transfer.inference import FamiliarityCheck, Predictor, predict_batches
+from transfer.pixels import fit_short_side
 
 UNCERTAIN = "uncertain"
 UNFAMILIAR = "unfamiliar"
