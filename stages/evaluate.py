@@ -77,7 +77,8 @@ def main() -> None:
            for filename, rows in plot_tables(evaluations).items()},
         EVALUATE_PLOTS_DIR / GALLERY_FILE: png_bytes(gallery),
         SUMMARY: summary_markdown(evaluations, finetune, EVALUATE_PLOTS_DIR.as_posix(), untrained)
-        + (summary_section(read_json(AUDIT_REPORT)) if AUDIT_REPORT.is_file() else ""),
+        + (summary_section(read_json(AUDIT_REPORT), params.data.exclude, params.data.relabel)
+           if AUDIT_REPORT.is_file() else ""),
     })
     for e in evaluations:
         log.info("%s on %s: accuracy %.4f, balanced accuracy %.4f, macro F1 %.4f, ECE %.4f, "

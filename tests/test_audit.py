@@ -408,3 +408,7 @@ def test_the_summary_says_when_a_list_holds_only_the_first_ones():
            "images" in text and "`audit.max_listed` (1) sets how many" in text
     full, _ = run_audit(noisy, classes, SETTINGS, seed=0, meta=meta(32, classes))
     assert "lists the first" not in summary_section(full)
+    # It names the curation files the params point at, where the lines would go.
+    assert "`data/exclude.txt` and `data/relabel.csv`" in summary_section(full)
+    assert "`curation/out.txt` and `curation/fix.csv`" in summary_section(
+        full, "curation/out.txt", "curation/fix.csv")

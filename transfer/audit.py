@@ -27,7 +27,7 @@ from transfer.artifacts import load_arrays, save_arrays
 from transfer.embeddings import EmbeddingMeta, read_rows
 from transfer.errors import PipelineError, counted
 from transfer.keypoints import KeypointMatcher, PairCache
-from transfer.layout import AUDIT_PICTURE, AUDIT_REPORT
+from transfer.layout import AUDIT_PICTURE, AUDIT_REPORT, EXCLUDE_FILE, RELABEL_FILE
 from transfer.machine import usable_cores
 
 log = logging.getLogger(__name__)
@@ -533,8 +533,10 @@ def run_audit(images: AuditImages, classes: Sequence[str], settings: AuditSettin
     return report, familiarity
 
 
-def summary_section(report: dict[str, Any]) -> str:
-    """The audit's few lines in ``reports/summary.md``."""
+def summary_section(report: dict[str, Any], exclude: str = EXCLUDE_FILE.as_posix(),
+                    relabel: str = RELABEL_FILE.as_posix()) -> str:
+    """The audit's few lines in ``reports/summary.md``, naming the curation files
+    (``data.exclude``, ``data.relabel``) that act on it."""
     counts, settings = report["counts"], report["settings"]
     lines = ["", "## Data audit", "",
              f"- {counts['label_issues']} of {counts['images']} images look mislabelled "
@@ -552,7 +554,7 @@ def summary_section(report: dict[str, Any]) -> str:
               f"- {counts['unfamiliar']} images are farther from the training images than "
               f"{settings['unfamiliar_percentile']:g}% of validation images.",
               f"- Details: `{AUDIT_REPORT}`; the suspects: `{AUDIT_PICTURE}`. Act on them with "
-              "`data/exclude.txt` and `data/relabel.csv`: `python -m stages.curate leaks` "
+              f"`{exclude}` and `{relabel}`: `python -m stages.curate leaks` "
               "(or `labels`, `outliers`) previews the lines, `--apply` appends them (see "
               "docs/audit.md)."]
     cut = [f"{len(report[key])} of the {counts[count]} {what}" for key, count, what in (
