@@ -23,7 +23,6 @@ from pathlib import Path
 from tqdm import tqdm
 
 from transfer.data import read_image_file
-from transfer.engines import engine_named
 from transfer.errors import (
     ArgumentParser,
     PipelineError,
@@ -31,11 +30,22 @@ from transfer.errors import (
     run_stage,
     without_surrogates,
 )
-from transfer.inference import FamiliarityCheck, Predictor, familiarity_check, load_predictor
-from transfer.layout import EMBEDDINGS_DIR, FAMILIARITY, FINETUNE_DIR, HEAD_PATH, ONNX_CACHE
-from transfer.params import ENGINES, MAX_BATCH_SIZE, MODEL_CHOICES
+from transfer.layout import (
+    EMBEDDING_STORE,
+    EMBEDDINGS_DIR,
+    FAMILIARITY,
+    FINETUNE_DIR,
+    HEAD_PATH,
+    ONNX_CACHE,
+    PARAMS,
+    shared_by_experiments,
+)
+from transfer.params import ENGINES, MAX_BATCH_SIZE, MODEL_CHOICES, load_params
 from transfer.prediction import UNCERTAIN, UNFAMILIAR, Prediction, classify, decode_for
+from transfer.predictor import FamiliarityCheck, Predictor, check_familiarity, chosen_model
 from transfer.sources import walk_visible_files
+from transfer.warm import gpu_visible
+from transfer.warm_head import WarmClassifier, warm_classifier
 
 log = logging.getLogger(__name__)
 
@@ -172,10 +182,36 @@ def open_model(parser: ArgumentParser,
         log.info("%s: images are not checked for being unfamiliar (an exported file holds "
                  "no training images)", args.exported)
         return exported, None
+    model = chosen_model(args.model, FINETUNE_DIR)
+    warm = warm_model(args.engine) if model == "head" else None
+    if warm is not None:
+        return warm, check_familiarity(warm, FAMILIARITY, EMBEDDINGS_DIR, lambda: warm)
+    from transfer.engines import engine_named
+    from transfer.inference import familiarity_check, load_predictor
+
     engine = engine_named(args.engine, ONNX_CACHE, "--engine")
-    classifier = load_predictor(args.model, EMBEDDINGS_DIR, HEAD_PATH, FINETUNE_DIR, engine)
+    classifier = load_predictor(model, EMBEDDINGS_DIR, HEAD_PATH, FINETUNE_DIR, engine)
     return classifier, familiarity_check(classifier, FAMILIARITY, EMBEDDINGS_DIR, HEAD_PATH,
                                          engine)
+
+
+def warm_model(engine: str) -> WarmClassifier | None:
+    """The head model without PyTorch (``transfer.warm_head``) where ONNX Runtime is the
+    engine that would run it and the last extraction left a record of the backbone its
+    embeddings came from; None otherwise, and the model is loaded with PyTorch."""
+    if engine == "torch" or (engine == "auto" and gpu_visible()):
+        return None
+    try:
+        backbone = load_params(PARAMS).backbone
+    except PipelineError as err:  # the model is what it is, whatever params.yaml says now
+        log.debug("params.yaml not read (%s): loading the backbone", err)
+        return None
+    warm = warm_classifier(backbone, EMBEDDINGS_DIR, HEAD_PATH,
+                           shared_by_experiments(EMBEDDING_STORE),
+                           shared_by_experiments(ONNX_CACHE))
+    if warm is not None:
+        log.debug("the head model runs through the cached ONNX graph, without PyTorch")
+    return warm
 
 
 def main(argv: list[str] | None = None) -> None:

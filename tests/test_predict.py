@@ -4,8 +4,10 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 
 from stages import predict
+from tests.conftest import write_params
 from transfer.errors import PipelineError
 
 
@@ -272,6 +274,7 @@ def test_onnx_runtime_and_pytorch_give_the_same_probabilities(flip_finetuned, ca
     real_cached_graph = engines.cached_graph
     monkeypatch.setattr(engines, "cached_graph",
                         lambda *args: exported.append(args[-1]) or real_cached_graph(*args))
+    monkeypatch.setattr(predict, "warm_model", lambda engine: None)  # load the backbone
     found = {}
     for engine in ("torch", "onnxruntime"):
         predict.main(["inputs", "mirrored", "--format", "json", "--model", model,
@@ -283,6 +286,56 @@ def test_onnx_runtime_and_pytorch_give_the_same_probabilities(flip_finetuned, ca
     assert sorted(found["torch"]) == ["a-red.png", "a.png", "b-green.jpg", "b.png", "c-blue"]
     for name, probabilities in found["torch"].items():
         assert found["onnxruntime"][name] == pytest.approx(probabilities, abs=1e-4)
+
+
+def test_the_head_model_runs_without_pytorch_where_extraction_left_its_record(trained, capsys,
+                                                                              monkeypatch):
+    # extract ran with ONNX Runtime and left a warm record of the backbone: predict runs the
+    # head through the same cached graph without importing torch, to the same probabilities
+    # as loading the backbone with PyTorch and running it on ONNX Runtime.
+    import subprocess
+    import sys
+
+    from tests.conftest import stage_environment
+
+    found = {}
+    for way in ("warm", "backbone loaded"):
+        if way != "warm":
+            monkeypatch.setattr(predict, "warm_model", lambda engine: None)
+        predict.main(["inputs", "--format", "json", "--engine", "onnxruntime"])
+        found[way] = json.loads(capsys.readouterr().out)
+    assert found["warm"] == found["backbone loaded"]
+    assert sum(1 for row in found["warm"] if not row["error"]) == 3
+
+    code = ("import sys; from stages import predict; predict.main(['inputs/a-red.png']); "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in "
+            "('torch', 'timm', 'torchvision')))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=trained, capture_output=True,
+                            text=True, env=stage_environment(), timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.splitlines()[-1] == "[]"
+    assert result.stdout.split()[1] == "red"
+
+
+def test_a_record_of_another_backbone_or_no_graph_loads_the_backbone(trained, capsys):
+    from stages.predict import warm_model
+    from transfer.warm_head import WarmClassifier
+
+    assert isinstance(warm_model("auto"), WarmClassifier)
+    assert warm_model("torch") is None
+    # params.yaml changed since extract ran (no repro yet): the record found is of other
+    # embeddings than the head's, so the backbone is loaded, as the head was trained.
+    params = yaml.safe_load(Path("params.yaml").read_text())
+    write_params(trained, {**params, "backbone": {**params["backbone"], "flip_average": True}})
+    assert warm_model("auto") is None
+    write_params(trained, params)
+    assert isinstance(warm_model("auto"), WarmClassifier)
+    for graph in Path("cache/onnx").glob("*.onnx"):
+        graph.unlink()
+    assert warm_model("auto") is None
+    predict.main(["inputs/a-red.png"])  # with PyTorch: the graph is exported again
+    assert capsys.readouterr().out.split()[1] == "red"
+    assert isinstance(warm_model("auto"), WarmClassifier)
 
 
 def test_the_table_lines_up_names_with_wide_and_combining_characters():

@@ -12,13 +12,12 @@ import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
 
 from transfer.artifacts import read_json, write_json
-from transfer.audit import Familiarity
 from transfer.backbones import (
     Backbone,
     Preprocessing,
@@ -34,22 +33,10 @@ from transfer.engines import CompiledNetwork, Engine, TorchEngine
 from transfer.errors import PipelineError, first_line
 from transfer.heads import Head, load_head_for, softmax
 from transfer.network import FinetuneNet, FlipAveraged, build_network
+from transfer.predictor import FamiliarityCheck, Predictor, check_familiarity, chosen_model
 from transfer.runtime import Runtime, inference_runtime, resolve_runtime
 
 log = logging.getLogger(__name__)
-
-
-class Predictor(Protocol):
-    """What predict and evaluate need of a model: class probabilities for RGB images."""
-
-    name: str
-    classes: list[str]
-
-    @property
-    def short_side(self) -> int: ...
-
-    def predict_proba(self, images: Sequence[np.ndarray],
-                      batch_size: int = 8) -> Iterator[np.ndarray]: ...
 
 
 @dataclass
@@ -92,50 +79,13 @@ class Classifier:
         return map(self.probabilities, self.embed(images, batch_size, runtime))
 
 
-@dataclass
-class FamiliarityCheck:
-    """The audit's familiarity reference, and the frozen-backbone classifier whose embeddings
-    it compares."""
-
-    reference: Familiarity
-    embedder: Classifier
-
-
 def familiarity_check(predictor: Predictor, reference_path: Path, embeddings_dir: Path,
                       head_path: Path, engine: Engine | None = None) -> FamiliarityCheck | None:
     """What tells unfamiliar images apart, or None (with a line saying why) where the audit
-    has not run or ran on other embeddings."""
-    if not reference_path.is_file():
-        log.debug("%s missing: files are not checked for being unfamiliar (run: dvc repro "
-                 "audit)", reference_path)
-        return None
-    reference = Familiarity.load(reference_path)
-    embedder = predictor if isinstance(predictor, Classifier) else \
-        load_classifier(embeddings_dir, head_path, engine)
-    if not reference.matches(embedder.meta):
-        log.warning("%s was made from other embeddings than %s: files are not checked for "
-                    "being unfamiliar (run: dvc repro audit)", reference_path, embeddings_dir)
-        return None
-    return FamiliarityCheck(reference, embedder)
-
-
-def predict_batches(predictor: Predictor, images: Sequence[np.ndarray], batch_size: int,
-                    familiarity: FamiliarityCheck | None = None
-                    ) -> Iterator[tuple[np.ndarray, np.ndarray | list[None]]]:
-    """Per batch, the class probabilities and which images are unfamiliar (None each where
-    not checked). The head's own embeddings are compared; a fine-tuned model's images are
-    embedded by the frozen backbone as well."""
-    if familiarity is None:
-        for probabilities in predictor.predict_proba(images, batch_size):
-            yield probabilities, [None] * len(probabilities)
-    elif predictor is familiarity.embedder:
-        for features in familiarity.embedder.embed(images, batch_size):
-            yield (familiarity.embedder.probabilities(features),
-                   familiarity.reference.unfamiliar(features))
-    else:
-        yield from zip(predictor.predict_proba(images, batch_size),
-                       map(familiarity.reference.unfamiliar,
-                           familiarity.embedder.embed(images, batch_size)), strict=True)
+    has not run or ran on other embeddings; a fine-tuned model's images are embedded by the
+    head model's backbone on ``engine``."""
+    return check_familiarity(predictor, reference_path, embeddings_dir,
+                             lambda: load_classifier(embeddings_dir, head_path, engine))
 
 
 def load_predictor(model: str, embeddings_dir: Path, head_path: Path, finetune_dir: Path,
@@ -144,29 +94,9 @@ def load_predictor(model: str, embeddings_dir: Path, head_path: Path, finetune_d
     fine-tuned network), or ``auto``: the fine-tuned one when the pipeline trained one and
     kept an epoch after its start. Its network runs on ``engine`` (PyTorch unless given)."""
     engine = engine or TorchEngine()
-    trained = (finetune_dir / "model.json").is_file()
-    if model == "finetune" and not trained:
-        raise PipelineError(f"{finetune_dir}: no fine-tuned model (finetune.enabled is false "
-                            "or the stage has not run); use --model head, or run "
-                            "`dvc exp run -S finetune.enabled=true`")
-    if model == "auto" and trained and kept_its_start(finetune_dir):
-        log.info("model auto: the head, since fine-tuning kept the network it started from "
-                 "(epoch 0); --model finetune takes that network")
-        trained = False
-    if model == "finetune" or (model == "auto" and trained):
+    if chosen_model(model, finetune_dir) == "finetune":
         return load_finetuned(finetune_dir, engine)
     return load_classifier(embeddings_dir, head_path, engine)
-
-
-def kept_its_start(finetune_dir: Path) -> bool:
-    """Whether the fine-tuned model in ``finetune_dir`` is the network fine-tuning started from
-    (no epoch scored better on validation): the probe's own predictions, when it started from
-    the head, under a temperature fitted on a validation split it may have got all right.
-    A description that cannot be read says no, so that loading it says what is wrong."""
-    try:
-        return int(read_json(finetune_dir / "model.json")["best_epoch"]) == 0
-    except (PipelineError, OSError, UnicodeDecodeError, KeyError, TypeError, ValueError):
-        return False
 
 
 def load_classifier(embeddings_dir: Path, head_path: Path,

@@ -10,8 +10,8 @@ from typing import Any
 import numpy as np
 
 from transfer.data import decode_image
-from transfer.inference import FamiliarityCheck, Predictor, predict_batches
 from transfer.pixels import fit_short_side
+from transfer.predictor import FamiliarityCheck, Predictor, predict_batches
 
 UNCERTAIN = "uncertain"
 UNFAMILIAR = "unfamiliar"

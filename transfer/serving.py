@@ -20,8 +20,8 @@ from PIL import Image
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from transfer.data import open_image
-from transfer.inference import FamiliarityCheck, Predictor
 from transfer.prediction import Prediction, classify, decode_for
+from transfer.predictor import FamiliarityCheck, Predictor
 
 log = logging.getLogger(__name__)
 

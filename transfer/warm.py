@@ -10,6 +10,8 @@ timm and torchvision (3.5 s here) nor loads the backbone: rows come from the sto
 images it lacks are resized with ``transfer.pixels`` and embedded by ONNX Runtime over the
 cached graph. The files are the same bytes as a run with PyTorch would write (tested).
 
+``predict`` and ``serve`` use the same record for the head model (``transfer.warm_head``).
+
 Anything that does not match (no record, a damaged one, other versions, changed weights, a
 missing or damaged graph, several processes under ``torchrun``) sends the stage the usual way.
 """
@@ -71,6 +73,11 @@ def installed_versions() -> dict[str, str]:
     return versions
 
 
+def gpu_visible() -> bool:
+    """Whether an NVIDIA GPU is visible (without importing torch): ``auto`` would use it."""
+    return any(Path("/dev").glob("nvidia[0-9]*"))
+
+
 def record_key(params: Any) -> str:
     """What a record is found by: the backbone parameters that shape the embeddings, the
     libraries' versions, the processor, whether a GPU is visible (``auto`` would use it) and
@@ -80,7 +87,7 @@ def record_key(params: Any) -> str:
               if name not in ("store_max_gb", "embedding_dtype")}
     return hashlib.sha256(json.dumps({
         "params": chosen, "versions": installed_versions(), "cpu": cpu_model(),
-        "gpu": any(Path("/dev").glob("nvidia[0-9]*")),
+        "gpu": gpu_visible(),
         "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
         "threads": os.environ.get("OMP_NUM_THREADS"), "python": sys.version,
     }, sort_keys=True, default=list).encode()).hexdigest()
@@ -133,8 +140,10 @@ class WarmExtraction:
     def meta_fields(self) -> dict[str, Any]:
         return dict(self.meta)
 
-    def embed(self, images: Sequence[np.ndarray], desc: str) -> Iterator[np.ndarray]:
-        """Float32 rows of ``images``, a batch at a time."""
+    def embed(self, images: Sequence[np.ndarray], desc: str,
+              batch_size: int | None = None) -> Iterator[np.ndarray]:
+        """Float32 rows of ``images``, a batch at a time (of the record's size unless given:
+        ONNX Runtime's rows do not depend on it, docs/engines.md)."""
         if not len(images):
             return
         session = self._open()
@@ -142,7 +151,8 @@ class WarmExtraction:
         resize_crop = ResizeCrop(int(preprocessing["resize_size"]),
                                  tuple(preprocessing["input_size"][1:]),
                                  str(preprocessing["interpolation"]))
-        for batch in pixel_arrays(images, resize_crop, self.batch_size, desc, ahead=True):
+        for batch in pixel_arrays(images, resize_crop, batch_size or self.batch_size, desc,
+                                  ahead=True):
             [rows] = session.run(None, {INPUT_NAME: batch})
             if self.flip_average:  # as transfer.backbones.embed_batches does it
                 [mirrored] = session.run(None, {INPUT_NAME: np.ascontiguousarray(
@@ -203,3 +213,4 @@ def warm_extraction(params: Any, store_root: Path, graph_cache: Path) -> WarmExt
     except (OSError, ValueError, KeyError, TypeError, WarmMiss) as err:
         log.debug("warm record %s not used (%s): loading the backbone", path.name, err)
     return None
+
