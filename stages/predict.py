@@ -19,6 +19,7 @@ import sys
 import unicodedata
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 from tqdm import tqdm
 
@@ -45,7 +46,7 @@ from transfer.prediction import UNCERTAIN, UNFAMILIAR, Prediction, classify, dec
 from transfer.predictor import FamiliarityCheck, Predictor, check_familiarity, chosen_model
 from transfer.sources import walk_visible_files
 from transfer.warm import gpu_visible
-from transfer.warm_head import WarmClassifier, warm_classifier
+from transfer.warm_head import WarmClassifier, leave_record, warm_classifier
 
 log = logging.getLogger(__name__)
 
@@ -191,8 +192,20 @@ def open_model(parser: ArgumentParser,
 
     engine = engine_named(args.engine, ONNX_CACHE, "--engine")
     classifier = load_predictor(model, EMBEDDINGS_DIR, HEAD_PATH, FINETUNE_DIR, engine)
+    if model == "head" and (backbone := backbone_params()) is not None:
+        leave_record(classifier, backbone, shared_by_experiments(EMBEDDING_STORE))
     return classifier, familiarity_check(classifier, FAMILIARITY, EMBEDDINGS_DIR, HEAD_PATH,
                                          engine)
+
+
+def backbone_params() -> Any:
+    """``params.yaml``'s backbone section, or None where it cannot be read: the model is what
+    it is, whatever the file says now; it only names the warm record to look for."""
+    try:
+        return load_params(PARAMS).backbone
+    except PipelineError as err:
+        log.debug("%s not read (%s): predict loads the backbone with PyTorch", PARAMS, err)
+        return None
 
 
 def warm_model(engine: str) -> WarmClassifier | None:
@@ -201,10 +214,8 @@ def warm_model(engine: str) -> WarmClassifier | None:
     embeddings came from; None otherwise, and the model is loaded with PyTorch."""
     if engine == "torch" or (engine == "auto" and gpu_visible()):
         return None
-    try:
-        backbone = load_params(PARAMS).backbone
-    except PipelineError as err:  # the model is what it is, whatever params.yaml says now
-        log.debug("params.yaml not read (%s): loading the backbone", err)
+    backbone = backbone_params()
+    if backbone is None:
         return None
     warm = warm_classifier(backbone, EMBEDDINGS_DIR, HEAD_PATH,
                            shared_by_experiments(EMBEDDING_STORE),

@@ -317,6 +317,29 @@ def test_the_head_model_runs_without_pytorch_where_extraction_left_its_record(tr
     assert result.stdout.split()[1] == "red"
 
 
+def test_predict_with_pytorch_leaves_the_record_extract_would(trained, capsys):
+    # A clone whose embeddings came from `dvc pull` never ran extract, so it has no record:
+    # the first predict loads the backbone and writes the record extract writes (the same
+    # bytes), and the next runs without PyTorch.
+    from stages.predict import warm_model
+    from transfer.warm_head import WarmClassifier
+
+    [record] = Path("cache/embeddings/warm").glob("*.json")
+    written_by_extract = record.read_bytes()
+    record.unlink()
+    assert warm_model("auto") is None
+    predict.main(["inputs/a-red.png"])
+    assert capsys.readouterr().out.split()[1] == "red"
+    assert record.read_bytes() == written_by_extract
+    assert isinstance(warm_model("auto"), WarmClassifier)
+    # Not where params.yaml names another configuration than the one the head was made with.
+    record.unlink()
+    params = yaml.safe_load(Path("params.yaml").read_text())
+    write_params(trained, {**params, "backbone": {**params["backbone"], "flip_average": True}})
+    predict.main(["inputs/a-red.png"])
+    assert not record.exists() and not list(record.parent.glob("*.json"))
+
+
 def test_a_record_of_another_backbone_or_no_graph_loads_the_backbone(trained, capsys):
     from stages.predict import warm_model
     from transfer.warm_head import WarmClassifier

@@ -59,13 +59,17 @@ class Classifier:
         """New images are first brought to this shorter side as the training images were."""
         return self.meta.short_side
 
+    def encoder(self, runtime: Runtime) -> CompiledNetwork:
+        """The backbone compiled for ``runtime`` by the engine, once per runtime."""
+        if runtime not in self._encoders:
+            self._encoders[runtime] = compile_encoder(self.backbone, self.engine, runtime)
+        return self._encoders[runtime]
+
     def embed(self, images: Sequence[np.ndarray], batch_size: int = 8,
               runtime: Runtime | None = None) -> Iterator[np.ndarray]:
         """The images' embeddings as the cache holds them, batch by batch."""
         runtime = runtime or inference_runtime(self.meta.precision)
-        if runtime not in self._encoders:  # compiled once per runtime, on first use
-            self._encoders[runtime] = compile_encoder(self.backbone, self.engine, runtime)
-        return embed_batches(self._encoders[runtime], images, self.backbone.preprocessing,
+        return embed_batches(self.encoder(runtime), images, self.backbone.preprocessing,
                              batch_size, runtime, flip_average=self.meta.flip_average,
                              desc="predict")
 

@@ -14,13 +14,16 @@ import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from transfer.embeddings import EmbeddingMeta
 from transfer.heads import Head, load_head_for
-from transfer.warm import META_FIELDS, WarmExtraction, warm_extraction
+from transfer.warm import META_FIELDS, WarmExtraction, warm_extraction, write_record
+
+if TYPE_CHECKING:
+    from transfer.inference import Classifier
 
 log = logging.getLogger(__name__)
 
@@ -75,3 +78,30 @@ def warm_classifier(params: Any, embeddings_dir: Path, head_path: Path, store_ro
         return None
     head, classes = load_head_for(head_path, meta)
     return WarmClassifier(extraction, head, classes, meta)
+
+
+def leave_record(classifier: Classifier, params: Any, store_root: Path) -> None:
+    """After the head model was loaded with PyTorch, write the warm record ``extract`` writes
+    for the backbone ``params`` (the same record, tested), where it ran on ONNX Runtime and
+    made the embeddings the head was trained on: the next ``predict`` then starts without
+    PyTorch, also in a clone whose embeddings came from ``dvc pull`` and never ran
+    ``extract``."""
+    import torch
+
+    from transfer.backbones import resolve_batch_size
+    from transfer.extraction import Extraction
+    from transfer.runtime import inference_runtime
+
+    backbone = classifier.backbone
+    runtime = inference_runtime(classifier.meta.precision)
+    encoder = classifier.encoder(runtime)
+    if params.store_max_gb <= 0 or not encoder.graph_sha256 or backbone.weights_file is None:
+        return
+    batch_size = resolve_batch_size(backbone, params.batch_size, runtime)
+    extraction = Extraction(backbone, encoder, runtime, batch_size, params.flip_average)
+    fields, made_by = extraction.meta_fields(), asdict(classifier.meta)
+    if any(fields[key] != made_by[key] for key in META_FIELDS):
+        return  # params.yaml names another backbone configuration than the head's
+    write_record(store_root, params, configuration=extraction.configuration(), meta=fields,
+                 weights_file=backbone.weights_file, graph_sha256=encoder.graph_sha256,
+                 batch_size=batch_size, threads=torch.get_num_threads())
