@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 def write_export(model_choice: str, fmt: str, path: Path, final: Path | None = None) -> dict:
     """Export the model chosen by ``model_choice`` as ``fmt`` to ``path`` (a temporary that
     becomes ``final``, where given); its metadata."""
-    from transfer.exported import export_model
+    from transfer.exporting import export_model
     from transfer.inference import load_predictor
 
     model = load_predictor(model_choice, EMBEDDINGS_DIR, HEAD_PATH, FINETUNE_DIR)

@@ -14,7 +14,14 @@ from PIL import Image
 
 from stages import export
 from stages.predict import list_inputs
-from tests.conftest import REPO_ROOT, one_error_line, run_stage_cli, write_halves, write_params
+from tests.conftest import (
+    REPO_ROOT,
+    one_error_line,
+    run_stage_cli,
+    stage_environment,
+    write_halves,
+    write_params,
+)
 from transfer.errors import PipelineError
 from transfer.exported import load_exported
 from transfer.inference import load_classifier, load_finetuned
@@ -224,6 +231,17 @@ def test_predict_runs_an_exported_file(trained, capsys):
     assert rows["inputs/more/c-blue"]["prediction"] == "blue"
     assert rows["inputs/a-red.png"]["unfamiliar"] is None  # not checked: no training images
     assert rows["inputs/notes.txt"]["error"].startswith("not an image")
+
+    # An ONNX file runs without PyTorch: ONNX Runtime, NumPy and Pillow are all it takes.
+    code = ("import sys; from stages import predict; "
+            "predict.main(['inputs/a-red.png', '--exported', 'model.onnx']); "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in "
+            "('torch', 'timm', 'torchvision')))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=trained, capture_output=True,
+                            text=True, env=stage_environment(), timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.splitlines()[-1] == "[]"
+    assert result.stdout.split()[1] == "red"
 
 
 @pytest.mark.parametrize("path", ["models/export/.classifier.onnx.tmp-123.data",
