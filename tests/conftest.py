@@ -68,6 +68,20 @@ def stage_environment() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": path}
 
 
+def predict_without_torch(cwd: Path, *args: str) -> str:
+    """``python -m stages.predict ARGS`` in a fresh interpreter in ``cwd``, which must never
+    import torch, timm or torchvision; its table."""
+    code = (f"import sys; from stages import predict; predict.main({list(args)!r}); "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in "
+            "('torch', 'timm', 'torchvision')))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True,
+                            text=True, env=stage_environment(), timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    *table, imported = result.stdout.splitlines()
+    assert imported == "[]"
+    return "\n".join(table)
+
+
 def run_stage_cli(stage: str, cwd: Path, *args: str) -> subprocess.CompletedProcess:
     """Run ``python -m stages.<stage> ARGS`` in ``cwd`` as DVC (or a user) would."""
     return subprocess.run([sys.executable, "-m", f"stages.{stage}", *args], cwd=cwd,
