@@ -110,3 +110,21 @@ def test_prune_leaves_folders_another_extraction_is_about_to_write_into(tmp_path
     assert (store.folder / "config.json").is_file() and records.is_dir()
     store.add(*keys_and_rows(3, seed=0))
     assert found(store, keys_and_rows(3, seed=0)[0]).keys() == {0, 1, 2}
+
+
+def test_opening_the_store_removes_a_killed_run_s_scratch_folder(tmp_path):
+    # A run killed after moving its last shard into place, before removing the scratch folder
+    # it wrote it in: the next run may have no shard to write, so opening the store clears it.
+    import subprocess
+    import sys
+
+    store = EmbeddingStore(tmp_path, {"backbone": "x"}, 4)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = store.folder / f".shard.scratch-{dead.pid}"
+    live = store.folder / f".shard.scratch-{os.getpid()}"  # another run sharing the store
+    for folder in (stale, live):
+        folder.mkdir()
+        (folder / "0123.npz").write_bytes(b"half")
+    EmbeddingStore(tmp_path, {"backbone": "x"}, 4)
+    assert not stale.exists() and live.exists()

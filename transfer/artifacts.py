@@ -81,7 +81,7 @@ def scratch_directory(beside: str | Path) -> Iterator[Path]:
 def _temporary(path: Path, kind: str) -> Path:
     """``.<name>.<kind>-<pid>`` beside ``path``, not there yet; stale ones are removed first."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_siblings(path)
+    remove_stale_temporaries(path)
     tmp = path.with_name(f".{path.name}.{kind}-{os.getpid()}")
     _remove(tmp)
     return tmp
@@ -124,8 +124,9 @@ def _interrupts_deferred() -> Iterator[None]:
         signal.raise_signal(signal.SIGINT)
 
 
-def _remove_stale_siblings(path: Path) -> None:
-    """Remove temporaries of ``path`` left by a process that was killed (kill -9, power loss)."""
+def remove_stale_temporaries(path: Path) -> None:
+    """Remove temporaries of ``path`` left by a process that was killed (kill -9, power loss);
+    those of live processes stay."""
     for sibling in path.parent.glob(f".{path.name}.*-*"):
         kind, _, rest = sibling.name[len(path.name) + 2:].partition("-")
         pid = rest.partition(".")[0]  # also a temporary's own side files: .x.tmp-<pid>.data

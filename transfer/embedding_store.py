@@ -29,7 +29,12 @@ from typing import Any
 
 import numpy as np
 
-from transfer.artifacts import DAMAGED_ARRAY_FILE, scratch_directory, write_json
+from transfer.artifacts import (
+    DAMAGED_ARRAY_FILE,
+    remove_stale_temporaries,
+    scratch_directory,
+    write_json,
+)
 from transfer.data import stored_pixels_sha256
 
 log = logging.getLogger(__name__)
@@ -63,6 +68,9 @@ class EmbeddingStore:
         self.folder = Path(root) / self.key[:NAME_DIGITS]
         self.dim = dim
         self.folder.mkdir(parents=True, exist_ok=True)
+        # A run killed between moving its last shard into place and removing the scratch
+        # folder it wrote it in leaves that folder; the next run may have no shard to write.
+        remove_stale_temporaries(self.folder / "shard")
         if not (self.folder / "config.json").is_file():
             write_json(self.folder / "config.json", {"key": self.key, **configuration})
 
