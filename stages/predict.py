@@ -184,7 +184,8 @@ def open_model(parser: ArgumentParser,
                  "no training images)", args.exported)
         return exported, None
     model = chosen_model(args.model, FINETUNE_DIR)
-    warm = warm_model(args.engine) if model == "head" else None
+    backbone = backbone_params() if model == "head" else None
+    warm = warm_model(args.engine, backbone) if backbone is not None else None
     if warm is not None:
         return warm, check_familiarity(warm, FAMILIARITY, EMBEDDINGS_DIR, lambda: warm)
     from transfer.engines import engine_named
@@ -192,7 +193,7 @@ def open_model(parser: ArgumentParser,
 
     engine = engine_named(args.engine, ONNX_CACHE, "--engine")
     classifier = load_predictor(model, EMBEDDINGS_DIR, HEAD_PATH, FINETUNE_DIR, engine)
-    if model == "head" and (backbone := backbone_params()) is not None:
+    if backbone is not None:
         leave_record(classifier, backbone, shared_by_experiments(EMBEDDING_STORE))
     return classifier, familiarity_check(classifier, FAMILIARITY, EMBEDDINGS_DIR, HEAD_PATH,
                                          engine)
@@ -208,14 +209,12 @@ def backbone_params() -> Any:
         return None
 
 
-def warm_model(engine: str) -> WarmClassifier | None:
+def warm_model(engine: str, backbone: Any) -> WarmClassifier | None:
     """The head model without PyTorch (``transfer.warm_head``) where ONNX Runtime is the
-    engine that would run it and the last extraction left a record of the backbone its
-    embeddings came from; None otherwise, and the model is loaded with PyTorch."""
+    engine that would run it and the last extraction left a record of the backbone
+    (``params.yaml``'s section) its embeddings came from; None otherwise, and the model is
+    loaded with PyTorch."""
     if engine == "torch" or (engine == "auto" and gpu_visible()):
-        return None
-    backbone = backbone_params()
-    if backbone is None:
         return None
     warm = warm_classifier(backbone, EMBEDDINGS_DIR, HEAD_PATH,
                            shared_by_experiments(EMBEDDING_STORE),

@@ -274,7 +274,7 @@ def test_onnx_runtime_and_pytorch_give_the_same_probabilities(flip_finetuned, ca
     real_cached_graph = engines.cached_graph
     monkeypatch.setattr(engines, "cached_graph",
                         lambda *args: exported.append(args[-1]) or real_cached_graph(*args))
-    monkeypatch.setattr(predict, "warm_model", lambda engine: None)  # load the backbone
+    monkeypatch.setattr(predict, "warm_model", lambda engine, backbone: None)  # load the backbone
     found = {}
     for engine in ("torch", "onnxruntime"):
         predict.main(["inputs", "mirrored", "--format", "json", "--model", model,
@@ -296,7 +296,7 @@ def test_the_head_model_runs_without_pytorch_where_extraction_left_its_record(tr
     found = {}
     for way in ("warm", "backbone loaded"):
         if way != "warm":
-            monkeypatch.setattr(predict, "warm_model", lambda engine: None)
+            monkeypatch.setattr(predict, "warm_model", lambda engine, backbone: None)
         predict.main(["inputs", "--format", "json", "--engine", "onnxruntime"])
         found[way] = json.loads(capsys.readouterr().out)
     assert found["warm"] == found["backbone loaded"]
@@ -309,17 +309,17 @@ def test_predict_with_pytorch_leaves_the_record_extract_would(trained, capsys):
     # A clone whose embeddings came from `dvc pull` never ran extract, so it has no record:
     # the first predict loads the backbone and writes the record extract writes (the same
     # bytes), and the next runs without PyTorch.
-    from stages.predict import warm_model
+    from stages.predict import backbone_params, warm_model
     from transfer.warm_head import WarmClassifier
 
     [record] = Path("cache/embeddings/warm").glob("*.json")
     written_by_extract = record.read_bytes()
     record.unlink()
-    assert warm_model("auto") is None
+    assert warm_model("auto", backbone_params()) is None
     predict.main(["inputs/a-red.png"])
     assert capsys.readouterr().out.split()[1] == "red"
     assert record.read_bytes() == written_by_extract
-    assert isinstance(warm_model("auto"), WarmClassifier)
+    assert isinstance(warm_model("auto", backbone_params()), WarmClassifier)
     # Not where params.yaml names another configuration than the one the head was made with.
     record.unlink()
     params = yaml.safe_load(Path("params.yaml").read_text())
@@ -329,24 +329,24 @@ def test_predict_with_pytorch_leaves_the_record_extract_would(trained, capsys):
 
 
 def test_a_record_of_another_backbone_or_no_graph_loads_the_backbone(trained, capsys):
-    from stages.predict import warm_model
+    from stages.predict import backbone_params, warm_model
     from transfer.warm_head import WarmClassifier
 
-    assert isinstance(warm_model("auto"), WarmClassifier)
-    assert warm_model("torch") is None
+    assert isinstance(warm_model("auto", backbone_params()), WarmClassifier)
+    assert warm_model("torch", backbone_params()) is None
     # params.yaml changed since extract ran (no repro yet): the record found is of other
     # embeddings than the head's, so the backbone is loaded, as the head was trained.
     params = yaml.safe_load(Path("params.yaml").read_text())
     write_params(trained, {**params, "backbone": {**params["backbone"], "flip_average": True}})
-    assert warm_model("auto") is None
+    assert warm_model("auto", backbone_params()) is None
     write_params(trained, params)
-    assert isinstance(warm_model("auto"), WarmClassifier)
+    assert isinstance(warm_model("auto", backbone_params()), WarmClassifier)
     for graph in Path("cache/onnx").glob("*.onnx"):
         graph.unlink()
-    assert warm_model("auto") is None
+    assert warm_model("auto", backbone_params()) is None
     predict.main(["inputs/a-red.png"])  # with PyTorch: the graph is exported again
     assert capsys.readouterr().out.split()[1] == "red"
-    assert isinstance(warm_model("auto"), WarmClassifier)
+    assert isinstance(warm_model("auto", backbone_params()), WarmClassifier)
 
 
 def test_the_table_lines_up_names_with_wide_and_combining_characters():

@@ -213,4 +213,3 @@ def warm_extraction(params: Any, store_root: Path, graph_cache: Path) -> WarmExt
     except (OSError, ValueError, KeyError, TypeError, WarmMiss) as err:
         log.debug("warm record %s not used (%s): loading the backbone", path.name, err)
     return None
-

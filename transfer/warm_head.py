@@ -60,6 +60,13 @@ class WarmClassifier:
         return map(self.probabilities, self.embed(images, batch_size))
 
 
+def fields_differing(record_meta: dict[str, Any], meta: EmbeddingMeta) -> list[str]:
+    """The fields of a warm record's meta (``transfer.warm.META_FIELDS``) that differ from
+    those of the embedding meta ``meta``: none when that record's backbone made them."""
+    made_by = asdict(meta)
+    return [key for key in META_FIELDS if record_meta[key] != made_by[key]]
+
+
 def warm_classifier(params: Any, embeddings_dir: Path, head_path: Path, store_root: Path,
                     graph_cache: Path) -> WarmClassifier | None:
     """The head model in ``head_path`` without PyTorch, where the warm record for the backbone
@@ -70,8 +77,7 @@ def warm_classifier(params: Any, embeddings_dir: Path, head_path: Path, store_ro
     if extraction is None:
         return None
     meta = EmbeddingMeta.read(embeddings_dir)
-    made_by = asdict(meta)
-    differing = [key for key in META_FIELDS if made_by[key] != extraction.meta[key]]
+    differing = fields_differing(extraction.meta, meta)
     if differing:
         log.debug("the warm record's %s differ from %s/meta.json: loading the backbone",
                   ", ".join(differing), embeddings_dir)
@@ -99,8 +105,8 @@ def leave_record(classifier: Classifier, params: Any, store_root: Path) -> None:
         return
     batch_size = resolve_batch_size(backbone, params.batch_size, runtime)
     extraction = Extraction(backbone, encoder, runtime, batch_size, params.flip_average)
-    fields, made_by = extraction.meta_fields(), asdict(classifier.meta)
-    if any(fields[key] != made_by[key] for key in META_FIELDS):
+    fields = extraction.meta_fields()
+    if fields_differing(fields, classifier.meta):
         return  # params.yaml names another backbone configuration than the head's
     write_record(store_root, params, configuration=extraction.configuration(), meta=fields,
                  weights_file=backbone.weights_file, graph_sha256=encoder.graph_sha256,
