@@ -310,7 +310,7 @@ def test_a_second_audit_takes_the_pairs_keypoints_from_the_cache(audited, tmp_pa
     assert len(stored) >= report["counts"]["near_duplicate_pairs"] >= 1
     real_keypoints = KeypointMatcher._keypoints
 
-    def no_keypoints(self, i, mirrored=False):
+    def no_keypoints(self, i, mirrored, detector):
         raise AssertionError("keypoints computed for a pair the cache knows")
 
     monkeypatch.setattr(KeypointMatcher, "_keypoints", no_keypoints)
@@ -364,6 +364,33 @@ def test_keypoints_match_a_copy_and_its_mirror_image_but_not_another_photo():
     pairs = [(0, 1), (0, 2), (0, 3), (1, 2)]  # on every core: the same counts
     assert KeypointMatcher(lambda i: images[i]).matches_many(pairs, enough=8) == \
         [matcher.matches(a, b, enough=8) for a, b in pairs]
+
+
+def test_sift_is_computed_only_for_the_pairs_orb_leaves_below_the_threshold(monkeypatch):
+    from sklearn.datasets import load_sample_image
+
+    from transfer.keypoints import ORB, SIFT, KeypointMatcher
+
+    china, flower = load_sample_image("china.jpg"), load_sample_image("flower.jpg")
+    images = [china, china[10:-10, 12:-12], flower]
+    computed = []
+    real_keypoints = KeypointMatcher._keypoints
+
+    def recorded(self, i, mirrored, detector):
+        computed.append((i, mirrored, detector))
+        return real_keypoints(self, i, mirrored, detector)
+
+    monkeypatch.setattr(KeypointMatcher, "_keypoints", recorded)
+    copy, other = KeypointMatcher(images.__getitem__).matches_many([(0, 1), (0, 2)], enough=8)
+    assert copy >= 8 and other < 8
+    assert {i for i, mirrored, detector in computed if detector == SIFT} == {0, 2}
+    assert {(i, mirrored) for i, mirrored, detector in computed if detector == ORB} == \
+        {(0, False), (1, False), (2, False), (2, True)}
+    # A threshold ORB cannot reach on the copy: SIFT is tried, and the larger count kept.
+    orb_only = KeypointMatcher(images.__getitem__)._tried(ORB, 0, 1, enough=10**6)
+    both = KeypointMatcher(images.__getitem__).matches(0, 1, enough=10**6)
+    assert both >= orb_only and both == max(orb_only, KeypointMatcher(
+        images.__getitem__)._tried(SIFT, 0, 1, enough=10**6))
 
 
 def test_a_pair_alike_to_the_network_but_not_in_its_keypoints_is_left_out():

@@ -1,11 +1,15 @@
 """Geometric verification of near-duplicate pairs: how many local features of two images match
-under one similarity transform (shift, rotation, uniform scale), found with OpenCV's SIFT and
-RANSAC.
+under one similarity transform (shift, rotation, uniform scale), found with OpenCV's ORB, then
+SIFT, and RANSAC.
 
 The embeddings say two images look alike; two different photos of one species on similar
 leaves can look as alike to them as a photo and its resized, re-encoded copy. Copies, crops
 and shots of one scene moments apart share many keypoints in one geometric arrangement;
 different scenes share almost none (docs/audit.md). Mirrored copies are matched too.
+
+ORB's binary features take about a tenth of SIFT's time and confirm most copies; SIFT, which
+finds every copy ORB finds and a few more, is computed only for the pairs ORB leaves below the
+threshold. A pair's count is the most keypoints any of the tries matched.
 """
 
 from __future__ import annotations
@@ -29,12 +33,16 @@ log = logging.getLogger(__name__)
 # SIFT keypoints kept per image, the strongest. Measured on monkeys10 (docs/audit.md): 250, or
 # images shrunk to 160 pixels first, lost copies that 500 at full size kept; 1,000 kept no more.
 FEATURES = 500
+# ORB keypoints per image: with 1,000 ORB confirmed 138 of the 143 pairs SIFT confirms on
+# monkeys10, and no pair of different scenes there or on catsdogs (docs/audit.md).
+ORB_FEATURES = 1000
 # Smaller images have too few keypoints to tell: their pairs are left to the embeddings.
 MIN_SIDE = 32
 RATIO = 0.75  # Lowe's ratio test: a match must be clearly better than the second best
 RANSAC_PIXELS = 3.0  # reprojection error within which a match agrees with the transform
-# An image's keypoints: their (x, y) positions and SIFT descriptors (None where it has none).
+# An image's keypoints: their (x, y) positions and descriptors (None where it has none).
 Features = tuple[np.ndarray, np.ndarray | None]
+ORB, SIFT = 0, 1  # the detectors, in the order they are tried
 
 
 class PairCache:
@@ -54,7 +62,8 @@ class PairCache:
     def config(self) -> dict[str, Any]:
         import cv2
 
-        return {"features": FEATURES, "ratio": RATIO, "ransac_pixels": RANSAC_PIXELS,
+        return {"detectors": ["orb", "sift"], "orb_features": ORB_FEATURES,
+                "features": FEATURES, "ratio": RATIO, "ransac_pixels": RANSAC_PIXELS,
                 "min_side": MIN_SIDE, "opencv": cv2.__version__, "cpu": cpu_model()}
 
     @functools.cached_property
@@ -97,9 +106,9 @@ class PairCache:
 
 
 class KeypointMatcher:
-    """Counts matching keypoints between images given by index; each image is read and its
-    keypoints computed once (``pixels(i)``: its uint8 ``(H, W, 3)`` pixels), and not at all
-    for a pair the ``cache`` knows."""
+    """Counts matching keypoints between images given by index; each image is read once
+    (``pixels(i)``: its uint8 ``(H, W, 3)`` pixels) and its keypoints computed once per
+    detector it needs, and not at all for a pair the ``cache`` knows."""
 
     def __init__(self, pixels: Callable[[int], np.ndarray],
                  cache: PairCache | None = None) -> None:
@@ -109,67 +118,92 @@ class KeypointMatcher:
         self._cv2 = cv2
         self._pixels = pixels
         self._cache = cache
-        self._sift = cv2.SIFT_create(nfeatures=FEATURES)
-        self._matcher = cv2.BFMatcher(cv2.NORM_L2)
+        self._detectors = {ORB: cv2.ORB_create(nfeatures=ORB_FEATURES),
+                           SIFT: cv2.SIFT_create(nfeatures=FEATURES)}
+        self._matchers = {ORB: cv2.BFMatcher(cv2.NORM_HAMMING), SIFT: cv2.BFMatcher(cv2.NORM_L2)}
         self._grey: dict[int, np.ndarray | None] = {}
-        self._features: dict[tuple[int, bool], Features | None] = {}
+        self._features: dict[tuple[int, bool, int], Features | None] = {}
 
     def matches_many(self, pairs: Sequence[tuple[int, int]], enough: int) -> list[int]:
         """``matches`` of each pair: from the cache where it has them, the others computed on
-        every core (OpenCV works without Python's lock, so threads share the work; each
-        image's keypoints are the same either way) and added to it."""
+        every core (OpenCV works without Python's lock, so threads share the work; the counts
+        are the same either way), a detector at a time, and added to it."""
         cache = self._cache
-        known = [cache.get(pair, enough) if cache else None for pair in pairs]
-        todo = [pair for pair, count in zip(pairs, known, strict=True) if count is None]
-        images = sorted({i for pair in todo for i in pair})
+        counts = [cache.get(pair, enough) if cache else None for pair in pairs]
+        todo = [n for n, count in enumerate(counts) if count is None]
+        found = dict.fromkeys(todo, 0)
         with ThreadPoolExecutor(usable_cores()) as pool:
-            list(pool.map(self._keypoints, images))
-            found = iter(pool.map(lambda pair: self.matches(*pair, enough), todo))
-        counts = [count if count is not None else next(found) for count in known]
+            for detector in self._detectors:
+                left = [n for n in todo if 0 <= found[n] < enough]
+                images = sorted({i for n in left for i in pairs[n]})
+                list(pool.map(lambda i, d=detector: self._keypoints(i, False, d), images))
+                for n, count in zip(left, pool.map(
+                        lambda n, d=detector: self._tried(d, *pairs[n], enough), left),
+                        strict=True):
+                    found[n] = count if count < 0 else max(found[n], count)
+        for n in todo:
+            counts[n] = found[n]
+            if cache:
+                cache.put(pairs[n], enough, found[n])
         if cache and todo:
-            for pair, count, was_known in zip(pairs, counts, known, strict=True):
-                if was_known is None:
-                    cache.put(pair, enough, count)
             cache.save()
         return counts
 
     def matches(self, first: int, second: int, enough: int) -> int:
         """Keypoints of ``first`` that match ``second`` (or its mirror image) under one
-        similarity transform; the mirror is tried only when fewer than ``enough`` match. -1:
-        an image is under ``MIN_SIDE`` pixels, too small to check."""
-        features_a, features_b = self._keypoints(first), self._keypoints(second)
-        if features_a is None or features_b is None:
-            return -1
-        found = self._inliers(features_a, features_b)
-        if found < enough:
-            found = max(found, self._inliers(features_a,
-                                             self._keypoints(second, mirrored=True)))
+        similarity transform: ORB's, then SIFT's where ORB's are fewer than ``enough`` (the
+        most either matched); the mirror image is tried only when fewer than ``enough`` match
+        directly. -1: an image is under ``MIN_SIDE`` pixels, too small to check."""
+        found = 0
+        for detector in self._detectors:
+            count = self._tried(detector, first, second, enough)
+            if count < 0:
+                return count
+            found = max(found, count)
+            if found >= enough:
+                break
         return found
 
-    def _keypoints(self, i: int, mirrored: bool = False) -> Features | None:
-        """Image ``i``'s keypoints (of its mirror image), None where it is too small."""
-        if (i, mirrored) not in self._features:
+    def _tried(self, detector: int, first: int, second: int, enough: int) -> int:
+        """The keypoints ``detector`` matches between ``first`` and ``second``, or its mirror
+        image where fewer than ``enough`` match directly (the larger count); -1 where an image
+        is too small."""
+        features_a = self._keypoints(first, False, detector)
+        features_b = self._keypoints(second, False, detector)
+        if features_a is None or features_b is None:
+            return -1
+        found = self._inliers(detector, features_a, features_b)
+        if found < enough:
+            found = max(found, self._inliers(detector, features_a,
+                                             self._keypoints(second, True, detector)))
+        return found
+
+    def _keypoints(self, i: int, mirrored: bool, detector: int) -> Features | None:
+        """Image ``i``'s keypoints (of its mirror image) by ``detector``, None where it is too
+        small."""
+        if (i, mirrored, detector) not in self._features:
             if i not in self._grey:
                 pixels = self._pixels(i)
                 self._grey[i] = None if min(pixels.shape[:2]) < MIN_SIDE else \
                     self._cv2.cvtColor(np.ascontiguousarray(pixels), self._cv2.COLOR_RGB2GRAY)
             grey = self._grey[i]
             if grey is None:
-                self._features[i, mirrored] = None
+                self._features[i, mirrored, detector] = None
             else:
-                points, descriptors = self._sift.detectAndCompute(
+                points, descriptors = self._detectors[detector].detectAndCompute(
                     np.ascontiguousarray(grey[:, ::-1]) if mirrored else grey, None)
-                self._features[i, mirrored] = (
+                self._features[i, mirrored, detector] = (
                     np.float32([p.pt for p in points]).reshape(-1, 2), descriptors)
-        return self._features[i, mirrored]
+        return self._features[i, mirrored, detector]
 
-    def _inliers(self, first: Features, second: Features) -> int:
+    def _inliers(self, detector: int, first: Features, second: Features) -> int:
         (points_a, descriptors_a), (points_b, descriptors_b) = first, second
         if descriptors_a is None or descriptors_b is None or min(len(points_a),
                                                                  len(points_b)) < 2:
             return 0
         good = [best for best, second_best in (
-            pair for pair in self._matcher.knnMatch(descriptors_a, descriptors_b, k=2)
+            pair for pair in self._matchers[detector].knnMatch(descriptors_a, descriptors_b,
+                                                               k=2)
             if len(pair) == 2) if best.distance < RATIO * second_best.distance]
         if len(good) < 3:
             return 0
