@@ -43,9 +43,17 @@ from transfer.layout import (
 )
 from transfer.params import ENGINES, MAX_BATCH_SIZE, MODEL_CHOICES, load_params
 from transfer.prediction import UNCERTAIN, UNFAMILIAR, Prediction, classify, decode_for
-from transfer.predictor import FamiliarityCheck, Predictor, check_familiarity, chosen_model
+from transfer.predictor import (
+    Embedder,
+    FamiliarityCheck,
+    Predictor,
+    check_familiarity,
+    chosen_model,
+)
 from transfer.sources import walk_visible_files
 from transfer.warm import gpu_visible
+from transfer.warm_finetune import WarmFinetuned, warm_finetuned
+from transfer.warm_finetune import leave_record as leave_finetuned_record
 from transfer.warm_head import WarmClassifier, leave_record, warm_classifier
 
 log = logging.getLogger(__name__)
@@ -184,19 +192,52 @@ def open_model(parser: ArgumentParser,
                  "no training images)", args.exported)
         return exported, None
     model = chosen_model(args.model, FINETUNE_DIR)
-    backbone = backbone_params() if model == "head" else None
-    warm = warm_model(args.engine, backbone) if backbone is not None else None
-    if warm is not None:
-        return warm, check_familiarity(warm, FAMILIARITY, EMBEDDINGS_DIR, lambda: warm)
+    backbone = backbone_params()
+    if model == "head":
+        warm = warm_model(args.engine, backbone) if backbone is not None else None
+        if warm is not None:
+            return warm, check_familiarity(warm, FAMILIARITY, EMBEDDINGS_DIR, lambda: warm)
+    else:
+        warm = warm_finetuned_model(args.engine)
+        if warm is not None:
+            return warm, check_familiarity(warm, FAMILIARITY, EMBEDDINGS_DIR,
+                                           lambda: head_embedder(args.engine, backbone))
     from transfer.engines import engine_named
     from transfer.inference import familiarity_check, load_predictor
 
     engine = engine_named(args.engine, ONNX_CACHE, "--engine")
     classifier = load_predictor(model, EMBEDDINGS_DIR, HEAD_PATH, FINETUNE_DIR, engine)
-    if backbone is not None:
+    if model == "head" and backbone is not None:
         leave_record(classifier, backbone, shared_by_experiments(EMBEDDING_STORE))
+    elif model == "finetune":
+        leave_finetuned_record(classifier, FINETUNE_DIR, shared_by_experiments(ONNX_CACHE))
     return classifier, familiarity_check(classifier, FAMILIARITY, EMBEDDINGS_DIR, HEAD_PATH,
                                          engine)
+
+
+def warm_finetuned_model(engine: str) -> WarmFinetuned | None:
+    """The fine-tuned model without PyTorch (``transfer.warm_finetune``) where ONNX Runtime is
+    the engine that would run it and an earlier ``predict`` left a record of it; None
+    otherwise, and the model is loaded with PyTorch."""
+    if not runs_on_onnxruntime(engine):
+        return None
+    warm = warm_finetuned(FINETUNE_DIR, shared_by_experiments(ONNX_CACHE))
+    if warm is not None:
+        log.debug("the fine-tuned model runs through its cached ONNX graph, without PyTorch")
+    return warm
+
+
+def head_embedder(engine: str, backbone: Any) -> Embedder:
+    """The head model, whose embeddings the familiarity check compares: without PyTorch where
+    ``warm_model`` finds it, else loaded with it."""
+    warm = warm_model(engine, backbone) if backbone is not None else None
+    if warm is not None:
+        return warm
+    from transfer.engines import engine_named
+    from transfer.inference import load_classifier
+
+    return load_classifier(EMBEDDINGS_DIR, HEAD_PATH, engine_named(engine, ONNX_CACHE,
+                                                                   "--engine"))
 
 
 def backbone_params() -> Any:
@@ -209,12 +250,18 @@ def backbone_params() -> Any:
         return None
 
 
+def runs_on_onnxruntime(engine: str) -> bool:
+    """Whether ``--engine`` runs the network on ONNX Runtime here (``auto``: where no GPU is
+    visible), as a warm record's graph does."""
+    return engine == "onnxruntime" or (engine == "auto" and not gpu_visible())
+
+
 def warm_model(engine: str, backbone: Any) -> WarmClassifier | None:
     """The head model without PyTorch (``transfer.warm_head``) where ONNX Runtime is the
     engine that would run it and the last extraction left a record of the backbone
     (``params.yaml``'s section) its embeddings came from; None otherwise, and the model is
     loaded with PyTorch."""
-    if engine == "torch" or (engine == "auto" and gpu_visible()):
+    if not runs_on_onnxruntime(engine):
         return None
     warm = warm_classifier(backbone, EMBEDDINGS_DIR, HEAD_PATH,
                            shared_by_experiments(EMBEDDING_STORE),

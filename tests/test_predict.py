@@ -349,6 +349,41 @@ def test_a_record_of_another_backbone_or_no_graph_loads_the_backbone(trained, ca
     assert isinstance(warm_model("auto", backbone_params()), WarmClassifier)
 
 
+def test_the_fine_tuned_model_runs_without_pytorch_from_its_second_predict(flip_finetuned,
+                                                                           capsys):
+    # The first predict loads the fine-tuned network with PyTorch, runs it on ONNX Runtime and
+    # leaves a record of its graph; the next runs that graph without importing torch, to the
+    # same answers, the familiarity check included (the head's backbone without PyTorch too).
+    from stages import audit
+    from stages.predict import warm_finetuned_model
+    from transfer.warm_finetune import WarmFinetuned
+
+    audit.main()
+    args = ["inputs", "mirrored", "--format", "json", "--model", "finetune"]
+    assert warm_finetuned_model("auto") is None
+    predict.main(args)
+    loaded = json.loads(capsys.readouterr().out)
+    assert isinstance(warm_finetuned_model("auto"), WarmFinetuned)
+    assert warm_finetuned_model("torch") is None
+    predict.main(args)
+    assert json.loads(capsys.readouterr().out) == loaded
+    assert json.loads(predict_without_torch(flip_finetuned, *args)) == loaded
+    assert sum(1 for row in loaded if not row["error"]) == 5
+    assert all(row["unfamiliar"] is not None for row in loaded if not row["error"])
+    # Another model (here, another temperature in its description) has no record.
+    model_json = flip_finetuned / "models" / "finetune" / "model.json"
+    info = json.loads(model_json.read_text())
+    model_json.write_text(json.dumps({**info, "temperature": 2.0}))
+    assert warm_finetuned_model("auto") is None
+    predict.main(args)
+    hotter = json.loads(capsys.readouterr().out)
+    assert hotter != loaded and isinstance(warm_finetuned_model("auto"), WarmFinetuned)
+    # A graph whose bytes changed is not run: the network is loaded with PyTorch again.
+    [graph] = Path("cache/onnx").glob("fine_tuned*.onnx")
+    graph.write_bytes(graph.read_bytes()[:-1] + b"\0")
+    assert warm_finetuned_model("auto") is None
+
+
 def test_the_table_lines_up_names_with_wide_and_combining_characters():
     from transfer.prediction import Prediction
 

@@ -140,15 +140,19 @@ class FinetunedModel:
         models saved without one: 1)."""
         return float(self.info.get("temperature", 1.0))
 
+    def compiled(self, runtime: Runtime) -> CompiledNetwork:
+        """The scorer compiled by the engine for ``runtime``, once per runtime."""
+        if runtime not in self._scorers:
+            label = f"fine-tuned {self.info.get('backbone', 'network')}"
+            self._scorers[runtime] = compile_on_pixels(self.scorer, self.preprocessing,
+                                                       self.engine, runtime, label)
+        return self._scorers[runtime]
+
     def scores(self, images: Sequence[np.ndarray], batch_size: int = 32,
                runtime: Runtime | None = None) -> Iterator[np.ndarray]:
         """Untempered class scores (logits), batch by batch."""
         runtime = runtime or resolve_runtime()
-        if runtime not in self._scorers:  # compiled once per runtime, on first use
-            label = f"fine-tuned {self.info.get('backbone', 'network')}"
-            self._scorers[runtime] = compile_on_pixels(self.scorer, self.preprocessing,
-                                                       self.engine, runtime, label)
-        return network_scores(self._scorers[runtime], images, self.preprocessing, batch_size,
+        return network_scores(self.compiled(runtime), images, self.preprocessing, batch_size,
                               runtime)
 
     def predict_proba(self, images: Sequence[np.ndarray], batch_size: int = 32,

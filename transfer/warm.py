@@ -79,18 +79,33 @@ def gpu_visible() -> bool:
 
 
 def record_key(params: Any) -> str:
-    """What a record is found by: the backbone parameters that shape the embeddings, the
-    libraries' versions, the processor, whether a GPU is visible (``auto`` would use it) and
-    the thread count (a record is written only for an engine whose rows do not depend on it,
-    but the engine's choice might)."""
+    """What a record is found by: the backbone parameters that shape the embeddings, and
+    ``machine_key``'s fields."""
     chosen = {name: value for name, value in asdict(params).items()
               if name not in ("store_max_gb", "embedding_dtype")}
+    return machine_key(params=chosen)
+
+
+def machine_key(**fields: Any) -> str:
+    """A SHA-256 of ``fields`` with what else decides whether a record holds here: the
+    libraries' versions, the processor, whether a GPU is visible (``auto`` would use it) and
+    the thread count (a record is written only for an engine whose outputs do not depend on
+    it, but the engine's choice might)."""
     return hashlib.sha256(json.dumps({
-        "params": chosen, "versions": installed_versions(), "cpu": cpu_model(),
-        "gpu": gpu_visible(),
+        **fields, "versions": installed_versions(), "cpu": cpu_model(), "gpu": gpu_visible(),
         "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
         "threads": os.environ.get("OMP_NUM_THREADS"), "python": sys.version,
     }, sort_keys=True, default=list).encode()).hexdigest()
+
+
+def sound_graph(graph_cache: Path, graph_sha256: str) -> bytes:
+    """The bytes of the graph in ``graph_cache`` whose SHA-256 is ``graph_sha256``."""
+    graph = next((data for candidate in sorted(graph_cache.glob(f"*-{graph_sha256[:16]}.onnx"))
+                  if hashlib.sha256(data := candidate.read_bytes()).hexdigest() == graph_sha256),
+                 None)
+    if graph is None:
+        raise WarmMiss(f"no sound graph {graph_sha256[:16]} in {graph_cache}")
+    return graph
 
 
 def write_record(store_root: Path, params: Any, *, configuration: dict[str, Any],
@@ -197,12 +212,7 @@ def warm_extraction(params: Any, store_root: Path, graph_cache: Path) -> WarmExt
             Path(record["weights_file"])
         if sha256_file(weights) != record["weights_sha256"]:
             raise WarmMiss(f"{weights} is not the weights file the record was written for")
-        graph_sha = record["graph_sha256"]
-        graph = next((data for candidate in sorted(graph_cache.glob(f"*-{graph_sha[:16]}.onnx"))
-                      if hashlib.sha256(data := candidate.read_bytes()).hexdigest() == graph_sha),
-                     None)
-        if graph is None:
-            raise WarmMiss(f"no sound graph {graph_sha[:16]} in {graph_cache}")
+        graph = sound_graph(graph_cache, record["graph_sha256"])
         missing = [key for key in META_FIELDS if key not in record["meta"]]
         if missing:
             raise WarmMiss(f"the record's meta lacks {', '.join(missing)}")
