@@ -306,10 +306,21 @@ def test_a_record_is_not_used_for_another_file_under_the_weights_path_it_names(t
     (workspace / "cache" / "onnx" / f"net-{graph_sha[:16]}.onnx").write_bytes(graph)
     store = workspace / "cache" / "embeddings"
     meta = {key: "x" for key in META_FIELDS} | {
-        "weights_sha256": hashlib.sha256(b"workspace weights").hexdigest()}
+        "weights_sha256": hashlib.sha256(b"workspace weights").hexdigest(),
+        "preprocessing": {"input_size": [3, 224, 224], "resize_size": 256,
+                          "interpolation": "bilinear", "mean": [0.5] * 3, "std": [0.5] * 3,
+                          "source": "test"}}
     monkeypatch.chdir(workspace)
     write_record(store, params, configuration={}, meta=meta, weights_file=Path("models/w.pth"),
                  graph_sha256=graph_sha, batch_size=8, threads=1)
     assert warm_extraction(params, store, workspace / "cache" / "onnx") is not None
     monkeypatch.chdir(copy)
+    assert warm_extraction(params, store, workspace / "cache" / "onnx") is None
+    # Nor a record whose preprocessing is damaged (a side of 60,000 pixels): checked before
+    # any image is sized by it.
+    monkeypatch.chdir(workspace)
+    damaged = meta | {"preprocessing": meta["preprocessing"] | {"resize_size": 60000}}
+    write_record(store, params, configuration={}, meta=damaged,
+                 weights_file=Path("models/w.pth"), graph_sha256=graph_sha, batch_size=8,
+                 threads=1)
     assert warm_extraction(params, store, workspace / "cache" / "onnx") is None

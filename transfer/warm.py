@@ -35,6 +35,7 @@ from transfer.artifacts import sha256_file, write_json
 from transfer.machine import cpu_model
 from transfer.params import weights_file_named
 from transfer.pixels import ResizeCrop, pixel_arrays
+from transfer.preprocessing import Preprocessing
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +99,10 @@ def machine_key(**fields: Any) -> str:
     }, sort_keys=True, default=list).encode()).hexdigest()
 
 
+class WarmMiss(Exception):
+    """The record cannot be used: the stage runs with PyTorch instead."""
+
+
 def sound_graph(graph_cache: Path, graph_sha256: str) -> bytes:
     """The bytes of the graph in ``graph_cache`` whose SHA-256 is ``graph_sha256``."""
     graph = next((data for candidate in sorted(graph_cache.glob(f"*-{graph_sha256[:16]}.onnx"))
@@ -130,6 +135,7 @@ class WarmExtraction:
     graph: bytes  # the ONNX graph, its SHA-256 checked against the record's
     batch_size: int
     threads: int
+    resize_crop: ResizeCrop  # the preprocessing's resize and centre crop
     runtime: SingleProcess = SingleProcess()
     _session: Any = None
 
@@ -162,11 +168,7 @@ class WarmExtraction:
         if not len(images):
             return
         session = self._open()
-        preprocessing = self.meta["preprocessing"]
-        resize_crop = ResizeCrop(int(preprocessing["resize_size"]),
-                                 tuple(preprocessing["input_size"][1:]),
-                                 str(preprocessing["interpolation"]))
-        for batch in pixel_arrays(images, resize_crop, batch_size or self.batch_size, desc,
+        for batch in pixel_arrays(images, self.resize_crop, batch_size or self.batch_size, desc,
                                   ahead=True):
             [rows] = session.run(None, {INPUT_NAME: batch})
             if self.flip_average:  # as transfer.backbones.embed_batches does it
@@ -194,10 +196,6 @@ def onnxruntime_session(graph: bytes, threads: int) -> Any:
     return onnxruntime.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
 
 
-class WarmMiss(Exception):
-    """The record cannot be used: the stage runs with PyTorch instead."""
-
-
 def warm_extraction(params: Any, store_root: Path, graph_cache: Path) -> WarmExtraction | None:
     """The extraction the record for ``params`` describes, once its weights file and graph are
     checked; None (with the reason in the debug log) where there is none to use."""
@@ -216,8 +214,10 @@ def warm_extraction(params: Any, store_root: Path, graph_cache: Path) -> WarmExt
         missing = [key for key in META_FIELDS if key not in record["meta"]]
         if missing:
             raise WarmMiss(f"the record's meta lacks {', '.join(missing)}")
+        preprocessing = Preprocessing.from_dict(record["meta"]["preprocessing"])
         return WarmExtraction(record["configuration"], record["meta"], graph,
-                              int(record["batch_size"]), int(record["threads"]))
+                              int(record["batch_size"]), int(record["threads"]),
+                              preprocessing.pixel_transform())
     except FileNotFoundError:
         log.debug("no warm record %s: loading the backbone", path.name)
     except (OSError, ValueError, KeyError, TypeError, WarmMiss) as err:
