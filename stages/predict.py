@@ -192,16 +192,16 @@ def open_model(parser: ArgumentParser,
                  "no training images)", args.exported)
         return exported, None
     model = chosen_model(args.model, FINETUNE_DIR)
-    backbone = backbone_params()
+    backbone = backbone_params() if model == "head" else None
     if model == "head":
-        warm = warm_model(args.engine, backbone) if backbone is not None else None
+        warm = warm_model(args.engine, backbone)
         if warm is not None:
             return warm, check_familiarity(warm, FAMILIARITY, EMBEDDINGS_DIR, lambda: warm)
     else:
         warm = warm_finetuned_model(args.engine)
         if warm is not None:
             return warm, check_familiarity(warm, FAMILIARITY, EMBEDDINGS_DIR,
-                                           lambda: head_embedder(args.engine, backbone))
+                                           lambda: head_embedder(args.engine))
     from transfer.engines import engine_named
     from transfer.inference import familiarity_check, load_predictor
 
@@ -227,10 +227,10 @@ def warm_finetuned_model(engine: str) -> WarmFinetuned | None:
     return warm
 
 
-def head_embedder(engine: str, backbone: Any) -> Embedder:
+def head_embedder(engine: str) -> Embedder:
     """The head model, whose embeddings the familiarity check compares: without PyTorch where
     ``warm_model`` finds it, else loaded with it."""
-    warm = warm_model(engine, backbone) if backbone is not None else None
+    warm = warm_model(engine, backbone_params())
     if warm is not None:
         return warm
     from transfer.engines import engine_named
@@ -259,9 +259,9 @@ def runs_on_onnxruntime(engine: str) -> bool:
 def warm_model(engine: str, backbone: Any) -> WarmClassifier | None:
     """The head model without PyTorch (``transfer.warm_head``) where ONNX Runtime is the
     engine that would run it and the last extraction left a record of the backbone
-    (``params.yaml``'s section) its embeddings came from; None otherwise, and the model is
-    loaded with PyTorch."""
-    if not runs_on_onnxruntime(engine):
+    (``params.yaml``'s section, None where it cannot be read) its embeddings came from; None
+    otherwise, and the model is loaded with PyTorch."""
+    if backbone is None or not runs_on_onnxruntime(engine):
         return None
     warm = warm_classifier(backbone, EMBEDDINGS_DIR, HEAD_PATH,
                            shared_by_experiments(EMBEDDING_STORE),

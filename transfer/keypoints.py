@@ -154,15 +154,7 @@ class KeypointMatcher:
         similarity transform: ORB's, then SIFT's where ORB's are fewer than ``enough`` (the
         most either matched); the mirror image is tried only when fewer than ``enough`` match
         directly. -1: an image is under ``MIN_SIDE`` pixels, too small to check."""
-        found = 0
-        for detector in self._detectors:
-            count = self._tried(detector, first, second, enough)
-            if count < 0:
-                return count
-            found = max(found, count)
-            if found >= enough:
-                break
-        return found
+        return self.matches_many([(first, second)], enough)[0]
 
     def _tried(self, detector: int, first: int, second: int, enough: int) -> int:
         """The keypoints ``detector`` matches between ``first`` and ``second``, or its mirror

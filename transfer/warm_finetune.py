@@ -12,6 +12,7 @@ and runs it with ONNX Runtime, without importing torch, timm and torchvision (mo
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from collections.abc import Iterator, Sequence
@@ -39,13 +40,15 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-MODEL_FILES = ("model.safetensors", "model.json")
+WEIGHTS_FILE, DESCRIPTION_FILE = "model.safetensors", "model.json"
 
 
-def record_path(finetune_dir: Path, graph_cache: Path) -> Path:
-    """Where the record of the model in ``finetune_dir`` is, on this machine (``machine_key``);
-    a missing model file raises ``OSError``."""
-    files = {name: sha256_file(finetune_dir / name) for name in MODEL_FILES}
+def record_path(finetune_dir: Path, description: bytes, graph_cache: Path) -> Path:
+    """Where the record of the model in ``finetune_dir`` is, on this machine (``machine_key``),
+    for the bytes of its ``model.json``, ``description``; a missing weights file raises
+    ``OSError``."""
+    files = {WEIGHTS_FILE: sha256_file(finetune_dir / WEIGHTS_FILE),
+             DESCRIPTION_FILE: hashlib.sha256(description).hexdigest()}
     return graph_cache / RECORDS / f"{machine_key(finetuned=files)}.json"
 
 
@@ -91,10 +94,11 @@ def warm_finetuned(finetune_dir: Path, graph_cache: Path) -> WarmFinetuned | Non
     """The fine-tuned model in ``finetune_dir`` without PyTorch, where a record of it is in
     ``graph_cache`` with a sound graph; None (the reason in the debug log) otherwise."""
     try:
-        path = record_path(finetune_dir, graph_cache)
-        record = json.loads(path.read_text(encoding="utf-8"))
-        info = json.loads((finetune_dir / "model.json").read_text(encoding="utf-8"))
-        return WarmFinetuned(info, sound_graph(graph_cache, record["graph_sha256"]),
+        description = (finetune_dir / DESCRIPTION_FILE).read_bytes()
+        record = json.loads(record_path(finetune_dir, description, graph_cache).read_text(
+            encoding="utf-8"))
+        return WarmFinetuned(json.loads(description),
+                             sound_graph(graph_cache, record["graph_sha256"]),
                              int(record["threads"]))
     except FileNotFoundError as err:
         log.debug("no warm record of %s (%s): loading it with PyTorch", finetune_dir,
@@ -114,5 +118,6 @@ def leave_record(model: FinetunedModel, finetune_dir: Path, graph_cache: Path) -
     network = model.compiled(resolve_runtime())
     if network.graph_sha256 is None:
         return  # PyTorch runs it (a GPU, --engine torch, or a network ONNX cannot take)
-    write_json(record_path(finetune_dir, graph_cache),
+    description = (finetune_dir / DESCRIPTION_FILE).read_bytes()
+    write_json(record_path(finetune_dir, description, graph_cache),
                {"graph_sha256": network.graph_sha256, "threads": torch.get_num_threads()})
