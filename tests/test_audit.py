@@ -14,6 +14,7 @@ from transfer.audit import (
     Nearest,
     Pairs,
     out_of_fold_probabilities,
+    positions,
     power_normalised,
     run_audit,
     scan,
@@ -141,14 +142,27 @@ def test_nearest_keeps_each_images_largest_similarities_whatever_order_they_come
     similarities = rng.normal(size=(30, 90)).astype(np.float32)
     nearest = Nearest(30, wide=6)
     images = np.arange(30)
-    for start, end in [(40, 60), (0, 10), (85, 90), (10, 20), (60, 85), (20, 40)]:
-        nearest.meet(images, similarities[:, start:end], start)
+    for n, (start, end) in enumerate([(40, 60), (0, 10), (85, 90), (10, 20), (60, 85),
+                                      (20, 40)]):
+        part = similarities[:, start:end]
+        if n % 2:  # as a block's later images meet it: a transposed view (column-major)
+            part = np.ascontiguousarray(part.T).T
+        nearest.meet(images, part, start)
     expected = np.sort(similarities, axis=1)[:, -6:]
     order = np.argsort(nearest.similarity, axis=1)
     np.testing.assert_array_equal(np.take_along_axis(nearest.similarity, order, axis=1), expected)
     np.testing.assert_array_equal(np.take_along_axis(similarities, nearest.column, axis=1),
                                   nearest.similarity)
     np.testing.assert_array_equal(nearest.floor, expected[:, 0])
+
+
+@pytest.mark.parametrize("layout", ["C", "F", "strided"])
+def test_positions_are_those_of_nonzero_row_by_row_in_any_memory_layout(layout):
+    mask = np.random.default_rng(2).random((37, 53)) > 0.9
+    given = {"C": mask, "F": np.asfortranarray(mask), "strided": np.tile(mask, 2)[:, ::2]}
+    expected = np.nonzero(given[layout])
+    for got, want in zip(positions(given[layout]), expected, strict=True):
+        np.testing.assert_array_equal(got, want)
 
 
 def test_pairs_keep_those_across_splits_or_labels_before_more_similar_ones():
