@@ -62,13 +62,15 @@ def main() -> None:
         picture_file.write_bytes(png_bytes(picture))
         familiarity.save(reference_file)
     counts = report["counts"]
-    log.info("%d images: %s, %s (%d across splits, %d across labels), %d beyond the unfamiliar "
-             "distance", counts["images"],
+    ruled_out = counts["near_duplicates_ruled_out_by_keypoints"]
+    log.info("%d images: %s, %s (%d across splits, %d across labels%s), %d beyond the "
+             "unfamiliar distance", counts["images"],
              counted(counts["label_issues"], "likely label issue")
              if counts["label_issues"] is not None else "labels not checked",
              counted(counts["near_duplicate_pairs"], "near-duplicate pair"),
              counts["near_duplicates_across_splits"], counts["near_duplicates_across_labels"],
-             counts["unfamiliar"])
+             f"; {counted(ruled_out, 'look-alike pair')} left out, their keypoints not "
+             "matching" if ruled_out else "", counts["unfamiliar"])
     log.info("details: %s; picture: %s", AUDIT_REPORT, AUDIT_PICTURE)
 
 

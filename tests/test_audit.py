@@ -287,6 +287,7 @@ def test_the_audit_stage_finds_a_resized_reencoded_copy_across_splits(audited):
     # Two of the random textures may look alike, never nearly as much.
     assert all(p["similarity"] < 0.7 for p in report["near_duplicates"][1:])
     assert report["counts"]["images"] == 30 and len(report["outliers"]) == 30
+    assert type(report["counts"]["near_duplicates_ruled_out_by_keypoints"]) is int
     assert all(len(e["id"]) == 16 for e in report["outliers"])
     with Image.open(audited / "plots" / "audit" / "suspects.png") as picture:
         assert picture.width > 500 and picture.height > 300
@@ -423,6 +424,26 @@ def test_a_pair_alike_to_the_network_but_not_in_its_keypoints_is_left_out():
                     matcher=KeypointMatcher(pixels.__getitem__), min_keypoints=8)
     assert (pairs.first.tolist(), pairs.second.tolist()) == ([0], [35])
     assert pairs.total == 1 and pairs.keypoints[0] >= 8
+    assert pairs.ruled_out == 1  # (1, 36), counted apart
+
+
+def test_the_report_and_summary_count_the_look_alikes_the_keypoints_left_out():
+    report = {"counts": {"images": 9, "label_issues": 0, "near_duplicate_pairs": 1,
+                         "near_duplicates_across_splits": 1, "near_duplicates_across_labels": 0,
+                         "near_duplicates_ruled_out_by_keypoints": 54, "unfamiliar": 0},
+              "settings": {"folds": 5, "duplicate_margin": 0.1, "duplicate_keypoints": 8,
+                           "unfamiliar_percentile": 99.0, "max_listed": 50},
+              "label_issues": [], "near_duplicates": [{}]}
+    assert "- 1 near-duplicate pairs (similarity 0.1 or more above their neighbourhood's; " \
+           "54 look-alike pairs left out, fewer than 8 of their keypoints matching): " \
+           "1 across splits" in summary_section(report)
+    # None left out, the check off, or a report from before the count: nothing to say.
+    for ruled_out in (0, None, "absent"):
+        report["counts"]["near_duplicates_ruled_out_by_keypoints"] = ruled_out
+        if ruled_out == "absent":
+            del report["counts"]["near_duplicates_ruled_out_by_keypoints"]
+        assert "(similarity 0.1 or more above their neighbourhood's): 1 across" in \
+            summary_section(report)
 
 
 def test_images_too_small_for_keypoints_are_left_to_the_embeddings():

@@ -169,6 +169,7 @@ class Pairs:
     total: int = 0
     across_splits: int = 0
     across_labels: int = 0
+    ruled_out: int = 0  # candidate pairs whose keypoints did not match (not in ``total``)
 
     @classmethod
     def empty(cls, limit: int) -> Pairs:
@@ -337,14 +338,17 @@ def scan(unit: np.ndarray, splits: np.ndarray, labels: np.ndarray, min_margin: f
         if found else (np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, np.float32),
                        np.empty(0, np.float32))
     keypoints = np.full(len(first), -1, np.int64)
+    ruled_out = 0
     if matcher is not None and len(first):
         keypoints = np.array(matcher.matches_many(
             list(zip(first.tolist(), second.tolist(), strict=True)), min_keypoints),
             np.int64).reshape(-1)
         confirmed = (keypoints >= min_keypoints) | (keypoints < 0)  # < 0: too small to tell
+        ruled_out = int((~confirmed).sum())
         first, second, similarity = first[confirmed], second[confirmed], similarity[confirmed]
         margin, keypoints = margin[confirmed], keypoints[confirmed]
     pairs = Pairs.empty(limit)
+    pairs.ruled_out = ruled_out
     pairs.add(first, second, similarity, margin, splits, labels, keypoints)
     return pairs, scores
 
@@ -521,6 +525,7 @@ def run_audit(images: AuditImages, classes: Sequence[str], settings: AuditSettin
             "near_duplicate_pairs": pairs.total,
             "near_duplicates_across_splits": pairs.across_splits,
             "near_duplicates_across_labels": pairs.across_labels,
+            "near_duplicates_ruled_out_by_keypoints": pairs.ruled_out if matcher else None,
             "unfamiliar": int((scores > familiarity.threshold).sum()),
         },
         "settings": {"folds": folds, "label_issues_not_searched": not_searched,
@@ -561,8 +566,11 @@ def summary_section(report: dict[str, Any], exclude: str = EXCLUDE_FILE.as_posix
         top = report["label_issues"][0]
         lines[-1] = lines[-1][:-1] + f"; the most likely: `{top['path']}`, filed as " \
             f"{top['given']}, looks like {top['suggested']}."
+    ruled_out = counts.get("near_duplicates_ruled_out_by_keypoints")  # None: check off
+    keypoints = f"; {counted(ruled_out, 'look-alike pair')} left out, fewer than " \
+        f"{settings['duplicate_keypoints']} of their keypoints matching" if ruled_out else ""
     lines += [f"- {counts['near_duplicate_pairs']} near-duplicate pairs (similarity "
-              f"{settings['duplicate_margin']} or more above their neighbourhood's): "
+              f"{settings['duplicate_margin']} or more above their neighbourhood's{keypoints}): "
               f"{counts['near_duplicates_across_splits']} "
               f"across splits (leakage), {counts['near_duplicates_across_labels']} across labels.",
               f"- {counts['unfamiliar']} images are farther from the training images than "
