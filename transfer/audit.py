@@ -228,7 +228,8 @@ class Nearest:
         """Images ``images`` meet images ``first_column``, ``first_column + 1``, ...: row i of
         ``similarities`` holds ``images[i]``'s similarity to each. Only values above what an
         image keeps are taken: past the first blocks, a few per image, gathered one by one;
-        where there are more than ``wide``, the row's ``wide`` largest."""
+        where more than ``wide`` and more than an eighth of the row
+        (``GATHER_SHARE``; the first blocks), the row's ``wide`` largest by partitioning it."""
         above = similarities > self.floor[images][:, None]
         counts = above.sum(axis=1)
         many = counts > max(self.wide, similarities.shape[1] // GATHER_SHARE)
