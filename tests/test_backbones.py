@@ -197,7 +197,9 @@ def test_timm_offline_download_failure_names_the_cache(monkeypatch):
     # The hub reads HF_HUB_OFFLINE at import time; set its constant so no network is tried.
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
     with pytest.raises(PipelineError, match=r"could not fetch its pretrained weights.*"
-                                            r"models--timm--resnet18.a1_in1k.*backbone.weights"):
+                                            r"models--timm--resnet18.a1_in1k.*backbone.weights"
+                                            r".*come with the project: tf_efficientnet_lite0, "
+                                            r"tf_efficientnet_lite1, tf_efficientnet_lite2$"):
         load_backbone("resnet18")
 
 

@@ -280,7 +280,9 @@ def _create_timm_pretrained(name: str) -> torch.nn.Module:
                  "model.safetensors and set backbone.weights to it") if hub_id else \
             f"a local file named in backbone.weights (from {cfg.get('url') or 'its source'})"
         raise PipelineError(f"backbone '{name}': could not fetch its pretrained weights "
-                            f"({type(err).__name__}). Offline, place them in {where}") from err
+                            f"({type(err).__name__}). Offline, place them in {where}; or "
+                            "choose a backbone whose weights come with the project: "
+                            f"{', '.join(PACKAGED_WEIGHTS)}") from err
 
 
 def _load_state_dict_file(model: torch.nn.Module, path: Path, name: str) -> None:
