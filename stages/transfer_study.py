@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from transfer import layout
 from transfer.artifacts import atomic_output
 from transfer.errors import ArgumentParser, PipelineError, run_stage
 from transfer.evaluation import FINETUNE_STATUS_KEY
+from transfer.experiments import dvc, json_at
 from transfer.strategies import STRATEGIES
 
 log = logging.getLogger(__name__)
@@ -81,15 +81,6 @@ def study_rows(ks: list[int]) -> list[StudyRow]:
             for k in (ks if s.uses_unfreeze_k() else [None])]
 
 
-def dvc(*args: str) -> str:
-    """Run a DVC command; its failure stops the study with DVC's own last line."""
-    result = subprocess.run(["dvc", *args], capture_output=True, text=True)
-    if result.returncode != 0:
-        lines = (result.stderr or result.stdout).strip().splitlines() or ["(no output)"]
-        raise PipelineError(f"`dvc {' '.join(args)}` failed: {lines[-1]}")
-    return result.stdout
-
-
 def queue_and_run(rows: list[StudyRow], epochs: int, jobs: int, prefix: str) -> list[str]:
     """Queue one experiment per row and run the queue; returns the experiment names."""
     names = []
@@ -126,15 +117,8 @@ def outcome_of(entry: dict[str, Any]) -> Outcome:
     rev = entry.get("rev")
     if not rev:
         return Outcome(metrics, {}, {})
-    return Outcome(metrics, _json_at(rev, layout.EVALUATE_REPORT),
-                   _json_at(rev, layout.TRAIN_HEAD_REPORT))
-
-
-def _json_at(rev: str, path: Path) -> dict[str, Any]:
-    """A Git-tracked JSON file as commit ``rev`` holds it; empty where it has none."""
-    result = subprocess.run(["git", "show", f"{rev}:{path.as_posix()}"], capture_output=True,
-                            text=True)
-    return json.loads(result.stdout) if result.returncode == 0 else {}
+    return Outcome(metrics, json_at(rev, layout.EVALUATE_REPORT),
+                   json_at(rev, layout.TRAIN_HEAD_REPORT))
 
 
 def markdown_table(rows: list[StudyRow], names: list[str], baseline: Outcome,
