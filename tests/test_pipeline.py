@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -273,6 +274,11 @@ def test_a_sweep_is_sorted_by_a_metric_to_pick_the_best(repo, queued):
     assert losses == sorted(losses) and len(set(losses)) > 1
 
 
+def compare_titles(header: str) -> list[str]:
+    """The column titles of ``python -m stages.compare``'s header (two spaces apart at least)."""
+    return [title.strip() for title in header.split("  ") if title.strip()]
+
+
 # What `dvc exp show` adds to the metrics, parameters and dependencies it shows.
 BOOKKEEPING = {"Experiment", "rev", "typ", "Created", "parent", "State", "Executor"}
 
@@ -310,3 +316,19 @@ def test_exp_show_only_changed_fits_a_terminal_with_every_change_and_both_models
     # What is not a parameter or a headline number is a hash of a changed model file.
     assert {c for c in columns if c not in BOOKKEEPING and not c.startswith(("head.", "finetune."))
             } == {"models/head.npz", "models/finetune"}
+    # The project's own table of the same experiments: under 120 characters a line, every
+    # changed parameter, both models and the fine-tuning's kept epoch, the same numbers.
+    table = subprocess.run([sys.executable, "-m", "stages.compare"], cwd=repo,
+                           env=command_environment(), capture_output=True, text=True,
+                           check=True).stdout.splitlines()
+    assert max(map(len, table)) < 120, table
+    assert table[0].split()[:3] == ["experiment", "head.C", "finetune.enabled"], table
+    assert {"ft acc", "ft epoch"} <= {title for title in compare_titles(table[0])}
+    listed = [r for r in full if r["Experiment"] or r["rev"] != "workspace"]
+    assert len(table) - 1 == len(listed) + 1  # the workspace too: it holds the last run
+    by_name = {line.split()[0]: line.split() for line in table[1:]}
+    for r in full:
+        name = r["Experiment"] or (r["rev"] if r["rev"] != "workspace" else "workspace")
+        if name in by_name:
+            assert f"{float(r['head.accuracy']):.4f}" == by_name[name][3].rstrip("*")
+    assert by_name["workspace"][2] == "true" and by_name["workspace"][-1] == "0"

@@ -1,0 +1,120 @@
+"""``python -m stages.compare``: experiments as a table that fits a terminal (the run on real
+experiments is in tests/test_pipeline.py)."""
+
+import json
+
+import pytest
+
+from stages import compare
+from transfer.errors import PipelineError
+from transfer.experiments import experiments, flatten
+
+
+def entry(rev, name, C, accuracy, log_loss, finetune=None, source="digits"):
+    metrics = {"head": {"accuracy": accuracy, "balanced_accuracy": accuracy,
+                        "macro_f1": accuracy, "log_loss": log_loss, "ece": 0.05}}
+    if finetune is not None:
+        metrics["finetune"] = {"accuracy": finetune, "balanced_accuracy": finetune,
+                               "macro_f1": finetune, "log_loss": 0.2, "ece": 0.04}
+    return {"rev": rev, "name": name, "error": None, "experiments": None, "data": {
+        "rev": rev, "timestamp": "2026-12-03T06:00:00", "deps": {}, "outs": {}, "meta": {},
+        "params": {"params.yaml": {"data": {"seed": 42, "data": {"source": source},
+                                            "head": {"C": C, "class_weight": None}}}},
+        "metrics": {"metrics/evaluate.json": {"data": metrics}}}}
+
+
+def exp_show():
+    """What ``dvc exp show --json`` gives: the workspace, then the commit and its experiments
+    (the newest first), one of them failed."""
+    baseline = entry("a" * 40, "main", "auto", 0.93, 0.30)
+    failed = {"rev": "d" * 40, "name": "sour-moth", "error": {"msg": "failed"},
+              "experiments": None, "data": None}
+    baseline["experiments"] = [
+        {"name": "big-cats", "executor": None, "revs": [entry("b" * 40, "big-cats", 10, 0.92,
+                                                              0.35, finetune=0.95)]},
+        {"name": "tiny-dogs", "executor": None, "revs": [entry("c" * 40, "tiny-dogs", 0.001,
+                                                               0.85, 0.47)]},
+        {"name": "sour-moth", "executor": {"state": "failed", "name": "dvc-task"},
+         "revs": [failed]},
+    ]
+    return [entry("workspace", None, 10, 0.92, 0.35, finetune=0.95), baseline]
+
+
+def test_flatten_gives_dotted_keys_and_keeps_lists_and_nulls_whole():
+    assert flatten({"head": {"C": 1, "hidden": [256, 64], "x": None}, "seed": 3}) == {
+        "head.C": 1, "head.hidden": [256, 64], "head.x": None, "seed": 3}
+
+
+def test_rows_are_the_workspace_the_commit_and_its_experiments_in_order():
+    rows = experiments(exp_show())
+    assert [(row.name, row.state) for row in rows] == [
+        ("workspace", None), ("main", None), ("big-cats", None), ("tiny-dogs", None),
+        ("sour-moth", "failed")]
+    assert rows[0].rev is None and rows[1].rev == "a" * 40
+    assert rows[2].params["head.C"] == 10 and rows[2].metrics["finetune.accuracy"] == 0.95
+    assert rows[4].params == {} and rows[4].metrics == {}
+
+
+def test_only_changed_parameters_become_columns_and_the_best_values_are_starred(monkeypatch):
+    monkeypatch.setattr(compare, "kept_epoch", lambda row: 2)
+    rows = experiments(exp_show())[1:]
+    metrics = compare.metric_columns(rows, compare.SHORT)
+    assert metrics == ["head.accuracy", "head.log_loss", "head.ece",
+                       "finetune.accuracy", "finetune.log_loss", "finetune.ece"]
+    header, body = compare.build_table(rows, metrics, star=True)
+    assert header == ["experiment", "head.C", "head acc", "head log loss", "head ECE",
+                      "ft acc", "ft log loss", "ft ECE", "ft epoch"]
+    assert body[0] == ["main", "auto", "0.9300*", "0.3000*", "0.0500", "-", "-", "-", "-"]
+    assert body[1] == ["big-cats", "10", "0.9200", "0.3500", "0.0500", "0.9500", "0.2000",
+                       "0.0400", "2"]
+    assert body[3][:2] == ["sour-moth (failed)", "-"]
+    # One value in a whole column (the ECE here) is nobody's best.
+    assert not any(line[4].endswith("*") for line in body)
+
+
+def test_sorting_puts_the_best_first_lowest_for_losses_highest_for_accuracy():
+    rows = experiments(exp_show())[1:]
+    by_loss = compare.sort_rows(rows, "head.log_loss")
+    assert [row.name for row in by_loss] == ["main", "big-cats", "tiny-dogs", "sour-moth"]
+    by_accuracy = compare.sort_rows(rows, "head.accuracy")
+    assert [row.name for row in by_accuracy][:3] == ["main", "big-cats", "tiny-dogs"]
+    assert [row.name for row in compare.sort_rows(rows, "head.C")] == [
+        "tiny-dogs", "big-cats", "main", "sour-moth"]  # "auto" is not a number: after them
+
+
+def test_the_workspace_row_is_left_out_when_it_holds_its_commits_results():
+    rows = experiments(exp_show())
+    assert compare.drop_unchanged_workspace(rows)[0].name == "workspace"  # it differs
+    rows[0].params, rows[0].metrics = rows[1].params, rows[1].metrics
+    assert compare.drop_unchanged_workspace(rows)[0].name == "main"
+
+
+def test_the_table_aligns_its_columns_and_csv_and_markdown_hold_the_same_cells():
+    header, body = ["experiment", "head.C", "head acc"], [["main", "auto", "0.9300*"],
+                                                          ["tiny-dogs", "0.001", "0.8500"]]
+    assert compare.render(header, body, "table").splitlines() == [
+        "experiment  head.C  head acc",
+        "main          auto   0.9300*",
+        "tiny-dogs    0.001    0.8500"]
+    assert compare.render(header, body, "csv").splitlines()[1] == "main,auto,0.9300*"
+    assert compare.render(header, body, "md").splitlines()[2] == "| main | auto | 0.9300* |"
+
+
+def test_main_prints_the_table_and_refuses_an_unknown_sort_key(monkeypatch, tmp_path, capsys):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(PipelineError, match="from the project root"):
+        compare.main([])
+    (tmp_path / "dvc.yaml").write_text("stages: {}\n")
+    calls = []
+    monkeypatch.setattr(compare, "dvc", lambda *args: calls.append(args) or
+                        json.dumps(exp_show()))
+    monkeypatch.setattr(compare, "kept_epoch", lambda row: 0)
+    compare.main(["--sort-by", "head.log_loss", "--rev", "main"])
+    assert calls == [("exp", "show", "--json", "--rev", "main")]
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[:3] == ["experiment", "head.C", "head"]
+    assert [line.split()[0] for line in lines[1:]] == [
+        "main", "workspace", "big-cats", "tiny-dogs", "sour-moth"]
+    with pytest.raises(PipelineError, match=r"--sort-by: 'head.f1' is neither a metric nor a "
+                                            r"parameter.*metrics: head.accuracy, "):
+        compare.main(["--sort-by", "head.f1"])
