@@ -37,12 +37,11 @@ def lower_is_better(metric: str) -> bool:
 
 
 def changed_params(rows: Sequence[Experiment]) -> list[str]:
-    """The parameters whose value differs between the rows that have parameters, in
-    ``params.yaml``'s order."""
-    with_params = [row for row in rows if row.params]
-    keys = list(dict.fromkeys(key for row in with_params for key in row.params))
-    return [key for key in keys
-            if len({json.dumps(row.params.get(key), sort_keys=True) for row in with_params}) > 1]
+    """The parameters whose value differs between the rows that have them, in
+    ``params.yaml``'s order (a key that older commits lack is no change by itself)."""
+    keys = list(dict.fromkeys(key for row in rows for key in row.params))
+    return [key for key in keys if len({json.dumps(row.params[key], sort_keys=True)
+                                        for row in rows if key in row.params}) > 1]
 
 
 def metric_columns(rows: Sequence[Experiment], names: Sequence[str]) -> list[str]:

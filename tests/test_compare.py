@@ -118,3 +118,12 @@ def test_main_prints_the_table_and_refuses_an_unknown_sort_key(monkeypatch, tmp_
     with pytest.raises(PipelineError, match=r"--sort-by: 'head.f1' is neither a metric nor a "
                                             r"parameter.*metrics: head.accuracy, "):
         compare.main(["--sort-by", "head.f1"])
+
+
+def test_a_parameter_older_commits_lack_is_a_column_only_where_its_values_differ():
+    rows = experiments(exp_show())[1:4]
+    rows[0].params.pop("head.class_weight")  # an older commit, before the key existed
+    rows[1].params["head.new"] = 1  # only one row has it: nothing to compare
+    assert compare.changed_params(rows) == ["head.C"]
+    rows[2].params["head.class_weight"] = "balanced"
+    assert compare.changed_params(rows) == ["head.C", "head.class_weight"]
