@@ -25,7 +25,6 @@ from transfer.experiments import Experiment, dvc, experiments, json_at
 
 MODELS = ("head", "finetune")
 SHORT = ("accuracy", "log_loss", "ece")
-ALL = ("accuracy", "balanced_accuracy", "macro_f1", "log_loss", "ece")
 LOWER_IS_BETTER = ("log_loss", "ece")
 TITLES = {"accuracy": "acc", "balanced_accuracy": "bal acc", "macro_f1": "macro F1",
           "log_loss": "log loss", "ece": "ECE"}
@@ -53,14 +52,12 @@ def metric_columns(rows: Sequence[Experiment], names: Sequence[str]) -> list[str
 def kept_epoch(row: Experiment) -> Any:
     """The fine-tuning's kept epoch, from the row's ``reports/evaluate.json`` (Git-tracked,
     read at its commit; the workspace's from disk)."""
-    from transfer.evaluation import FINETUNE_STATUS_KEY  # imports scikit-learn: only here
-
     if row.rev is None:
         path = layout.EVALUATE_REPORT
         report = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
     else:
         report = json_at(row.rev, layout.EVALUATE_REPORT)
-    return (report.get(FINETUNE_STATUS_KEY) or {}).get("best_epoch")
+    return (report.get(layout.FINETUNE_STATUS_KEY) or {}).get("best_epoch")
 
 
 def sort_rows(rows: list[Experiment], key: str) -> list[Experiment]:
@@ -160,11 +157,11 @@ def main(argv: list[str] | None = None) -> None:
     show = ["exp", "show", "--json"] + (["--all-commits"] if args.all_commits else []) + \
         [arg for rev in args.rev or [] for arg in ("--rev", rev)]
     rows = drop_unchanged_workspace(experiments(json.loads(dvc(*show) or "[]")))
-    metrics = metric_columns(rows, ALL if args.all else SHORT)
+    metrics = metric_columns(rows, layout.HEADLINE_METRICS if args.all else SHORT)
     if args.sort_by:
         known = {key for row in rows for key in (*row.metrics, *row.params)}
         if args.sort_by not in known:
-            options = ", ".join(metric_columns(rows, ALL)) or "no metrics yet"
+            options = ", ".join(metric_columns(rows, layout.HEADLINE_METRICS)) or "no metrics yet"
             parser.error(f"--sort-by: '{args.sort_by}' is neither a metric nor a parameter "
                          f"of these experiments; metrics: {options}")
         rows = sort_rows(rows, args.sort_by)

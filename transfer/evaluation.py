@@ -13,7 +13,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from transfer.errors import PipelineError
-from transfer.layout import EVALUATE_METRICS, EVALUATE_REPORT, FINETUNE_CURVES
+from transfer.layout import (
+    EVALUATE_METRICS,
+    EVALUATE_REPORT,
+    FINETUNE_CURVES,
+    FINETUNE_STATUS_KEY,
+    HEADLINE_METRICS,
+)
 from transfer.metrics import (
     CALIBRATION_BINS,
     calibration_bins,
@@ -39,11 +45,6 @@ PLOT_FILES = {
 }
 GALLERY_FILE = "mistakes.png"
 
-# The numbers experiments are compared by, per model: metrics/evaluate.json holds these (a
-# `dvc exp show` column each); the rest of a model's scores go to reports/evaluate.json.
-HEADLINE_METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "log_loss", "ece")
-# Where reports/evaluate.json keeps the fine-tuning stage's status, beside the models' entries.
-FINETUNE_STATUS_KEY = "finetune_status"
 
 # The columns of the summary table, in order, with their headings.
 SUMMARY_COLUMNS = {"accuracy": "accuracy", "balanced_accuracy": "balanced accuracy",

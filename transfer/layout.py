@@ -68,6 +68,11 @@ FINETUNE_LR_RANGE = FINETUNE_DIR / "lr_range.csv"
 # evaluate
 EVALUATE_METRICS = Path("metrics/evaluate.json")
 EVALUATE_REPORT = Path("reports/evaluate.json")
+# The numbers experiments are compared by, per model: metrics/evaluate.json holds these (a
+# `dvc exp show` column each); the rest of a model's scores go to reports/evaluate.json.
+HEADLINE_METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "log_loss", "ece")
+# Where reports/evaluate.json keeps the fine-tuning stage's status, beside the models' entries.
+FINETUNE_STATUS_KEY = "finetune_status"
 SUMMARY = Path("reports/summary.md")
 EVALUATE_PLOTS_DIR = Path("plots/evaluate")
 
