@@ -144,7 +144,9 @@ def main(argv: list[str] | None = None) -> None:
                              "highest first for the others) or a parameter (head.C)")
     parser.add_argument("--all", action="store_true",
                         help="every headline number (balanced accuracy and macro F1 too)")
-    parser.add_argument("--format", choices=("table", "md", "csv"), default="table")
+    parser.add_argument("--format", choices=("table", "md", "csv"), default="table",
+                        help="table (the default: aligned, the best of each metric starred), "
+                             "md (Markdown) or csv")
     which = parser.add_mutually_exclusive_group()
     which.add_argument("-A", "--all-commits", action="store_true",
                        help="the experiments of every commit, not only the last one's")
