@@ -62,12 +62,14 @@ def kept_epoch(row: Experiment) -> Any:
 
 def sort_rows(rows: list[Experiment], key: str) -> list[Experiment]:
     """By ``key`` (a metric or parameter), best first for a metric; rows without it last."""
-    present = [row for row in rows if isinstance(row.metrics.get(key, row.params.get(key)),
-                                                 (int, float))]
-    missing = [row for row in rows if row not in present]
-    reverse = key in {k for row in rows for k in row.metrics} and not lower_is_better(key)
-    present.sort(key=lambda row: row.metrics.get(key, row.params.get(key)), reverse=reverse)
-    return present + missing
+    def value(row: Experiment) -> Any:
+        return row.metrics.get(key, row.params.get(key))
+
+    present, missing = [], []
+    for row in rows:
+        (present if isinstance(value(row), (int, float)) else missing).append(row)
+    reverse = any(key in row.metrics for row in rows) and not lower_is_better(key)
+    return sorted(present, key=value, reverse=reverse) + missing
 
 
 def title(column: str) -> str:

@@ -21,13 +21,10 @@ from transfer import layout
 from transfer.artifacts import atomic_output
 from transfer.errors import ArgumentParser, PipelineError, run_stage
 from transfer.evaluation import FINETUNE_STATUS_KEY
-from transfer.experiments import dvc, json_at
+from transfer.experiments import EVALUATE_METRICS, dvc, json_at
 from transfer.strategies import STRATEGIES
 
 log = logging.getLogger(__name__)
-
-# `dvc exp show --json` names each metrics file by its path as written in dvc.yaml.
-EVALUATE_METRICS = layout.EVALUATE_METRICS.as_posix()
 
 
 @dataclass(frozen=True)

@@ -45,7 +45,6 @@ PLOT_FILES = {
 }
 GALLERY_FILE = "mistakes.png"
 
-
 # The columns of the summary table, in order, with their headings.
 SUMMARY_COLUMNS = {"accuracy": "accuracy", "balanced_accuracy": "balanced accuracy",
                    "macro_f1": "macro F1", "weighted_f1": "weighted F1",

@@ -16,6 +16,7 @@ from transfer import layout
 from transfer.errors import PipelineError
 
 PARAMS_FILE = "params.yaml"
+# `dvc exp show --json` names each metrics file by its path as written in dvc.yaml.
 EVALUATE_METRICS = layout.EVALUATE_METRICS.as_posix()
 
 
