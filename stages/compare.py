@@ -21,7 +21,7 @@ from typing import Any
 
 from transfer import layout
 from transfer.errors import ArgumentParser, PipelineError, run_stage
-from transfer.experiments import Experiment, dvc, experiments, json_at
+from transfer.experiments import Experiment, dvc, experiments
 
 MODELS = ("head", "finetune")
 SHORT = ("accuracy", "log_loss", "ece")
@@ -52,11 +52,7 @@ def metric_columns(rows: Sequence[Experiment], names: Sequence[str]) -> list[str
 def kept_epoch(row: Experiment) -> Any:
     """The fine-tuning's kept epoch, from the row's ``reports/evaluate.json`` (Git-tracked,
     read at its commit; the workspace's from disk)."""
-    if row.rev is None:
-        path = layout.EVALUATE_REPORT
-        report = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-    else:
-        report = json_at(row.rev, layout.EVALUATE_REPORT)
+    report = row.report(layout.EVALUATE_REPORT)
     return (report.get(layout.FINETUNE_STATUS_KEY) or {}).get("best_epoch")
 
 

@@ -21,7 +21,7 @@ from transfer import layout
 from transfer.artifacts import atomic_output
 from transfer.errors import ArgumentParser, PipelineError, run_stage
 from transfer.evaluation import FINETUNE_STATUS_KEY
-from transfer.experiments import EVALUATE_METRICS, dvc, json_at
+from transfer.experiments import Experiment, dvc, experiments
 from transfer.strategies import STRATEGIES
 
 log = logging.getLogger(__name__)
@@ -29,12 +29,17 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Outcome:
-    """What the table shows of one revision: its headline metrics (``dvc exp show``), and the
-    Git-tracked reports beside them, read at the revision."""
+    """What the table shows of one revision: its headline metrics (``dvc exp show``, as
+    ``head.accuracy``), and the Git-tracked reports beside them, read at the revision."""
 
     metrics: dict[str, Any]
     evaluation: dict[str, Any]  # reports/evaluate.json, the fine-tuning status included
     head_training: dict[str, Any]  # reports/train_head.json
+
+    @classmethod
+    def of(cls, row: Experiment) -> Outcome:
+        return cls(row.metrics, row.report(layout.EVALUATE_REPORT),
+                   row.report(layout.TRAIN_HEAD_REPORT))
 
     @property
     def finetune_status(self) -> dict[str, Any]:
@@ -93,29 +98,12 @@ def queue_and_run(rows: list[StudyRow], epochs: int, jobs: int, prefix: str) -> 
     return names
 
 
-def collect(exp_show: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
-    """The baseline commit's entry and each named experiment's, from ``dvc exp show --json`` (a
-    list: the workspace, then the baseline commit with its experiments)."""
-    commits = [entry for entry in exp_show if entry.get("rev") != "workspace"]
-    experiments: dict[str, dict[str, Any]] = {}
-    for commit in commits:
-        for entry in commit.get("experiments") or []:
-            for rev in entry.get("revs") or []:
-                if rev.get("name"):
-                    experiments[rev["name"]] = rev
-    return (commits[0] if commits else {}), experiments
-
-
-def outcome_of(entry: dict[str, Any]) -> Outcome:
-    """An entry of ``dvc exp show --json`` with the reports of its commit."""
-    data = entry.get("data") or {}
-    metrics = {path: (content or {}).get("data", {})
-               for path, content in (data.get("metrics") or {}).items()}
-    rev = entry.get("rev")
-    if not rev:
-        return Outcome(metrics, {}, {})
-    return Outcome(metrics, json_at(rev, layout.EVALUATE_REPORT),
-                   json_at(rev, layout.TRAIN_HEAD_REPORT))
+def collect(rows: list[Experiment]) -> tuple[Experiment | None, dict[str, Experiment]]:
+    """The baseline commit (the first commit ``dvc exp show`` lists) and each experiment by
+    name."""
+    commits = [row for row in rows if row.rev is not None and row.baseline is None]
+    named = {row.name: row for row in rows if row.baseline is not None}
+    return (commits[0] if commits else None), named
 
 
 def markdown_table(rows: list[StudyRow], names: list[str], baseline: Outcome,
@@ -124,10 +112,9 @@ def markdown_table(rows: list[StudyRow], names: list[str], baseline: Outcome,
     header = ("| Row | What trains | Trainable parameters | Epochs run (best) | Val accuracy | "
               f"{split.capitalize()} accuracy | Experiment |\n"
               "|---|---|---:|---:|---:|---:|---|\n")
-    probe = baseline.metrics.get(EVALUATE_METRICS, {}).get("head", {})
     probe_val = baseline.head_training.get("val", {}).get("accuracy")
     lines = [f"| linear probe | logistic regression on frozen embeddings | - | - | "
-             f"{_fmt(probe_val)} | {_fmt(probe.get('accuracy'))} | baseline |"]
+             f"{_fmt(probe_val)} | {_fmt(baseline.metrics.get('head.accuracy'))} | baseline |"]
     for row, name in zip(rows, names, strict=True):
         outcome = experiments.get(name)
         what = row.what_trains
@@ -135,11 +122,11 @@ def markdown_table(rows: list[StudyRow], names: list[str], baseline: Outcome,
             lines.append(f"| {row.label} | {what} | failed or missing | | | | {name} |")
             continue
         status = outcome.finetune_status
-        scored = outcome.metrics.get(EVALUATE_METRICS, {}).get("finetune", {})
         epochs = f"{status.get('epochs_run', '-')} ({status.get('best_epoch', '-')})"
+        scored = outcome.metrics.get("finetune.accuracy")
         lines.append(
             f"| {row.label} | {what} | {status.get('trainable_parameters', '-'):,} | {epochs} | "
-            f"{_fmt(status.get('val_accuracy'))} | {_fmt(scored.get('accuracy'))} | {name} |")
+            f"{_fmt(status.get('val_accuracy'))} | {_fmt(scored)} | {name} |")
     return header + "\n".join(lines) + "\n"
 
 
@@ -164,16 +151,16 @@ def main(argv: list[str] | None = None) -> None:
     rows = study_rows(args.k)
     prefix = f"study-{time.strftime('%m%d-%H%M%S')}"
     names = queue_and_run(rows, args.epochs, args.jobs, prefix)
-    baseline_entry, entries = collect(json.loads(dvc("exp", "show", "--json")))
-    baseline = outcome_of(baseline_entry)
-    experiments = {name: outcome_of(entries[name]) for name in names if name in entries}
+    baseline_row, named = collect(experiments(json.loads(dvc("exp", "show", "--json") or "[]")))
+    baseline = Outcome.of(baseline_row) if baseline_row else Outcome({}, {}, {})
+    outcomes = {name: Outcome.of(named[name]) for name in names if name in named}
     evaluated_split = baseline.evaluation.get("head", {}).get("split") or "test"
-    table = markdown_table(rows, names, baseline, experiments, evaluated_split)
+    table = markdown_table(rows, names, baseline, outcomes, evaluated_split)
     with atomic_output(args.output) as tmp:
         tmp.write_text(f"# Transfer study ({args.epochs} epochs per row)\n\n{table}",
                        encoding="utf-8")
     sys.stdout.write(table)
-    rev = str(baseline_entry.get("rev") or "")[:7]
+    rev = (baseline_row.rev or "")[:7] if baseline_row else ""
     log.info("wrote %s (git add it to keep it); compare the rows with `dvc exp show "
              "--only-changed%s`", args.output, f" --rev {rev}" if rev else "")
 

@@ -4,8 +4,9 @@ import subprocess
 import pytest
 
 from stages import transfer_study
-from stages.transfer_study import StudyRow, collect, markdown_table, outcome_of, study_rows
+from stages.transfer_study import Outcome, StudyRow, collect, markdown_table, study_rows
 from transfer.errors import PipelineError
+from transfer.experiments import experiments
 
 
 def test_rows_run_from_scratch_to_full_with_their_parameters():
@@ -72,10 +73,10 @@ def study_repo(tmp_path_factory):
 def test_the_table_puts_the_probe_first_and_marks_missing_experiments(study_repo, monkeypatch):
     repo, exp_show = study_repo
     monkeypatch.chdir(repo)  # the reports are read from Git at each experiment's commit
-    baseline_entry, entries = collect(exp_show)
-    assert "s-head" in entries
+    baseline, named = collect(experiments(exp_show))
+    assert list(named) == ["s-head"] and named["s-head"].baseline == baseline.rev
     table = markdown_table([StudyRow("head"), StudyRow("full")], ["s-head", "s-full"],
-                           outcome_of(baseline_entry), {"s-head": outcome_of(entries["s-head"])},
+                           Outcome.of(baseline), {"s-head": Outcome.of(named["s-head"])},
                            "test")
     lines = table.splitlines()
     assert "Test accuracy" in lines[0]

@@ -55,16 +55,24 @@ class Experiment:
     params: dict[str, Any] = field(default_factory=dict)  # "head.C" -> value
     metrics: dict[str, Any] = field(default_factory=dict)  # "head.accuracy" -> value
     state: str | None = None  # "queued", "running", "failed"; None once it has run
+    baseline: str | None = None  # an experiment's: the commit it was run from
 
     @classmethod
-    def from_entry(cls, entry: dict[str, Any], name: str, state: str | None = None
-                   ) -> Experiment:
+    def from_entry(cls, entry: dict[str, Any], name: str, state: str | None = None,
+                   baseline: str | None = None) -> Experiment:
         data = entry.get("data") or {}
         params = ((data.get("params") or {}).get(PARAMS_FILE) or {}).get("data") or {}
         metrics = ((data.get("metrics") or {}).get(EVALUATE_METRICS) or {}).get("data") or {}
         rev = entry.get("rev")
         return cls(name, None if rev == "workspace" else rev, flatten(params),
-                   flatten(metrics), state)
+                   flatten(metrics), state, baseline)
+
+    def report(self, path: Path) -> dict[str, Any]:
+        """A Git-tracked JSON report as this row holds it: read at its commit, the
+        workspace's from disk; empty where there is none."""
+        if self.rev is None:
+            return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+        return json_at(self.rev, path)
 
 
 def _state(executor: Any) -> str | None:
@@ -84,6 +92,6 @@ def experiments(exp_show: list[dict[str, Any]]) -> list[Experiment]:
         for experiment in entry.get("experiments") or []:
             for run in (experiment.get("revs") or [])[:1]:  # the latest run of that name
                 label = run.get("name") or experiment.get("name") or (run.get("rev") or "")[:7]
-                rows.append(Experiment.from_entry(run, label,
-                                                  _state(experiment.get("executor"))))
+                rows.append(Experiment.from_entry(run, label, _state(experiment.get("executor")),
+                                                  baseline=rev))
     return rows
