@@ -3,10 +3,12 @@
 One row per commit and experiment that ``dvc exp show`` lists (the workspace only where it
 differs from its commit), one column per parameter that differs between them, then each
 model's accuracy, log loss and calibration error (``--all``: every headline number), and the
-fine-tuning's kept epoch. The best value of each metric column is starred.
+fine-tuning's kept epoch. The best value of each metric column is starred. The table's header
+has two lines, the section of each column (``head``, ``finetune``, ...) over its name, so that
+no column is wider than its values need; ``--drop`` and ``--keep`` choose columns by name.
 
     python -m stages.compare [--sort-by head.log_loss] [--all] [--format table|md|csv]
-        [-A | --rev REV ...]
+        [--drop REGEX] [--keep REGEX] [-A | --rev REV ...]
 """
 
 from __future__ import annotations
@@ -14,6 +16,9 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
+import re
+import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,12 +28,17 @@ from transfer import layout
 from transfer.errors import ArgumentParser, PipelineError, run_stage
 from transfer.experiments import Experiment, dvc, experiments
 
+log = logging.getLogger(__name__)
+
 MODELS = ("head", "finetune")
 SHORT = ("accuracy", "log_loss", "ece")
 LOWER_IS_BETTER = ("log_loss", "ece")
 TITLES = {"accuracy": "acc", "balanced_accuracy": "bal acc", "macro_f1": "macro F1",
           "log_loss": "log loss", "ece": "ECE"}
 KEPT_EPOCH = "ft epoch"
+GAP = "  "
+# The table's sections over the metric columns, apart from the parameters' own (head.C).
+SECTIONS = {"head": "head model", "ft": "fine-tuned model"}
 
 
 def lower_is_better(metric: str) -> bool:
@@ -47,6 +57,14 @@ def metric_columns(rows: Sequence[Experiment], names: Sequence[str]) -> list[str
     """``model.metric`` for each model some row has, each of ``names``."""
     return [f"{model}.{name}" for model in MODELS
             if any(f"{model}.accuracy" in row.metrics for row in rows) for name in names]
+
+
+def selected(columns: Sequence[str], drop: str | None, keep: str | None) -> list[str]:
+    """``columns`` (``head.C``, ``head.log_loss``) without those ``drop`` matches, unless
+    ``keep`` matches them too (as ``dvc exp show --drop/--keep``); matched anywhere in the
+    name."""
+    return [c for c in columns
+            if not (drop and re.search(drop, c)) or (keep and re.search(keep, c))]
 
 
 def kept_epoch(row: Experiment) -> Any:
@@ -83,11 +101,11 @@ def cell(value: Any) -> str:
     return str(value)
 
 
-def build_table(rows: Sequence[Experiment], metrics: Sequence[str], star: bool
-                ) -> tuple[list[str], list[list[str]]]:
-    """The header and the cells: the experiment, the changed parameters, the metrics, the
-    kept epoch where a row has fine-tuning metrics."""
-    params = changed_params(rows)
+def build_table(rows: Sequence[Experiment], metrics: Sequence[str], star: bool,
+                params: Sequence[str] | None = None) -> tuple[list[str], list[list[str]]]:
+    """The header and the cells: the experiment, the changed parameters (or ``params``), the
+    metrics, the kept epoch where a row has fine-tuning metrics."""
+    params = changed_params(rows) if params is None else params
     header = ["experiment", *params, *(title(m) for m in metrics)]
     with_epochs = any(m.startswith("finetune.") for m in metrics)
     if with_epochs:
@@ -111,6 +129,23 @@ def build_table(rows: Sequence[Experiment], metrics: Sequence[str], star: bool
     return header, body
 
 
+def sections(header: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Each title split into its section and its name: ``head.C`` into ``head`` and ``C``,
+    ``ft log loss`` into ``fine-tuned model`` and ``log loss``; a title without one has an
+    empty section."""
+    tops, names = [], []
+    for column in header:
+        parameter = "." in column
+        top, separator, name = column.partition("." if parameter else " ")
+        if column == header[0] or not separator:
+            top, name = "", column
+        elif not parameter:
+            top = SECTIONS.get(top, top)
+        tops.append(top)
+        names.append(name)
+    return tops, names
+
+
 def render(header: list[str], body: list[list[str]], form: str) -> str:
     if form == "csv":
         out = io.StringIO()
@@ -119,11 +154,38 @@ def render(header: list[str], body: list[list[str]], form: str) -> str:
     if form == "md":
         lines = [header, ["---"] + ["---:"] * (len(header) - 1), *body]
         return "".join("| " + " | ".join(line) + " |\n" for line in lines)
-    widths = [max(len(line[i]) for line in (header, *body)) for i in range(len(header))]
-    text = [f"{line[0]:<{widths[0]}}  " + "  ".join(
+    tops, names = sections(header)
+    widths = [max(len(line[i]) for line in (names, *body)) for i in range(len(header))]
+    # A section's title stands over its columns, from the first one's left edge: where they
+    # are narrower than it, the last of them widens.
+    starts = [i for i in range(len(tops)) if tops[i] and (i == 0 or tops[i] != tops[i - 1])]
+    for start in starts:
+        end = start
+        while end + 1 < len(tops) and tops[end + 1] == tops[start]:
+            end += 1
+        span = sum(widths[start:end + 1]) + len(GAP) * (end - start)
+        widths[end] += max(0, len(tops[start]) - span)
+    top_line = ""
+    for i, width in enumerate(widths):
+        top_line += (tops[i] if i in starts else "").ljust(width) + GAP
+    text = [f"{line[0]:<{widths[0]}}{GAP}" + GAP.join(
         f"{value:>{width}}" for value, width in zip(line[1:], widths[1:], strict=True))
-        for line in (header, *body)]
-    return "\n".join(line.rstrip() for line in text) + "\n"
+        for line in (names, *body)]
+    lines = [top_line] * any(tops) + text
+    return "\n".join(line.rstrip() for line in lines) + "\n"
+
+
+def wider_than_the_terminal(table: str) -> str | None:
+    """A hint for a table wider than the terminal it is printed on (none when not one)."""
+    if not sys.stdout.isatty():
+        return None
+    width, columns = max(map(len, table.splitlines()), default=0), \
+        shutil.get_terminal_size().columns
+    if width <= columns:
+        return None
+    return (f"the table is {width} characters wide, the terminal {columns}: --drop REGEX "
+            "leaves out the columns it matches (e.g. --drop 'audit|backbone'), --format csv "
+            "keeps them all")
 
 
 def drop_unchanged_workspace(rows: list[Experiment]) -> list[Experiment]:
@@ -145,12 +207,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--format", choices=("table", "md", "csv"), default="table",
                         help="table (the default: aligned, the best of each metric starred), "
                              "md (Markdown) or csv")
+    parser.add_argument("--drop", metavar="REGEX",
+                        help="leave out the parameter and metric columns this matches "
+                             "(e.g. 'audit|head.C'; as dvc exp show --drop)")
+    parser.add_argument("--keep", metavar="REGEX",
+                        help="keep the columns this matches, even where --drop matches them")
     which = parser.add_mutually_exclusive_group()
     which.add_argument("-A", "--all-commits", action="store_true",
                        help="the experiments of every commit, not only the last one's")
     which.add_argument("--rev", nargs="+", metavar="REV",
                        help="the experiments of these commits or branches")
     args = parser.parse_args(argv)
+    for option, pattern in (("--drop", args.drop), ("--keep", args.keep)):
+        try:
+            re.compile(pattern or "")
+        except re.error as error:
+            parser.error(f"{option}: '{pattern}' is not a regular expression: {error}")
     if not Path("dvc.yaml").is_file():
         raise PipelineError("run python -m stages.compare from the project root (no dvc.yaml "
                             "here)")
@@ -165,8 +237,14 @@ def main(argv: list[str] | None = None) -> None:
             parser.error(f"--sort-by: '{args.sort_by}' is neither a metric nor a parameter "
                          f"of these experiments; metrics: {options}")
         rows = sort_rows(rows, args.sort_by)
-    header, body = build_table(rows, metrics, star=args.format == "table")
-    sys.stdout.write(render(header, body, args.format))
+    metrics = selected(metrics, args.drop, args.keep)
+    params = selected(changed_params(rows), args.drop, args.keep)
+    header, body = build_table(rows, metrics, star=args.format == "table", params=params)
+    table = render(header, body, args.format)
+    sys.stdout.write(table)
+    hint = wider_than_the_terminal(table) if args.format == "table" else None
+    if hint:
+        log.info(hint)
 
 
 if __name__ == "__main__":

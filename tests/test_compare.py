@@ -2,11 +2,12 @@
 experiments is in tests/test_pipeline.py)."""
 
 import json
+import os
 
 import pytest
 
 from stages import compare
-from transfer.errors import PipelineError
+from transfer.errors import PipelineError, UsageError
 from transfer.experiments import experiments, flatten
 
 
@@ -92,10 +93,12 @@ def test_the_workspace_row_is_left_out_when_it_holds_its_commits_results():
 def test_the_table_aligns_its_columns_and_csv_and_markdown_hold_the_same_cells():
     header, body = ["experiment", "head.C", "head acc"], [["main", "auto", "0.9300*"],
                                                           ["tiny-dogs", "0.001", "0.8500"]]
+    # The header's first line holds each column's section, its second the rest of the title.
     assert compare.render(header, body, "table").splitlines() == [
-        "experiment  head.C  head acc",
-        "main          auto   0.9300*",
-        "tiny-dogs    0.001    0.8500"]
+        "            head   head model",
+        "experiment      C         acc",
+        "main         auto     0.9300*",
+        "tiny-dogs   0.001      0.8500"]
     assert compare.render(header, body, "csv").splitlines()[1] == "main,auto,0.9300*"
     assert compare.render(header, body, "md").splitlines()[2] == "| main | auto | 0.9300* |"
 
@@ -112,8 +115,9 @@ def test_main_prints_the_table_and_refuses_an_unknown_sort_key(monkeypatch, tmp_
     compare.main(["--sort-by", "head.log_loss", "--rev", "main"])
     assert calls == [("exp", "show", "--json", "--rev", "main")]
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].split()[:3] == ["experiment", "head.C", "head"]
-    assert [line.split()[0] for line in lines[1:]] == [
+    assert lines[0].split() == ["head", "head", "model", "fine-tuned", "model"]
+    assert lines[1].split()[:3] == ["experiment", "C", "acc"]
+    assert [line.split()[0] for line in lines[2:]] == [
         "main", "workspace", "big-cats", "tiny-dogs", "sour-moth"]
     with pytest.raises(PipelineError, match=r"--sort-by: 'head.f1' is neither a metric nor a "
                                             r"parameter.*metrics: head.accuracy, "):
@@ -127,3 +131,47 @@ def test_a_parameter_older_commits_lack_is_a_column_only_where_its_values_differ
     assert compare.changed_params(rows) == ["head.C"]
     rows[2].params["head.class_weight"] = "balanced"
     assert compare.changed_params(rows) == ["head.C", "head.class_weight"]
+
+
+def test_sections_stand_over_their_columns_and_widen_the_narrowest():
+    header = ["experiment", "seed", "finetune.lr", "finetune.epochs", "audit.k", "ft acc",
+              "ft epoch"]
+    body = [["main", "42", "0.001", "3", "10", "0.9500", "2"]]
+    assert compare.render(header, body, "table").splitlines() == [
+        "                  finetune          audit  fine-tuned model",
+        "experiment  seed     lr  epochs      k     acc     epoch",
+        "main          42  0.001       3     10  0.9500         2"]
+    # Markdown and CSV keep each whole title in one line.
+    assert compare.render(header, body, "csv").splitlines()[0] == ",".join(header)
+
+
+def test_drop_and_keep_choose_columns_as_dvc_exp_show_does():
+    columns = ["head.C", "audit.k", "audit.margin", "head.accuracy", "finetune.accuracy"]
+    assert compare.selected(columns, None, None) == columns
+    assert compare.selected(columns, "audit|finetune", None) == ["head.C", "head.accuracy"]
+    assert compare.selected(columns, "audit", "margin") == [
+        "head.C", "audit.margin", "head.accuracy", "finetune.accuracy"]
+
+
+def test_main_drops_columns_and_refuses_a_pattern_that_is_not_one(monkeypatch, tmp_path,
+                                                                  capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "dvc.yaml").write_text("stages: {}\n")
+    monkeypatch.setattr(compare, "dvc", lambda *args: json.dumps(exp_show()))
+    monkeypatch.setattr(compare, "kept_epoch", lambda row: 0)
+    compare.main(["--drop", "finetune|head.C", "--format", "csv"])
+    assert capsys.readouterr().out.splitlines()[0] == \
+        "experiment,head acc,head log loss,head ECE"
+    with pytest.raises(UsageError, match=r"--drop: 'head.\(' is not a regular expression"):
+        compare.main(["--drop", "head.("])
+
+
+def test_a_table_wider_than_the_terminal_says_how_to_narrow_it(monkeypatch):
+    table = "x" * 130 + "\n"
+    monkeypatch.setattr(compare.shutil, "get_terminal_size", lambda: os.terminal_size((100, 40)))
+    monkeypatch.setattr(compare.sys.stdout, "isatty", lambda: True)
+    assert compare.wider_than_the_terminal(table).startswith(
+        "the table is 130 characters wide, the terminal 100: --drop REGEX")
+    assert compare.wider_than_the_terminal("x" * 90 + "\n") is None
+    monkeypatch.setattr(compare.sys.stdout, "isatty", lambda: False)  # a pipe or a file
+    assert compare.wider_than_the_terminal(table) is None

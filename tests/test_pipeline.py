@@ -322,11 +322,13 @@ def test_exp_show_only_changed_fits_a_terminal_with_every_change_and_both_models
                            env=command_environment(), capture_output=True, text=True,
                            check=True).stdout.splitlines()
     assert max(map(len, table)) < 120, table
-    assert table[0].split()[:3] == ["experiment", "head.C", "finetune.enabled"], table
-    assert {"ft acc", "ft epoch"} <= {title for title in compare_titles(table[0])}
+    # Two header lines: each column's section (head, finetune, the models) over its name.
+    assert compare_titles(table[0]) == ["head", "finetune", "head model", "fine-tuned model"]
+    assert table[1].split()[:3] == ["experiment", "C", "enabled"], table
+    assert compare_titles(table[1])[-4:] == ["acc", "log loss", "ECE", "epoch"]
     listed = [r for r in full if r["Experiment"] or r["rev"] != "workspace"]
-    assert len(table) - 1 == len(listed) + 1  # the workspace too: it holds the last run
-    by_name = {line.split()[0]: line.split() for line in table[1:]}
+    assert len(table) - 2 == len(listed) + 1  # the workspace too: it holds the last run
+    by_name = {line.split()[0]: line.split() for line in table[2:]}
     for r in full:
         name = r["Experiment"] or (r["rev"] if r["rev"] != "workspace" else "workspace")
         if name in by_name:
