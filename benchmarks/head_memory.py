@@ -1,6 +1,7 @@
 """Memory and time of ``train_head`` on 5,000 to 200,000 cached embeddings, per head kind.
 
-Goal: see which heads keep peak memory flat as the training set grows. Each size gets a
+Goal: see which heads keep peak memory flat as the training set grows (``logistic,
+streamed`` is the logistic head past ``head.in_memory_gb``, forced with 0). Each size gets a
 temporary project with a synthetic embedding cache (1,280-dimensional float32 rows, five
 Gaussian classes, split 70/15/15, written as ``extract`` writes it) and, per head
 configuration, its own ``params.yaml``; ``train_head`` runs there as DVC runs it, in a fresh
@@ -30,6 +31,7 @@ CLASSES = 5
 # The MLPs run a fixed 3 epochs (patience above it): memory is the question, and time per
 # epoch is linear in the rows.
 HEADS = {"logistic": {"kind": "logistic"},
+         "logistic, streamed": {"kind": "logistic", "in_memory_gb": 0},
          "mlp, 256 hidden units": {"kind": "mlp", "hidden_units": 256, "max_iter": 3,
                                    "patience": 100},
          "mlp, no hidden layer": {"kind": "mlp", "hidden_units": 0, "max_iter": 3,
@@ -64,21 +66,26 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[5000, 50000, 200000])
     parser.add_argument("--threads", type=int, help="OMP_NUM_THREADS for the stage")
+    parser.add_argument("--heads", nargs="+", choices=list(HEADS), default=list(HEADS),
+                        metavar="HEAD", help=f"which heads (default all: {', '.join(HEADS)})")
     args = parser.parse_args()
     sizes = sorted(args.sizes)
     scratch = Path(tempfile.mkdtemp(prefix="head-memory-"))
-    results: dict[str, dict[int, tuple[float, float, float]]] = {name: {} for name in HEADS}
+    heads = {name: HEADS[name] for name in args.heads}
+    results: dict[str, dict[int, tuple[float, float, float]]] = {name: {} for name in heads}
     for size in sizes:
         project = scratch / f"project{size}"
         write_cache(project / "data" / "embeddings", size)
-        for name, head in HEADS.items():
+        for name, head in heads.items():
             (project / "params.yaml").write_text(yaml.safe_dump({"seed": 0, "head": head}))
             run = run_stage("train_head", project, args.threads)
             metrics = json.loads((project / TRAIN_HEAD_REPORT).read_text())
             results[name][size] = (run.seconds, run.cpu_seconds, run.peak_mib)
             print(f"{size:8,d} rows, {name:22s}: {run.seconds:6.1f} s, CPU {run.cpu_seconds:6.1f}"
                   f" s, peak {run.peak_mib:6.0f} MiB, val accuracy "
-                  f"{metrics['val']['accuracy']:.4f}, {metrics['n_iter']} iterations/epochs",
+                  f"{metrics['val']['accuracy']:.4f}, {metrics['n_iter']} iterations/epochs, "
+                  f"C {metrics['regularisation'].get('C', '-')}, search "
+                  f"{metrics['regularisation'].get('iterations', '-')} iterations",
                   flush=True)
     small, large = sizes[0], sizes[-1]
     cache_mib = large * 70 // 100 * DIM * 4 / 2**20

@@ -23,7 +23,7 @@ from sklearn.model_selection import StratifiedKFold
 from transfer.calibration import label_columns, negative_log_likelihood
 from transfer.embeddings import row_chunks
 from transfer.errors import PipelineError
-from transfer.heads import LogisticHead, MLPHead, MLPTraining, scaled, softmax, standardize
+from transfer.heads import LogisticHead, MLPHead, MLPTraining, scaled, softmax
 
 # Strongest regularisation first (small C, large alpha); half-decade steps for C, decades for
 # the MLP's alpha, whose every step costs at least head.patience epochs.
@@ -168,13 +168,14 @@ def search_logistic(head: LogisticHead, X: np.ndarray, y: np.ndarray, X_val: np.
                     y_val: np.ndarray, grid: Sequence[float], held_out: HeldOut,
                     auto: bool = True) -> Fitted:
     """``head`` fitted on ``X``, ``y`` at the value of ``grid`` that scores best on
-    ``held_out``. ``X`` is standardized once, into the one float32 matrix every fit shares.
+    ``held_out``. ``X`` is standardized once, into the one float32 matrix every fit shares
+    (or, past ``head.in_memory_gb``, standardized as each fit streams it).
 
     The walk only ranks the values; the head is then fitted at the chosen C from scratch, to
     its own tolerance: the head that number given as ``head.C`` trains, whatever the walk's
     path (a warm-started path ends a little differently with every BLAS thread count).
     """
-    scaler, standardized = standardize(X)
+    scaler, standardized = head.standardized(X)
     tolerance = head.tol * (WALK_TOLERANCE if len(grid) > 1 else 1.0)
     if held_out.folds:
         points, stopped, out_of_fold = _walk_folds(head, standardized, y, grid, held_out,

@@ -65,9 +65,13 @@ class LogisticTrainer(HeadTrainer):
     def fit(self, train_x, train_y, val_x, val_y) -> Fitted:
         grid, auto = self.grid()
         head = LogisticHead(C=grid[0], max_iter=self.params.max_iter,
-                            class_weight=self.params.class_weight, random_state=self.seed)
+                            class_weight=self.params.class_weight, random_state=self.seed,
+                            in_memory_gb=self.params.in_memory_gb)
         held_out = choose_held_out(train_y, len(val_y), self.class_names, "head.C")
         return search_logistic(head, train_x, train_y, val_x, val_y, grid, held_out, auto)
+
+    def extra_metrics(self, head: LogisticHead) -> dict:
+        return {"streamed": head.streamed_}
 
 
 class MLPTrainer(HeadTrainer):

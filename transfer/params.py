@@ -252,6 +252,10 @@ class HeadParams:
     max_iter: int = _bounded(1000, 1, 1_000_000,
                              help="logistic: L-BFGS iterations; mlp: epochs at most")
     class_weight: str | None = _choice(None, (None, "balanced"))
+    in_memory_gb: float = _bounded(4.0, 0.0, 1e6, help=(
+        "logistic: the largest standardized training matrix held in memory (4 bytes a value); "
+        "past it the head is fitted streamed from the cache, the same objective and solver, "
+        "one pass over the cache per L-BFGS iteration"))
     hidden_units: int = _bounded(256, 0, 65536, help=(
         "mlp: units in the hidden layer; 0: none, a linear softmax layer trained the same way"))
     alpha: float | str = field(default="auto", metadata={
