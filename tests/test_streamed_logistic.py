@@ -11,9 +11,14 @@ from sklearn.linear_model import LogisticRegression
 
 from transfer.errors import ParamsError
 from transfer.head_search import C_GRID, choose_held_out, search_logistic
+from transfer.head_training import LogisticTrainer
 from transfer.heads import LogisticHead, standardize
-from transfer.params import load_params
-from transfer.streamed_logistic import StandardizedRows, StreamedLogisticRegression
+from transfer.params import HeadParams, load_params
+from transfer.streamed_logistic import (
+    StandardizedRows,
+    StreamedLogisticHead,
+    StreamedLogisticRegression,
+)
 
 NAMES = [f"class{i}" for i in range(4)]
 
@@ -69,18 +74,22 @@ def test_running_out_of_iterations_warns_as_scikit_learn_does():
 def test_past_in_memory_gb_the_head_and_its_search_stream_and_choose_as_in_memory(caplog):
     X, y = data(4, rows=900)
     X_train, y_train, X_val, y_val = X[:600], y[:600], X[600:], y[600:]
-    held_out = choose_held_out(y_train, len(y_val), NAMES)
-    caplog.set_level(logging.INFO, logger="transfer.heads")
-    in_memory = search_logistic(LogisticHead(), X_train, y_train, X_val, y_val, C_GRID,
-                                held_out)
-    assert not in_memory.head.streamed_ and "fitted streamed" not in caplog.text
-    streamed = search_logistic(LogisticHead(in_memory_gb=0), X_train, y_train, X_val, y_val,
-                               C_GRID, held_out)
-    assert streamed.head.streamed_ and "more than head.in_memory_gb=0" in caplog.text
+    caplog.set_level(logging.INFO, logger="transfer.head_training")
+
+    def trained(**head):
+        return LogisticTrainer(HeadParams(**head), 0, NAMES).fit(X_train, y_train, X_val, y_val)
+
+    in_memory = trained()  # 600 x 40 float32: far under the default 4 GB
+    assert not in_memory.head.streamed and "fitted streamed" not in caplog.text
+    streamed = trained(in_memory_gb=0)
+    assert isinstance(streamed.head, StreamedLogisticHead)
+    assert "more than head.in_memory_gb=0: the logistic head is fitted streamed" in caplog.text
     assert streamed.search.chosen == in_memory.search.chosen
     assert [p.value for p in streamed.search.points] == [p.value for p in in_memory.search.points]
     np.testing.assert_allclose(streamed.head.coef_, in_memory.head.coef_, atol=1e-5)
     np.testing.assert_array_equal(streamed.head.predict(X_val), in_memory.head.predict(X_val))
+    # Saved, it is a logistic head like any other.
+    assert streamed.head.kind == "logistic"
 
 
 def test_cross_validation_streams_too():
@@ -88,7 +97,7 @@ def test_cross_validation_streams_too():
     held_out = choose_held_out(y, 40, NAMES)
     assert held_out.folds == 5
     in_memory = search_logistic(LogisticHead(), X, y, X[:40], y[:40], C_GRID[:6], held_out)
-    streamed = search_logistic(LogisticHead(in_memory_gb=0), X, y, X[:40], y[:40], C_GRID[:6],
+    streamed = search_logistic(StreamedLogisticHead(), X, y, X[:40], y[:40], C_GRID[:6],
                                held_out)
     assert streamed.search.chosen == in_memory.search.chosen
     np.testing.assert_allclose(streamed.held_out_scores, in_memory.held_out_scores, atol=1e-3)
@@ -105,11 +114,11 @@ def test_streamed_the_fit_holds_a_chunk_not_the_matrix(tmp_path):
         mapped = np.load(tmp_path / "x.npy", mmap_mode="r")
         tracemalloc.start()
         try:
-            head = LogisticHead(C=0.1, in_memory_gb=0).fit(mapped, y)
+            head = StreamedLogisticHead(C=0.1).fit(mapped, y)
             peaks[rows] = tracemalloc.get_traced_memory()[1]
         finally:
             tracemalloc.stop()
-        assert head.streamed_ and head.converged_
+        assert head.converged_
     assert (peaks[64000] - peaks[16000]) / 48000 < 32, peaks
     assert peaks[64000] < 0.6 * 64000 * dim * 4, peaks  # the matrix would be 16 MB
 

@@ -169,7 +169,7 @@ def search_logistic(head: LogisticHead, X: np.ndarray, y: np.ndarray, X_val: np.
                     auto: bool = True) -> Fitted:
     """``head`` fitted on ``X``, ``y`` at the value of ``grid`` that scores best on
     ``held_out``. ``X`` is standardized once, into the one float32 matrix every fit shares
-    (or, past ``head.in_memory_gb``, standardized as each fit streams it).
+    (a ``StreamedLogisticHead`` standardizes each chunk as its fits read it).
 
     The walk only ranks the values; the head is then fitted at the chosen C from scratch, to
     its own tolerance: the head that number given as ``head.C`` trains, whatever the walk's

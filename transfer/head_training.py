@@ -24,6 +24,7 @@ from transfer.head_search import (
 )
 from transfer.heads import Head, LogisticHead, MLPHead
 from transfer.params import HeadParams
+from transfer.streamed_logistic import StreamedLogisticHead, standardized_gb
 
 log = logging.getLogger(__name__)
 
@@ -64,14 +65,20 @@ class LogisticTrainer(HeadTrainer):
 
     def fit(self, train_x, train_y, val_x, val_y) -> Fitted:
         grid, auto = self.grid()
-        head = LogisticHead(C=grid[0], max_iter=self.params.max_iter,
-                            class_weight=self.params.class_weight, random_state=self.seed,
-                            in_memory_gb=self.params.in_memory_gb)
+        kind = LogisticHead
+        needed = standardized_gb(train_x)
+        if needed > self.params.in_memory_gb:
+            log.info("the standardized training matrix would take %.2f GB, more than "
+                     "head.in_memory_gb=%g: the logistic head is fitted streamed, reading the "
+                     "cache once per L-BFGS iteration", needed, self.params.in_memory_gb)
+            kind = StreamedLogisticHead
+        head = kind(C=grid[0], max_iter=self.params.max_iter,
+                    class_weight=self.params.class_weight, random_state=self.seed)
         held_out = choose_held_out(train_y, len(val_y), self.class_names, "head.C")
         return search_logistic(head, train_x, train_y, val_x, val_y, grid, held_out, auto)
 
     def extra_metrics(self, head: LogisticHead) -> dict:
-        return {"streamed": head.streamed_}
+        return {"streamed": head.streamed}
 
 
 class MLPTrainer(HeadTrainer):

@@ -159,53 +159,33 @@ class LogisticHead(Head):
     """Standardize embeddings, then multinomial logistic regression (scikit-learn conventions)."""
 
     kind = "logistic"
+    streamed = False  # fitted on rows held in memory (see transfer.streamed_logistic)
     tol = 1e-4  # scikit-learn's: L-BFGS stops when no gradient component is larger
 
     def __init__(self, C: float = 1.0, max_iter: int = 1000, class_weight: str | None = None,
-                 random_state: int = 0, in_memory_gb: float = 4.0) -> None:
+                 random_state: int = 0) -> None:
         self.C = C
         self.max_iter = max_iter
         self.class_weight = class_weight
         self.random_state = random_state
-        self.in_memory_gb = in_memory_gb
-        self.streamed_ = False
 
     def fit(self, X: np.ndarray, y: np.ndarray) -> LogisticHead:
         """Fit on ``X`` (rows of embeddings, memory-mapped or not) and labels ``y``; L-BFGS
-        works on the standardized float32 copy (scikit-learn keeps float32 for it), or on the
-        rows streamed from ``X`` where that copy would outgrow ``in_memory_gb``."""
+        works on the standardized float32 copy (scikit-learn keeps float32 for it)."""
         scaler, standardized = self.standardized(X)
         model = self.model(self.C)
         self.fit_model(model, standardized, y)
         return self.take(model, scaler)
 
     def standardized(self, X: np.ndarray) -> tuple[StandardScaler, np.ndarray]:
-        """The scaler fitted on ``X`` and the rows to fit on: the standardized float32 matrix,
-        or, where it would take more than ``in_memory_gb``, ``X`` standardized a chunk at a
-        time as it is read (``transfer.streamed_logistic``; the same objective and solver,
-        one pass over ``X`` per L-BFGS iteration)."""
-        needed = 4 * int(np.prod(np.shape(X))) / 2**30
-        self.streamed_ = needed > self.in_memory_gb
-        if not self.streamed_:
-            return standardize(X)
-        from transfer.streamed_logistic import StandardizedRows
-
-        log.info("the standardized training matrix would take %.2f GB, more than "
-                 "head.in_memory_gb=%g: the logistic head is fitted streamed, reading the "
-                 "cache once per L-BFGS iteration", needed, self.in_memory_gb)
-        scaler = fit_scaler(X)
-        return scaler, StandardizedRows(X, scaler)  # type: ignore[return-value]
+        """The scaler fitted on ``X`` and the rows L-BFGS works on: ``X`` standardized, the
+        one float32 matrix every fit shares (``transfer.streamed_logistic`` streams them
+        instead)."""
+        return standardize(X)
 
     def model(self, C: float, tol: float | None = None) -> LogisticRegression:
-        """An unfitted scikit-learn model with this head's settings at ``C`` (its streamed
-        counterpart after ``standardized`` chose streaming); it starts from its last fit when
-        fitted again (``warm_start``)."""
-        if self.streamed_:
-            from transfer.streamed_logistic import StreamedLogisticRegression
-
-            return StreamedLogisticRegression(  # type: ignore[return-value]
-                C=C, max_iter=self.max_iter, tol=tol or self.tol,
-                class_weight=self.class_weight, warm_start=True)
+        """An unfitted scikit-learn model with this head's settings at ``C``; it starts from
+        its last fit when fitted again (``warm_start``)."""
         from sklearn.linear_model import LogisticRegression
 
         return LogisticRegression(C=C, max_iter=self.max_iter, tol=tol or self.tol,

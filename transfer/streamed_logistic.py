@@ -1,12 +1,13 @@
-"""Logistic regression fitted without the training matrix in memory: the logistic head on a
-cache larger than ``head.in_memory_gb``.
+"""The logistic head fitted without its training matrix in memory, for a cache whose
+standardized float32 copy would take more than ``head.in_memory_gb``.
 
 scikit-learn's L-BFGS needs the whole standardized matrix at every iteration (4 bytes a value:
 4.9 GB for a million 1,280-dimensional rows). This is scikit-learn's objective, multinomial
 (binomial for two classes: one row of coefficients), the mean of the weighted log losses plus
 ``||W||² / (2 C Σw)`` with the intercept unpenalized, minimised by the same scipy L-BFGS-B with
 scikit-learn's settings; only the loss and its gradient are summed over the cache a chunk at
-a time. Memory is a chunk and the coefficients; each iteration reads the cache once.
+a time. Memory is a chunk and the coefficients; each iteration reads the cache once. The head
+it fits is a ``LogisticHead`` like any other (kind ``logistic``, the same arrays).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.utils.class_weight import compute_class_weight
 
 from transfer.embeddings import read_rows, row_chunks
-from transfer.heads import scaled
+from transfer.heads import LogisticHead, fit_scaler, scaled
 
 # Rows standardized and multiplied at a time: 10 MB of float64 at 1,280 dimensions, and few
 # enough Python steps (a thousand a pass for a million rows).
@@ -57,6 +58,25 @@ class StandardizedRows:
             centred = np.subtract(chunk, self.scaler.mean_)
             centred /= self.scaler.scale_
             yield start, centred.astype(np.float32)
+
+
+def standardized_gb(X: np.ndarray) -> float:
+    """What the standardized float32 copy of ``X`` would take, in GB (2**30 bytes)."""
+    return 4 * int(np.prod(np.shape(X))) / 2**30
+
+
+class StreamedLogisticHead(LogisticHead):
+    """A ``LogisticHead`` whose fits read the cache a chunk at a time at every iteration."""
+
+    streamed = True
+
+    def standardized(self, X: np.ndarray) -> tuple[StandardScaler, StandardizedRows]:
+        scaler = fit_scaler(X)
+        return scaler, StandardizedRows(X, scaler)
+
+    def model(self, C: float, tol: float | None = None) -> StreamedLogisticRegression:
+        return StreamedLogisticRegression(C=C, max_iter=self.max_iter, tol=tol or self.tol,
+                                          class_weight=self.class_weight, warm_start=True)
 
 
 class StreamedLogisticRegression:
