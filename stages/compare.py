@@ -134,10 +134,10 @@ def sections(header: Sequence[str]) -> tuple[list[str], list[str]]:
     ``ft log loss`` into ``fine-tuned model`` and ``log loss``; a title without one has an
     empty section."""
     tops, names = [], []
-    for column in header:
+    for i, column in enumerate(header):
         parameter = "." in column
         top, separator, name = column.partition("." if parameter else " ")
-        if column == header[0] or not separator:
+        if i == 0 or not separator:  # the experiment's name
             top, name = "", column
         elif not parameter:
             top = SECTIONS.get(top, top)
