@@ -9,7 +9,7 @@ import pytest
 from sklearn.datasets import make_classification
 from sklearn.linear_model import LogisticRegression
 
-from transfer.errors import ParamsError
+from transfer.errors import ParamsError, PipelineError
 from transfer.head_search import C_GRID, choose_held_out, search_logistic
 from transfer.head_training import LogisticTrainer
 from transfer.heads import LogisticHead, standardize
@@ -130,3 +130,17 @@ def test_in_memory_gb_is_checked_like_every_parameter(tmp_path):
         load_params(path)
     path.write_text("head:\n  in_memory_gb: 0.5\n")
     assert load_params(path).head.in_memory_gb == 0.5
+
+
+def test_a_float16_cache_streams_and_a_damaged_one_stops_with_its_name(tmp_path):
+    X, y = data(3)
+    np.save(tmp_path / "half.npy", X.astype(np.float16))
+    half = np.load(tmp_path / "half.npy", mmap_mode="r")
+    streamed = StreamedLogisticHead(C=0.1).fit(half, y)
+    held = LogisticHead(C=0.1).fit(half, y)
+    np.testing.assert_allclose(streamed.coef_, held.coef_, atol=1e-5)
+    damaged = X.astype(np.float32)
+    damaged[123, 4] = np.nan
+    np.save(tmp_path / "damaged.npy", damaged)
+    with pytest.raises(PipelineError, match=r"damaged\.npy: holds values that are not finite"):
+        StreamedLogisticHead(C=0.1).fit(np.load(tmp_path / "damaged.npy", mmap_mode="r"), y)
