@@ -161,8 +161,9 @@ def main(argv: list[str] | None = None) -> None:
                        encoding="utf-8")
     sys.stdout.write(table)
     rev = (baseline_row.rev or "")[:7] if baseline_row else ""
-    log.info("wrote %s (git add it to keep it); compare the rows with `dvc exp show "
-             "--only-changed%s`", args.output, f" --rev {rev}" if rev else "")
+    since = f" --rev {rev}" if rev else ""
+    log.info("wrote %s (git add it to keep it); compare the rows with `python -m "
+             "stages.compare%s` (or `dvc exp show --only-changed%s`)", args.output, since, since)
 
 
 if __name__ == "__main__":

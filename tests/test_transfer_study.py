@@ -100,8 +100,8 @@ def test_the_study_names_the_commit_its_experiments_hang_from(study_repo, monkey
     transfer_study.main(["--epochs", "1", "--output", str(tmp_path / "study.md")])
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, check=True,
                           capture_output=True, text=True).stdout.strip()
-    assert f"git add it to keep it); compare the rows with `dvc exp show --only-changed " \
-           f"--rev {head[:7]}`" in caplog.text
+    assert f"git add it to keep it); compare the rows with `python -m stages.compare --rev " \
+           f"{head[:7]}` (or `dvc exp show --only-changed --rev {head[:7]}`)" in caplog.text
     assert "| s-head |" in (tmp_path / "study.md").read_text()
 
 
