@@ -119,20 +119,22 @@ def load_split(directory: str | Path, split: str) -> tuple[np.ndarray, np.ndarra
     return features, labels, ids
 
 
-def row_chunks(features: np.ndarray, rows: int = 512) -> Iterator[tuple[int, np.ndarray]]:
-    """``features`` as float64 copies of ``rows`` rows at a time, each with its first row's
-    index.
+def row_chunks(features: np.ndarray, rows: int = 512, dtype: type = np.float64
+               ) -> Iterator[tuple[int, np.ndarray]]:
+    """``features`` as ``dtype`` (float64) copies of ``rows`` rows at a time, each with its
+    first row's index (a float32 chunk of float32 rows held in memory is a view of them).
 
     The pages of a memory-mapped cache are handed back to the kernel after each chunk, so
     reading a whole split costs one chunk of memory, not the size of the file.
     """
     for start in range(0, len(features), rows):
-        yield start, read_rows(features, slice(start, start + rows))
+        yield start, read_rows(features, slice(start, start + rows), dtype)
 
 
-def read_rows(features: np.ndarray, rows: slice | np.ndarray) -> np.ndarray:
-    """``features[rows]`` as a float64 copy, without leaving a memory-mapped cache's pages
-    in this process's memory.
+def read_rows(features: np.ndarray, rows: slice | np.ndarray, dtype: type = np.float64
+              ) -> np.ndarray:
+    """``features[rows]`` as a ``dtype`` (float64) copy, without leaving a memory-mapped
+    cache's pages in this process's memory.
 
     A range is read through the mapping, whose pages are handed back to the kernel after.
     Scattered rows are read from the file with ``pread``: touching them through the mapping
@@ -141,9 +143,9 @@ def read_rows(features: np.ndarray, rows: slice | np.ndarray) -> np.ndarray:
     with np.errstate(invalid="ignore", over="ignore"):  # damaged values: refused just below
         if not isinstance(rows, slice) and isinstance(getattr(features, "base", None),
                                                       mmap.mmap):
-            chunk = _pread_rows(features, np.asarray(rows)).astype(np.float64)
+            chunk = _pread_rows(features, np.asarray(rows)).astype(dtype)
         else:
-            chunk = np.asarray(features[rows], dtype=np.float64)
+            chunk = np.asarray(features[rows], dtype=dtype)
             mapping = getattr(features, "_mmap", None)  # np.memmap's mmap object
             if mapping is not None:
                 mapping.madvise(mmap.MADV_DONTNEED)
