@@ -55,7 +55,7 @@ class AuditImages:
                ) -> AuditImages:
         """One table from per-split ``(split, features, labels, paths, content ids)``."""
         return cls(
-            features=np.concatenate([read_rows(features, slice(None)).astype(np.float32)
+            features=np.concatenate([read_rows(features, slice(None), np.float32)
                                      for _, features, _, _, _ in parts]),
             labels=np.concatenate([labels for _, _, labels, _, _ in parts]).astype(np.int64),
             splits=np.concatenate([np.full(len(labels), split)
