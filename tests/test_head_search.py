@@ -12,9 +12,11 @@ from transfer.head_search import (
     C_GRID,
     CV_FOLDS,
     MIN_VALIDATION_IMAGES,
+    GridPoint,
     choose_held_out,
     search_logistic,
     search_mlp,
+    within_one_standard_error,
 )
 from transfer.heads import LogisticHead, MLPHead
 
@@ -51,7 +53,7 @@ def test_a_noisy_over_fittable_set_gets_strong_regularisation():
     assert fitted.search.held_out.folds == 0  # 600 validation images
     assert fitted.search.chosen <= 0.01
     best = min(fitted.search.points, key=lambda p: p.val_log_loss)
-    assert best.value == fitted.search.chosen
+    assert best.value == fitted.search.chosen  # on the validation split: the lowest loss
     # The weak end over-fits: the walk stopped once the loss had risen PATIENCE times.
     assert fitted.search.stopped_early
     assert len(fitted.search.points) < len(C_GRID)
@@ -59,9 +61,43 @@ def test_a_noisy_over_fittable_set_gets_strong_regularisation():
 
 def test_a_clean_separable_set_gets_weak_regularisation():
     fitted = search(*clean_set())
-    assert fitted.search.chosen >= 1.0
+    best = min(fitted.search.points, key=lambda p: p.val_log_loss)
+    assert best.value >= 1.0
     curve = [p.val_log_loss for p in fitted.search.points]
     assert curve[0] > 3 * min(curve)  # the strongest regulariser under-fits badly
+    assert best.value == fitted.search.chosen
+
+
+def test_cross_validated_the_strongest_value_within_one_standard_error_is_kept():
+    X, y, X_val, y_val = clean_set()
+    fitted = search(X[:150], y[:150], X_val[:40], y_val[:40])
+    assert fitted.search.held_out.folds == CV_FOLDS
+    points = fitted.search.points
+    best = min(points, key=lambda p: p.val_log_loss)
+    assert fitted.search.chosen == within_one_standard_error(points).value < best.value
+    assert all(p.val_log_loss_se > 0 for p in points)
+
+
+def test_the_strongest_value_within_one_standard_error_of_the_best_is_chosen():
+    def point(value, loss, error):
+        return GridPoint(value, loss, 0.9, 1, error)
+
+    points = [point(0.001, 0.9, 0.05), point(0.01, 0.40, 0.04), point(0.1, 0.33, 0.03),
+              point(1.0, 0.30, 0.05), point(10.0, 0.31, 0.01)]
+    assert within_one_standard_error(points).value == 0.1  # 0.33 <= 0.30 + 0.05; 0.40 is not
+    points[3] = point(1.0, 0.30, 0.02)
+    assert within_one_standard_error(points).value == 1.0  # no stronger value is that close
+    assert within_one_standard_error(points[:1]).value == 0.001
+
+
+def test_the_standard_error_is_that_of_the_mean_log_loss_over_the_held_out_images():
+    scores = np.array([[2.0, 0.0], [0.0, 1.0], [1.0, 1.0], [3.0, -1.0]])
+    y = np.array([0, 1, 0, 1])
+    loss, accuracy, error = head_search.score(scores, np.array([0, 1]), y)
+    losses = -np.log(np.exp(scores[np.arange(4), y]) / np.exp(scores).sum(axis=1))
+    assert loss == pytest.approx(losses.mean())
+    assert error == pytest.approx(losses.std(ddof=1) / 2)
+    assert accuracy == 0.75  # the last image is called class 0
 
 
 def test_the_walk_starts_each_fit_from_the_last_and_costs_less_than_fits_from_scratch():
@@ -109,8 +145,12 @@ def test_a_small_validation_split_means_stratified_cross_validation_and_a_refit(
     # The head is refitted on every training row at the chosen C, exactly as a number would.
     plain = LogisticHead(C=fitted.search.chosen).fit(X, y)
     np.testing.assert_array_equal(fitted.head.coef_, plain.coef_)
-    # Out-of-fold scores of every training row feed the temperature.
+    # Out-of-fold scores of every training row, at the chosen C, feed the temperature.
     assert fitted.held_out_scores.shape == (len(y), 3)
+    # (a walk that ends at the chosen C, along the same path, chooses it too: its last scores)
+    refolded = search(X, y, X_val, y_val, grid=C_GRID[:C_GRID.index(fitted.search.chosen) + 1])
+    assert refolded.search.chosen == fitted.search.chosen != fitted.search.points[-1].value
+    np.testing.assert_array_equal(fitted.held_out_scores, refolded.held_out_scores)
     np.testing.assert_array_equal(fitted.held_out_labels, y)
     assert not np.allclose(fitted.held_out_scores, fitted.head.decision_function(X))
 

@@ -35,11 +35,18 @@ def negative_log_likelihood(scores: np.ndarray, columns: np.ndarray,
     ``scores`` has one column per class, or one for the binary case (the second class's score
     against 0); ``columns`` holds each row's true column.
     """
+    return float(image_log_losses(scores, columns, temperature).mean())
+
+
+def image_log_losses(scores: np.ndarray, columns: np.ndarray,
+                     temperature: float = 1.0) -> np.ndarray:
+    """Each row's negative log probability of its true class (``negative_log_likelihood``
+    before the mean)."""
     scores = np.asarray(scores, dtype=np.float64)
     if scores.shape[1] == 1:
         scores = np.hstack([np.zeros_like(scores), scores])
     log_probabilities = log_softmax(scores / temperature, axis=1)
-    return float(-log_probabilities[np.arange(len(columns)), columns].mean())
+    return -log_probabilities[np.arange(len(columns)), columns]
 
 
 def fit_temperature(scores: np.ndarray, columns: np.ndarray,

@@ -5,8 +5,14 @@ one's solution (warm start) on the training matrix standardized once. Every poin
 log loss on held-out images: the validation split when it has at least
 ``MIN_VALIDATION_IMAGES``, else, for the logistic head, stratified k-fold cross-validation on
 the training split (the MLP always uses the validation split: it stops early on it). The walk
-stops once ``PATIENCE`` points in a row score no better than the best so far; the logistic head
-is then fitted at the chosen C from scratch, as that number would fit it. A number instead of
+stops once ``PATIENCE`` points in a row score no better than the best so far. On the
+validation split the logistic head takes the value of lowest log loss; cross-validated, the
+strongest regularisation whose log loss is within one standard error of the lowest (the
+"one-standard-error rule" of Hastie, Tibshirani and Friedman, as glmnet's ``lambda.1se``):
+folds of a few images each cannot tell those values apart, and when they are all classified
+right their log loss keeps falling as the regularisation weakens, where the stronger value
+scored better on test photos (docs/defaults.md). The head is then fitted at the chosen C from
+scratch, as that number would fit it. A number instead of
 ``auto`` is a grid of one point, scored the same way, so that the temperature is fitted on the
 same held-out images either way.
 """
@@ -20,7 +26,7 @@ import numpy as np
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold
 
-from transfer.calibration import label_columns, negative_log_likelihood
+from transfer.calibration import image_log_losses, label_columns
 from transfer.embeddings import row_chunks
 from transfer.errors import PipelineError
 from transfer.heads import LogisticHead, MLPHead, MLPTraining, scaled, softmax
@@ -59,6 +65,14 @@ class GridPoint:
     val_log_loss: float
     val_accuracy: float
     cost: int  # L-BFGS iterations (logistic, all folds together) or epochs (mlp) it took
+    val_log_loss_se: float = 0.0  # the standard error of the mean over the held-out images
+
+
+def within_one_standard_error(points: Sequence[GridPoint]) -> GridPoint:
+    """The first point (strongest regularisation, as the grid is walked) whose log loss is
+    at most the best point's plus that point's standard error."""
+    best = min(points, key=lambda p: p.val_log_loss)
+    return next(p for p in points if p.val_log_loss <= best.val_log_loss + best.val_log_loss_se)
 
 
 @dataclass
@@ -79,6 +93,7 @@ class Search:
                 "held_out": self.held_out.description, "why": self.held_out.reason,
                 "stopped_early": self.stopped_early, unit: self.cost,
                 "curve": [{self.parameter: p.value, "val_log_loss": p.val_log_loss,
+                           "val_log_loss_se": p.val_log_loss_se,
                            "val_accuracy": p.val_accuracy, unit: p.cost}
                           for p in self.points]}
 
@@ -128,22 +143,26 @@ def choose_held_out(y: np.ndarray, n_val: int, class_names: Sequence[str],
                    "stratified cross-validation", fallback=True)
 
 
-def score(scores: np.ndarray, classes: np.ndarray, y: np.ndarray) -> tuple[float, float]:
-    """Log loss and accuracy of untempered ``scores`` (columns in ``classes`` order) against
-    labels ``y``; an image of a class the head never saw counts as wrong and is left out of
-    the log loss (no regularisation could help it)."""
+def score(scores: np.ndarray, classes: np.ndarray, y: np.ndarray) -> tuple[float, float, float]:
+    """Log loss, accuracy and the log loss's standard error (of the mean over the images) of
+    untempered ``scores`` (columns in ``classes`` order) against labels ``y``; an image of a
+    class the head never saw counts as wrong and is left out of the log loss (no
+    regularisation could help it)."""
     accuracy = float((classes[np.argmax(softmax(scores), axis=1)] == y).mean())
     seen, columns = label_columns(classes, y)
-    loss = negative_log_likelihood(scores[seen], columns) if seen.any() else float("inf")
-    return loss, accuracy
+    if not seen.any():
+        return float("inf"), accuracy, 0.0
+    losses = image_log_losses(scores[seen], columns)
+    error = float(losses.std(ddof=1) / np.sqrt(len(losses))) if len(losses) > 1 else 0.0
+    return float(losses.mean()), accuracy, error
 
 
-def walk(grid: Sequence[float], fit_at: Callable[[float], tuple[float, float, int]],
+def walk(grid: Sequence[float], fit_at: Callable[[float], tuple],
          keep: Callable[[], None]) -> tuple[list[GridPoint], bool]:
-    """Fit and score each value of ``grid`` in order (``fit_at`` returns log loss, accuracy
-    and cost); ``keep`` is called whenever a point is the best so far, so that the caller can
-    keep what it fitted there. Returns the points and whether the walk stopped before the
-    end."""
+    """Fit and score each value of ``grid`` in order (``fit_at`` returns log loss, accuracy,
+    cost and, optionally, the log loss's standard error); ``keep`` is called whenever a point
+    is the best so far, so that the caller can keep what it fitted there. Returns the points
+    and whether the walk stopped before the end."""
     points: list[GridPoint] = []
     best, since_best = 0, 0
     for value in grid:
@@ -185,7 +204,11 @@ def search_logistic(head: LogisticHead, X: np.ndarray, y: np.ndarray, X_val: np.
                                            tolerance)
     else:  # a number on the validation split: its one point is the head itself
         points, stopped = [], False
-    head.C = grid[0] if not points else min(points, key=lambda p: p.val_log_loss).value
+    if held_out.folds:
+        head.C = within_one_standard_error(points).value
+        out_of_fold = out_of_fold[head.C]
+    else:
+        head.C = grid[0] if not points else min(points, key=lambda p: p.val_log_loss).value
     model = head.model(head.C)
     head.fit_model(model, standardized, y)
     head.take(model, scaler)
@@ -194,7 +217,9 @@ def search_logistic(head: LogisticHead, X: np.ndarray, y: np.ndarray, X_val: np.
         return Fitted(head, Search("C", auto, points, head.C, held_out, stopped, cost),
                       out_of_fold, y)
     scores = head.decision_function(X_val)
-    points = points or [GridPoint(head.C, *score(scores, head.classes_, y_val), head.n_iter_)]
+    if not points:
+        loss, accuracy, error = score(scores, head.classes_, y_val)
+        points = [GridPoint(head.C, loss, accuracy, head.n_iter_, error)]
     return Fitted(head, Search("C", auto, points, head.C, held_out, stopped, cost), scores,
                   y_val)
 
@@ -205,24 +230,26 @@ def _walk_validation(head: LogisticHead, standardized: np.ndarray, y: np.ndarray
     """The walk scored on the validation split, read and standardized a chunk at a time."""
     model = head.model(grid[0], tolerance)
 
-    def fit_at(C: float) -> tuple[float, float, int]:
+    def fit_at(C: float) -> tuple[float, float, int, float]:
         model.C = C
         head.fit_model(model, standardized, y)
         scores = np.concatenate([linear_scores(model, scaled(chunk, scaler))
                                  for _, chunk in row_chunks(X_val)] or
                                 [np.zeros((0, model.coef_.shape[0]))])
-        return *score(scores, model.classes_, y_val), head.n_iter_
+        loss, accuracy, error = score(scores, model.classes_, y_val)
+        return loss, accuracy, head.n_iter_, error
 
     return walk(grid, fit_at, lambda: None)
 
 
 def _walk_folds(head: LogisticHead, standardized: np.ndarray, y: np.ndarray,
                 grid: Sequence[float], held_out: HeldOut,
-                tolerance: float) -> tuple[list[GridPoint], bool, np.ndarray]:
+                tolerance: float) -> tuple[list[GridPoint], bool, dict[float, np.ndarray]]:
     """The walk with every point scored on k stratified folds; each fold's model is fitted
     on the shared matrix with zero weight on its held-out rows (no copy of the rows), and
     scores them a chunk at a time. Returns the points, whether the walk stopped early and the
-    out-of-fold scores of every training row at the best point."""
+    out-of-fold scores of every training row at each point (the temperature is fitted on
+    those of the one chosen)."""
     splitter = StratifiedKFold(held_out.folds, shuffle=True, random_state=head.random_state)
     held_rows = [rows for _, rows in splitter.split(np.zeros(len(y)), y)]
     weights = []
@@ -232,25 +259,23 @@ def _walk_folds(head: LogisticHead, standardized: np.ndarray, y: np.ndarray,
         weights.append(weight)
     models = [head.model(grid[0], tolerance) for _ in held_rows]
     classes = np.unique(y)
-    out_of_fold = np.zeros((len(y), 1 if len(classes) == 2 else len(classes)))
-    kept = {}
+    out_of_fold: dict[float, np.ndarray] = {}
 
-    def fit_at(C: float) -> tuple[float, float, int]:
+    def fit_at(C: float) -> tuple[float, float, int, float]:
         iterations = 0
+        scores = out_of_fold[C] = np.zeros((len(y), 1 if len(classes) == 2 else len(classes)))
         for model, weight, rows in zip(models, weights, held_rows, strict=True):
             model.C = C
             head.fit_model(model, standardized, y, sample_weight=weight)
             iterations += head.n_iter_
             for start in range(0, len(rows), CHUNK_ROWS):
                 part = rows[start:start + CHUNK_ROWS]
-                out_of_fold[part] = linear_scores(model, standardized[part])
-        return *score(out_of_fold, classes, y), iterations
+                scores[part] = linear_scores(model, standardized[part])
+        loss, accuracy, error = score(scores, classes, y)
+        return loss, accuracy, iterations, error
 
-    def keep() -> None:
-        kept["scores"] = out_of_fold.copy()
-
-    points, stopped = walk(grid, fit_at, keep)
-    return points, stopped, kept["scores"]
+    points, stopped = walk(grid, fit_at, lambda: None)
+    return points, stopped, out_of_fold
 
 
 def search_mlp(head: MLPHead, X: np.ndarray, y: np.ndarray, X_val: np.ndarray,

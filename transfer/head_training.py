@@ -109,8 +109,12 @@ def log_search(trainer: HeadTrainer, fitted: Fitted) -> None:
     if not search.auto:
         return
     chosen = search.points[[p.value for p in search.points].index(search.chosen)]
-    log.info("%s: auto chose %g of %d values tried (held-out log loss %.4f, accuracy %.4f)%s",
+    best = min(search.points, key=lambda p: p.val_log_loss)
+    log.info("%s: auto chose %g of %d values tried (held-out log loss %.4f, accuracy %.4f)%s%s",
              key, search.chosen, len(search.points), chosen.val_log_loss, chosen.val_accuracy,
+             "" if best is chosen else
+             f", the strongest within one standard error of the lowest loss ({key}={best.value:g}:"
+             f" {best.val_log_loss:.4f} ± {best.val_log_loss_se:.4f})",
              "; stopped once the loss had risen" if search.stopped_early else "")
     if search.chosen in (trainer.auto_grid[0], trainer.auto_grid[-1]):
         log.warning("%s: auto chose %g, an end of its grid; a value beyond it may be better "
