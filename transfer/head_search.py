@@ -248,8 +248,9 @@ def _walk_folds(head: LogisticHead, standardized: np.ndarray, y: np.ndarray,
     """The walk with every point scored on k stratified folds; each fold's model is fitted
     on the shared matrix with zero weight on its held-out rows (no copy of the rows), and
     scores them a chunk at a time. Returns the points, whether the walk stopped early and the
-    out-of-fold scores of every training row at each point (the temperature is fitted on
-    those of the one chosen)."""
+    out-of-fold scores of every training row at each point that was the best so far when it
+    was scored: the one-standard-error rule only ever chooses such a point (an earlier one
+    at least as good comes first), and the temperature is fitted on its scores."""
     splitter = StratifiedKFold(held_out.folds, shuffle=True, random_state=head.random_state)
     held_rows = [rows for _, rows in splitter.split(np.zeros(len(y)), y)]
     weights = []
@@ -260,10 +261,12 @@ def _walk_folds(head: LogisticHead, standardized: np.ndarray, y: np.ndarray,
     models = [head.model(grid[0], tolerance) for _ in held_rows]
     classes = np.unique(y)
     out_of_fold: dict[float, np.ndarray] = {}
+    last: dict[float, np.ndarray] = {}
 
     def fit_at(C: float) -> tuple[float, float, int, float]:
         iterations = 0
-        scores = out_of_fold[C] = np.zeros((len(y), 1 if len(classes) == 2 else len(classes)))
+        last.clear()
+        scores = last[C] = np.zeros((len(y), 1 if len(classes) == 2 else len(classes)))
         for model, weight, rows in zip(models, weights, held_rows, strict=True):
             model.C = C
             head.fit_model(model, standardized, y, sample_weight=weight)
@@ -274,7 +277,7 @@ def _walk_folds(head: LogisticHead, standardized: np.ndarray, y: np.ndarray,
         loss, accuracy, error = score(scores, classes, y)
         return loss, accuracy, iterations, error
 
-    points, stopped = walk(grid, fit_at, lambda: None)
+    points, stopped = walk(grid, fit_at, lambda: out_of_fold.update(last))
     return points, stopped, out_of_fold
 
 
