@@ -5,10 +5,11 @@ differs from its commit), one column per parameter that differs between them, th
 model's accuracy, log loss and calibration error (``--all``: every headline number), and the
 fine-tuning's kept epoch. The best value of each metric column is starred. The table's header
 has two lines, the section of each column (``head``, ``finetune``, ...) over its name, so that
-no column is wider than its values need; ``--drop`` and ``--keep`` choose columns by name.
+no column is wider than its values need; ``--drop`` and ``--keep`` choose columns by name. A
+table wider than the terminal is printed in blocks of columns that fit it.
 
     python -m stages.compare [--sort-by head.log_loss] [--all] [--format table|md|csv]
-        [--drop REGEX] [--keep REGEX] [-A | --rev REV ...]
+        [--drop REGEX] [--keep REGEX] [--width N] [-A | --rev REV ...]
 """
 
 from __future__ import annotations
@@ -175,17 +176,48 @@ def render(header: list[str], body: list[list[str]], form: str) -> str:
     return "\n".join(line.rstrip() for line in lines) + "\n"
 
 
+def width_of(table: str) -> int:
+    return max(map(len, table.splitlines()), default=0)
+
+
+def wrapped(header: list[str], body: list[list[str]], width: int) -> str:
+    """The aligned table, or, where it is wider than ``width`` characters, its columns in
+    blocks that fit, one under the other with a blank line between, each led by the
+    experiment column (as pandas prints a wide frame). A column wider than ``width`` by
+    itself gets a block of its own. ``width`` 0: one table, however wide."""
+
+    def block(start: int, end: int) -> str:
+        columns = [0, *range(start, end)]
+        return render([header[i] for i in columns],
+                      [[line[i] for i in columns] for line in body], "table")
+
+    table = render(header, body, "table")
+    if not width or width_of(table) <= width:
+        return table
+    blocks, start = [], 1
+    while start < len(header):
+        end = start + 1
+        while end < len(header) and width_of(block(start, end + 1)) <= width:
+            end += 1
+        blocks.append(block(start, end))
+        start = end
+    return "\n".join(blocks)
+
+
+def terminal_width() -> int:
+    """The terminal's width in characters when printing to one; 0 (no limit) into a pipe or
+    a file, so that scripts get one table."""
+    return shutil.get_terminal_size().columns if sys.stdout.isatty() else 0
+
+
 def wider_than_the_terminal(table: str) -> str | None:
     """A hint for a table wider than the terminal it is printed on (none when not one)."""
-    if not sys.stdout.isatty():
+    columns = terminal_width()
+    if not columns or width_of(table) <= columns:
         return None
-    width, columns = max(map(len, table.splitlines()), default=0), \
-        shutil.get_terminal_size().columns
-    if width <= columns:
-        return None
-    return (f"the table is {width} characters wide, the terminal {columns}: --drop REGEX "
-            "leaves out the columns it matches (e.g. --drop 'audit|backbone'), --format csv "
-            "keeps them all")
+    return (f"the table is {width_of(table)} characters wide, the terminal {columns}: --drop "
+            "REGEX leaves out the columns it matches (e.g. --drop 'audit|backbone'), --format "
+            "csv keeps them all")
 
 
 def drop_unchanged_workspace(rows: list[Experiment]) -> list[Experiment]:
@@ -212,12 +244,19 @@ def main(argv: list[str] | None = None) -> None:
                              "(e.g. 'audit|head.C'; as dvc exp show --drop)")
     parser.add_argument("--keep", metavar="REGEX",
                         help="keep the columns this matches, even where --drop matches them")
+    parser.add_argument("--width", type=int, metavar="N",
+                        help="wrap a wider table into blocks of columns at most N characters "
+                             "wide, each led by the experiment column (default: the "
+                             "terminal's width when printing to one; 0: one table)")
     which = parser.add_mutually_exclusive_group()
     which.add_argument("-A", "--all-commits", action="store_true",
                        help="the experiments of every commit, not only the last one's")
     which.add_argument("--rev", nargs="+", metavar="REV",
                        help="the experiments of these commits or branches")
     args = parser.parse_args(argv)
+    if args.width is not None and args.width < 0:
+        parser.error(f"--width: {args.width} is not a width; give a number of characters, or "
+                     "0 for one table however wide")
     for option, pattern in (("--drop", args.drop), ("--keep", args.keep)):
         try:
             re.compile(pattern or "")
@@ -240,7 +279,8 @@ def main(argv: list[str] | None = None) -> None:
     metrics = selected(metrics, args.drop, args.keep)
     params = selected(changed_params(rows), args.drop, args.keep)
     header, body = build_table(rows, metrics, star=args.format == "table", params=params)
-    table = render(header, body, args.format)
+    table = wrapped(header, body, terminal_width() if args.width is None else args.width) \
+        if args.format == "table" else render(header, body, args.format)
     sys.stdout.write(table)
     hint = wider_than_the_terminal(table) if args.format == "table" else None
     if hint:

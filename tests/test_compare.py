@@ -175,3 +175,51 @@ def test_a_table_wider_than_the_terminal_says_how_to_narrow_it(monkeypatch):
     assert compare.wider_than_the_terminal("x" * 90 + "\n") is None
     monkeypatch.setattr(compare.sys.stdout, "isatty", lambda: False)  # a pipe or a file
     assert compare.wider_than_the_terminal(table) is None
+
+
+def test_a_table_wider_than_the_width_is_printed_in_blocks_of_columns_that_fit():
+    header = ["experiment", "data.source", "backbone.name", "head.C", "head acc",
+              "head log loss", "head ECE"]
+    body = [["main", "data/raw/monkeys", "tf_efficientnet_lite0", "auto", "0.9831",
+             "0.0503*", "0.0254"],
+            ["m-lite2", "data/raw/monkeys", "tf_efficientnet_lite2", "auto", "0.9944*",
+             "0.0542", "0.0095*"]]
+    whole = compare.render(header, body, "table")
+    assert compare.wrapped(header, body, 0) == whole
+    assert compare.wrapped(header, body, compare.width_of(whole)) == whole
+    blocks = compare.wrapped(header, body, 60).split("\n\n")
+    assert [block.splitlines() for block in blocks] == [
+        ["            data              backbone               head",
+         "experiment            source                   name     C",
+         "main        data/raw/monkeys  tf_efficientnet_lite0  auto",
+         "m-lite2     data/raw/monkeys  tf_efficientnet_lite2  auto"],
+        ["            head model",
+         "experiment      acc  log loss      ECE",
+         "main         0.9831   0.0503*   0.0254",
+         "m-lite2     0.9944*    0.0542  0.0095*"]]
+    # A column wider than the width with the experiment's stands in a block of its own.
+    narrow = compare.wrapped(header, body, 30).split("\n\n")
+    assert [block.splitlines()[1].split()[1:] for block in narrow] == [
+        ["source"], ["name"], ["C", "acc"], ["log", "loss", "ECE"]]
+    assert [compare.width_of(block) for block in narrow] == [28, 33, 28, 29]
+
+
+def test_main_wraps_a_table_wider_than_the_terminal_and_not_into_a_pipe(monkeypatch, tmp_path,
+                                                                        capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "dvc.yaml").write_text("stages: {}\n")
+    monkeypatch.setattr(compare, "dvc", lambda *args: json.dumps(exp_show()))
+    monkeypatch.setattr(compare, "kept_epoch", lambda row: 0)
+    monkeypatch.setattr(compare.shutil, "get_terminal_size", lambda: os.terminal_size((50, 40)))
+    compare.main([])
+    whole = capsys.readouterr().out
+    assert "\n\n" not in whole and compare.width_of(whole) > 50  # into a pipe: one table
+    monkeypatch.setattr(compare.sys.stdout, "isatty", lambda: True)
+    compare.main([])
+    blocks = capsys.readouterr().out.split("\n\n")
+    assert len(blocks) > 1 and all(compare.width_of(block) <= 50 for block in blocks)
+    assert all(block.splitlines()[1].startswith("experiment") for block in blocks)
+    compare.main(["--width", "0"])
+    assert capsys.readouterr().out == whole
+    with pytest.raises(UsageError, match=r"--width: -1 is not a width"):
+        compare.main(["--width", "-1"])
