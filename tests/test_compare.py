@@ -41,6 +41,16 @@ def exp_show():
     return [entry("workspace", None, 10, 0.92, 0.35, finetune=0.95), baseline]
 
 
+@pytest.fixture
+def project(monkeypatch, tmp_path):
+    """A project folder to run ``compare.main`` in, ``dvc exp show`` answering ``exp_show()``."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "dvc.yaml").write_text("stages: {}\n")
+    monkeypatch.setattr(compare, "dvc", lambda *args: json.dumps(exp_show()))
+    monkeypatch.setattr(compare, "kept_epoch", lambda row: 0)
+    return tmp_path
+
+
 def test_flatten_gives_dotted_keys_and_keeps_lists_and_nulls_whole():
     assert flatten({"head": {"C": 1, "hidden": [256, 64], "x": None}, "seed": 3}) == {
         "head.C": 1, "head.hidden": [256, 64], "head.x": None, "seed": 3}
@@ -153,12 +163,7 @@ def test_drop_and_keep_choose_columns_as_dvc_exp_show_does():
         "head.C", "audit.margin", "head.accuracy", "finetune.accuracy"]
 
 
-def test_main_drops_columns_and_refuses_a_pattern_that_is_not_one(monkeypatch, tmp_path,
-                                                                  capsys):
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / "dvc.yaml").write_text("stages: {}\n")
-    monkeypatch.setattr(compare, "dvc", lambda *args: json.dumps(exp_show()))
-    monkeypatch.setattr(compare, "kept_epoch", lambda row: 0)
+def test_main_drops_columns_and_refuses_a_pattern_that_is_not_one(project, capsys):
     compare.main(["--drop", "finetune|head.C", "--format", "csv"])
     assert capsys.readouterr().out.splitlines()[0] == \
         "experiment,head acc,head log loss,head ECE"
@@ -204,12 +209,8 @@ def test_a_table_wider_than_the_width_is_printed_in_blocks_of_columns_that_fit()
     assert [compare.width_of(block) for block in narrow] == [28, 33, 28, 29]
 
 
-def test_main_wraps_a_table_wider_than_the_terminal_and_not_into_a_pipe(monkeypatch, tmp_path,
+def test_main_wraps_a_table_wider_than_the_terminal_and_not_into_a_pipe(project, monkeypatch,
                                                                         capsys):
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / "dvc.yaml").write_text("stages: {}\n")
-    monkeypatch.setattr(compare, "dvc", lambda *args: json.dumps(exp_show()))
-    monkeypatch.setattr(compare, "kept_epoch", lambda row: 0)
     monkeypatch.setattr(compare.shutil, "get_terminal_size", lambda: os.terminal_size((50, 40)))
     compare.main([])
     whole = capsys.readouterr().out
