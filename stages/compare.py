@@ -183,8 +183,8 @@ def width_of(table: str) -> int:
 def wrapped(header: list[str], body: list[list[str]], width: int) -> str:
     """The aligned table, or, where it is wider than ``width`` characters, its columns in
     blocks that fit, one under the other with a blank line between, each led by the
-    experiment column (as pandas prints a wide frame). A column wider than ``width`` by
-    itself gets a block of its own. ``width`` 0: one table, however wide."""
+    experiment column (as pandas prints a wide frame). A column too wide for ``width`` beside
+    the experiment column gets a block of its own. ``width`` 0: one table, however wide."""
 
     def block(start: int, end: int) -> str:
         columns = [0, *range(start, end)]
