@@ -48,8 +48,8 @@ def measure(project: Path, others: list[Path]) -> None:
     head, _ = load_head(project / "models" / "head.npz")
     _, test = embeddings(project, ("test",))
     in_distance, in_top = scores(familiarity, head, test)
-    print(f"{project}: threshold {familiarity.threshold:.4f} (the {familiarity.percentile:g}th "
-          f"percentile of its validation photos); {len(test)} test photos, "
+    print(f"{project}: threshold {familiarity.threshold:.4f} (audit.unfamiliar_percentile "
+          f"{familiarity.percentile:g}); {len(test)} test photos, "
           f"{np.mean(in_distance > familiarity.threshold):.4f} flagged unfamiliar")
     print("| other photos | photos | flagged unfamiliar | ROC AUC, familiarity distance | "
           f"ROC AUC, 1 - top probability | head's top probability >= {SURE} |")

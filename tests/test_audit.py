@@ -13,6 +13,7 @@ from transfer.audit import (
     Familiarity,
     Nearest,
     Pairs,
+    conformal_threshold,
     out_of_fold_probabilities,
     positions,
     power_normalised,
@@ -181,12 +182,45 @@ def test_pairs_keep_those_across_splits_or_labels_before_more_similar_ones():
 def test_an_outlier_scores_highest_and_is_unfamiliar_to_the_reference():
     images = clusters()
     features = images.features.copy()
-    features[110] = 4.0 * np.random.default_rng(1).normal(size=32)  # unlike every class
+    # A test image unlike every class (a validation image would set the threshold itself).
+    features[119] = 4.0 * np.random.default_rng(1).normal(size=32)
     odd = AuditImages(features, images.labels, images.splits, images.paths, images.content_ids)
     classes = ["a", "b", "c"]
     report, familiarity = run_audit(odd, classes, SETTINGS, seed=0, meta=meta(32, classes))
-    assert report["outliers"][0]["path"] == images.paths[110]
-    assert familiarity.unfamiliar(features[[110, 0, 50]]).tolist() == [True, False, False]
+    assert report["outliers"][0]["path"] == images.paths[119]
+    assert familiarity.unfamiliar(features[[119, 0, 50]]).tolist() == [True, False, False]
+
+
+def test_the_unfamiliar_distance_lets_through_at_most_the_share_it_promises():
+    from scipy.stats import norm
+
+    # Over many validation splits of 100 images (distances drawn alike), the chance that a new
+    # image lies beyond the threshold averages at most 1% at the 99th percentile: the largest
+    # of the 100 (1/101); np.percentile's interpolation lets through about 1.9%.
+    draws = np.random.default_rng(0).normal(size=(4000, 100))
+    beyond = [norm.sf(conformal_threshold(row, 99.0)) for row in draws]
+    assert np.mean(beyond) <= 0.0105
+    assert np.mean(norm.sf(np.percentile(draws, 99, axis=1))) > 0.018
+    assert conformal_threshold(np.arange(10.0), 90.0) == 9.0  # ⌈11 x 0.9⌉ = 10th smallest
+    assert conformal_threshold(np.arange(10.0), 50.0) == 5.0  # ⌈11 x 0.5⌉ = 6th
+    assert conformal_threshold(np.array([3.0]), 99.0) == 3.0  # too few: the largest
+
+
+def test_without_validation_images_the_unfamiliar_distance_comes_from_the_training_images(
+        caplog):
+    images = clusters()
+    features = images.features.copy()
+    features[119] = 4.0 * np.random.default_rng(1).normal(size=32)  # a test image unlike all
+    splits = np.where(images.splits == "val", "train", images.splits)
+    odd = AuditImages(features, images.labels, splits, images.paths, images.content_ids)
+    classes = ["a", "b", "c"]
+    report, familiarity = run_audit(odd, classes, SETTINGS, seed=0, meta=meta(32, classes))
+    assert "no validation images" in caplog.text
+    # 96 training images, each against the other 95: at the 99th percentile, the largest.
+    others = familiarity.distances(features[splits == "train"])  # each one's own distance 0
+    assert others.max() < familiarity.threshold < 1.0
+    assert familiarity.unfamiliar(features[[119, 0, 50]]).tolist() == [True, False, False]
+    assert report["counts"]["unfamiliar"] == 1
 
 
 def test_the_familiarity_reference_round_trips_and_knows_its_embeddings(tmp_path):

@@ -443,10 +443,25 @@ def embeddings_identity(meta: EmbeddingMeta) -> dict[str, Any]:
             "dim": meta.dim}
 
 
+def conformal_threshold(distances: np.ndarray, percentile: float) -> float:
+    """The distance beyond which at most ``100 - percentile`` percent of new images drawn like
+    those of ``distances`` lie, on average over such draws: the ⌈(n + 1) p⌉-th smallest of the
+    n distances (split conformal prediction: Vovk et al. 2005; Angelopoulos and Bates 2021,
+    "A gentle introduction to conformal prediction"), the largest where n is too small for
+    that. ``np.percentile`` interpolates between the largest few and lets through up to twice
+    as many (1.9% at n = 100, p = 99)."""
+    n = len(distances)
+    rank = min(n, math.ceil((n + 1) * percentile / 100))
+    return float(np.sort(distances)[rank - 1])
+
+
 def fit_familiarity(images: AuditImages, centre: np.ndarray, k: int, percentile: float,
-                    meta: EmbeddingMeta) -> Familiarity:
+                    meta: EmbeddingMeta, outlier_scores: np.ndarray) -> Familiarity:
     """The training images (a sample of ``MAX_REFERENCE`` by content id where there are more)
-    and the ``percentile`` of the validation images' distances to them."""
+    and the distance to them beyond which at most ``100 - percentile`` percent of images like
+    the validation images lie; without validation images (a very small set), like the
+    training images, each measured against the others (``outlier_scores``, as ``scan`` gives
+    them)."""
     train = np.flatnonzero(images.train)
     if len(train) > MAX_REFERENCE:
         train = train[np.argsort(images.content_ids[train], kind="stable")[:MAX_REFERENCE]]
@@ -454,8 +469,14 @@ def fit_familiarity(images: AuditImages, centre: np.ndarray, k: int, percentile:
                            unit_rows(images.features[train], centre).astype(np.float16),
                            max(1, min(k, len(train))), percentile, np.inf,
                            embeddings_identity(meta))
-    distances = unfitted.distances(images.features[images.splits == "val"])
-    return dataclasses.replace(unfitted, threshold=float(np.percentile(distances, percentile)))
+    validation = images.splits == "val"
+    if validation.any():
+        distances = unfitted.distances(images.features[validation])
+    else:
+        log.warning("no validation images: the distance that makes a new image unfamiliar is "
+                    "set from the training images, each measured against the others")
+        distances = outlier_scores[images.train]
+    return dataclasses.replace(unfitted, threshold=conformal_threshold(distances, percentile))
 
 
 # The whole audit
@@ -517,7 +538,7 @@ def run_audit(images: AuditImages, classes: Sequence[str], settings: AuditSettin
                          settings.duplicate_margin, settings.neighbours, settings.max_listed,
                          matcher=matcher, min_keypoints=settings.duplicate_keypoints)
     familiarity = fit_familiarity(images, centre, settings.neighbours,
-                                  settings.unfamiliar_percentile, meta)
+                                  settings.unfamiliar_percentile, meta, scores)
     outliers = np.argsort(-scores, kind="stable")[:settings.max_listed]
     report = {
         "counts": {

@@ -339,7 +339,8 @@ class AuditParams:
         "outliers: the mean distance to this many nearest training images is the score"))
     unfamiliar_percentile: float = _bounded(99.0, 50.0, 100.0, help=(
         "predict marks an image unfamiliar beyond this percentile of the validation "
-        "images' distance to the training images"))
+        "images' distance to the training images (a conformal quantile: at most 100 minus "
+        "this percent of images like them are marked)"))
     max_listed: int = _bounded(50, 1, 100_000, help=(
         "entries listed per kind in reports/audit.json (the counts cover all)"))
 
