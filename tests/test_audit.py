@@ -206,23 +206,6 @@ def test_the_unfamiliar_distance_lets_through_at_most_the_share_it_promises():
     assert conformal_threshold(np.array([3.0]), 99.0) == 3.0  # too few: the largest
 
 
-def test_without_validation_images_the_unfamiliar_distance_comes_from_the_training_images(
-        caplog):
-    images = clusters()
-    features = images.features.copy()
-    features[119] = 4.0 * np.random.default_rng(1).normal(size=32)  # a test image unlike all
-    splits = np.where(images.splits == "val", "train", images.splits)
-    odd = AuditImages(features, images.labels, splits, images.paths, images.content_ids)
-    classes = ["a", "b", "c"]
-    report, familiarity = run_audit(odd, classes, SETTINGS, seed=0, meta=meta(32, classes))
-    assert "no validation images" in caplog.text
-    # 96 training images, each against the other 95: at the 99th percentile, the largest.
-    others = familiarity.distances(features[splits == "train"])  # each one's own distance 0
-    assert others.max() < familiarity.threshold < 1.0
-    assert familiarity.unfamiliar(features[[119, 0, 50]]).tolist() == [True, False, False]
-    assert report["counts"]["unfamiliar"] == 1
-
-
 def test_the_familiarity_reference_round_trips_and_knows_its_embeddings(tmp_path):
     images = clusters()
     classes = ["a", "b", "c"]

@@ -456,12 +456,10 @@ def conformal_threshold(distances: np.ndarray, percentile: float) -> float:
 
 
 def fit_familiarity(images: AuditImages, centre: np.ndarray, k: int, percentile: float,
-                    meta: EmbeddingMeta, outlier_scores: np.ndarray) -> Familiarity:
+                    meta: EmbeddingMeta) -> Familiarity:
     """The training images (a sample of ``MAX_REFERENCE`` by content id where there are more)
     and the distance to them beyond which at most ``100 - percentile`` percent of images like
-    the validation images lie; without validation images (a very small set), like the
-    training images, each measured against the others (``outlier_scores``, as ``scan`` gives
-    them)."""
+    the validation images lie (``prepare`` leaves no split empty)."""
     train = np.flatnonzero(images.train)
     if len(train) > MAX_REFERENCE:
         train = train[np.argsort(images.content_ids[train], kind="stable")[:MAX_REFERENCE]]
@@ -469,13 +467,7 @@ def fit_familiarity(images: AuditImages, centre: np.ndarray, k: int, percentile:
                            unit_rows(images.features[train], centre).astype(np.float16),
                            max(1, min(k, len(train))), percentile, np.inf,
                            embeddings_identity(meta))
-    validation = images.splits == "val"
-    if validation.any():
-        distances = unfitted.distances(images.features[validation])
-    else:
-        log.warning("no validation images: the distance that makes a new image unfamiliar is "
-                    "set from the training images, each measured against the others")
-        distances = outlier_scores[images.train]
+    distances = unfitted.distances(images.features[images.splits == "val"])
     return dataclasses.replace(unfitted, threshold=conformal_threshold(distances, percentile))
 
 
@@ -538,7 +530,7 @@ def run_audit(images: AuditImages, classes: Sequence[str], settings: AuditSettin
                          settings.duplicate_margin, settings.neighbours, settings.max_listed,
                          matcher=matcher, min_keypoints=settings.duplicate_keypoints)
     familiarity = fit_familiarity(images, centre, settings.neighbours,
-                                  settings.unfamiliar_percentile, meta, scores)
+                                  settings.unfamiliar_percentile, meta)
     outliers = np.argsort(-scores, kind="stable")[:settings.max_listed]
     report = {
         "counts": {
