@@ -212,10 +212,10 @@ def terminal_width() -> int:
 
 def wider_than_the_terminal(table: str) -> str | None:
     """A hint for a table wider than the terminal it is printed on (none when not one)."""
-    columns = terminal_width()
-    if not columns or width_of(table) <= columns:
+    columns, width = terminal_width(), width_of(table)
+    if not columns or width <= columns:
         return None
-    return (f"the table is {width_of(table)} characters wide, the terminal {columns}: --drop "
+    return (f"the table is {width} characters wide, the terminal {columns}: --drop "
             "REGEX leaves out the columns it matches (e.g. --drop 'audit|backbone'), --format "
             "csv keeps them all")
 
