@@ -76,23 +76,11 @@ def test_the_exported_file_predicts_as_the_pipeline_does_from_pixels_alone(train
     assert np.abs(exported.run(pixels) - reference).max() < 1e-4
 
 
-def test_two_exports_of_one_model_are_byte_identical(trained):
-    # In separate processes, as DVC runs the stage (TorchScript names a class it traced again
-    # in one process anew).
-    digests = set()
-    for attempt in range(2):
-        for suffix in (".onnx", ".pt"):
-            result = run_stage_cli("export", trained, "--output", f"{attempt}/model{suffix}")
-            assert result.returncode == 0, result.stderr
-        digests.add(tuple(hashlib.sha256((trained / f"{attempt}" / f"model{s}").read_bytes())
-                          .hexdigest() for s in (".onnx", ".pt")))
-    assert len(digests) == 1
-
-
-@pytest.mark.slow
 def test_exports_from_checkouts_in_two_places_are_the_same_bytes(trained, tmp_path):
-    # A queued experiment runs in a temporary copy of the workspace (.dvc/tmp/exps/...); the
-    # exporters record each node's source line, with the checkout's absolute path.
+    # In separate processes, as DVC runs the stage (TorchScript names a class it traced again
+    # in one process anew). A queued experiment runs in a temporary copy of the workspace
+    # (.dvc/tmp/exps/...); the exporters record each node's source line, with the checkout's
+    # absolute path.
     digests = set()
     for place in ("a", "checkout-b"):
         code = tmp_path / place
