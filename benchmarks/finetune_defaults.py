@@ -42,6 +42,20 @@ class _LastEpoch:
         return False
 
 
+def keep_last_epoch() -> None:
+    """From now on, fine-tuning keeps its last epoch whatever validation says."""
+    training.SELECT_BY = {name: _LastEpoch() for name in training.SELECT_BY}
+
+
+def finetune_keys(items: list[str]) -> dict:
+    """``finetune.KEY=VALUE`` (or ``KEY=VALUE``) arguments as {KEY: YAML value}."""
+    chosen = {}
+    for item in items:
+        key, _, value = item.partition("=")
+        chosen[key.removeprefix("finetune.")] = yaml.safe_load(value)
+    return chosen
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("project", type=Path)
@@ -52,17 +66,14 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     os.chdir(args.project)
     params = yaml.safe_load(PARAMS.read_text(encoding="utf-8"))
-    chosen = {}
-    for item in args.keys:
-        key, _, value = item.partition("=")
-        chosen[key.removeprefix("finetune.")] = yaml.safe_load(value)
+    chosen = finetune_keys(args.keys)
     params["finetune"] = {"enabled": True, **chosen}
     params["evaluate"] = {"split": "test"}
     PARAMS.write_text(yaml.safe_dump(params, sort_keys=False), encoding="utf-8")
     if args.crop is not None:
         training.CROP_SCALE["light"] = (args.crop, 1.0)
     if args.keep_last:
-        training.SELECT_BY = {name: _LastEpoch() for name in training.SELECT_BY}
+        keep_last_epoch()
 
     train_head.main()
     started = time.perf_counter()

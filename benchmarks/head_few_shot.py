@@ -50,13 +50,18 @@ def test_scores(head: LogisticHead, X: np.ndarray, y: np.ndarray) -> tuple[float
     return accuracy, metrics["log_loss"], metrics["ece"]
 
 
-def measure(directory: Path, per_class: int, seeds: int) -> None:
-    classes = EmbeddingMeta.read(directory).classes
-    splits = {}
+def load_splits(directory: Path) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The cache's train, val and test split: (float32 features, labels) each."""
+    splits = []
     for split in ("train", "val", "test"):
         features, labels, _ = load_split(directory, split)
-        splits[split] = np.asarray(features, dtype=np.float32), labels
-    (X, y), (X_val, y_val), (X_test, y_test) = splits["train"], splits["val"], splits["test"]
+        splits.append((np.asarray(features, dtype=np.float32), labels))
+    return splits
+
+
+def measure(directory: Path, per_class: int, seeds: int) -> None:
+    classes = EmbeddingMeta.read(directory).classes
+    (X, y), (X_val, y_val), (X_test, y_test) = load_splits(directory)
     values = ["auto", *C_GRID]
     scores = {value: [] for value in values}
     chosen = []
@@ -71,17 +76,31 @@ def measure(directory: Path, per_class: int, seeds: int) -> None:
             scores[value].append(test_scores(fitted.head, X_test, y_test))
             if value == "auto":
                 chosen.append(fitted.head.C)
-    means = {value: np.mean(scores[value], axis=0) for value in values}
-    best = min(C_GRID, key=lambda value: means[value][1])
-    print(f"\n{directory}: {per_class} training images a class, {seeds} seeds, "
-          f"test split {len(y_test)} images")
-    print("| C | test accuracy | test log loss | test ECE |")
-    print("|---|---:|---:|---:|")
-    for value in values:
-        accuracy, loss, ece = means[value]
-        name = ("auto (" + ", ".join(f"{c:g}" for c in chosen) + ")" if value == "auto"
-                else f"{value:g}" + (" (best in hindsight)" if value == best else ""))
-        print(f"| {name} | {accuracy:.4f} | {loss:.4f} | {ece:.4f} |")
+    print_means(f"{directory}: {per_class} training images a class, {seeds} seeds, "
+                f"test split {len(y_test)} images", scores, chosen)
+
+
+def print_means(title: str, scores: dict[str | float, list[tuple[float, ...]]],
+                chosen: list[float],
+                columns: tuple[str, ...] = ("test accuracy", "test log loss", "test ECE")
+                ) -> None:
+    """A markdown table of the mean scores (``columns``, the log loss second) of each value
+    tried: ``auto`` with the C it chose at each seed, a number as that C (the best in
+    hindsight, by log loss, marked), any other name as it is."""
+    means = {value: np.mean(rows, axis=0) for value, rows in scores.items()}
+    best = min((value for value in scores if isinstance(value, float)),
+               key=lambda value: means[value][1])
+    print(f"\n{title}")
+    print("| C | " + " | ".join(columns) + " |")
+    print("|---|" + "---:|" * len(columns))
+    for value, row in means.items():
+        if value == "auto":
+            name = "auto (" + ", ".join(f"{c:g}" for c in chosen) + ")"
+        elif isinstance(value, float):
+            name = f"{value:g}" + (" (best in hindsight)" if value == best else "")
+        else:
+            name = value
+        print(f"| {name} | " + " | ".join(f"{cell:.4f}" for cell in row) + " |", flush=True)
 
 
 def main() -> None:

@@ -26,14 +26,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 
+from benchmarks.finetune_defaults import finetune_keys, keep_last_epoch
 from transfer import training
 from transfer.backbones import compile_on_pixels, preprocessing_of
 from transfer.calibration import calibrate
 from transfer.data import ImageStore
 from transfer.embeddings import EmbeddingMeta
 from transfer.engines import TorchEngine
+from transfer.heads import softmax
 from transfer.inference import network_scores
 from transfer.layout import EMBEDDINGS_DIR, HEAD_PATH, PARAMS, PREPARED_DIR
 from transfer.network import mark_trainable, starting_network
@@ -42,26 +43,8 @@ from transfer.runtime import resolve_runtime
 from transfer.selection import ValidationScores
 
 
-class _LastEpoch:
-    """A criterion under which every epoch beats the ones before it."""
-
-    name = "last epoch"
-
-    def better(self, candidate, best) -> bool:
-        return True
-
-    def unbeatable(self, scores) -> bool:
-        return False
-
-
 def _copy(net: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {name: tensor.detach().clone() for name, tensor in net.state_dict().items()}
-
-
-def _probabilities(scores: np.ndarray, temperature: float) -> np.ndarray:
-    scaled = scores / temperature
-    scaled = np.exp(scaled - scaled.max(axis=1, keepdims=True))
-    return scaled / scaled.sum(axis=1, keepdims=True)
 
 
 def main() -> None:
@@ -72,13 +55,9 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     os.chdir(args.project)
     params = load_params(PARAMS)
-    chosen = {}
-    for item in args.keys:
-        key, _, value = item.partition("=")
-        chosen[key.removeprefix("finetune.")] = yaml.safe_load(value)
-    ft = dataclasses.replace(params.finetune, enabled=True, **chosen)
+    ft = dataclasses.replace(params.finetune, enabled=True, **finetune_keys(args.keys))
     params = dataclasses.replace(params, finetune=ft)
-    training.SELECT_BY = {name: _LastEpoch() for name in training.SELECT_BY}
+    keep_last_epoch()
 
     runtime = resolve_runtime(ft.device, "float32", training=True)
     meta = EmbeddingMeta.read(EMBEDDINGS_DIR)
@@ -116,9 +95,9 @@ def main() -> None:
         temperature = calibration.temperature if calibration is not None else 1.0
         cells = [f"{alpha:.1f}", f"{temperature:.3f}"]
         for split, split_scores in (("val", val), ("test", test)):
-            raw = ValidationScores.of(stores[split].labels, _probabilities(split_scores, 1.0))
+            raw = ValidationScores.of(stores[split].labels, softmax(split_scores))
             tempered = ValidationScores.of(stores[split].labels,
-                                           _probabilities(split_scores, temperature))
+                                           softmax(split_scores / temperature))
             cells += [f"{raw.accuracy:.4f}", f"{raw.loss:.4f}", f"{tempered.loss:.4f}"]
         print("\t".join(cells), flush=True)
 
