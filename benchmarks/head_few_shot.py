@@ -82,16 +82,16 @@ def measure(directory: Path, per_class: int, seeds: int) -> None:
 
 def print_means(title: str, scores: dict[str | float, list[tuple[float, ...]]],
                 chosen: list[float],
-                columns: tuple[str, ...] = ("test accuracy", "test log loss", "test ECE")
-                ) -> None:
+                columns: tuple[str, ...] = ("test accuracy", "test log loss", "test ECE"),
+                parameter: str = "C") -> None:
     """A markdown table of the mean scores (``columns``, the log loss second) of each value
-    tried: ``auto`` with the C it chose at each seed, a number as that C (the best in
-    hindsight, by log loss, marked), any other name as it is."""
+    tried: ``auto`` with the value it chose at each seed, a number as that value of
+    ``parameter`` (the best in hindsight, by log loss, marked), any other name as it is."""
     means = {value: np.mean(rows, axis=0) for value, rows in scores.items()}
     best = min((value for value in scores if isinstance(value, float)),
                key=lambda value: means[value][1])
     print(f"\n{title}")
-    print("| C | " + " | ".join(columns) + " |")
+    print(f"| {parameter} | " + " | ".join(columns) + " |")
     print("|---|" + "---:|" * len(columns))
     for value, row in means.items():
         if value == "auto":

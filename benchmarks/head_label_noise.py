@@ -12,7 +12,9 @@ the head learnt of the true classes, and the log loss and ECE with the same shar
 labels flipped too, as the temperature fitted on flipped validation labels expects.
 
     python -m benchmarks.head_label_noise DIR [DIR ...] [--flip 0.1 0.3] [--seeds 3]
-                                          [--threads 1]
+                                          [--kind logistic|mlp] [--threads 1]
+
+``--kind mlp`` does the same for the MLP head's ``head.alpha`` (the old default 1e-4).
 """
 
 from __future__ import annotations
@@ -26,11 +28,11 @@ from threadpoolctl import threadpool_limits
 
 from benchmarks.head_few_shot import load_splits, print_means, test_scores
 from transfer.embeddings import EmbeddingMeta
-from transfer.head_search import C_GRID
-from transfer.head_training import LogisticTrainer, calibrate_head
+from transfer.head_training import HEAD_TRAINERS, calibrate_head
 from transfer.params import HeadParams
 
-BEFORE = "1 without T (the old default)"
+# Each head kind's value before ``auto`` became its default.
+OLD_DEFAULT = {"logistic": 1.0, "mlp": 1e-4}
 
 
 def flipped(labels: np.ndarray, share: float, n_classes: int,
@@ -42,10 +44,12 @@ def flipped(labels: np.ndarray, share: float, n_classes: int,
     return noisy
 
 
-def measure(directory: Path, share: float, seeds: int) -> None:
+def measure(directory: Path, share: float, seeds: int, kind: str) -> None:
     classes = EmbeddingMeta.read(directory).classes
     (X, y), (X_val, y_val), (X_test, y_test) = load_splits(directory)
-    values = [BEFORE, "auto", *C_GRID]
+    trainer = HEAD_TRAINERS[kind]
+    before = f"{OLD_DEFAULT[kind]:g} without T (the old default)"
+    values = [before, "auto", *trainer.auto_grid]
     scores = {value: [] for value in values}
     chosen = []
     for seed in range(seeds):
@@ -54,19 +58,19 @@ def measure(directory: Path, share: float, seeds: int) -> None:
         y_val_noisy = flipped(y_val, share, len(classes), rng)
         y_test_noisy = flipped(y_test, share, len(classes), rng)
         for value in values:
-            C = 1.0 if value == BEFORE else value
-            fitted = LogisticTrainer(HeadParams(C=C), seed, classes).fit(
-                X, y_noisy, X_val, y_val_noisy)
-            if value != BEFORE:
+            params = HeadParams(kind=kind, **{trainer.parameter: OLD_DEFAULT[kind]
+                                              if value == before else value})
+            fitted = trainer(params, seed, classes).fit(X, y_noisy, X_val, y_val_noisy)
+            if value != before:
                 calibrate_head(fitted)
             scores[value].append(test_scores(fitted.head, X_test, y_test)
                                  + test_scores(fitted.head, X_test, y_test_noisy)[1:])
             if value == "auto":
-                chosen.append(fitted.head.C)
-    print_means(f"{directory}: {share:.0%} of training and validation labels flipped, "
-                f"{seeds} seeds, test split {len(y_test)} images", scores, chosen,
+                chosen.append(getattr(fitted.head, trainer.parameter))
+    print_means(f"{directory}: {kind} head, {share:.0%} of training and validation labels "
+                f"flipped, {seeds} seeds, test split {len(y_test)} images", scores, chosen,
                 ("test accuracy", "test log loss", "test ECE", "log loss (test flipped too)",
-                 "ECE (test flipped too)"))
+                 "ECE (test flipped too)"), trainer.parameter)
 
 
 def main() -> None:
@@ -74,13 +78,14 @@ def main() -> None:
     parser.add_argument("embeddings", type=Path, nargs="+")
     parser.add_argument("--flip", type=float, nargs="+", default=[0.1, 0.3])
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--kind", choices=tuple(HEAD_TRAINERS), default="logistic")
     parser.add_argument("--threads", type=int, default=1, help="BLAS/OpenMP threads")
     args = parser.parse_args()
     logging.basicConfig(level=logging.ERROR)
     with threadpool_limits(args.threads):
         for directory in args.embeddings:
             for share in args.flip:
-                measure(directory, share, args.seeds)
+                measure(directory, share, args.seeds, args.kind)
 
 
 if __name__ == "__main__":
