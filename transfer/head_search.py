@@ -6,7 +6,8 @@ log loss on held-out images: the validation split when it has at least
 ``MIN_VALIDATION_IMAGES``, else, for the logistic head, stratified k-fold cross-validation on
 the training split (the MLP always uses the validation split: it stops early on it). The walk
 stops once ``PATIENCE`` points in a row score no better than the best so far. On the
-validation split the logistic head takes the value of lowest log loss; cross-validated, the
+validation split the logistic head takes the value of lowest log loss after each value's own
+temperature (the log loss the calibrated head will have there); cross-validated, the
 strongest regularisation whose log loss is within one standard error of the lowest (the
 "one-standard-error rule" of Hastie, Tibshirani and Friedman, as glmnet's ``lambda.1se``):
 folds of a few images each cannot tell those values apart, and when they are all classified
@@ -26,7 +27,7 @@ import numpy as np
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold
 
-from transfer.calibration import image_log_losses, label_columns
+from transfer.calibration import calibrate, image_log_losses, label_columns
 from transfer.embeddings import row_chunks
 from transfer.errors import PipelineError
 from transfer.heads import LogisticHead, MLPHead, MLPTraining, scaled, softmax
@@ -157,6 +158,18 @@ def score(scores: np.ndarray, classes: np.ndarray, y: np.ndarray) -> tuple[float
     return float(losses.mean()), accuracy, error
 
 
+def calibrated_score(scores: np.ndarray, classes: np.ndarray,
+                     y: np.ndarray) -> tuple[float, float, float]:
+    """``score`` of ``scores`` after the temperature ``transfer.calibration`` fits on them: the
+    log loss the head at that C will have once ``train_head`` calibrates it on these images.
+    Untempered, a strongly regularised head looks worse than it is (it is under-confident,
+    which its temperature mends), and the walk chose weaker C that fitted wrong training
+    labels (docs/defaults.md)."""
+    calibration = calibrate(scores, classes, y)
+    temperature = calibration.temperature if calibration is not None else 1.0
+    return score(scores / temperature, classes, y)
+
+
 def walk(grid: Sequence[float], fit_at: Callable[[float], tuple],
          keep: Callable[[], None]) -> tuple[list[GridPoint], bool]:
     """Fit and score each value of ``grid`` in order (``fit_at`` returns log loss, accuracy,
@@ -218,7 +231,7 @@ def search_logistic(head: LogisticHead, X: np.ndarray, y: np.ndarray, X_val: np.
                       out_of_fold, y)
     scores = head.decision_function(X_val)
     if not points:
-        loss, accuracy, error = score(scores, head.classes_, y_val)
+        loss, accuracy, error = calibrated_score(scores, head.classes_, y_val)
         points = [GridPoint(head.C, loss, accuracy, head.n_iter_, error)]
     return Fitted(head, Search("C", auto, points, head.C, held_out, stopped, cost), scores,
                   y_val)
@@ -236,7 +249,7 @@ def _walk_validation(head: LogisticHead, standardized: np.ndarray, y: np.ndarray
         scores = np.concatenate([linear_scores(model, scaled(chunk, scaler))
                                  for _, chunk in row_chunks(X_val)] or
                                 [np.zeros((0, model.coef_.shape[0]))])
-        loss, accuracy, error = score(scores, model.classes_, y_val)
+        loss, accuracy, error = calibrated_score(scores, model.classes_, y_val)
         return loss, accuracy, head.n_iter_, error
 
     return walk(grid, fit_at, lambda: None)

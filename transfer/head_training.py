@@ -110,8 +110,10 @@ def log_search(trainer: HeadTrainer, fitted: Fitted) -> None:
         return
     chosen = search.points[[p.value for p in search.points].index(search.chosen)]
     best = min(search.points, key=lambda p: p.val_log_loss)
-    log.info("%s: auto chose %g of %d values tried (held-out log loss %.4f, accuracy %.4f)%s%s",
-             key, search.chosen, len(search.points), chosen.val_log_loss, chosen.val_accuracy,
+    calibrated = " after its temperature" if key == "head.C" and not held_out.folds else ""
+    log.info("%s: auto chose %g of %d values tried (held-out log loss%s %.4f, accuracy %.4f)%s%s",
+             key, search.chosen, len(search.points), calibrated, chosen.val_log_loss,
+             chosen.val_accuracy,
              "" if best is chosen else
              f", the strongest within one standard error of the lowest loss ({key}={best.value:g}:"
              f" {best.val_log_loss:.4f} ± {best.val_log_loss_se:.4f})",
