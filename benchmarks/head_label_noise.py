@@ -12,9 +12,11 @@ the head learnt of the true classes, and the log loss and ECE with the same shar
 labels flipped too, as the temperature fitted on flipped validation labels expects.
 
     python -m benchmarks.head_label_noise DIR [DIR ...] [--flip 0.1 0.3] [--seeds 3]
-                                          [--kind logistic|mlp] [--threads 1]
+                                          [--kind logistic|mlp] [--clean-validation]
+                                          [--threads 1]
 
-``--kind mlp`` does the same for the MLP head's ``head.alpha`` (the old default 1e-4).
+``--kind mlp`` does the same for the MLP head's ``head.alpha`` (the old default 1e-4);
+``--clean-validation`` flips the training labels only, as for a curated validation split.
 """
 
 from __future__ import annotations
@@ -44,7 +46,8 @@ def flipped(labels: np.ndarray, share: float, n_classes: int,
     return noisy
 
 
-def measure(directory: Path, share: float, seeds: int, kind: str) -> None:
+def measure(directory: Path, share: float, seeds: int, kind: str,
+            clean_validation: bool = False) -> None:
     classes = EmbeddingMeta.read(directory).classes
     (X, y), (X_val, y_val), (X_test, y_test) = load_splits(directory)
     trainer = HEAD_TRAINERS[kind]
@@ -56,6 +59,8 @@ def measure(directory: Path, share: float, seeds: int, kind: str) -> None:
         rng = np.random.default_rng(seed)
         y_noisy = flipped(y, share, len(classes), rng)
         y_val_noisy = flipped(y_val, share, len(classes), rng)
+        if clean_validation:
+            y_val_noisy = y_val
         y_test_noisy = flipped(y_test, share, len(classes), rng)
         for value in values:
             params = HeadParams(kind=kind, **{trainer.parameter: OLD_DEFAULT[kind]
@@ -67,8 +72,9 @@ def measure(directory: Path, share: float, seeds: int, kind: str) -> None:
                                  + test_scores(fitted.head, X_test, y_test_noisy)[1:])
             if value == "auto":
                 chosen.append(getattr(fitted.head, trainer.parameter))
-    print_means(f"{directory}: {kind} head, {share:.0%} of training and validation labels "
-                f"flipped, {seeds} seeds, test split {len(y_test)} images", scores, chosen,
+    flipped_splits = "training" if clean_validation else "training and validation"
+    print_means(f"{directory}: {kind} head, {share:.0%} of {flipped_splits} labels flipped, "
+                f"{seeds} seeds, test split {len(y_test)} images", scores, chosen,
                 ("test accuracy", "test log loss", "test ECE", "log loss (test flipped too)",
                  "ECE (test flipped too)"), trainer.parameter)
 
@@ -79,13 +85,15 @@ def main() -> None:
     parser.add_argument("--flip", type=float, nargs="+", default=[0.1, 0.3])
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--kind", choices=tuple(HEAD_TRAINERS), default="logistic")
+    parser.add_argument("--clean-validation", action="store_true",
+                        help="flip the training labels only (a curated validation split)")
     parser.add_argument("--threads", type=int, default=1, help="BLAS/OpenMP threads")
     args = parser.parse_args()
     logging.basicConfig(level=logging.ERROR)
     with threadpool_limits(args.threads):
         for directory in args.embeddings:
             for share in args.flip:
-                measure(directory, share, args.seeds, args.kind)
+                measure(directory, share, args.seeds, args.kind, args.clean_validation)
 
 
 if __name__ == "__main__":
