@@ -88,6 +88,12 @@ class Search:
     stopped_early: bool
     cost: int  # L-BFGS iterations (logistic) or epochs (mlp), the final fit included
 
+    @property
+    def calibrated(self) -> bool:
+        """Whether the points' log losses are taken after each point's temperature
+        (``calibrated_score``: the logistic head on the validation split), not untempered."""
+        return self.parameter == "C" and not self.held_out.folds
+
     def metrics(self) -> dict:
         unit = "iterations" if self.parameter == "C" else "epochs"
         return {"parameter": self.parameter, "auto": self.auto, self.parameter: self.chosen,

@@ -110,7 +110,7 @@ def log_search(trainer: HeadTrainer, fitted: Fitted) -> None:
         return
     chosen = search.points[[p.value for p in search.points].index(search.chosen)]
     best = min(search.points, key=lambda p: p.val_log_loss)
-    calibrated = " after its temperature" if key == "head.C" and not held_out.folds else ""
+    calibrated = " after its temperature" if search.calibrated else ""
     log.info("%s: auto chose %g of %d values tried (held-out log loss%s %.4f, accuracy %.4f)%s%s",
              key, search.chosen, len(search.points), calibrated, chosen.val_log_loss,
              chosen.val_accuracy,
