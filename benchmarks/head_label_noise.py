@@ -58,6 +58,7 @@ def measure(directory: Path, share: float, seeds: int, kind: str,
     for seed in range(seeds):
         rng = np.random.default_rng(seed)
         y_noisy = flipped(y, share, len(classes), rng)
+        # Drawn even where left unused, so the training and test flips are the same either way.
         y_val_noisy = flipped(y_val, share, len(classes), rng)
         if clean_validation:
             y_val_noisy = y_val

@@ -43,10 +43,6 @@ from transfer.runtime import resolve_runtime
 from transfer.selection import ValidationScores
 
 
-def _copy(net: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {name: tensor.detach().clone() for name, tensor in net.state_dict().items()}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("project", type=Path)
@@ -66,7 +62,7 @@ def main() -> None:
     classes = stores["train"].classes
     net = starting_network(params, meta, classes, HEAD_PATH)
     mark_trainable(net, ft.strategy, ft.unfreeze_k)
-    start = _copy(net)
+    start = training._copy_state(net)
     train_set = training.LabelledImages(stores["train"], stores["train"].labels,
                                         training.train_transform(preprocessing, ft.augment))
     val_set = training.LabelledImages(stores["val"], stores["val"].labels,
@@ -74,27 +70,30 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         result = training.train(net, train_set, val_set, ft, params.seed, runtime,
                                 Path(scratch) / "checkpoint.pt", "weight-interpolation")
-    trained = _copy(net)
+    trained = training._copy_state(net)
     print("epochs: " + " ".join(f"{r.epoch}: val accuracy {r.val_accuracy:.4f}"
                                 for r in result.state.history))
 
-    def scores(state: dict[str, torch.Tensor], split: str) -> np.ndarray:
+    def scores(state: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+        """The validation and test scores of ``net`` with the weights ``state``."""
         net.load_state_dict(state)
         net.eval()
         compiled = compile_on_pixels(net, preprocessing, TorchEngine(), runtime, "mixed")
-        return np.concatenate(list(network_scores(compiled, stores[split], preprocessing,
-                                                  ft.batch_size, runtime)))
+        return {split: np.concatenate(list(network_scores(compiled, stores[split],
+                                                          preprocessing, ft.batch_size,
+                                                          runtime)))
+                for split in ("val", "test")}
 
     print("\t".join(["alpha", "T", "val accuracy", "val log loss", "val log loss (T)",
                      "test accuracy", "test log loss", "test log loss (T)"]))
     for alpha in np.linspace(0.0, 1.0, 11):
         mixed = {name: (1 - alpha) * start[name] + alpha * trained[name]
                  if start[name].is_floating_point() else trained[name] for name in start}
-        val, test = scores(mixed, "val"), scores(mixed, "test")
-        calibration = calibrate(val, np.arange(len(classes)), stores["val"].labels)
+        by_split = scores(mixed)
+        calibration = calibrate(by_split["val"], np.arange(len(classes)), stores["val"].labels)
         temperature = calibration.temperature if calibration is not None else 1.0
         cells = [f"{alpha:.1f}", f"{temperature:.3f}"]
-        for split, split_scores in (("val", val), ("test", test)):
+        for split, split_scores in by_split.items():
             raw = ValidationScores.of(stores[split].labels, softmax(split_scores))
             tempered = ValidationScores.of(stores[split].labels,
                                            softmax(split_scores / temperature))
