@@ -6,9 +6,12 @@ import pytest
 from transfer.calibration import (
     TEMPERATURE_BOUNDS,
     calibrate,
+    confidence_temperature,
     fit_temperature,
     label_columns,
+    mean_confidence,
     negative_log_likelihood,
+    vouched_accuracy,
 )
 
 
@@ -55,6 +58,38 @@ def test_held_out_images_all_right_only_sharpen_and_within_the_bounds():
     assert 0.9 < fit_temperature(scores, np.array([0, 1, 0])) < 1.0
 
 
+def test_images_all_right_vouch_for_an_accuracy_by_the_rule_of_three():
+    # n right of n happen with probability at most 5% below the accuracy they vouch for.
+    for n in (1, 10, 238):
+        assert vouched_accuracy(n) ** n == pytest.approx(0.05)
+    assert vouched_accuracy(1000) == pytest.approx(1 - 3 / 1000, abs=2e-5)
+
+
+def test_all_right_images_sharpen_an_unsure_model_to_the_accuracy_they_vouch_for():
+    rng = np.random.default_rng(5)
+    labels = rng.integers(0, 3, 300)
+    scores = rng.normal(0.0, 0.1, (300, 3))
+    scores[np.arange(300), labels] += 1.0  # all right, about 0.6 sure of each
+    calibration = calibrate(scores, np.arange(3), labels)
+    assert calibration.all_right and calibration.temperature < 0.5
+    assert mean_confidence(scores, calibration.temperature) == pytest.approx(
+        vouched_accuracy(300), abs=1e-6)
+    assert calibration.log_loss < calibration.log_loss_uncalibrated
+    # As sure as that already, or surer: left as it is.
+    sure = calibrate(scores * 20.0, np.arange(3), labels)
+    assert sure.all_right and sure.temperature == 1.0
+    assert sure.log_loss == sure.log_loss_uncalibrated
+
+
+def test_a_confidence_out_of_reach_takes_the_nearer_bound():
+    ties = np.zeros((4, 3))  # a third whatever the temperature
+    assert confidence_temperature(ties, 0.9) == TEMPERATURE_BOUNDS[0]
+    assert confidence_temperature(ties, 0.1) == TEMPERATURE_BOUNDS[1]
+    one_column = np.array([[2.0], [-1.0]])
+    temperature = confidence_temperature(one_column, 0.99)
+    assert mean_confidence(one_column, temperature) == pytest.approx(0.99)
+
+
 def test_the_prior_moves_a_temperature_on_few_images_part_of_the_way_only():
     scores, labels = calibrated_scores(seed=4)
     distorted = scores * 3.0
@@ -89,5 +124,5 @@ def test_calibrate_skips_unknown_classes_and_says_when_every_image_was_right():
         negative_log_likelihood(scores[50:] * 2.0, labels[50:], calibration.temperature))
     assert not calibration.all_right and not calibration.at_bound
     right = calibrate(np.array([[3.0], [-2.0]]), np.array([0, 1]), np.array([1, 0]))
-    assert right.all_right and right.temperature == 1.0  # nothing to calibrate on
+    assert right.all_right and right.temperature == 1.0  # surer than 2 images vouch for
     assert calibrate(scores, classes, np.full(len(scores), 9)) is None

@@ -67,14 +67,26 @@ def test_the_fine_tuned_temperature_softens_an_over_confident_network():
     assert result["log_loss"] < result["log_loss_uncalibrated"]
 
 
-def test_all_right_validation_images_leave_the_temperature_at_one():
+def test_all_right_validation_images_sharpen_an_unsure_network_to_what_they_vouch_for():
+    from transfer.calibration import mean_confidence, vouched_accuracy
     from transfer.training import fit_temperature_on
 
     model = tiny_model({})
     pictures = images(12)
-    predicted = np.concatenate(list(model.scores(pictures, runtime=CPU))).argmax(axis=1)
-    result = fit_temperature_on(model.net, Store(pictures, predicted), TINY, 4, CPU, 3)
-    assert result["temperature"] == pytest.approx(1.0)
+    scores = np.concatenate(list(model.scores(pictures, runtime=CPU)))
+    assert mean_confidence(scores) < vouched_accuracy(12)  # an untrained network: unsure
+    result = fit_temperature_on(model.net, Store(pictures, scores.argmax(axis=1)), TINY, 4, CPU,
+                                3)
+    assert result["temperature"] < 1.0
+    assert mean_confidence(scores, result["temperature"]) == pytest.approx(vouched_accuracy(12))
+    assert result["log_loss"] < result["log_loss_uncalibrated"]
+    with torch.no_grad():
+        model.net.head.weight.mul_(50)  # now surer than 12 right images can vouch for
+    scores = np.concatenate(list(model.scores(pictures, runtime=CPU)))
+    assert mean_confidence(scores) > vouched_accuracy(12)
+    result = fit_temperature_on(model.net, Store(pictures, scores.argmax(axis=1)), TINY, 4, CPU,
+                                3)
+    assert result["temperature"] == 1.0  # right images cannot show over-confidence
 
 
 @pytest.mark.parametrize(("best_epoch", "model", "chosen"), [

@@ -47,7 +47,8 @@ def test_head_is_saved_with_its_search_temperature_and_metrics(project):
     assert [float(row["value"]) for row in rows] == values
     assert [row["chosen"] for row in rows].count("True") == 1
     calibration = metrics["calibration"]
-    # Every out-of-fold colour is right: nothing to calibrate on, the temperature stays 1.
+    # Every out-of-fold colour is right, and the head is surer of them than they vouch for
+    # (right images cannot show over-confidence): the temperature stays 1.
     assert calibration["temperature"] == head.temperature_ == 1.0
     assert calibration["log_loss"] == calibration["log_loss_uncalibrated"]
 
