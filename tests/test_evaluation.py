@@ -97,5 +97,5 @@ def test_report_and_summary_name_the_models_numbers_and_plots():
            "(epoch 0) has a validation accuracy of 1 on the 6 validation images)." in \
            summary_markdown(evaluations, stopped, "plots/evaluate")
     trained = {**stopped, "best_epoch": 2, "epochs_run": 3, "stop_reason": None}
-    assert "Fine-tuning: trained (last_k, best epoch 2 of 3)." in \
+    assert "Fine-tuning: trained (last_k, best epoch 2 of 3 trained)." in \
         summary_markdown(evaluations, trained, "plots/evaluate")

@@ -165,7 +165,7 @@ def summary_markdown(evaluations: Sequence[ModelEvaluation], finetune_status: Ma
         stopped = finetune_status.get("stop_reason")
         stopped = f"; stopped: {stopped}" if stopped else ""
         finetune = (f"trained ({finetune_status['strategy']}, best epoch "
-                    f"{finetune_status['best_epoch']} of {finetune_status['epochs_run']}"
+                    f"{finetune_status['best_epoch']} of {finetune_status['epochs_run']} trained"
                     f"{stopped})") if finetune_status["epochs_run"] else \
             f"no epoch trained ({finetune_status['strategy']}{stopped})"
     lines = [
