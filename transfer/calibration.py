@@ -128,7 +128,7 @@ class Calibration:
     temperature: float
     log_loss_uncalibrated: float
     log_loss: float
-    all_right: bool  # every held-out image classified right: T from vouched_accuracy
+    all_right: bool  # every held-out image right: T sharpens to vouched_accuracy, or stays 1
     images: int  # the held-out images it was fitted on
 
     @property
