@@ -30,7 +30,7 @@ import torch
 from benchmarks.finetune_defaults import finetune_keys, keep_last_epoch
 from transfer import training
 from transfer.backbones import compile_on_pixels, preprocessing_of
-from transfer.calibration import calibrate
+from transfer.calibration import fitted_temperature
 from transfer.data import ImageStore
 from transfer.embeddings import EmbeddingMeta
 from transfer.engines import TorchEngine
@@ -90,8 +90,8 @@ def main() -> None:
         mixed = {name: (1 - alpha) * start[name] + alpha * trained[name]
                  if start[name].is_floating_point() else trained[name] for name in start}
         by_split = scores(mixed)
-        calibration = calibrate(by_split["val"], np.arange(len(classes)), stores["val"].labels)
-        temperature = calibration.temperature if calibration is not None else 1.0
+        temperature = fitted_temperature(by_split["val"], np.arange(len(classes)),
+                                         stores["val"].labels)
         cells = [f"{alpha:.1f}", f"{temperature:.3f}"]
         for split, split_scores in by_split.items():
             raw = ValidationScores.of(stores[split].labels, softmax(split_scores))

@@ -102,6 +102,7 @@ def confidence_temperature(scores: np.ndarray, target: float,
                            bounds: tuple[float, float] = TEMPERATURE_BOUNDS) -> float:
     """The temperature within ``bounds`` at which the mean top probability of ``scores`` is
     ``target`` (it falls as T grows), or the bound nearer to it where none is."""
+    scores = score_columns(scores)  # once, not at every step of the search
     low, high = math.log(bounds[0]), math.log(bounds[1])
 
     def excess(log_t: float) -> float:
@@ -155,11 +156,19 @@ def calibrate(scores: np.ndarray, classes: np.ndarray, labels: np.ndarray) -> Ca
     scores = scores[seen]
     predicted = np.argmax(scores, axis=1) if scores.shape[1] > 1 else (scores[:, 0] > 0)
     all_right = bool(np.all(predicted == columns))
-    temperature = min(1.0, confidence_temperature(scores, vouched_accuracy(len(columns)))) \
-        if all_right else fit_temperature(scores, columns)
+    temperature = confidence_temperature(scores, vouched_accuracy(len(columns)),
+                                         (TEMPERATURE_BOUNDS[0], 1.0)) if all_right \
+        else fit_temperature(scores, columns)
     return Calibration(temperature, negative_log_likelihood(scores, columns),
                        negative_log_likelihood(scores, columns, temperature), all_right,
                        len(columns))
+
+
+def fitted_temperature(scores: np.ndarray, classes: np.ndarray, labels: np.ndarray) -> float:
+    """``calibrate``'s temperature, or 1 where no held-out image is of a class the model
+    knows."""
+    calibration = calibrate(scores, classes, labels)
+    return calibration.temperature if calibration is not None else 1.0
 
 
 def report(calibration: Calibration | None, model: str, held_out: str) -> dict:

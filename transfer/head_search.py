@@ -27,7 +27,7 @@ import numpy as np
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold
 
-from transfer.calibration import calibrate, image_log_losses, label_columns
+from transfer.calibration import fitted_temperature, image_log_losses, label_columns
 from transfer.embeddings import row_chunks
 from transfer.errors import PipelineError
 from transfer.heads import LogisticHead, MLPHead, MLPTraining, scaled, softmax
@@ -171,9 +171,7 @@ def calibrated_score(scores: np.ndarray, classes: np.ndarray,
     Untempered, a strongly regularised head looks worse than it is (it is under-confident,
     which its temperature mends), and the walk chose weaker C that fitted wrong training
     labels (docs/defaults.md)."""
-    calibration = calibrate(scores, classes, y)
-    temperature = calibration.temperature if calibration is not None else 1.0
-    return score(scores / temperature, classes, y)
+    return score(scores / fitted_temperature(scores, classes, y), classes, y)
 
 
 def walk(grid: Sequence[float], fit_at: Callable[[float], tuple],
