@@ -111,8 +111,11 @@ def log_search(trainer: HeadTrainer, fitted: Fitted) -> None:
     chosen = search.points[[p.value for p in search.points].index(search.chosen)]
     best = min(search.points, key=lambda p: p.val_log_loss)
     calibrated = " after its temperature" if search.calibrated else ""
-    log.info("%s: auto chose %g of %d values tried (held-out log loss%s %.4f, accuracy %.4f)%s%s",
-             key, search.chosen, len(search.points), calibrated, chosen.val_log_loss,
+    # The logistic walk fits loosely (head_search.WALK_TOLERANCE) and the head is then fitted
+    # from scratch: the calibration line after this one gives the head's own held-out scores.
+    walked = "on the walk, " if trainer.parameter == "C" else ""
+    log.info("%s: auto chose %g of %d values tried (%sheld-out log loss%s %.4f, accuracy %.4f)%s%s",
+             key, search.chosen, len(search.points), walked, calibrated, chosen.val_log_loss,
              chosen.val_accuracy,
              "" if best is chosen else
              f", the strongest within one standard error of the lowest loss ({key}={best.value:g}:"
