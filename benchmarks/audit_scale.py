@@ -58,8 +58,8 @@ def measure(n: int, dim: int, classes: int, full: bool) -> dict:
                              256, {})
         settings = AuditSettings(folds=5, C=0.1, duplicate_margin=0.1, neighbours=5,
                                  unfamiliar_percentile=99.0, max_listed=50)
-        report, _ = run_audit(AuditImages(features, labels, splits, ids, ids),
-                              meta.classes, settings, 0, meta)
+        report = run_audit(AuditImages(features, labels, splits, ids, ids),
+                           meta.classes, settings, 0, meta).report
         pairs = report["counts"]["near_duplicate_pairs"]
     else:
         unit = unit_rows(features, power_normalised(features[splits == "train"]).mean(axis=0))

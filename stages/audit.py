@@ -18,6 +18,7 @@ from transfer.errors import PipelineError, counted, run_stage
 from transfer.gallery import Section, Tile, draw_sheet, images_by_id, png_bytes
 from transfer.keypoints import PairCache
 from transfer.layout import (
+    AUDIT_FINDINGS,
     AUDIT_PICTURE,
     AUDIT_REPORT,
     EMBEDDINGS_DIR,
@@ -51,16 +52,18 @@ def main() -> None:
     settings = AuditSettings(**vars(params.audit))
     started = time.perf_counter()
     lookup = image_lookup(stores)
-    report, familiarity = run_audit(images, meta.classes, settings, params.seed, meta,
-                                    lambda i: lookup((images.splits[i], images.paths[i])),
-                                    pair_cache(stores.values()))
+    audit = run_audit(images, meta.classes, settings, params.seed, meta,
+                      lambda i: lookup((images.splits[i], images.paths[i])),
+                      pair_cache(stores.values()))
     log.info("audit took %.2fs for %d images", time.perf_counter() - started, len(images.labels))
+    report = audit.report
     picture = draw_sheet(suspect_sections(report), lookup)
-    with atomic_outputs(AUDIT_REPORT, AUDIT_PICTURE, FAMILIARITY) as (report_file, picture_file,
-                                                                      reference_file):
+    with atomic_outputs(AUDIT_REPORT, AUDIT_FINDINGS, AUDIT_PICTURE, FAMILIARITY) as (
+            report_file, findings_file, picture_file, reference_file):
         report_file.write_text(json_text(report), encoding="utf-8")
+        findings_file.write_text(json_text(audit.findings), encoding="utf-8")
         picture_file.write_bytes(png_bytes(picture))
-        familiarity.save(reference_file)
+        audit.familiarity.save(reference_file)
     counts = report["counts"]
     ruled_out = counts["near_duplicates_ruled_out_by_keypoints"]
     log.info("%d images: %s, %s (%d across splits, %d across labels%s), %d beyond the "
@@ -71,7 +74,8 @@ def main() -> None:
              counts["near_duplicates_across_splits"], counts["near_duplicates_across_labels"],
              f"; {counted(ruled_out, 'look-alike pair')} left out, their keypoints not "
              "matching" if ruled_out else "", counts["unfamiliar"])
-    log.info("details: %s; picture: %s", AUDIT_REPORT, AUDIT_PICTURE)
+    log.info("details: %s (every finding: %s); picture: %s", AUDIT_REPORT, AUDIT_FINDINGS,
+             AUDIT_PICTURE)
 
 
 def pair_cache(stores: Iterable[ImageStore]) -> PairCache | None:

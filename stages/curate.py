@@ -5,9 +5,10 @@
     python -m stages.curate labels --apply     # likely mislabelled images, to data.relabel
     python -m stages.curate outliers --top 5   # the 5 farthest beyond the unfamiliar distance
 
-Reads ``reports/audit.json``; each line names an image by its id, with its path and the reason
-in a comment. Images the file already names (by id or path) are left out, so running it again
-adds nothing. The files are those ``params.yaml`` names (``data.exclude``, ``data.relabel``).
+Reads ``data/audit_findings.json``, every finding of the last audit (``reports/audit.json``
+lists ``audit.max_listed`` of each); each line names an image by its id, with its path and the
+reason in a comment. Images the file already names (by id or path) are left out, so running it
+again adds nothing. The files are those ``params.yaml`` names (``data.exclude``, ``data.relabel``).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import sys
 from pathlib import Path
 
 from transfer.errors import ArgumentParser, run_stage
-from transfer.layout import AUDIT_REPORT, PARAMS
+from transfer.layout import AUDIT_FINDINGS, PARAMS
 from transfer.params import load_params
 from transfer.sources import source_root
 from transfer.suggestions import (
@@ -25,7 +26,6 @@ from transfer.suggestions import (
     append,
     current_text,
     new_text,
-    not_listed,
     plan,
     read_report,
     summary,
@@ -45,23 +45,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--apply", action="store_true",
                         help="append the lines to the file instead of printing them")
     parser.add_argument("--top", type=int, metavar="N",
-                        help="at most N suggestions (the report's order: strongest first)")
+                        help="at most N suggestions (the audit's order: strongest first)")
     args = parser.parse_args(argv)
     if args.top is not None and args.top < 1:
         parser.error("--top must be 1 or more")
     data = load_params(PARAMS).data
     spec = KINDS[args.kind]
     file = Path(data.relabel if spec.relabel else data.exclude)
-    report = read_report(AUDIT_REPORT, args.kind)
+    report = read_report(AUDIT_FINDINGS, args.kind)
     suggestions, already = plan(report, args.kind, file, args.top, source_root(data.source))
     if suggestions and args.apply:
         append(file, suggestions, spec.relabel)
     elif suggestions:
         sys.stdout.write(new_text(current_text(file), suggestions, spec.relabel).lstrip("\n"))
     log.info("%s", summary(args.kind, file, len(suggestions), already, args.apply))
-    note = not_listed(report, args.kind, AUDIT_REPORT)
-    if note:
-        log.warning("%s", note)
     if args.apply and suggestions:
         log.info("review with git diff %s, then dvc repro", file)
 

@@ -57,7 +57,7 @@ def test_flipped_labels_are_ranked_first_with_the_label_they_came_from():
     labels[flipped] = (labels[flipped] + 1) % 3
     noisy = AuditImages(images.features, labels, images.splits, images.paths, images.content_ids)
     classes = ["a", "b", "c"]
-    report, _ = run_audit(noisy, classes, SETTINGS, seed=0, meta=meta(32, classes))
+    report = run_audit(noisy, classes, SETTINGS, seed=0, meta=meta(32, classes)).report
     top = report["label_issues"][:3]
     assert {e["path"] for e in top} == {f"c{images.labels[i]}/{i}.png" for i in flipped}
     for entry in top:
@@ -186,7 +186,8 @@ def test_an_outlier_scores_highest_and_is_unfamiliar_to_the_reference():
     features[119] = 4.0 * np.random.default_rng(1).normal(size=32)
     odd = AuditImages(features, images.labels, images.splits, images.paths, images.content_ids)
     classes = ["a", "b", "c"]
-    report, familiarity = run_audit(odd, classes, SETTINGS, seed=0, meta=meta(32, classes))
+    audit = run_audit(odd, classes, SETTINGS, seed=0, meta=meta(32, classes))
+    report, familiarity = audit.report, audit.familiarity
     assert report["outliers"][0]["path"] == images.paths[119]
     assert familiarity.unfamiliar(features[[119, 0, 50]]).tolist() == [True, False, False]
 
@@ -209,7 +210,7 @@ def test_the_unfamiliar_distance_lets_through_at_most_the_share_it_promises():
 def test_the_familiarity_reference_round_trips_and_knows_its_embeddings(tmp_path):
     images = clusters()
     classes = ["a", "b", "c"]
-    _, familiarity = run_audit(images, classes, SETTINGS, seed=0, meta=meta(32, classes))
+    familiarity = run_audit(images, classes, SETTINGS, seed=0, meta=meta(32, classes)).familiarity
     familiarity.save(tmp_path / "f.npz")
     loaded = Familiarity.load(tmp_path / "f.npz")
     assert loaded.threshold == familiarity.threshold and loaded.k == familiarity.k
@@ -230,7 +231,7 @@ def test_a_class_of_one_image_skips_the_label_search_only():
     small = AuditImages(images.features[keep], images.labels[keep], images.splits[keep],
                         images.paths[keep], images.content_ids[keep])
     classes = ["a", "b", "c"]
-    report, _ = run_audit(small, classes, SETTINGS, seed=0, meta=meta(32, classes))
+    report = run_audit(small, classes, SETTINGS, seed=0, meta=meta(32, classes)).report
     assert report["label_issues"] == [] and report["settings"]["folds"] == 0
     assert report["counts"]["images"] == keep.sum()
     # Not searched is not the same as none found, in the report and in the summary.
@@ -479,14 +480,28 @@ def test_the_summary_says_when_a_list_holds_only_the_first_ones():
     noisy = AuditImages(images.features, labels, images.splits, images.paths, images.content_ids)
     classes = ["a", "b", "c"]
     short = AuditSettings(**{**vars(SETTINGS), "max_listed": 1})
-    report, _ = run_audit(noisy, classes, short, seed=0, meta=meta(32, classes))
+    audit = run_audit(noisy, classes, short, seed=0, meta=meta(32, classes))
+    report = audit.report
     assert report["counts"]["label_issues"] >= 3 and len(report["label_issues"]) == 1
     assert report["settings"]["max_listed"] == 1
     text = summary_section(report)
     assert f"lists the first 1 of the {report['counts']['label_issues']} likely mislabelled " \
            "images" in text and "`audit.max_listed` (1) sets how many" in text
-    full, _ = run_audit(noisy, classes, SETTINGS, seed=0, meta=meta(32, classes))
+    assert "`data/audit_findings.json` has every one" in text
+    full = run_audit(noisy, classes, SETTINGS, seed=0, meta=meta(32, classes)).report
     assert "lists the first" not in summary_section(full)
+    # The findings hold every one whatever audit.max_listed: the long report's lists, and the
+    # images beyond the unfamiliar distance (the report lists the farthest, beyond it or not).
+    findings = audit.findings
+    assert findings["label_issues"] == full["label_issues"]
+    assert findings["near_duplicates"] == full["near_duplicates"]
+    limit = findings["settings"]["unfamiliar_distance"]
+    assert len(findings["outliers"]) == findings["counts"]["unfamiliar"] and \
+        findings["outliers"] == [o for o in full["outliers"] if o["score"] > limit]
+    assert {k: v for k, v in findings.items() if k not in ("label_issues", "near_duplicates",
+                                                          "outliers")} == \
+        {k: v for k, v in report.items() if k not in ("label_issues", "near_duplicates",
+                                                      "outliers")}
     # It names the curation files the params point at, where the lines would go.
     assert "`data/exclude.txt` and `data/relabel.csv`" in summary_section(full)
     assert "`curation/out.txt` and `curation/fix.csv`" in summary_section(

@@ -9,7 +9,7 @@ from transfer.suggestions import Suggestion, leaks, new_text
 
 
 def pair(a: tuple, b: tuple, similarity: float = 0.99) -> dict:
-    """A near-duplicate pair of reports/audit.json from two (path, split, label, id)."""
+    """A near-duplicate pair of the audit's findings from two (path, split, label, id)."""
     return {"a": a[0], "b": b[0], "ids": [a[3], b[3]], "similarity": similarity, "margin": 0.5,
             "keypoints": 40, "splits": [a[1], b[1]], "labels": [a[2], b[2]]}
 
@@ -24,8 +24,8 @@ def audit_report(root: Path, pairs=(), issues=(), outliers=(), listed: int = 50,
                            "unfamiliar_distance": 0.5, "max_listed": listed},
               "label_issues": list(issues), "near_duplicates": list(pairs),
               "outliers": list(outliers)}
-    (root / "reports").mkdir(exist_ok=True)
-    (root / "reports" / "audit.json").write_text(json.dumps(report))
+    (root / "data").mkdir(exist_ok=True)
+    (root / "data" / "audit_findings.json").write_text(json.dumps(report))
 
 
 def images_by_split(root: Path) -> dict[str, list[tuple]]:
@@ -110,28 +110,32 @@ def test_outliers_are_those_beyond_the_unfamiliar_distance_strongest_first(tmp_p
     assert "1 image to append to data/exclude.txt (outliers)" in result.stderr
 
 
-def test_a_report_that_lists_fewer_than_it_counted_says_how_to_see_the_rest(tmp_path):
-    audit_report(tmp_path, listed=1, counted={"near_duplicate_pairs": 7})
-    (tmp_path / "params.yaml").write_text("data:\n  source: digits\n")
-    result = run_stage_cli("curate", tmp_path, "leaks")
-    assert "reports/audit.json lists 1 of 7 near-duplicate pairs; raise audit.max_listed " \
-           "(dvc exp run -S audit.max_listed=7)" in result.stderr
+def test_every_finding_is_suggested_whatever_the_report_lists(colours):  # noqa: F811
+    # reports/audit.json lists audit.max_listed of each kind; curate reads the findings, which
+    # hold every one, so one --apply excludes every leak.
+    prepared(colours)
+    split = images_by_split(colours)
+    leaked = split["test"][:3]
+    audit_report(colours, pairs=[pair(image, split["train"][0]) for image in leaked], listed=1)
+    curate(colours, "leaks", "--apply")
+    text = (colours / "data" / "exclude.txt").read_text()
+    assert [line.split()[0] for line in text.splitlines()] == [image[3] for image in leaked]
 
 
 @pytest.mark.parametrize(("setup", "args", "message"), [
     (lambda root: None, ["leaks"],
-     "error: reports/audit.json: missing; run the stage that writes it (dvc repro)"),
-    (lambda root: (root / "reports" / "audit.json").write_text('{"counts": {}}'), ["leaks"],
-     "error: reports/audit.json: not an audit report this version reads (no 'settings'); run "
-     "dvc repro to write it again"),
+     "error: data/audit_findings.json: missing; run the stage that writes it (dvc repro)"),
+    (lambda root: (root / "data" / "audit_findings.json").write_text('{"counts": {}}'),
+     ["leaks"], "error: data/audit_findings.json: not an audit report this version reads (no "
+     "'settings'); run dvc repro to write it again"),
     (lambda root: audit_report(root, counted={"label_issues": None}), ["labels"],
-     "error: reports/audit.json: the audit did not search for label issues (None), so there "
+     "error: data/audit_findings.json: the audit did not search for label issues (None), so there "
      "is nothing to suggest"),
     (lambda root: None, ["leaks", "--top", "0"],
      "error: python -m stages.curate: --top must be 1 or more (see --help)"),
 ])
 def test_bad_input_is_one_line(tmp_path, setup, args, message):
-    (tmp_path / "reports").mkdir()
+    (tmp_path / "data").mkdir()
     (tmp_path / "params.yaml").write_text("data:\n  source: digits\n")
     setup(tmp_path)
     code = 2 if args[-1] == "0" else 1

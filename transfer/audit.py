@@ -27,7 +27,13 @@ from transfer.artifacts import load_arrays, save_arrays
 from transfer.embeddings import EmbeddingMeta, read_rows
 from transfer.errors import PipelineError, counted
 from transfer.keypoints import KeypointMatcher, PairCache
-from transfer.layout import AUDIT_PICTURE, AUDIT_REPORT, EXCLUDE_FILE, RELABEL_FILE
+from transfer.layout import (
+    AUDIT_FINDINGS,
+    AUDIT_PICTURE,
+    AUDIT_REPORT,
+    EXCLUDE_FILE,
+    RELABEL_FILE,
+)
 from transfer.machine import usable_cores
 
 log = logging.getLogger(__name__)
@@ -156,10 +162,10 @@ def mean_top_distance(similarities: np.ndarray, k: int) -> np.ndarray:
 
 @dataclass
 class Pairs:
-    """The near-duplicate pairs that matter most (at most ``limit``: those across splits or
-    labels first, then by margin), and counts of all of them."""
+    """The near-duplicate pairs that matter most (at most ``limit``, None: all; those across
+    splits or labels first, then by margin), and counts of all of them."""
 
-    limit: int
+    limit: int | None
     first: np.ndarray
     second: np.ndarray
     similarity: np.ndarray
@@ -172,7 +178,7 @@ class Pairs:
     ruled_out: int = 0  # candidate pairs whose keypoints did not match (not in ``total``)
 
     @classmethod
-    def empty(cls, limit: int) -> Pairs:
+    def empty(cls, limit: int | None) -> Pairs:
         return cls(limit, np.empty(0, np.int64), np.empty(0, np.int64),
                    np.empty(0, np.float32), np.empty(0, np.float32), np.empty(0, bool),
                    np.empty(0, np.int64))
@@ -280,7 +286,7 @@ def largest(similarities: np.ndarray, wide: int) -> tuple[np.ndarray, np.ndarray
 
 
 def scan(unit: np.ndarray, splits: np.ndarray, labels: np.ndarray, min_margin: float, k: int,
-         limit: int, rows: int = ROWS, matcher: KeypointMatcher | None = None,
+         limit: int | None, rows: int = ROWS, matcher: KeypointMatcher | None = None,
          min_keypoints: int = 0) -> tuple[Pairs, np.ndarray]:
     """Near-duplicate pairs and each image's outlier score, in one pass over the cosine
     similarities of ``unit`` rows, a block of ``rows`` at a time.
@@ -487,14 +493,26 @@ class AuditSettings:
     duplicate_keypoints: int = 0
 
 
+@dataclass(frozen=True)
+class Audit:
+    """What the audit found: ``findings``, every one of each kind (the label issues, the
+    near-duplicate pairs and the images beyond the unfamiliar distance, strongest first: what
+    ``python -m stages.curate`` reads); ``report``, ``reports/audit.json``'s content, the same
+    with ``audit.max_listed`` of each list (the outliers then the farthest images, beyond the
+    distance or not); and the familiarity reference for ``predict``."""
+
+    report: dict[str, Any]
+    findings: dict[str, Any]
+    familiarity: Familiarity
+
+
 def run_audit(images: AuditImages, classes: Sequence[str], settings: AuditSettings,
               seed: int, meta: EmbeddingMeta,
               pixels: Callable[[int], np.ndarray] | None = None,
-              pair_cache: PairCache | None = None) -> tuple[dict[str, Any], Familiarity]:
-    """``reports/audit.json``'s content, and the familiarity reference for ``predict``;
-    ``pixels(i)``: image ``i``'s pixels, for the keypoints that confirm a near-duplicate pair
-    (``settings.duplicate_keypoints``; none checked without it), with the counts of pairs
-    checked before in ``pair_cache``."""
+              pair_cache: PairCache | None = None) -> Audit:
+    """Audit ``images``; ``pixels(i)``: image ``i``'s pixels, for the keypoints that confirm a
+    near-duplicate pair (``settings.duplicate_keypoints``; none checked without it), with the
+    counts of pairs checked before in ``pair_cache``."""
     def image(i: int) -> dict[str, str]:
         return {"id": str(images.content_ids[i]), "path": str(images.paths[i]),
                 "split": str(images.splits[i])}
@@ -516,7 +534,7 @@ def run_audit(images: AuditImages, classes: Sequence[str], settings: AuditSettin
         issues = [{**image(i), "given": classes[images.labels[i]],
                    "suggested": classes[int(np.argmax(probabilities[i]))],
                    "score": round(float(quality[i]), 4)}
-                  for i in ranked[:settings.max_listed]]
+                  for i in ranked]
     else:
         not_searched = (f"class '{smallest[0]}' has {counted(smallest[1], 'image')}, and "
                         "cross-validation needs at least two of each") if smallest else \
@@ -527,12 +545,18 @@ def run_audit(images: AuditImages, classes: Sequence[str], settings: AuditSettin
     matcher = KeypointMatcher(pixels, pair_cache) \
         if pixels is not None and settings.duplicate_keypoints > 0 else None
     pairs, scores = scan(unit_rows(images.features, centre), images.splits, images.labels,
-                         settings.duplicate_margin, settings.neighbours, settings.max_listed,
+                         settings.duplicate_margin, settings.neighbours, None,
                          matcher=matcher, min_keypoints=settings.duplicate_keypoints)
     familiarity = fit_familiarity(images, centre, settings.neighbours,
                                   settings.unfamiliar_percentile, meta)
-    outliers = np.argsort(-scores, kind="stable")[:settings.max_listed]
-    report = {
+    farthest = np.argsort(-scores, kind="stable")
+    unfamiliar = int((scores > familiarity.threshold).sum())
+
+    def outliers(ranked: np.ndarray) -> list[dict[str, Any]]:
+        return [{**image(i), "label": classes[images.labels[i]],
+                 "score": round(float(scores[i]), 4)} for i in ranked]
+
+    findings = {
         "counts": {
             "images": len(images.labels),
             "label_issues": flagged,
@@ -540,7 +564,7 @@ def run_audit(images: AuditImages, classes: Sequence[str], settings: AuditSettin
             "near_duplicates_across_splits": pairs.across_splits,
             "near_duplicates_across_labels": pairs.across_labels,
             "near_duplicates_ruled_out_by_keypoints": pairs.ruled_out if matcher else None,
-            "unfamiliar": int((scores > familiarity.threshold).sum()),
+            "unfamiliar": unfamiliar,
         },
         "settings": {"folds": folds, "label_issues_not_searched": not_searched,
                      "C": settings.C,
@@ -560,10 +584,13 @@ def run_audit(images: AuditImages, classes: Sequence[str], settings: AuditSettin
              "labels": [classes[images.labels[a]], classes[images.labels[b]]]}
             for a, b, s, m, kp in zip(pairs.first, pairs.second, pairs.similarity, pairs.margin,
                                       pairs.keypoints, strict=True)],
-        "outliers": [{**image(i), "label": classes[images.labels[i]],
-                      "score": round(float(scores[i]), 4)} for i in outliers],
+        "outliers": outliers(farthest[:unfamiliar]),
     }
-    return report, familiarity
+    listed = settings.max_listed
+    report = {**findings, "label_issues": issues[:listed],
+              "near_duplicates": findings["near_duplicates"][:listed],
+              "outliers": outliers(farthest[:listed])}
+    return Audit(report, findings, familiarity)
 
 
 def summary_section(report: dict[str, Any], exclude: str = EXCLUDE_FILE.as_posix(),
@@ -600,5 +627,7 @@ def summary_section(report: dict[str, Any], exclude: str = EXCLUDE_FILE.as_posix
         if counts[count] is not None and len(report[key]) < counts[count]]
     if cut:  # a short list must not read as all there is
         lines.insert(-1, f"- `{AUDIT_REPORT}` lists the first {' and '.join(cut)}; "
-                         f"`audit.max_listed` ({settings['max_listed']}) sets how many.")
+                         f"`audit.max_listed` ({settings['max_listed']}) sets how many; "
+                         f"`{AUDIT_FINDINGS}` has every one, and `python -m stages.curate` "
+                         "reads it.")
     return "\n".join(lines) + "\n"

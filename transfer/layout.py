@@ -35,7 +35,9 @@ ONNX_CACHE = Path("cache/onnx")
 EMBEDDING_STORE = Path("cache/embeddings")
 
 # audit
-AUDIT_REPORT = Path("reports/audit.json")
+AUDIT_REPORT = Path("reports/audit.json")  # Git-tracked: audit.max_listed of each finding
+# Every finding of each kind, for `python -m stages.curate` (DVC-cached: it grows with the set).
+AUDIT_FINDINGS = Path("data/audit_findings.json")
 # The matching keypoints of the near-duplicate pairs audit checked before, keyed by the two
 # images' stored pixels (transfer/keypoints.py: PairCache); outside every DVC output.
 KEYPOINT_CACHE = Path("cache/keypoints")

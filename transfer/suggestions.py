@@ -74,27 +74,23 @@ def far_outliers(report: dict) -> list[Suggestion]:
 
 @dataclass(frozen=True)
 class Kind:
-    """What one kind of finding becomes: the suggestions, the file they go to, and how much
-    of it the report lists (it keeps ``audit.max_listed`` of each)."""
+    """What one kind of finding becomes: the suggestions, and the file they go to."""
 
     find: Callable[[dict], list[Suggestion]]
     relabel: bool
-    listed_as: str  # the key of reports/audit.json's list it reads
-    counted_as: str  # the key of its counts
-    noun: str
+    listed_as: str  # the key of the findings' list it reads
 
 
 KINDS = {
-    "leaks": Kind(leaks, False, "near_duplicates", "near_duplicate_pairs",
-                  "near-duplicate pair"),
-    "labels": Kind(label_fixes, True, "label_issues", "label_issues", "likely label issue"),
-    "outliers": Kind(far_outliers, False, "outliers", "unfamiliar",
-                     "image beyond the unfamiliar distance"),
+    "leaks": Kind(leaks, False, "near_duplicates"),
+    "labels": Kind(label_fixes, True, "label_issues"),
+    "outliers": Kind(far_outliers, False, "outliers"),
 }
 
 
 def read_report(path: Path, kind: str) -> dict:
-    """``reports/audit.json``, checked for what ``kind`` reads; else one line saying why."""
+    """The audit's findings (``data/audit_findings.json``; ``reports/audit.json`` has the same
+    form), checked for what ``kind`` reads; else one line saying why."""
     report = read_json(path)
     try:
         counts, settings = report["counts"], report["settings"]
@@ -110,17 +106,6 @@ def read_report(path: Path, kind: str) -> dict:
                             f"({settings.get('label_issues_not_searched')}), so there is "
                             "nothing to suggest")
     return report
-
-
-def not_listed(report: dict, kind: str, path: Path) -> str | None:
-    """A note where the report counted more findings than it lists."""
-    spec = KINDS[kind]
-    total = report["counts"].get(spec.counted_as) or 0
-    listed = report["settings"].get("max_listed")
-    if listed is not None and total > listed:
-        return (f"{path} lists {listed} of {counted(total, spec.noun)}; raise audit.max_listed "
-                f"(dvc exp run -S audit.max_listed={total}) to have suggestions for the rest")
-    return None
 
 
 def decided(entries: list[Entry], suggestion: Suggestion) -> bool:
