@@ -99,3 +99,7 @@ def test_report_and_summary_name_the_models_numbers_and_plots():
     trained = {**stopped, "best_epoch": 2, "epochs_run": 3, "stop_reason": None}
     assert "Fine-tuning: trained (last_k, best epoch 2 of 3 trained)." in \
         summary_markdown(evaluations, trained, "plots/evaluate")
+    # Epoch 0 kept after training: said in words, not as "best epoch 0".
+    assert "Fine-tuning: trained (last_k, 3 epochs, none better on validation than the network " \
+           "it started from (epoch 0), which is kept)." in \
+        summary_markdown(evaluations, {**trained, "best_epoch": 0}, "plots/evaluate")

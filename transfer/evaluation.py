@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from transfer.errors import PipelineError
+from transfer.errors import PipelineError, counted
 from transfer.layout import (
     EVALUATE_METRICS,
     EVALUATE_REPORT,
@@ -164,9 +164,11 @@ def summary_markdown(evaluations: Sequence[ModelEvaluation], finetune_status: Ma
     if finetune == "trained":
         stopped = finetune_status.get("stop_reason")
         stopped = f"; stopped: {stopped}" if stopped else ""
-        finetune = (f"trained ({finetune_status['strategy']}, best epoch "
-                    f"{finetune_status['best_epoch']} of {finetune_status['epochs_run']} trained"
-                    f"{stopped})") if finetune_status["epochs_run"] else \
+        run, best = finetune_status["epochs_run"], finetune_status["best_epoch"]
+        kept = f"best epoch {best} of {run} trained" if best else \
+            f"{counted(run, 'epoch')}, none better on validation than the network it started " \
+            "from (epoch 0), which is kept"
+        finetune = f"trained ({finetune_status['strategy']}, {kept}{stopped})" if run else \
             f"no epoch trained ({finetune_status['strategy']}{stopped})"
     lines = [
         "# Evaluation summary",
