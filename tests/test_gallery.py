@@ -1,3 +1,5 @@
+import io
+
 import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageFont
@@ -13,6 +15,7 @@ from transfer.gallery import (
     TILE,
     draw_gallery,
     images_by_id,
+    png_bytes,
 )
 
 RED = (220, 30, 30)
@@ -81,3 +84,17 @@ def test_a_long_path_keeps_its_file_name_and_other_captions_their_start():
     assert all(draw.textlength(c, font=font) <= TILE for c in clipped)
     label = _clip("given: a class with a very long name indeed, longer than a tile", draw, font)
     assert label.startswith("given: a class") and label.endswith("…")
+
+
+def test_a_sheet_is_saved_in_a_few_colours_and_the_same_bytes_each_time():
+    # Git keeps every version of the sheets: photos are saved in 256 colours, not millions.
+    pixels = np.random.default_rng(0).integers(0, 256, (240, 360, 3), dtype=np.uint8)
+    data = png_bytes(Image.fromarray(pixels))
+    saved = Image.open(io.BytesIO(data))
+    assert saved.mode == "P" and len(saved.convert("RGB").getcolors(1 << 24)) <= 256
+    assert png_bytes(Image.fromarray(pixels)) == data
+    # A sheet of a few colours keeps them exactly.
+    plain = np.zeros((40, 60, 3), np.uint8)
+    plain[:, 30:] = (190, 30, 30)
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(png_bytes(Image.fromarray(plain))))
+                                     .convert("RGB")), plain)
