@@ -110,6 +110,19 @@ def test_outliers_are_those_beyond_the_unfamiliar_distance_strongest_first(tmp_p
     assert "1 image to append to data/exclude.txt (outliers)" in result.stderr
 
 
+def test_the_outliers_suggested_are_those_the_audit_counted_not_their_rounded_scores(tmp_path):
+    # A distance just beyond the limit can round to it: the audit's count decides.
+    on_the_limit, inside = (
+        {"id": f"{n:016x}", "path": f"c/{n}.png", "split": "train", "label": "c", "score": s}
+        for n, s in ((1, 0.5), (2, 0.4)))
+    audit_report(tmp_path, outliers=[on_the_limit, inside], counted={"unfamiliar": 1})
+    (tmp_path / "params.yaml").write_text("data:\n  source: digits\n")
+    result = run_stage_cli("curate", tmp_path, "outliers")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"{1:016x}  # c/1.png: train, 'c', distance 0.5 (unfamiliar " \
+                            "beyond 0.5)\n"
+
+
 def test_every_finding_is_suggested_whatever_the_report_lists(colours):  # noqa: F811
     # reports/audit.json lists audit.max_listed of each kind; curate reads the findings, which
     # hold every one, so one --apply excludes every leak.
@@ -124,13 +137,17 @@ def test_every_finding_is_suggested_whatever_the_report_lists(colours):  # noqa:
 
 @pytest.mark.parametrize(("setup", "args", "message"), [
     (lambda root: None, ["leaks"],
-     "error: data/audit_findings.json: missing; run the stage that writes it (dvc repro)"),
+     "error: data/audit_findings.json: missing; the audit stage writes it (dvc repro audit), or "
+     "fetch it from the team's remote (dvc pull audit)"),
     (lambda root: (root / "data" / "audit_findings.json").write_text('{"counts": {}}'),
      ["leaks"], "error: data/audit_findings.json: not an audit report this version reads (no "
      "'settings'); run dvc repro to write it again"),
     (lambda root: audit_report(root, counted={"label_issues": None}), ["labels"],
      "error: data/audit_findings.json: the audit did not search for label issues (None), so there "
      "is nothing to suggest"),
+    (lambda root: audit_report(root, counted={"unfamiliar": None}), ["outliers"],
+     "error: data/audit_findings.json: not an audit report this version reads (no unfamiliar "
+     "count); run dvc repro to write it again"),
     (lambda root: None, ["leaks", "--top", "0"],
      "error: python -m stages.curate: --top must be 1 or more (see --help)"),
 ])

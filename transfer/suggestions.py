@@ -65,11 +65,13 @@ def label_fixes(report: dict) -> list[Suggestion]:
 
 
 def far_outliers(report: dict) -> list[Suggestion]:
-    """The listed outliers farther than the distance that makes a new image unfamiliar."""
+    """The outliers farther than the distance that makes a new image unfamiliar: the first
+    ``counts.unfamiliar`` of the list, which is ranked farthest first (counted on the exact
+    distances, which the listed scores round)."""
     limit = report["settings"]["unfamiliar_distance"]
     return [Suggestion(o["id"], o["path"], f"{o['split']}, '{o['label']}', distance "
                                             f"{o['score']} (unfamiliar beyond {limit})")
-            for o in report["outliers"] if limit is not None and o["score"] > limit]
+            for o in report["outliers"][:report["counts"]["unfamiliar"]]]
 
 
 @dataclass(frozen=True)
@@ -91,6 +93,9 @@ KINDS = {
 def read_report(path: Path, kind: str) -> dict:
     """The audit's findings (``data/audit_findings.json``; ``reports/audit.json`` has the same
     form), checked for what ``kind`` reads; else one line saying why."""
+    if not path.exists():
+        raise PipelineError(f"{path}: missing; the audit stage writes it (dvc repro audit), "
+                            "or fetch it from the team's remote (dvc pull audit)")
     report = read_json(path)
     try:
         counts, settings = report["counts"], report["settings"]
@@ -98,6 +103,8 @@ def read_report(path: Path, kind: str) -> dict:
         if not isinstance(report[listed], list) or not isinstance(counts, dict) or \
                 not isinstance(settings, dict):
             raise TypeError(listed)
+        if kind == "outliers" and not isinstance(counts["unfamiliar"], int):
+            raise TypeError("unfamiliar count")
     except (KeyError, TypeError) as err:
         raise PipelineError(f"{path}: not an audit report this version reads (no {err}); "
                             "run dvc repro to write it again") from err
