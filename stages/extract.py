@@ -116,7 +116,6 @@ def extract(extraction: Any, stores: dict[str, ImageStore], params: Any, store_r
                 weights_sha256=fields["weights_sha256"], preprocessing=fields["preprocessing"],
                 dim=fields["dim"], dtype=str(np.dtype(params.embedding_dtype)),
                 classes=stores["train"].classes,
-                count={split: len(image_store) for split, image_store in stores.items()},
                 flip_average=fields["flip_average"], precision=fields["precision"],
                 engine=fields["engine"], short_side=stores["train"].meta["short_side"],
                 versions=fields["versions"])

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 from tests.conftest import (
     one_error_line,
@@ -75,6 +76,29 @@ def test_exclude_and_relabel_change_the_store_and_the_report_says_what(colours):
     assert relabel["unmatched"] == [] and relabel["entries"] == 3
     assert sum(report["counts"][split]["red"] for split in ("train", "val", "test")) == \
         8 - 1 + 2
+
+
+def test_curating_test_images_leaves_every_file_finetune_depends_on_as_it_was(colours):
+    # dvc.yaml makes finetune depend on these files of data/prepared, so that an excluded
+    # leak or a relabelled photo in the test split re-runs evaluate, not fine-tuning.
+    stage = yaml.safe_load((Path(__file__).parents[1] / "dvc.yaml").read_text())
+    watched = sorted(d for d in stage["stages"]["finetune"]["deps"]
+                     if d.startswith("data/prepared"))
+    assert watched == ["data/prepared/meta.json", "data/prepared/train.bin",
+                       "data/prepared/train.npz", "data/prepared/val.bin",
+                       "data/prepared/val.npz"]
+    prepared(colours)
+    tests = [path for path, (split, _, _) in sorted(stored(colours).items()) if split == "test"]
+    before = {d: (colours / d).read_bytes() for d in watched}
+    test_index = (colours / "data" / "prepared" / "test.npz").read_bytes()
+    relabelled = tests[1]
+    other = "red" if not relabelled.startswith("red/") else "green"
+    report = prepared(colours, exclude=f"{tests[0]}\n",
+                      relabel=f"image,label\n{relabelled},{other}\n")
+    assert report["totals"]["test"] == len(tests) - 1
+    assert stored(colours)[relabelled][1] == other
+    assert {d: (colours / d).read_bytes() for d in watched} == before
+    assert (colours / "data" / "prepared" / "test.npz").read_bytes() != test_index
 
 
 def test_ids_do_not_change_when_files_are_added_renamed_or_moved(colours):

@@ -13,7 +13,6 @@ def write_cache(directory, rows=6, dim=3, dtype="float16"):
                 train_ids=np.asarray([f"img{i}" for i in range(rows)]))
     meta = EmbeddingMeta(backbone="b", weights="w", weights_sha256=None, preprocessing={},
                          dim=dim, dtype=dtype, classes=[f"c{i}" for i in range(rows)],
-                         count={"train": rows},
                          flip_average=False, precision="float32", engine="torch", short_side=256,
                          versions={})
     write_json(directory / "meta.json", meta.to_dict())
@@ -47,11 +46,15 @@ def test_a_truncated_cache_file_is_detected(tmp_path):
         load_split(tmp_path, "train")
 
 
-def test_a_cache_file_that_disagrees_with_its_meta_is_detected(tmp_path):
+def test_a_cache_file_that_disagrees_with_its_meta_or_index_is_detected(tmp_path):
     write_cache(tmp_path)
-    np.save(tmp_path / "train.npy", np.zeros((5, 3), dtype=np.float16))  # one row short
-    with pytest.raises(PipelineError, match=r"holds \(5, 3\) float16, the meta says \(6, 3\) "
+    np.save(tmp_path / "train.npy", np.zeros((6, 4), dtype=np.float16))  # a column too many
+    with pytest.raises(PipelineError, match=r"holds \(6, 4\) float16, the meta says \(rows, 3\) "
                                             r"float16; re-run the extract stage"):
+        load_split(tmp_path, "train")
+    np.save(tmp_path / "train.npy", np.zeros((5, 3), dtype=np.float16))  # one row short
+    with pytest.raises(PipelineError, match=r"index.npz does not match .*train.npy; re-run the "
+                                            r"extract stage"):
         load_split(tmp_path, "train")
 
 

@@ -238,7 +238,7 @@ def test_a_head_for_other_embeddings_or_other_classes_names_the_difference(tmp_p
 
     def meta(dim, classes):
         return EmbeddingMeta(backbone="b", weights="w", weights_sha256=None, preprocessing={},
-                             dim=dim, dtype="float32", classes=classes, count={},
+                             dim=dim, dtype="float32", classes=classes,
                              flip_average=False, precision="float32", engine="torch",
                              short_side=64, versions={})
 

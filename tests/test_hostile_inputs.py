@@ -381,10 +381,10 @@ def test_embedding_meta_of_the_wrong_shape(outputs, tmp_path):
     shutil.copytree(outputs / "data" / "embeddings", cache)
     meta = json.loads((cache / "meta.json").read_text())
     variants = [[], 5, "meta", None, {}, {**meta, "dim": "1280"}, {**meta, "dim": -1},
-                {**meta, "count": []}, {**meta, "classes": "abc"}, {**meta, "dtype": "banana"},
+                {**meta, "dim": 7}, {**meta, "classes": "abc"}, {**meta, "dtype": "banana"},
                 {**meta, "dtype": "object"}, {**meta, "flip_average": 1},
                 {k: v for k, v in meta.items() if k != "classes"}, {**meta, "classes": ["a"]},
-                {**meta, "count": {"train": 10**12}}]
+                {**meta, "dim": 10**12}]
     refused = each_survives((json.dumps(v).encode() for v in variants), cache / "meta.json",
                             lambda _: every_row(cache))
     assert refused == len(variants)

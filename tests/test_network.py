@@ -134,7 +134,7 @@ def test_a_scratch_network_starts_the_same_from_the_same_seed():
 
     meta = EmbeddingMeta(backbone="tf_efficientnet_lite0", weights="none", weights_sha256=None,
                          preprocessing={}, dim=1280, dtype="float32", classes=["a", "b"],
-                         count={}, flip_average=False, precision="float32", engine="torch",
+                         flip_average=False, precision="float32", engine="torch",
                          short_side=64, versions={})
 
     def start(seed, before):

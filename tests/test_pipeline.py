@@ -154,6 +154,33 @@ def test_head_experiment_reruns_the_head_and_what_follows_never_extraction(repo)
     assert "head.C" in diff and "0.1" in diff
 
 
+def test_curating_a_test_image_never_reruns_finetune(tmp_path):
+    # finetune depends on the train and val files of data/prepared (dvc.yaml), and the head,
+    # fitted on those splits, comes out the same bytes, so fine-tuning is left as it was.
+    # (Colour folders, not the capped digits: under data.max_per_class an excluded image
+    # lets another one in, which may land in any split.)
+    import numpy as np
+
+    from tests.conftest import write_colour_folder
+    from transfer.curation import content_id
+
+    repo = make_repo(tmp_path)
+    write_colour_folder(repo / "data" / "raw" / "colours", per_class=10)
+    set_params(repo, data={"source": "data/raw/colours", "max_per_class": None,
+                           "val_size": 0.25, "test_size": 0.25})
+    run(["dvc", "repro"], repo)
+    with np.load(repo / "data" / "prepared" / "test.npz") as index:
+        leak = content_id(index["sha256"][0].decode())
+    with open(repo / "data" / "exclude.txt", "a", encoding="utf-8") as f:
+        f.write(f"{leak}  # a leak\n")
+    output = run(["dvc", "repro"], repo)
+    assert "finetune" not in stages_run(output) and "evaluate" in stages_run(output)
+    data = json.loads((repo / "reports" / "data.json").read_text())
+    assert len(data["curation"]["exclude"]["excluded"]) == 1
+    report = json.loads((repo / "reports" / "evaluate.json").read_text())
+    assert report["head"]["n_images"] == data["totals"]["test"]
+
+
 def commit_with_head_c(repo: Path, value: float) -> None:
     set_params(repo, head={"C": value})
     run(["dvc", "repro"], repo)

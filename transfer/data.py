@@ -2,7 +2,11 @@
 
 The store holds, per split, ``<split>.bin`` (every image's RGB uint8 pixels, concatenated,
 read image by image) and ``<split>.npz`` (offset, shape, label, id and content hash per
-image), plus ``meta.json`` (classes, counts, the training split's channel mean and std).
+image), plus ``meta.json`` (classes, the stored size, the training split's channel mean and
+std). Nothing in ``meta.json`` or the train and val files depends on the test split, so that
+curating test images leaves fine-tuning's inputs, and so the fine-tuned model, as they were
+(``dvc.yaml`` makes finetune depend on those files alone; the counts are in
+``reports/data.json``).
 """
 
 from __future__ import annotations
@@ -326,7 +330,7 @@ def prepare_store(catalog: Catalog, out_dir: Path, *, source: str, short_side: i
         mean, std = _channel_statistics(*catalog.pixel_sums("train"))
         shutil.rmtree(staging)
         write_json(tmp / "meta.json", {
-            "source": source, "classes": classes, "short_side": short_side, "counts": totals,
+            "source": source, "classes": classes, "short_side": short_side,
             "train_mean": mean, "train_std": std,
             "pixel_format": "RGB uint8, row-major (H, W, 3), images concatenated per split"})
     return {

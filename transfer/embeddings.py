@@ -2,7 +2,9 @@
 
 ``data/embeddings/`` holds ``<split>.npy`` (one row per image, float32 or float16),
 ``index.npz`` (labels and ids of every split, in row order) and ``meta.json``
-(``EmbeddingMeta``: backbone, weights, preprocessing, engine, dimension, counts).
+(``EmbeddingMeta``: backbone, weights, preprocessing, engine, dimension; nothing that changes
+with the images, so that fine-tuning, which depends on it, does not re-run when test images
+are curated).
 """
 
 from __future__ import annotations
@@ -34,7 +36,6 @@ class EmbeddingMeta:
     dim: int
     dtype: str
     classes: list[str]
-    count: dict[str, int]
     flip_average: bool
     precision: str
     engine: str  # what ran the encoder: a key of transfer.engines.ENGINES, never auto
@@ -106,10 +107,9 @@ def load_split(directory: str | Path, split: str) -> tuple[np.ndarray, np.ndarra
         raise PipelineError(f"{path}: missing; run the stage that writes it (dvc repro)") from err
     except (*DAMAGED_ARRAY_FILE, TypeError) as err:  # TypeError: a meta dtype naming no dtype
         raise PipelineError(f"{path}: truncated or damaged ({err}); {rerun}") from err
-    expected = (meta.count.get(split), meta.dim)
-    if features.shape != expected or features.dtype != dtype:
+    if features.ndim != 2 or features.shape[1] != meta.dim or features.dtype != dtype:
         raise PipelineError(f"{path}: holds {features.shape} {features.dtype}, the meta says "
-                            f"{expected} {meta.dtype}; {rerun}")
+                            f"(rows, {meta.dim}) {meta.dtype}; {rerun}")
     index = load_arrays(directory / "index.npz")
     labels, ids = index.get(f"{split}_labels"), index.get(f"{split}_ids")
     if labels is None or ids is None or labels.shape != (len(features),) or \
