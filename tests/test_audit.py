@@ -32,7 +32,7 @@ SETTINGS = AuditSettings(folds=5, C=0.1, duplicate_margin=0.13, neighbours=3,
 
 def meta(dim: int, classes: list[str]) -> EmbeddingMeta:
     return EmbeddingMeta(backbone="b", weights="w", weights_sha256="0" * 64, preprocessing={},
-                         dim=dim, dtype="float32", classes=classes, count={}, flip_average=False,
+                         dim=dim, dtype="float32", classes=classes, flip_average=False,
                          precision="float32", engine="torch", short_side=64, versions={})
 
 
