@@ -54,7 +54,7 @@ def measure(n: int, dim: int, classes: int, full: bool) -> dict:
     if full:
         ids = np.array([f"{i:016x}" for i in range(n)])
         meta = EmbeddingMeta("synthetic", "", None, {}, dim, "float32",
-                             [str(c) for c in range(classes)], {}, False, "float32", "torch",
+                             [str(c) for c in range(classes)], False, "float32", "torch",
                              256, {})
         settings = AuditSettings(folds=5, C=0.1, duplicate_margin=0.1, neighbours=5,
                                  unfamiliar_percentile=99.0, max_listed=50)

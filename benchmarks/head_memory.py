@@ -57,7 +57,7 @@ def write_cache(directory: Path, rows: int, seed: int = 0, spread: float = 40.0)
     save_arrays(directory / "index.npz", **index)
     write_json(directory / "meta.json", EmbeddingMeta(
         backbone="synthetic", weights="none", weights_sha256=None, preprocessing={}, dim=DIM,
-        dtype="float32", classes=[f"class{i}" for i in range(CLASSES)], count=counts,
+        dtype="float32", classes=[f"class{i}" for i in range(CLASSES)],
         flip_average=False, precision="float32", engine="torch", short_side=256,
         versions={}).to_dict())
 
