@@ -27,7 +27,7 @@ from transfer.suggestions import (
     current_text,
     new_text,
     plan,
-    read_report,
+    suggested,
     summary,
 )
 
@@ -52,8 +52,8 @@ def main(argv: list[str] | None = None) -> None:
     data = load_params(PARAMS).data
     spec = KINDS[args.kind]
     file = Path(data.relabel if spec.relabel else data.exclude)
-    report = read_report(AUDIT_FINDINGS, args.kind)
-    suggestions, already = plan(report, args.kind, file, args.top, source_root(data.source))
+    found = suggested(AUDIT_FINDINGS, args.kind)
+    suggestions, already = plan(found, args.kind, file, args.top, source_root(data.source))
     if suggestions and args.apply:
         append(file, suggestions, spec.relabel)
     elif suggestions:

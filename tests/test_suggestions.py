@@ -148,6 +148,17 @@ def test_every_finding_is_suggested_whatever_the_report_lists(colours):  # noqa:
     (lambda root: audit_report(root, counted={"unfamiliar": None}), ["outliers"],
      "error: data/audit_findings.json: not an audit report this version reads (no unfamiliar "
      "count); run dvc repro to write it again"),
+    (lambda root: audit_report(root, pairs=[5]), ["leaks"],
+     "error: data/audit_findings.json: an entry of 'near_duplicates' is not one this version "
+     "writes (TypeError: 'int' object is not subscriptable); run dvc repro audit to write it "
+     "again"),
+    (lambda root: audit_report(root, issues=[{"id": "ab"}]), ["labels"],
+     "error: data/audit_findings.json: an entry of 'label_issues' is not one this version "
+     "writes (KeyError: 'path'); run dvc repro audit to write it again"),
+    (lambda root: audit_report(root, outliers=[{"id": 7, "path": "a.png", "split": "train",
+                                                "label": "c", "score": 0.9}]), ["outliers"],
+     "error: data/audit_findings.json: an entry of 'outliers' is not one this version writes "
+     "(TypeError: 7 is not an image id and path); run dvc repro audit to write it again"),
     (lambda root: None, ["leaks", "--top", "0"],
      "error: python -m stages.curate: --top must be 1 or more (see --help)"),
 ])

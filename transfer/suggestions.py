@@ -140,16 +140,33 @@ def new_text(existing: str, suggestions: list[Suggestion], relabel: bool) -> str
     return out.getvalue()
 
 
-def plan(report: dict, kind: str, file: Path, top: int | None,
+def suggested(path: Path, kind: str) -> list[Suggestion]:
+    """Every suggestion of ``kind`` in the audit's findings at ``path``, strongest first; a
+    file with entries this version does not write (edited by hand, or from another version)
+    is one line saying so."""
+    report = read_report(path, kind)
+    spec = KINDS[kind]
+    try:
+        found = spec.find(report)
+        for s in found:
+            if not all(isinstance(v, str) for v in (s.image, s.path, s.label)):
+                raise TypeError(f"{s.image!r} is not an image id and path")
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as err:
+        raise PipelineError(f"{path}: an entry of '{spec.listed_as}' is not one this version "
+                            f"writes ({type(err).__name__}: {err}); run dvc repro audit to "
+                            "write it again") from err
+    return found
+
+
+def plan(found: list[Suggestion], kind: str, file: Path, top: int | None,
          root: str | None) -> tuple[list[Suggestion], int]:
-    """The suggestions of ``kind`` not yet in ``file`` (at most ``top``), and how many were;
-    a path the file writes from the repository or absolute is read against the source's
+    """The suggestions ``found`` not yet in ``file`` (at most ``top``), and how many were; a
+    path the file writes from the repository or absolute is read against the source's
     ``root``, as ``prepare`` reads it."""
     spec = KINDS[kind]
     entries = (read_relabel if spec.relabel else read_exclude)(file)
     if root is not None:
         entries = [relative_to(e, root) for e in entries]
-    found = spec.find(report)
     fresh = [s for s in found if not decided(entries, s)]
     return fresh[:top], len(found) - len(fresh)
 
