@@ -148,6 +148,9 @@ def test_every_finding_is_suggested_whatever_the_report_lists(colours):  # noqa:
     (lambda root: audit_report(root, counted={"unfamiliar": None}), ["outliers"],
      "error: data/audit_findings.json: not an audit report this version reads (no unfamiliar "
      "count); run dvc repro to write it again"),
+    (lambda root: (root / "data" / "audit_findings.json").write_text("[1, 2]"), ["leaks"],
+     "error: data/audit_findings.json: not an audit report this version reads (a list, not an "
+     "object); run dvc repro to write it again"),
     (lambda root: audit_report(root, pairs=[5]), ["leaks"],
      "error: data/audit_findings.json: an entry of 'near_duplicates' is not one this version "
      "writes (TypeError: 'int' object is not subscriptable); run dvc repro audit to write it "

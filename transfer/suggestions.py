@@ -97,6 +97,10 @@ def read_report(path: Path, kind: str) -> dict:
         raise PipelineError(f"{path}: missing; the audit stage writes it (dvc repro audit), "
                             "or fetch it from the team's remote (dvc pull audit)")
     report = read_json(path)
+    if not isinstance(report, dict):
+        raise PipelineError(f"{path}: not an audit report this version reads (a "
+                            f"{type(report).__name__}, not an object); run dvc repro to write "
+                            "it again")
     try:
         counts, settings = report["counts"], report["settings"]
         listed = KINDS[kind].listed_as
