@@ -145,6 +145,9 @@ def test_every_finding_is_suggested_whatever_the_report_lists(colours):  # noqa:
     (lambda root: audit_report(root, counted={"label_issues": None}), ["labels"],
      "error: data/audit_findings.json: the audit did not search for label issues (None), so there "
      "is nothing to suggest"),
+    (lambda root: audit_report(root, counted={"unfamiliar": -1}), ["outliers"],
+     "error: data/audit_findings.json: not an audit report this version reads (no unfamiliar "
+     "count); run dvc repro to write it again"),
     (lambda root: audit_report(root, counted={"unfamiliar": None}), ["outliers"],
      "error: data/audit_findings.json: not an audit report this version reads (no unfamiliar "
      "count); run dvc repro to write it again"),

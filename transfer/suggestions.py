@@ -107,7 +107,8 @@ def read_report(path: Path, kind: str) -> dict:
         if not isinstance(report[listed], list) or not isinstance(counts, dict) or \
                 not isinstance(settings, dict):
             raise TypeError(listed)
-        if kind == "outliers" and not isinstance(counts["unfamiliar"], int):
+        if kind == "outliers" and not (isinstance(counts["unfamiliar"], int)
+                                       and counts["unfamiliar"] >= 0):
             raise TypeError("unfamiliar count")
     except (KeyError, TypeError) as err:
         raise PipelineError(f"{path}: not an audit report this version reads (no {err}); "
