@@ -17,7 +17,7 @@ import logging
 import sys
 from pathlib import Path
 
-from transfer.errors import ArgumentParser, run_stage
+from transfer.errors import ArgumentParser, counted, run_stage
 from transfer.layout import AUDIT_FINDINGS, PARAMS
 from transfer.params import load_params
 from transfer.sources import source_root
@@ -59,6 +59,11 @@ def main(argv: list[str] | None = None) -> None:
     elif suggestions:
         sys.stdout.write(new_text(current_text(file), suggestions, spec.relabel).lstrip("\n"))
     log.info("%s", summary(args.kind, file, len(suggestions), already, args.apply))
+    tests = sum(s.split == "test" for s in suggestions if s.label)
+    if tests:
+        log.warning("%s: the suggested label is the probe's own answer, so a wrong one "
+                    "makes the test score look better than it is; look at each before "
+                    "keeping its line", counted(tests, "test image"))
     if args.apply and suggestions:
         log.info("review with git diff %s, then dvc repro", file)
 

@@ -97,6 +97,21 @@ def test_label_fixes_go_to_the_relabel_file_with_its_header(colours, capsys):  #
     assert stored(colours)[image[0]][1] == other
 
 
+def test_a_test_image_to_relabel_comes_with_a_warning_to_look_at_it(tmp_path):
+    issues = [{"id": f"{n:016x}", "path": f"c/{n}.png", "split": split, "given": "c",
+               "suggested": "d", "score": 0.01} for n, split in ((1, "test"), (2, "train"))]
+    audit_report(tmp_path, issues=issues)
+    (tmp_path / "params.yaml").write_text("data:\n  source: digits\n")
+    result = run_stage_cli("curate", tmp_path, "labels")
+    assert result.returncode == 0, result.stderr
+    assert "WARNING __main__: 1 test image: the suggested label is the probe's own answer, " \
+           "so a wrong one makes the test score look better than it is; look at each before " \
+           "keeping its line" in result.stderr
+    issues[0]["split"] = "val"
+    audit_report(tmp_path, issues=issues)
+    assert "WARNING" not in run_stage_cli("curate", tmp_path, "labels").stderr
+
+
 def test_outliers_are_those_beyond_the_unfamiliar_distance_strongest_first(tmp_path):
     near, far, farther = (
         {"id": f"{n:016x}", "path": f"c/{n}.png", "split": "train", "label": "c", "score": s}

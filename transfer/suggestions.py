@@ -36,6 +36,7 @@ class Suggestion:
     path: str
     why: str
     label: str = ""
+    split: str = ""  # where the audit found it, where the kind says
 
 
 def leaks(report: dict) -> list[Suggestion]:
@@ -60,7 +61,8 @@ def label_fixes(report: dict) -> list[Suggestion]:
     """Every likely mislabelled image the report lists, with the label it suggests."""
     return [Suggestion(issue["id"], issue["path"],
                        f"{issue['split']}, labelled '{issue['given']}', likely "
-                       f"'{issue['suggested']}' (score {issue['score']})", issue["suggested"])
+                       f"'{issue['suggested']}' (score {issue['score']})", issue["suggested"],
+                       issue["split"])
             for issue in report["label_issues"]]
 
 
